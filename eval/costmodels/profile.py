@@ -1,0 +1,177 @@
+"""Cost-profile files: measured iteration-cost coefficients plus hardware facts, as JSON.
+
+The engine's profiler (a later issue) measures prefill and decode step times on a grid, fits them to the
+DistServe form of ``schedulers.cost.FittedCostModel``, and writes this file; the simulator loads it with
+``--hardware PATH`` (or ``resolve_preset(PATH)``). Format ``jserve-cost-profile/1``::
+
+    {
+      "format": "jserve-cost-profile/1",
+      "name": "smollm2-135m/h100",                 # free text, used in logs and plots
+      "prefill_ms": [p0, p1, p2],                   # ms, ms/token, ms/token^2
+      "decode_ms": [d0, d1, d2],                    # ms, ms/token of context, ms/request
+      "block_size": 16,                             # tokens per KV block
+      "block_bytes": 13107200,                      # bytes of one block, all layers, K and V, one GPU shard
+      "swap": {"bandwidth_bytes_per_s": 2.5e10,     # host<->device copy rate, one direction
+               "latency_s": 0.0,                    # fixed cost per copy batch (optional, default 0)
+               "full_duplex": false},               # both directions at once (optional, default false)
+      "num_device_blocks": 883,                     # optional: the engine's measured pool size
+      "model": {...ModelSpec fields...},            # optional: size pools from memory instead
+      "device": {...GPUSpec fields...},             # optional, with "model"
+      "tp": 1,                                      # optional
+      "provenance": "how and where it was measured" # optional
+    }
+
+Either ``num_device_blocks`` or both ``model`` and ``device`` must be present. Every error names the file and
+the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from schedulers.cost import FittedCostModel
+
+from .presets import HardwarePreset
+from .specs import GPUSpec, ModelSpec
+
+PROFILE_FORMAT = "jserve-cost-profile/1"
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be read or does not follow the format."""
+
+
+def _number(data: dict, key: str, where: str, *, positive: bool = False, default=None) -> float:
+    if key not in data:
+        if default is not None:
+            return default
+        raise ProfileError(f"{where}: missing field {key!r}")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProfileError(f"{where}: field {key!r} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ProfileError(f"{where}: field {key!r} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return value
+
+
+def _triple(data: dict, key: str, where: str) -> tuple[float, float, float]:
+    value = data.get(key)
+    if not isinstance(value, list) or len(value) != 3:
+        raise ProfileError(f"{where}: field {key!r} must be a list of 3 numbers, got {value!r}")
+    return tuple(_number({key: v}, key, where) for v in value)  # type: ignore[return-value]
+
+
+def _int(data: dict, key: str, where: str, default: int | None = None) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProfileError(f"{where}: field {key!r} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def preset_from_dict(data: dict, where: str = "profile") -> HardwarePreset:
+    """Validate a decoded profile and build its ``HardwarePreset``."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{where}: the top level must be a JSON object")
+    if data.get("format") != PROFILE_FORMAT:
+        raise ProfileError(f"{where}: field 'format' must be {PROFILE_FORMAT!r}, got {data.get('format')!r}")
+    prefill = _triple(data, "prefill_ms", where)
+    decode = _triple(data, "decode_ms", where)
+    block_size = _int(data, "block_size", where)
+    block_bytes = _int(data, "block_bytes", where)
+    swap = data.get("swap")
+    if not isinstance(swap, dict):
+        raise ProfileError(f"{where}: field 'swap' must be an object with 'bandwidth_bytes_per_s'")
+    bandwidth = _number(swap, "bandwidth_bytes_per_s", f"{where}: swap", positive=True)
+    latency = _number(swap, "latency_s", f"{where}: swap", default=0.0)
+    duplex = swap.get("full_duplex", False)
+    if not isinstance(duplex, bool):
+        raise ProfileError(f"{where}: swap field 'full_duplex' must be true or false, got {duplex!r}")
+    tp = _int(data, "tp", where, default=1)
+    fixed = data.get("num_device_blocks")
+    if fixed is not None:
+        fixed = _int(data, "num_device_blocks", where)
+    model = gpu = None
+    try:
+        if data.get("model") is not None:
+            model = ModelSpec(**data["model"])
+        if data.get("device") is not None:
+            gpu = GPUSpec(**data["device"])
+    except TypeError as exc:
+        raise ProfileError(f"{where}: bad 'model' or 'device' object: {exc}") from None
+    except ValueError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
+    if fixed is None and (model is None or gpu is None):
+        raise ProfileError(f"{where}: give 'num_device_blocks', or both 'model' and 'device' to size the KV pool")
+    name = str(data.get("name") or where)
+    cost = FittedCostModel.from_ms(
+        prefill_ms=prefill,
+        decode_ms=decode,
+        block_bytes=block_bytes,
+        swap_bandwidth=bandwidth,
+        swap_latency=latency,
+        name=name,
+    )
+    return HardwarePreset(
+        name=name,
+        cost=cost,
+        block_size=block_size,
+        block_bytes=block_bytes,
+        link_bandwidth=bandwidth,
+        link_latency=latency,
+        link_full_duplex=duplex,
+        model=model,
+        gpu=gpu,
+        tp=tp,
+        fixed_device_blocks=fixed,
+        provenance=str(data.get("provenance", f"profile file {where}")),
+        validated=True,
+    )
+
+
+def load_profile(path: str | Path) -> HardwarePreset:
+    """Read a ``jserve-cost-profile/1`` JSON file. Errors name the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"cannot read cost profile {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    return preset_from_dict(data, where=str(path))
+
+
+def profile_dict(preset: HardwarePreset) -> dict:
+    """The JSON-ready profile of a preset whose cost model is a ``FittedCostModel``."""
+    cost = preset.cost
+    if not isinstance(cost, FittedCostModel):
+        raise ValueError(f"preset {preset.name!r}: only fitted cost models can be written as profiles")
+    data = {
+        "format": PROFILE_FORMAT,
+        "name": preset.name,
+        "prefill_ms": [cost.p0 * 1e3, cost.p1 * 1e3, cost.p2 * 1e3],
+        "decode_ms": [cost.d0 * 1e3, cost.d1 * 1e3, cost.d2 * 1e3],
+        "block_size": preset.block_size,
+        "block_bytes": preset.block_bytes,
+        "swap": {
+            "bandwidth_bytes_per_s": preset.link_bandwidth,
+            "latency_s": preset.link_latency,
+            "full_duplex": preset.link_full_duplex,
+        },
+        "tp": preset.tp,
+        "provenance": preset.provenance,
+    }
+    if preset.fixed_device_blocks is not None:
+        data["num_device_blocks"] = preset.fixed_device_blocks
+    if preset.model is not None and preset.gpu is not None:
+        data["model"] = asdict(preset.model)
+        data["device"] = asdict(preset.gpu)
+    return data
+
+
+def save_profile(preset: HardwarePreset, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(profile_dict(preset), indent=2) + "\n")
