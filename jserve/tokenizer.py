@@ -1,0 +1,228 @@
+"""Tokenizers from local files: a ``tokenizer.json``, a Hugging Face model directory, or a GGUF file.
+
+``load_tokenizer(source)`` returns a :class:`Tokenizer` wrapping a ``tokenizers.Tokenizer`` plus the special
+token ids and the chat template (from ``tokenizer_config.json`` or the GGUF ``tokenizer.chat_template`` key,
+rendered with jinja2). For GGUF files the BPE vocabulary is rebuilt from the ``tokenizer.ggml.*`` metadata:
+tokens, merges and token types (control / user-defined tokens become special added tokens), with the
+byte-level pre-tokenizer that the file's ``tokenizer.ggml.pre`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer"]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer source is missing, malformed or of an unsupported kind (the message names it)."""
+
+
+@dataclasses.dataclass
+class Tokenizer:
+    """Text <-> token ids for one model, with its special tokens and chat template."""
+
+    backend: tokenizers.Tokenizer
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    add_bos_token: bool = False  # prepend BOS when encode(..., add_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` the model's BOS (if it uses one) is prepended."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() expects str text, got {type(text).__name__}")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:
+                ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+    ) -> str | list[int]:
+        """Render ``messages`` ([{"role", "content"}, ...]) with the model's chat template (jinja2)."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template (chat_template is empty)")
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+        def raise_exception(message: str) -> None:
+            raise TokenizerError(f"chat template error: {message}")
+
+        env.globals["raise_exception"] = raise_exception
+        text = env.from_string(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+        return self.encode(text) if tokenize else text
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer from a ``tokenizer.json`` file, a Hugging Face directory or a ``.gguf`` file."""
+    path = Path(source)
+    if not path.exists():
+        raise TokenizerError(f"tokenizer source not found: {path}")
+    if path.is_dir():
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise TokenizerError(f"no tokenizer.json in model directory {path}")
+        return _from_tokenizer_json(tj, path / "tokenizer_config.json")
+    if path.suffix == ".gguf":
+        return _from_gguf(path)
+    if path.suffix == ".json":
+        return _from_tokenizer_json(path, path.with_name("tokenizer_config.json"))
+    raise TokenizerError(f"unsupported tokenizer source {path}: expected a directory, tokenizer.json or .gguf")
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _from_tokenizer_json(path: Path, config_path: Path) -> Tokenizer:
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise TokenizerError(f"cannot parse tokenizer file {path}: {e}") from e
+    config: dict[str, Any] = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"cannot parse {config_path}: {e}") from e
+    bos = _token_content(config.get("bos_token"))
+    eos = _token_content(config.get("eos_token"))
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    chat_file = config_path.with_name("chat_template.jinja")
+    if template is None and chat_file.is_file():
+        template = chat_file.read_text()
+    return Tokenizer(
+        backend=backend,
+        bos_token_id=backend.token_to_id(bos) if bos else None,
+        eos_token_id=backend.token_to_id(eos) if eos else None,
+        chat_template=template,
+        bos_token=bos,
+        eos_token=eos,
+        add_bos_token=bool(config.get("add_bos_token", False)),
+    )
+
+
+# GGUF token types (llama.cpp's llama_token_type).
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+# Pre-tokenizer regexes by tokenizer.ggml.pre (the subset of llama.cpp's table that jserve's models use).
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_INDIVIDUAL_DIGIT_PRES = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
+
+
+def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    def split_then_bytes(regex: str) -> pre_tokenizers.PreTokenizer:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    if pre in _INDIVIDUAL_DIGIT_PRES:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    if pre in ("llama-bpe", "llama3", "smaug-bpe"):
+        return split_then_bytes(_LLAMA3_REGEX)
+    if pre == "qwen2":
+        return split_then_bytes(_QWEN2_REGEX)
+    if pre in ("default", "gpt2", "gpt-2", "mpt", "olmo", "jais", ""):
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raise TokenizerError(f"unsupported GGUF pre-tokenizer tokenizer.ggml.pre = {pre!r}")
+
+
+def _from_gguf(path: Path) -> Tokenizer:
+    from jserve.weights.gguf_file import read_gguf_metadata
+
+    meta = read_gguf_metadata(path)
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        raise TokenizerError(f"GGUF file {path} has no tokenizer (missing field tokenizer.ggml.model)")
+    if kind != "gpt2":
+        raise TokenizerError(
+            f"unsupported GGUF tokenizer model tokenizer.ggml.model = {kind!r} in {path} (only BPE 'gpt2')"
+        )
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    if not tokens or not merges:
+        raise TokenizerError(f"GGUF file {path} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise TokenizerError(f"malformed merge {m!r} in tokenizer.ggml.merges of {path}")
+        pairs.append((a, b))
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
+    backend.decoder = decoders.ByteLevel()
+    special = [
+        tokenizers.AddedToken(tok, special=True, normalized=False)
+        for tok, t in zip(tokens, types)
+        if t in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+    ]
+    backend.add_special_tokens(special)
+
+    def token_id(key: str) -> int | None:
+        v = meta.get(key)
+        return int(v) if v is not None else None
+
+    bos_id, eos_id = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
+    return Tokenizer(
+        backend=backend,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token=tokens[bos_id] if bos_id is not None and bos_id < len(tokens) else None,
+        eos_token=tokens[eos_id] if eos_id is not None and eos_id < len(tokens) else None,
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    )

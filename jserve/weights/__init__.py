@@ -1,0 +1,1 @@
+"""Weight loading for jserve models: safetensors, GGUF, dummy init and a tensorstore cache."""
