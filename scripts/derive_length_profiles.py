@@ -49,9 +49,9 @@ def seqsched_check(data_dir: Path, alpaca_file: Path, tokenizer: str | None) -> 
     llama = {int(e["id"]): int(e["L_gt"]) - 1 for e in entries}  # L_gt counts the BOS token
     all_llama = np.array(list(llama.values()), dtype=np.float64)
     records = json.loads(alpaca_file.read_text())
-    tok = load_token_counter(tokenizer)
+    count = load_token_counter(tokenizer)
     overlap = sorted(i for i in llama if i <= len(records))  # ids are 1-based indices into alpaca_data.json
-    ours = np.array([len(tok.encode(records[i - 1]["output"])) for i in overlap], dtype=np.float64)
+    ours = np.array([count(records[i - 1]["output"]) for i in overlap], dtype=np.float64)
     theirs = np.array([llama[i] for i in overlap], dtype=np.float64)
     def q(x: np.ndarray) -> dict:
         return {"mean": round(float(x.mean()), 2), "p50": round(float(np.median(x)), 1),
@@ -77,14 +77,14 @@ def sharegpt_role_check(path: Path, tokenizer: str | None) -> dict:
     from eval.workloads.datasets import filter_pairs
 
     records = json.loads(path.read_text())
-    tok = load_token_counter(tokenizer)
+    count = load_token_counter(tokenizer)
     out = {}
     for label, want_start in (("human_then_gpt", False), ("human_then_gpt_and_id_0", True)):
         sel = [r for r in records if len(r["conversations"]) >= 2
                and r["conversations"][0]["from"] == "human" and r["conversations"][1]["from"] == "gpt"
                and (not want_start or str(r["id"]).endswith("_0"))]
-        p = np.array([len(tok.encode(r["conversations"][0]["value"])) for r in sel])
-        o = np.array([len(tok.encode(r["conversations"][1]["value"])) for r in sel])
+        p = np.array([count(r["conversations"][0]["value"]) for r in sel])
+        o = np.array([count(r["conversations"][1]["value"]) for r in sel])
         keep, _ = filter_pairs(p, o)
         out[label] = {"pairs": len(sel), "kept": int(keep.sum()), "mean_prompt": round(float(p[keep].mean()), 1),
                       "mean_output": round(float(o[keep].mean()), 1)}
