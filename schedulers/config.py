@@ -1,7 +1,21 @@
 """``SchedulerConfig``: one validated dataclass for every policy, with the public artifact's defaults.
 
 Fields that only some policies read say so. Where the paper and the public artifact differ, the field
-defaults to the paper's behaviour and ``SchedulerConfig.preset("artifact")`` gives the artifact's.
+defaults to the paper's behaviour and ``SchedulerConfig.preset("artifact")`` gives the artifact's:
+
+=============================  =====================================  ======================================
+field                          paper (default)                        ``preset("artifact")``
+=============================  =====================================  ======================================
+``q0``                         None: the cost model's batch-1 decode  0.010 s
+``starvation_threshold``       3.0 s                                  3.0 s
+``starvation_check_interval``  1 (every iteration)                    1000 iterations
+``offload_ranking``            ``"enst"``                             ``"queue_order"``
+``upload_only_without_offload`` False                                 True
+``reserve_blocks``             None: ``max_batch_size`` blocks        None: ``max_batch_size`` blocks
+``swap_overlap_factor``        1.0 (jserve's anti-thrash budget)      None (unlimited)
+=============================  =====================================  ======================================
+
+Every invalid value raises ``ValueError`` naming the field. ``docs/schedulers.md`` explains each field.
 """
 
 from __future__ import annotations
@@ -35,12 +49,128 @@ class SchedulerConfig:
     reserve_blocks: int | None = None  # free device blocks kept for arrivals; None = max_batch_size
     offload_ranking: str = "enst"  # "enst" (paper) | "queue_order" (artifact)
     upload_only_without_offload: bool = False  # artifact: upload only in iterations that offload nothing
+    # Proactive copies (offload, upload, prefetch) of one step are limited to what the step's estimated
+    # compute time hides, times this factor; None = unlimited (the artifact). Copies that a blocked
+    # higher-priority job needs are never limited. See docs/schedulers.md ("thrashing").
+    swap_overlap_factor: float | None = 1.0
+    # Speculative uploads (host jobs not needed by the next batch) only while this many device blocks stay
+    # free beyond the reserve: hysteresis between offload and upload. None = max_batch_size.
+    upload_margin_blocks: int | None = None
 
     extra: dict = field(default_factory=dict)  # free-form notes carried into logs; never read by policies
 
     def __post_init__(self) -> None:
-        # Validation is filled in by the scheduler package; every message names the offending field.
-        pass
+        _check_int(self, "block_size", 1)
+        _check_int(self, "max_batch_size", 1)
+        _check_int(self, "max_tokens_per_batch", 1)
+        _check_int(self, "max_model_len", 1)
+        _check_int(self, "num_device_blocks", 1)
+        _check_int(self, "num_host_blocks", 0)
+        _check_int(self, "num_queues", 1)
+        _check_int(self, "starvation_check_interval", 1)
+        if self.max_tokens_per_batch < self.max_batch_size:
+            raise ValueError(
+                f"SchedulerConfig.max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= max_batch_size "
+                f"({self.max_batch_size}): every decode in a full batch needs one token"
+            )
+        if isinstance(self.reserved_device_ids, (list, range)):  # accept any sequence, store a tuple
+            object.__setattr__(self, "reserved_device_ids", tuple(self.reserved_device_ids))
+        if not isinstance(self.reserved_device_ids, tuple):
+            raise ValueError(
+                f"SchedulerConfig.reserved_device_ids must be a tuple of ints, got {type(self.reserved_device_ids).__name__}"
+            )
+        for rid in self.reserved_device_ids:
+            if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < self.num_device_blocks:
+                raise ValueError(
+                    f"SchedulerConfig.reserved_device_ids: {rid!r} is not a device page id in [0, {self.num_device_blocks})"
+                )
+        if len(set(self.reserved_device_ids)) != len(self.reserved_device_ids):
+            raise ValueError(f"SchedulerConfig.reserved_device_ids has duplicates: {self.reserved_device_ids!r}")
+        if len(self.reserved_device_ids) >= self.num_device_blocks:
+            raise ValueError("SchedulerConfig.reserved_device_ids leave no usable device block")
+        _check_real(self, "watermark", low=0.0, high=1.0, high_open=True)
+        if self.q0 is not None:
+            _check_real(self, "q0", low=0.0, low_open=True)
+        _check_real(self, "quantum_ratio", low=1.0)
+        if self.starvation_threshold is not None:
+            _check_real(self, "starvation_threshold", low=0.0, low_open=True)
+        if self.swap_overlap_factor is not None:
+            _check_real(self, "swap_overlap_factor", low=0.0)
+        if self.swap_mode not in SWAP_MODES:
+            raise ValueError(f"SchedulerConfig.swap_mode must be one of {SWAP_MODES}, got {self.swap_mode!r}")
+        if self.offload_ranking not in OFFLOAD_RANKINGS:
+            raise ValueError(
+                f"SchedulerConfig.offload_ranking must be one of {OFFLOAD_RANKINGS}, got {self.offload_ranking!r}"
+            )
+        for name in ("skip_join", "upload_only_without_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SchedulerConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.reserve_blocks is not None:
+            _check_int(self, "reserve_blocks", 0)
+        if self.upload_margin_blocks is not None:
+            _check_int(self, "upload_margin_blocks", 0)
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"SchedulerConfig.extra must be a dict, got {type(self.extra).__name__}")
 
     def replace(self, **changes) -> "SchedulerConfig":
         return dataclasses.replace(self, **changes)
+
+    # Derived values.
+
+    @property
+    def effective_reserve_blocks(self) -> int:
+        """Free device blocks proactive policies keep for arrivals (``reserve_blocks`` or ``max_batch_size``)."""
+        return self.max_batch_size if self.reserve_blocks is None else self.reserve_blocks
+
+    @property
+    def effective_upload_margin_blocks(self) -> int:
+        return self.max_batch_size if self.upload_margin_blocks is None else self.upload_margin_blocks
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SchedulerConfig":
+        """A named configuration, with ``overrides`` applied: ``"paper"`` (the defaults) or ``"artifact"``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown SchedulerConfig preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+SWAP_MODES = ("proactive", "reactive", "recompute")
+OFFLOAD_RANKINGS = ("enst", "queue_order")
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "artifact": dict(
+        q0=0.010,
+        starvation_threshold=3.0,
+        starvation_check_interval=1000,
+        offload_ranking="queue_order",
+        upload_only_without_offload=True,
+        reserve_blocks=None,
+        swap_overlap_factor=None,
+    ),
+}
+
+
+def _check_int(cfg: SchedulerConfig, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"SchedulerConfig.{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_real(
+    cfg: SchedulerConfig,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"SchedulerConfig.{name} must be a number, got {value!r}")
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"SchedulerConfig.{name} must be finite, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"SchedulerConfig.{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"SchedulerConfig.{name} must be {'<' if high_open else '<='} {high}, got {value!r}")

@@ -78,6 +78,11 @@ class Request:
     num_preemptions: int = 0
     num_swaps_out: int = 0
     num_swaps_in: int = 0
+    # The policy's sort key in its queues (priority order; smaller runs first). Set by the policy.
+    sched_key: tuple = ()
+    # Time from which starvation is measured: arrival, the end of the last step it ran in, or its last
+    # starvation promotion (fastserve family).
+    starvation_clock: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt_len, bool) or not isinstance(self.prompt_len, int) or self.prompt_len < 1:

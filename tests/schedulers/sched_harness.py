@@ -1,0 +1,160 @@
+"""A tiny, strict executor for scheduler tests: applies plans to fake KV pools and checks every rule.
+
+The executor keeps a *content tag* in every device and host page: ``(request_id, logical_block)`` of the
+KV it holds. It performs a plan in the order ``schedulers.plan`` prescribes (sync swap-out, sync swap-in,
+then the compute together with the overlapped copies) and checks, independently of the scheduler's own
+bookkeeping:
+
+* a computing request's pages hold its own KV for every token already computed (so every swap mapping
+  moved the right data to the right place), and its table covers the tokens it computes now;
+* no request computes while its KV is on the host or arriving through an overlapped swap-in;
+* overlapped copies never touch a page that the compute writes, and their sources are not reused;
+* batch size and token budget are respected; a request appears at most once in a step;
+* rejected requests never run and are reported exactly once; block pools are conserved after every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schedulers import KVLocation, Request, RequestState, StepPlan
+
+
+@dataclass
+class RunResult:
+    steps: int = 0
+    finished: dict = field(default_factory=dict)  # request_id -> Request
+    rejected: dict = field(default_factory=dict)  # request_id -> reason
+    aborted: set = field(default_factory=set)
+    plans: list = field(default_factory=list)  # kept when record=True
+    max_device_used: int = 0
+
+
+class StrictExecutor:
+    def __init__(self, sched, step_time=None, record: bool = False):
+        self.s = sched
+        cfg = sched.config
+        self.bs = cfg.block_size
+        self.device: dict[int, tuple] = {}
+        self.host: dict[int, tuple] = {}
+        self.step_time = step_time  # callable(plan) -> seconds, default 1 ms + 0.01 ms per token
+        self.result = RunResult()
+        self.record = record
+        self._reported_rejections: set = set()
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self, now: float, early_stop=()) -> tuple[StepPlan, list[Request], float]:
+        s, cfg = self.s, self.s.config
+        plan = s.schedule(now)
+        if self.record:
+            self.result.plans.append(_summary(plan))
+        for r, reason in plan.rejected:
+            assert r.state is RequestState.REJECTED and reason, (r, reason)
+            assert r.request_id not in self._reported_rejections, f"{r.request_id} rejected twice"
+            self._reported_rejections.add(r.request_id)
+            self.result.rejected[r.request_id] = reason
+        batch = plan.batch()
+        ids = [r.request_id for r in batch]
+        assert len(ids) == len(set(ids)), f"request twice in one batch: {ids}"
+        assert plan.batch_size <= cfg.max_batch_size, (plan.batch_size, cfg.max_batch_size)
+        assert plan.num_batched_tokens <= cfg.max_tokens_per_batch, (plan.num_batched_tokens, cfg.max_tokens_per_batch)
+        for r in batch:
+            assert r.request_id in s.requests, f"{r.request_id} runs but is not live"
+            assert r.state is RequestState.RUNNING
+            assert r.request_id not in self.result.rejected
+        # Ids in the plan must be physical pages of the right pool.
+        for d, h in plan.swap_out + plan.sync_swap_out:
+            assert 0 <= d < cfg.num_device_blocks and d not in cfg.reserved_device_ids and 0 <= h < cfg.num_host_blocks
+        for h, d in plan.swap_in + plan.sync_swap_in:
+            assert 0 <= d < cfg.num_device_blocks and d not in cfg.reserved_device_ids and 0 <= h < cfg.num_host_blocks
+
+        # 1. Critical-path copies.
+        for d, h in plan.sync_swap_out:
+            self.host[h] = self.device.pop(d, None)
+        for h, d in plan.sync_swap_in:
+            self.device[d] = self.host.pop(h, None)
+        # 2. Compute (reads and writes) concurrently with overlapped copies.
+        in_flight = {d for _, d in plan.swap_in}
+        out_src = {d for d, _ in plan.swap_out}
+        written: set[int] = set()
+        entries = [(e.request, e.num_tokens) for e in plan.prefill] + [(r, 1) for r in plan.decode]
+        for r, n in entries:
+            assert r.kv_location is KVLocation.DEVICE, f"{r.request_id} computes with KV {r.kv_location}"
+            assert 1 <= n <= r.num_uncomputed_tokens
+            assert not in_flight.intersection(r.blocks), f"{r.request_id} computes while its KV is still arriving"
+            assert not out_src.intersection(r.blocks), f"{r.request_id} computes on blocks being swapped out"
+            c = r.num_computed_tokens
+            assert len(r.blocks) * self.bs >= c + n, f"{r.request_id}: table too short for {c}+{n} tokens"
+            for i in range(-(-c // self.bs)):
+                got = self.device.get(r.blocks[i])
+                assert got == (r.request_id, i), f"{r.request_id} block {i} (page {r.blocks[i]}) holds {got}"
+            for i in range(c // self.bs, -(-(c + n) // self.bs)):
+                written.add(r.blocks[i])
+                self.device[r.blocks[i]] = (r.request_id, i)
+        assert not written & out_src, "compute wrote a page that an overlapped swap-out reads"
+        for d, h in plan.swap_out:
+            self.host[h] = self.device.pop(d, None)
+        for h, d in plan.swap_in:
+            assert d not in written, "compute wrote a page that an overlapped swap-in fills"
+            self.device[d] = self.host.pop(h, None)
+        for r in plan.dropped:
+            assert r.kv_location is KVLocation.NONE and r.num_computed_tokens == 0
+        elapsed = self.step_time(plan) if self.step_time else 0.001 + 1e-5 * plan.num_batched_tokens
+        if plan.is_empty:
+            elapsed = 0.0
+        finished_ids = []
+        if early_stop:
+            sampling = [e.request_id for e in plan.prefill if e.samples_token] + [r.request_id for r in plan.decode]
+            finished_ids = [rid for rid in sampling if rid in early_stop]
+        finished = s.on_step_end(plan, now + elapsed, elapsed, finished_ids)
+        for r in finished:
+            assert r.state is RequestState.FINISHED and r.kv_location is KVLocation.NONE
+            self.result.finished[r.request_id] = r
+        s.check_invariants()
+        self.result.max_device_used = max(self.result.max_device_used, s.blocks.num_used_device_blocks)
+        self.result.steps += 1
+        return plan, finished, elapsed
+
+
+def _summary(plan: StepPlan) -> dict:
+    return dict(
+        prefill=[(e.request_id, e.num_tokens) for e in plan.prefill],
+        decode=[r.request_id for r in plan.decode],
+        swapped_out=[r.request_id for r in plan.swapped_out],
+        swapped_in=[r.request_id for r in plan.swapped_in],
+        sync=bool(plan.sync_swap_in or plan.sync_swap_out),
+        dropped=[r.request_id for r in plan.dropped],
+    )
+
+
+def run_workload(sched, arrivals, max_steps=100_000, aborts=(), record=False, step_time=None, early_stop=()):
+    """Drive ``sched`` over ``arrivals`` (list of ``(time, Request)``) until every request is done.
+
+    ``aborts`` holds ``(step_index, request_id)`` pairs; ``early_stop`` ids are reported in ``finished_ids`` at
+    their first sampled token (an end-of-sequence stop). An empty plan with live requests and no pending
+    arrival is a deadlock; more than ``max_steps`` steps is a livelock. Returns a ``RunResult``."""
+    ex = StrictExecutor(sched, step_time=step_time, record=record)
+    pending = sorted(arrivals, key=lambda a: a[0])
+    aborts = sorted(aborts, key=lambda a: a[0])
+    i = 0
+    now = 0.0
+    while True:
+        while i < len(pending) and pending[i][0] <= now:
+            sched.add(pending[i][1], now)
+            i += 1
+        while aborts and aborts[0][0] <= ex.result.steps:
+            _, rid = aborts.pop(0)
+            if sched.abort(rid):
+                ex.result.aborted.add(rid)
+        if not sched.has_unfinished() and i == len(pending):
+            ex.step(now)  # flush the last rejections
+            return ex.result
+        assert ex.result.steps < max_steps, f"livelock: {len(sched.requests)} requests left after {max_steps} steps"
+        plan, _, elapsed = ex.step(now, early_stop)
+        if not plan.is_empty:
+            now += elapsed
+        elif i < len(pending):
+            now = max(now, pending[i][0])
+        else:
+            raise AssertionError(f"deadlock: empty plan with {len(sched.requests)} live requests and no arrivals")
