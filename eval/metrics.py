@@ -142,7 +142,8 @@ def capacity_at_slo(rates: Sequence[float], values: Sequence[float | None], slo:
     ``values[i]`` is a latency statistic (e.g. mean normalized latency) at ``rates[i]``. Returns:
 
     - the interpolated rate between the last point <= slo and the first point > slo;
-    - ``None`` if the curve is already above the SLO at the lowest rate (capacity below the measured range);
+    - ``None`` if the curve is already above the SLO at the lowest rate (capacity below the measured range),
+      or if no point is valid;
     - ``math.inf`` if it never exceeds the SLO (capacity above the measured range; at least ``rates[-1]``).
 
     Points with ``None``/NaN values (failed runs) are skipped; an inf value (unfinished requests) counts as over
