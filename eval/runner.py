@@ -1,0 +1,271 @@
+"""Run simulations: one (``execute_run``) or a sweep in parallel processes (``run_sweep``).
+
+A ``RunSpec`` is one point of one curve: a system, a workload (dataset, request count, rate, arrival process,
+transforms, seed) and the hardware preset. Figures share runs (Fig 12 and 13 read Fig 11's ShareGPT runs), so
+a sweep deduplicates specs before running. Each run writes its artifact-format client log under
+``<logs_root>/<log_group>/`` and returns a small picklable ``RunResult`` holding every metric any figure
+needs; records stay in the worker. A run that raises is reported as a ``RunResult`` with ``error`` set and the
+sweep goes on.
+
+Parallelism: ``concurrent.futures.ProcessPoolExecutor`` (fork where available), longest runs first, with a
+tqdm progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .costmodels import resolve_preset
+from .experiments.figures import SLO_PAIRS, slo_metric
+from .experiments.systems import SystemSpec, scheduler_config
+from .simulator import CopyLink, simulate
+
+BACKENDS = ("sim",)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    system: SystemSpec
+    dataset: str
+    num_requests: int
+    rate: float
+    batch_size: int = 16
+    preset: str = "opt-13b-a100"
+    arrival: str = "poisson"
+    cv: float = 1.0
+    io_ratio_scale: float = 1.0
+    seed: int = 0
+    dataset_path: str | None = None
+    log_group: str = "opt-13b"
+    log_batch_size: bool = False
+
+    def log_name(self) -> str:
+        from .artifact_log import log_filename
+
+        return log_filename(
+            self.system.label,
+            self.dataset,
+            self.num_requests,
+            self.rate,
+            self.batch_size if self.log_batch_size else None,
+        )
+
+    def workload_spec(self):
+        from .workloads import WorkloadSpec
+
+        return WorkloadSpec(
+            dataset=self.dataset,
+            num_requests=self.num_requests,
+            rate=self.rate,
+            arrival=self.arrival,
+            cv=self.cv,
+            dataset_path=self.dataset_path,
+            io_ratio_scale=self.io_ratio_scale,
+        )
+
+    def describe(self) -> str:
+        extra = []
+        if self.batch_size != 16:
+            extra.append(f"bs={self.batch_size}")
+        if self.cv != 1.0:
+            extra.append(f"cv={self.cv:g}")
+        if self.io_ratio_scale != 1.0:
+            extra.append(f"io x{self.io_ratio_scale:g}")
+        tail = f" ({', '.join(extra)})" if extra else ""
+        return f"{self.system.label} {self.dataset} n={self.num_requests} rate={self.rate:g} on {self.preset}{tail}"
+
+    def cost_estimate(self) -> float:
+        """Relative cost used to start the longest runs first."""
+        return self.num_requests * (3.0 if self.dataset == "sharegpt" else 1.0)
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    metrics: dict | None = None
+    error: str | None = None
+    wall_seconds: float = 0.0
+    log_path: str | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def run_metrics(records) -> dict:
+    """Every per-run number a figure or report reads: ``summarize`` + SLO attainments + time breakdown."""
+    from .metrics import slo_attainment, summarize, time_breakdown
+
+    m = summarize(records)
+    for ttft, norm in SLO_PAIRS:
+        m[slo_metric(ttft, norm)] = slo_attainment(records, ttft, norm)
+    for k, v in time_breakdown(records).items():
+        m[f"breakdown_{k}"] = v
+    m["num_preemptions"] = sum(r.num_preemptions for r in records)
+    return m
+
+
+def simulate_spec(spec: RunSpec, *, record_requests: bool = False, check: bool = False):
+    """Build the workload, scheduler, cost model and link of ``spec`` and simulate it. Returns the SimResult."""
+    from schedulers import make_scheduler
+
+    from .workloads import make_workload
+
+    preset = resolve_preset(spec.preset)
+    workload = make_workload(spec.workload_spec(), spec.seed)
+    config = scheduler_config(spec.system, preset, spec.dataset, batch_size=spec.batch_size)
+    scheduler = make_scheduler(spec.system.policy, config, cost_model=preset.cost)
+    return simulate(
+        scheduler, workload, preset.cost, CopyLink.from_preset(preset), record_requests=record_requests, check=check
+    )
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in d.items()}
+
+
+def execute_run(spec: RunSpec, logs_root: str | Path | None) -> RunResult:
+    """Simulate ``spec``, write its client log (when ``logs_root`` is given) and compute its metrics.
+    Never raises: a failure comes back as ``RunResult.error``."""
+    t0 = time.perf_counter()
+    try:
+        sim = simulate_spec(spec)
+        metrics = run_metrics(sim.records)
+        metrics["stop_reason"] = sim.stop_reason
+        log_path = None
+        if logs_root is not None:
+            from .artifact_log import write_client_log
+
+            directory = Path(logs_root) / spec.log_group
+            directory.mkdir(parents=True, exist_ok=True)
+            log_path = directory / spec.log_name()
+            header = {
+                "system": spec.system.label,
+                "policy": spec.system.policy,
+                "overrides": dict(spec.system.overrides),
+                "config_preset": spec.system.config_preset,
+                "dataset": spec.dataset,
+                "num_requests": spec.num_requests,
+                "rate": spec.rate,
+                "arrival": spec.arrival,
+                "cv": spec.cv,
+                "io_ratio_scale": spec.io_ratio_scale,
+                "batch_size": spec.batch_size,
+                "hardware": spec.preset,
+                "seed": spec.seed,
+                "backend": "sim",
+                "stop_reason": sim.stop_reason,
+            }
+            extra = [
+                "jserve-run: " + json.dumps(header, default=str),
+                "jserve-sim-stats: " + json.dumps(_json_safe(sim.stats)),
+            ]
+            write_client_log(log_path, sim.records, extra_lines=extra)
+        return RunResult(
+            spec, metrics, None, time.perf_counter() - t0, str(log_path) if log_path else None, dict(sim.stats)
+        )
+    except Exception as exc:  # a failed run is reported; the sweep continues
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+        return RunResult(spec, None, detail + where, time.perf_counter() - t0)
+
+
+def _pool_context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def run_sweep(
+    specs: Iterable[RunSpec],
+    logs_root: str | Path | None,
+    *,
+    jobs: int | None = None,
+    progress: bool = True,
+    desc: str = "simulating",
+) -> dict[RunSpec, RunResult]:
+    """Run every distinct spec (in ``jobs`` processes; 1 = in this process) and return results by spec."""
+    unique = list(dict.fromkeys(specs))
+    unique.sort(key=lambda s: -s.cost_estimate())
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(unique) or 1))
+    results: dict[RunSpec, RunResult] = {}
+    bar = _progress(len(unique), desc, progress)
+    try:
+        if jobs == 1:
+            for spec in unique:
+                results[spec] = execute_run(spec, logs_root)
+                _tick(bar, results[spec])
+        else:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=_pool_context()) as pool:
+                futures = {pool.submit(execute_run, spec, logs_root): spec for spec in unique}
+                for fut in as_completed(futures):
+                    spec = futures[fut]
+                    try:
+                        res = fut.result()
+                    except Exception as exc:  # the worker process itself died
+                        res = RunResult(spec, None, f"worker failed: {exc!r}")
+                    results[spec] = res
+                    _tick(bar, res)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+
+def _tick(bar, res: RunResult) -> None:
+    if bar is None:
+        return
+    if not res.ok:
+        bar.write(f"FAILED {res.spec.describe()}: {res.error}", file=sys.stderr)
+    bar.update(1)
+
+
+def result_row(res: RunResult) -> dict:
+    """One flat CSV row for a run."""
+    s = res.spec
+    row = {
+        "system": s.system.label,
+        "policy": s.system.policy,
+        "dataset": s.dataset,
+        "num_requests": s.num_requests,
+        "rate": s.rate,
+        "batch_size": s.batch_size,
+        "hardware": s.preset,
+        "arrival": s.arrival,
+        "cv": s.cv,
+        "io_ratio_scale": s.io_ratio_scale,
+        "seed": s.seed,
+        "wall_seconds": round(res.wall_seconds, 3),
+        "error": res.error or "",
+        "log": res.log_path or "",
+    }
+    if res.metrics:
+        row.update(res.metrics)
+    for k in ("iterations", "swaps_out", "swaps_in", "drops", "bytes_out", "bytes_in", "peak_device_blocks", "peak_host_blocks"):
+        row[f"sim_{k}"] = res.stats.get(k, "")
+    return row
+
+
+def spec_dict(spec: RunSpec) -> dict:
+    d = asdict(spec)
+    d["system"] = spec.system.label
+    return d
