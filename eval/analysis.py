@@ -95,12 +95,12 @@ def figure_data(fig: FigureDef, lookup: Callable[[RunSpec], dict | None], **kw) 
 
 def curve_capacity(curve: Curve, metric: str, slo: float, *, attainment: bool = False) -> float | None:
     """Capacity of one rate curve: rate of the first upward SLO crossing (``None``: already over at the lowest
-    rate; ``inf``: never crosses in the measured range)."""
+    rate; ``inf``: never crosses in the measured range; NaN: no successful run)."""
     from .metrics import capacity_at_slo, rate_where_attainment_falls_below
 
     values = curve.values(metric)
     if not any(v is not None for v in values):
-        return None
+        return math.nan  # no successful run on this curve
     if attainment:
         return rate_where_attainment_falls_below(curve.xs, values, level=slo)
     return capacity_at_slo(curve.xs, values, slo)
@@ -118,7 +118,7 @@ def capacities(data: PanelData, slo: float | None = None) -> dict[str, float | N
 
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b for capacities; ``None`` when either is unknown or not finite."""
-    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or b <= 0:
+    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or a <= 0 or b <= 0:
         return None
     return a / b
 
@@ -126,6 +126,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def fmt_capacity(c: float | None) -> str:
     if c is None:
         return "below range"
+    if math.isnan(c):
+        return "no data"
     if math.isinf(c):
         return "above range"
     return f"{c:.2f}"
