@@ -69,7 +69,7 @@ def make_workload(spec: WorkloadSpec, seed: int) -> list[WorkloadRequest]:
         pairs = LengthPairs(trace.prompt_lens[:n], trace.output_lens[:n])
         _check_trace_caps(trace.path, pairs, spec)
     elif spec.dataset == "synthetic":
-        pairs = synthetic_pairs(spec.synthetic, n, length_rng)
+        pairs = synthetic_pairs(spec.synthetic, n, length_rng, spec.max_prompt_len, spec.max_total_len)
     else:
         pairs = sample_pool(dataset_pool(spec), n, length_rng)
     pairs = scale_io_ratio(pairs, spec.io_ratio_scale, spec.max_prompt_len)

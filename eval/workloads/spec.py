@@ -30,8 +30,8 @@ class SyntheticLengths:
     """Synthetic prompt and output lengths: one distribution family, parametrized by its mean.
 
     Every family is set by the mean length of prompts and of outputs, so the Fig 16 ratio sweep and a mean-matched
-    comparison across families need nothing else. Lengths are integers clipped to ``[min_len, max_len]`` (the
-    caps of the spec apply afterwards).
+    comparison across families need nothing else. Lengths are integers clipped to ``[min_len, max_len]``; pairs
+    beyond the spec's ``max_prompt_len`` / ``max_total_len`` are then redrawn.
 
     - ``fixed``: every prompt is ``round(prompt_mean)`` tokens, every output ``round(output_mean)``.
     - ``uniform``: integers uniform on ``[min_len, 2 * mean - min_len]`` (mean = ``mean``).

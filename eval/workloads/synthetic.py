@@ -49,11 +49,24 @@ def sample_lengths(syn: SyntheticLengths, mean: float, n: int, rng: np.random.Ge
     return np.clip(x, syn.min_len, syn.max_len)
 
 
-def synthetic_pairs(syn: SyntheticLengths, n: int, rng: np.random.Generator) -> LengthPairs:
-    """Independent prompt and output lengths (prompts drawn first, then outputs, from ``rng``)."""
-    prompts = sample_lengths(syn, syn.prompt_mean, n, rng)
-    outputs = sample_lengths(syn, syn.output_mean, n, rng)
-    return LengthPairs(prompts, outputs)
+def synthetic_pairs(syn: SyntheticLengths, n: int, rng: np.random.Generator,
+                    max_prompt_len: int = 1024, max_total_len: int = 2048) -> LengthPairs:
+    """``n`` pairs of independent prompt and output lengths within the caps (prompt <= max_prompt_len, prompt +
+    output <= max_total_len). Draws in batches (prompts, then outputs, from ``rng``) and redraws pairs outside
+    the caps, as the real datasets' filter drops them; so near the caps the means come out a little lower."""
+    prompts, outputs, kept = [], [], 0
+    batch = max(n, 256)
+    for _ in range(64):
+        p = sample_lengths(syn, syn.prompt_mean, batch, rng)
+        o = sample_lengths(syn, syn.output_mean, batch, rng)
+        ok = (p <= max_prompt_len) & (p + o <= max_total_len)
+        prompts.append(p[ok])
+        outputs.append(o[ok])
+        kept += int(ok.sum())
+        if kept >= n:
+            return LengthPairs(np.concatenate(prompts)[:n], np.concatenate(outputs)[:n])
+    raise ValueError(f"SyntheticLengths: only {kept} of {64 * batch} drawn pairs fit max_prompt_len={max_prompt_len} "
+                     f"and max_total_len={max_total_len}; lower prompt_mean/output_mean or raise the caps")
 
 
 def scale_io_ratio(pairs: LengthPairs, scale: float, max_prompt_len: int) -> LengthPairs:

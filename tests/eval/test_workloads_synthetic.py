@@ -103,3 +103,12 @@ def test_scale_io_ratio_rejects_bad_input():
         scale_io_ratio(pairs((1, 1)), 0.0, 1024)
     with pytest.raises(ValueError, match="prompt >= 1 and output >= 1"):
         scale_io_ratio(pairs((0, 5)), 2.0, 1024)
+
+
+def test_synthetic_pairs_respect_the_caps_by_redrawing():
+    syn = SyntheticLengths("lognormal", prompt_mean=600, output_mean=900, sigma=1.0)
+    p = synthetic_pairs(syn, 3000, rng(4), max_prompt_len=1024, max_total_len=2048)
+    assert len(p) == 3000 and p.prompt_lens.max() <= 1024 and (p.prompt_lens + p.output_lens).max() <= 2048
+    impossible = SyntheticLengths("fixed", prompt_mean=1500, output_mean=10)
+    with pytest.raises(ValueError, match="fit max_prompt_len=1024"):
+        synthetic_pairs(impossible, 5, rng())
