@@ -124,6 +124,9 @@ class WorkloadSpec:
                 raise ValueError(f"{owner}.dataset_path must be None for dataset='synthetic'")
         elif self.synthetic is not None:
             raise ValueError(f"{owner}.synthetic is only used with dataset='synthetic' (dataset is {self.dataset!r})")
+        if self.tokenizer is not None and self.dataset_path is None:
+            raise ValueError(f"{owner}.tokenizer only applies with dataset_path (the built-in profiles were "
+                             f"tokenized with the embedded SmolLM2 tokenizer)")
         if self.arrival == "trace":
             if not self.trace_path:
                 raise ValueError(f"{owner}.trace_path is required for arrival='trace'")

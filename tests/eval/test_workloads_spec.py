@@ -32,6 +32,7 @@ def test_defaults_are_the_artifacts_sharegpt_poisson_setting():
     ({"synthetic": SyntheticLengths()}, "synthetic"),  # ... and only synthetic takes them
     ({"arrival": "trace"}, "trace_path"),
     ({"trace_path": "x.csv"}, "trace_path"),
+    ({"tokenizer": "tokenizer.json"}, "tokenizer"),  # only with dataset_path
 ])
 def test_bad_spec_fields_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"WorkloadSpec\.{field}"):
