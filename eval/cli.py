@@ -1,0 +1,305 @@
+"""``jserve-eval``: reproduce the paper's figures, run one simulation, or plot existing logs.
+
+    jserve-eval reproduce [--figures 11,12,...] [--quick] [--backend sim] [--out DIR] [--jobs N] [--seed S]
+    jserve-eval run --system NAME --dataset sharegpt|alpaca --rate R --num-requests N --out DIR
+                    [--seed S] [--batch-size B] [--dataset-path FILE] [--hardware PRESET]
+    jserve-eval plot --logs DIR --out DIR [--figures ...]
+
+``reproduce`` writes ``DIR/logs/<group>/exp-*-client-log`` (artifact format), ``DIR/summary.csv`` (one row per
+run), ``DIR/fig<ID>.csv``, ``DIR/fig<ID>.pdf``/``.png`` and ``DIR/report.md``. Bad input (unknown figure,
+system, dataset or preset, unreadable or malformed dataset file, non-positive rate or count, an unavailable
+backend) is reported argparse-style on stderr with exit status 2, never a traceback. A run that fails inside a
+sweep is reported and the sweep finishes; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .experiments.figures import FIGURE_ORDER
+from .experiments.systems import SYSTEMS
+from .runner import BACKENDS
+
+DATASETS = ("sharegpt", "alpaca")
+
+
+class UsageError(Exception):
+    """Bad input discovered after parsing; reported like an argparse error (exit 2)."""
+
+
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed must be >= 0, got {text}")
+    return value
+
+
+def _figure_list(text: str) -> list[str]:
+    ids = [t.strip() for t in text.split(",") if t.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError("--figures needs at least one figure id")
+    unknown = [i for i in ids if i not in FIGURE_ORDER]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown figure {', '.join(unknown)}; choose from {', '.join(FIGURE_ORDER)}")
+    return ids
+
+
+def _backend(text: str) -> str:
+    if text not in BACKENDS:
+        raise argparse.ArgumentTypeError(
+            f"backend {text!r} is not available: only 'sim' (the simulator) exists so far; the engine backend "
+            "comes with the serving engine"
+        )
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jserve-eval", description="Reproduce the FastServe paper's figures.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rep = sub.add_parser("reproduce", help="run the figure sweeps and write logs, CSVs, figures and report.md")
+    rep.add_argument("--figures", type=_figure_list, default=None, help=f"comma list from {','.join(FIGURE_ORDER)}")
+    rep.add_argument("--quick", action="store_true", help="fewer rates and requests per figure (a smoke run)")
+    rep.add_argument("--backend", type=_backend, default="sim")
+    rep.add_argument("--out", type=Path, default=Path("results"))
+    rep.add_argument("--jobs", type=_positive_int("--jobs"), default=None, help="worker processes (default: CPUs)")
+    rep.add_argument("--seed", type=_nonneg_int, default=0)
+    rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    run = sub.add_parser("run", help="one simulation; writes its artifact-format client log into --out")
+    run.add_argument("--system", required=True, help=f"one of {', '.join(SYSTEMS)}")
+    run.add_argument("--dataset", required=True, help="sharegpt or alpaca")
+    run.add_argument("--rate", required=True, type=_positive_float("--rate"), help="arrival rate, req/s")
+    run.add_argument("--num-requests", required=True, type=_positive_int("--num-requests"))
+    run.add_argument("--out", required=True, type=Path)
+    run.add_argument("--seed", type=_nonneg_int, default=0)
+    run.add_argument("--batch-size", type=_positive_int("--batch-size"), default=16)
+    run.add_argument("--dataset-path", default=None, help="real dataset JSON (default: built-in length profile)")
+    run.add_argument("--hardware", default="opt-13b-a100", help="preset name, roofline:<model>:<gpu>, or profile .json")
+    run.add_argument("--arrival", default="poisson", choices=("poisson", "gamma", "uniform"))
+    run.add_argument("--cv", type=_positive_float("--cv"), default=1.0, help="burstiness for --arrival gamma")
+    run.add_argument("--backend", type=_backend, default="sim")
+
+    plot = sub.add_parser("plot", help="figures, CSVs and report.md from existing client logs")
+    plot.add_argument("--logs", required=True, type=Path, help="directory of client logs (searched recursively)")
+    plot.add_argument("--out", required=True, type=Path)
+    plot.add_argument("--figures", type=_figure_list, default=None)
+    return parser
+
+
+def _write_outputs(figs, lookup, out: Path, results, header) -> list[Path]:
+    from .analysis import figure_data
+    from .plots import plot_figure
+    from .report import build_report, write_figure_csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    written, datas = [], []
+    for fig in figs:
+        fd = figure_data(fig, lookup, **_spec_kwargs(results))
+        if not any(m is not None for p in fd.panels for c in p.curves.values() for m in c.metrics):
+            continue
+        datas.append(fd)
+        written += plot_figure(fd, out)
+        csv_path = out / f"fig{fig.fig_id}.csv"
+        write_figure_csv(fd, csv_path)
+        written.append(csv_path)
+    report = out / "report.md"
+    report.write_text(build_report(datas, results, header_lines=header))
+    written.append(report)
+    return written
+
+
+def _spec_kwargs(results) -> dict:
+    if results:
+        spec = next(iter(results))
+        return {"seed": spec.seed}
+    return {}
+
+
+def cmd_reproduce(args) -> int:
+    from .analysis import figure_specs
+    from .experiments.figures import get_figures
+    from .report import write_csv
+    from .runner import result_row, run_sweep
+
+    t0 = time.perf_counter()
+    figs = get_figures(args.figures, quick=args.quick)
+    specs = [s for f in figs for s in figure_specs(f, seed=args.seed)]
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = args.jobs or os.cpu_count() or 1
+    unique = len(dict.fromkeys(specs))
+    print(f"jserve-eval: {len(figs)} figures, {unique} simulations on {jobs} processes -> {out}", file=sys.stderr)
+    results = run_sweep(specs, out / "logs", jobs=jobs, progress=not args.no_progress)
+    sweep_s = time.perf_counter() - t0
+    write_csv((result_row(r) for r in results.values()), out / "summary.csv")
+    header = [
+        f"Command: `jserve-eval reproduce{' --quick' if args.quick else ''} --figures "
+        f"{','.join(f.fig_id for f in figs)} --seed {args.seed} --backend {args.backend}`",
+        f"Backend: simulator. {unique} runs on {jobs} processes; sweep wall time {sweep_s:.0f} s.",
+        "Quick mode: fewer rates and capped request counts - a smoke run, not a measurement." if args.quick else
+        "Full mode: the artifact's rates and request counts.",
+    ]
+    lookup = lambda spec: results[spec].metrics if spec in results else None  # noqa: E731
+    _write_outputs(figs, lookup, out, results, header)
+    failed = sum(1 for r in results.values() if not r.ok)
+    total_s = time.perf_counter() - t0
+    print(f"jserve-eval: done in {total_s:.0f} s; {failed} of {unique} runs failed; report: {out / 'report.md'}",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_run(args) -> int:
+    from .costmodels import resolve_preset
+    from .experiments.systems import get_system
+    from .runner import RunSpec, execute_run
+
+    if args.system not in SYSTEMS:
+        raise UsageError(f"argument --system: unknown system {args.system!r}; choose one of {', '.join(SYSTEMS)}")
+    if args.dataset not in DATASETS:
+        raise UsageError(f"argument --dataset: unknown dataset {args.dataset!r}; choose sharegpt or alpaca")
+    if args.cv != 1.0 and args.arrival != "gamma":
+        raise UsageError("argument --cv: only applies with --arrival gamma")
+    try:
+        resolve_preset(args.hardware)
+    except ValueError as exc:
+        raise UsageError(f"argument --hardware: {exc}") from None
+    spec = RunSpec(
+        system=get_system(args.system),
+        dataset=args.dataset,
+        num_requests=args.num_requests,
+        rate=args.rate,
+        batch_size=args.batch_size,
+        preset=args.hardware,
+        arrival=args.arrival,
+        cv=args.cv,
+        seed=args.seed,
+        dataset_path=str(args.dataset_path) if args.dataset_path else None,
+        log_group=".",
+        log_batch_size=args.batch_size != 16,
+    )
+    if args.dataset_path is not None:
+        _check_dataset(spec)
+    res = execute_run(spec, args.out)
+    if not res.ok:
+        print(f"jserve-eval run: the simulation failed: {res.error}", file=sys.stderr)
+        return 1
+    m = res.metrics
+    shown = {k: m[k] for k in ("num_finished", "num_unfinished", "mean_norm_latency", "p95_norm_latency",
+                               "mean_ttft", "mean_tpot", "throughput_rps") if k in m}
+    print(json.dumps({"log": res.log_path, "wall_seconds": round(res.wall_seconds, 3), **shown}, indent=2))
+    return 0
+
+
+def _check_dataset(spec) -> None:
+    """Load the dataset file up front so a bad file is a usage error, not a failed run."""
+    from .workloads import make_workload
+
+    try:
+        make_workload(spec.workload_spec(), spec.seed)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"argument --dataset-path: {exc}") from None
+
+
+def cmd_plot(args) -> int:
+    from .artifact_log import parse_log_filename, records_from_client_log
+    from .experiments.figures import get_figures
+    from .runner import run_metrics
+
+    root: Path = args.logs
+    if not root.is_dir():
+        raise UsageError(f"argument --logs: {root} is not a directory")
+    found: dict[tuple, Path] = {}
+    for path in root.rglob("*-client-log"):
+        try:
+            name = parse_log_filename(path.name)
+        except ValueError:
+            continue
+        group = path.parent.relative_to(root).as_posix()
+        found[(group, name.system, name.dataset, name.num_requests, round(name.rate, 9), name.batch_size)] = path
+    if not found:
+        raise UsageError(f"argument --logs: no exp-*-client-log files under {root}")
+    cache: dict[Path, dict | None] = {}
+
+    def lookup(spec):
+        key = (spec.log_group, spec.system.label, spec.dataset, spec.num_requests, round(spec.rate, 9),
+               spec.batch_size if spec.log_batch_size else None)
+        path = found.get(key)
+        if path is None:
+            return None
+        if path not in cache:
+            try:
+                cache[path] = run_metrics(records_from_client_log(path))
+            except ValueError as exc:
+                print(f"jserve-eval plot: skipping {path}: {exc}", file=sys.stderr)
+                cache[path] = None
+        return cache[path]
+
+    figs = []
+    for full, quick in zip(get_figures(args.figures), get_figures(args.figures, quick=True)):
+        figs.append(full if _num_found(full, lookup) >= _num_found(quick, lookup) else quick)
+    header = [f"Plotted from the client logs under `{root}` ({len(found)} logs found)."]
+    written = _write_outputs(figs, lookup, args.out, None, header)
+    print(f"jserve-eval plot: {len(cache)} logs read; wrote {len(written)} files to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _num_found(fig, lookup) -> int:
+    """How many of ``fig``'s runs have a readable log (picks the full or the quick variant of a figure)."""
+    from .analysis import figure_specs
+
+    return sum(1 for s in figure_specs(fig) if lookup(s) is not None)
+
+
+COMMANDS = {"reproduce": cmd_reproduce, "run": cmd_run, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

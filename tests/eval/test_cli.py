@@ -1,0 +1,116 @@
+"""``jserve-eval``: bad input gives argparse-style errors (exit 2, no traceback); ``run``, ``reproduce`` and
+``plot`` work end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from eval.artifact_log import read_client_log
+from eval.cli import main
+
+
+def _fails(capsys, argv, *needles):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_input_is_a_usage_error(capsys, tmp_path):
+    out = str(tmp_path / "o")
+    _fails(capsys, ["reproduce", "--figures", "11,99", "--out", out], "unknown figure 99")
+    _fails(capsys, ["reproduce", "--backend", "engine", "--out", out], "backend 'engine' is not available")
+    base = ["run", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "5", "--out", out]
+    _fails(capsys, ["run", "--system", "orca"] + base[1:], "unknown system 'orca'")
+    _fails(capsys, ["run", "--system", "fcfs", "--dataset", "lmsys", "--rate", "1", "--num-requests", "5",
+                    "--out", out], "unknown dataset 'lmsys'")
+    _fails(capsys, ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "0", "--num-requests", "5",
+                    "--out", out], "--rate must be > 0")
+    _fails(capsys, ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "-2", "--num-requests", "5",
+                    "--out", out], "--rate must be > 0")
+    _fails(capsys, ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "abc", "--num-requests", "5",
+                    "--out", out], "--rate must be a number")
+    _fails(capsys, ["run", "--system", "fcfs", "--num-requests", "0"] + base[1:5] + ["--out", out],
+           "--num-requests must be > 0")
+    _fails(capsys, ["run", "--system", "fcfs", "--hardware", "tpu-v9"] + base[1:], "unknown hardware preset")
+    _fails(capsys, ["plot", "--logs", str(tmp_path / "none"), "--out", out], "is not a directory")
+
+
+def test_bad_dataset_files_are_usage_errors(capsys, tmp_path):
+    argv = ["run", "--system", "fcfs", "--dataset", "alpaca", "--rate", "1", "--num-requests", "3",
+            "--out", str(tmp_path / "o"), "--dataset-path"]
+    missing = tmp_path / "missing.json"
+    _fails(capsys, argv + [str(missing)], "--dataset-path", "missing.json")
+    bad = tmp_path / "broken.json"
+    bad.write_text("[{\"instruction\": ")
+    _fails(capsys, argv + [str(bad)], "--dataset-path", "broken.json")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"not": "a list"}))
+    _fails(capsys, argv + [str(wrong)], "wrong.json")
+
+
+def test_run_writes_an_artifact_log(capsys, tmp_path):
+    code = main(["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "2", "--num-requests", "30",
+                 "--out", str(tmp_path), "--seed", "3"])
+    assert code == 0
+    shown = json.loads(capsys.readouterr().out)
+    log = tmp_path / "exp-fcfs-sharegpt-30-2-client-log"
+    assert shown["log"] == str(log) and shown["num_finished"] == 30
+    rows = read_client_log(log)
+    assert len(rows) == 30
+    prompt, output, latency, start, end, first = rows[0]
+    assert end - start == pytest.approx(latency) and start <= first <= end
+    assert shown["mean_norm_latency"] == pytest.approx(sum((r[4] - r[3]) / r[1] for r in rows) / 30)
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.cli", "run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "0",
+         "--num-requests", "3", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "--rate must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_reproduce_and_plot_end_to_end(tmp_path, capsys):
+    out = tmp_path / "res"
+    code = main(["reproduce", "--figures", "12", "--quick", "--out", str(out), "--jobs", "2", "--no-progress"])
+    for name in ("fig12.pdf", "fig12.png", "fig12.csv", "summary.csv", "report.md"):
+        assert (out / name).is_file(), name
+    summary = _csv(out / "summary.csv")
+    failed = [r for r in summary if r["error"]]
+    assert code == (1 if failed else 0)
+    ok = [r for r in summary if not r["error"]]
+    assert ok, "no run succeeded"
+    logs = sorted((out / "logs" / "opt-13b").glob("exp-*-sharegpt-*-client-log"))
+    assert len(logs) == len(ok)
+    assert sorted(r["log"] for r in ok) == [str(p) for p in logs]
+    report = (out / "report.md").read_text()
+    assert "## Fig 12" in report and "| FastServe-FCFS |" in report
+
+    # plot: the same figure from the logs alone, same numbers.
+    again = tmp_path / "again"
+    assert main(["plot", "--logs", str(out / "logs"), "--out", str(again)]) == 0
+    assert (again / "fig12.png").is_file() and (again / "report.md").is_file()
+    first = {(r["system"], r["x"]): r for r in _csv(out / "fig12.csv")}
+    second = {(r["system"], r["x"]): r for r in _csv(again / "fig12.csv")}
+    assert first.keys() == second.keys()
+    for key, row in first.items():
+        if row["ok"] == "True":
+            for col in ("mean_norm_latency", "p95_norm_latency", "mean_ttft"):
+                assert float(second[key][col]) == pytest.approx(float(row[col]), rel=1e-9), (key, col)
