@@ -1,0 +1,35 @@
+"""The exploration notebook runs top to bottom on the venv's python3 kernel and shows what it promises."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[2] / "eval" / "notebooks" / "explore.ipynb"
+
+
+@pytest.mark.slow
+def test_explore_notebook_executes():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from schedulers.registry import available_policies
+
+    if "fastserve" not in available_policies():
+        pytest.skip("the fastserve policy is not in this checkout yet")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    t0 = time.perf_counter()
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=60,
+                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute()
+    elapsed = time.perf_counter() - t0
+    text = "\n".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "stream"
+    )
+    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+    assert "60 requests" in text
+    assert "fastserve" in text and "fcfs" in text
+    assert "swap-outs" in text and "queuing" in text
+    assert images >= 3, "expected the state/level, KV-use and swap-traffic figures"
+    assert elapsed < 60, f"notebook took {elapsed:.0f} s"
