@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer"]
+__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_from_gguf_metadata"]
 
 
 class TokenizerError(ValueError):
@@ -182,7 +182,12 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
 def _from_gguf(path: Path) -> Tokenizer:
     from jserve.weights.gguf_file import read_gguf_metadata
 
-    meta = read_gguf_metadata(path)
+    return tokenizer_from_gguf_metadata(read_gguf_metadata(path), source=str(path))
+
+
+def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> Tokenizer:
+    """Rebuild the BPE tokenizer from GGUF ``tokenizer.ggml.*`` fields (already parsed)."""
+    path = source
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         raise TokenizerError(f"GGUF file {path} has no tokenizer (missing field tokenizer.ggml.model)")

@@ -1,0 +1,333 @@
+"""``ModelConfig``: the architecture hyper-parameters of one model, from a named preset, a Hugging Face
+``config.json`` or GGUF metadata.
+
+Two families are supported: ``"llama"`` (Llama-2/3, Mistral, Qwen2, SmolLM2: RMSNorm, rotary positions,
+SwiGLU, optional grouped-query attention, QKV bias and tied embeddings) and ``"opt"`` (learned positions with
+an offset of 2, LayerNorm before or after each block, ReLU MLP, optional project_in/out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "RopeScaling", "ModelConfig", "PRESETS", "get_preset", "SUPPORTED_ARCHITECTURES"]
+
+
+class ConfigError(ValueError):
+    """A model configuration is missing, malformed or unsupported (the message names the field or file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: ``"linear"`` (positions / factor) or ``"llama3"`` (Llama-3.1 smooth band)."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "llama" | "opt"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"  # parameter and activation dtype; logits are always float32
+    name: str = "custom"
+    # Llama family
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v only
+    o_bias: bool = False  # Llama attention_bias: bias on o_proj too
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral; jserve serves contexts within the window (checked by callers)
+    # OPT
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None  # != hidden_size -> project_in / project_out
+    enable_bias: bool = True
+    remove_final_layer_norm: bool = False
+    position_offset: int = 2
+    # tokens
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {self.architecture!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"ModelConfig.{f} must be a positive int, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.hidden_act not in ("silu", "relu", "gelu", "gelu_new"):
+            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------------------- sizes
+    def param_count(self) -> int:
+        """Number of parameters (tied embeddings counted once)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.architecture == "llama":
+            attn = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
+            mlp = 3 * h * f + (2 * f + h) * self.mlp_bias
+            layer = attn + mlp + 2 * h
+            total = self.num_layers * layer + v * h + h + (0 if self.tie_word_embeddings else v * h)
+        else:
+            e = self.word_embed_proj_dim or h
+            attn = 4 * h * h + 4 * h
+            mlp = 2 * h * f + f + h
+            layer = attn + mlp + 4 * h
+            total = self.num_layers * layer + v * e + (self.max_position_embeddings + self.position_offset) * h
+            total += 2 * h + (2 * h * e if e != h else 0)
+        return int(total)
+
+    def kv_bytes_per_token(self, kv_dtype_bytes: int | None = None) -> int:
+        b = kv_dtype_bytes or (4 if self.dtype == "float32" else 2)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * b
+
+    # ------------------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x field names)."""
+        model_type = cfg.get("model_type")
+        archs = cfg.get("architectures") or []
+
+        def need(key: str) -> Any:
+            if key not in cfg or cfg[key] is None:
+                raise ConfigError(f"{source}: missing field {key!r}")
+            return cfg[key]
+
+        dtype = _hf_dtype(cfg.get("dtype", cfg.get("torch_dtype")))
+        if model_type in ("llama", "mistral", "qwen2"):
+            heads = int(need("num_attention_heads"))
+            hidden = int(need("hidden_size"))
+            rope = cfg.get("rope_parameters") or {}
+            scaling_dict = cfg.get("rope_scaling") or rope
+            theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+            scaling = _rope_scaling(scaling_dict, source)
+            qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
+            return cls(
+                architecture="llama",
+                name=str(cfg.get("_name_or_path") or model_type),
+                vocab_size=int(need("vocab_size")),
+                hidden_size=hidden,
+                intermediate_size=int(need("intermediate_size")),
+                num_layers=int(need("num_hidden_layers")),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                hidden_act=str(cfg.get("hidden_act", "silu")),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                qkv_bias=qkv_bias,
+                o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+                dtype=dtype,
+                bos_token_id=_first_id(cfg.get("bos_token_id")),
+                eos_token_id=_first_id(cfg.get("eos_token_id")),
+            )
+        if model_type == "opt":
+            hidden = int(need("hidden_size"))
+            heads = int(need("num_attention_heads"))
+            act = str(cfg.get("activation_function", "relu"))
+            return cls(
+                architecture="opt",
+                name=str(cfg.get("_name_or_path") or "opt"),
+                vocab_size=int(need("vocab_size")),
+                hidden_size=hidden,
+                intermediate_size=int(need("ffn_dim")),
+                num_layers=int(need("num_hidden_layers")),
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=hidden // heads,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                norm_eps=1e-5,
+                hidden_act=act,
+                tie_word_embeddings=True,
+                do_layer_norm_before=bool(cfg.get("do_layer_norm_before", True)),
+                word_embed_proj_dim=int(cfg.get("word_embed_proj_dim") or hidden),
+                enable_bias=bool(cfg.get("enable_bias", True)),
+                remove_final_layer_norm=bool(cfg.get("_remove_final_layer_norm", False)),
+                dtype=dtype,
+                bos_token_id=_first_id(cfg.get("bos_token_id")),
+                eos_token_id=_first_id(cfg.get("eos_token_id")),
+            )
+        raise ConfigError(
+            f"{source}: unsupported model_type {model_type!r} (architectures {archs}); "
+            "supported: llama, mistral, qwen2, opt"
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"model directory not found: {path}")
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"no config.json in model directory {path}")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"cannot parse {cfg_path}: {e}") from e
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{cfg_path}: expected a JSON object")
+        return cls.from_hf_dict(cfg, source=str(cfg_path))
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "gguf") -> "ModelConfig":
+        """Build from GGUF key/value metadata (``general.architecture`` = llama)."""
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise ConfigError(f"{source}: unsupported GGUF general.architecture {arch!r} (supported: llama)")
+
+        def need(key: str) -> Any:
+            full = f"{arch}.{key}"
+            if meta.get(full) is None:
+                raise ConfigError(f"{source}: missing GGUF field {full!r}")
+            return meta[full]
+
+        hidden = int(need("embedding_length"))
+        heads = int(need("attention.head_count"))
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
+        if not vocab:
+            raise ConfigError(f"{source}: missing GGUF field '{arch}.vocab_size'")
+        scaling = None
+        if meta.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", factor=float(meta[f"{arch}.rope.scaling.factor"]))
+        return cls(
+            architecture="llama",
+            name=str(meta.get("general.name", "gguf")),
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
+            max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
+            norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings=False,  # decided by the loader: tied when output.weight is absent
+            bos_token_id=_first_id(meta.get("tokenizer.ggml.bos_token_id")),
+            eos_token_id=_first_id(meta.get("tokenizer.ggml.eos_token_id")),
+        )
+
+
+SUPPORTED_ARCHITECTURES = frozenset({"llama", "opt"})
+
+
+def _first_id(v: Any) -> int | None:
+    if isinstance(v, list):
+        return int(v[0]) if v else None
+    return int(v) if v is not None else None
+
+
+def _hf_dtype(v: Any) -> str:
+    if v in ("bfloat16", "float16", "float32"):
+        return str(v)
+    return "float32"
+
+
+def _rope_scaling(d: dict[str, Any], source: str) -> RopeScaling | None:
+    if not d:
+        return None
+    kind = d.get("rope_type", d.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", factor=float(d["factor"]))
+    if kind == "llama3":
+        try:
+            return RopeScaling(
+                "llama3",
+                factor=float(d["factor"]),
+                low_freq_factor=float(d["low_freq_factor"]),
+                high_freq_factor=float(d["high_freq_factor"]),
+                original_max_position_embeddings=int(d["original_max_position_embeddings"]),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: rope_scaling of type llama3 lacks field {e.args[0]!r}") from e
+    raise ConfigError(f"{source}: unsupported rope_scaling.rope_type {kind!r} (supported: default, linear, llama3)")
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def _llama(name: str, vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, **kw: Any) -> ModelConfig:
+    return ModelConfig("llama", vocab, hidden, inter, layers, heads, kv, kw.pop("head_dim", hidden // heads),
+                       name=name, **kw)
+
+
+def _opt(name: str, hidden: int, layers: int, heads: int, **kw: Any) -> ModelConfig:
+    return ModelConfig("opt", 50272, hidden, 4 * hidden, layers, heads, heads, hidden // heads, name=name,
+                       hidden_act="relu", tie_word_embeddings=True, word_embed_proj_dim=hidden,
+                       max_position_embeddings=2048, bos_token_id=2, eos_token_id=2, **kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    c.name: c
+    for c in [
+        _opt("opt-125m", 768, 12, 12),
+        _opt("opt-1.3b", 2048, 24, 32),
+        _opt("opt-13b", 5120, 40, 40),
+        _opt("opt-66b", 9216, 64, 72),
+        _opt("opt-175b", 12288, 96, 96),
+        _llama("llama-2-7b", 32000, 4096, 11008, 32, 32, 32, max_position_embeddings=4096, bos_token_id=1,
+               eos_token_id=2),
+        _llama("llama-2-13b", 32000, 5120, 13824, 40, 40, 40, max_position_embeddings=4096, bos_token_id=1,
+               eos_token_id=2),
+        _llama("llama-3-8b", 128256, 4096, 14336, 32, 32, 8, max_position_embeddings=8192, rope_theta=500000.0,
+               bos_token_id=128000, eos_token_id=128001),
+        _llama("mistral-7b", 32000, 4096, 14336, 32, 32, 8, max_position_embeddings=32768, sliding_window=4096,
+               bos_token_id=1, eos_token_id=2),
+        _llama("qwen2-0.5b", 151936, 896, 4864, 24, 14, 2, max_position_embeddings=32768, rope_theta=1e6,
+               norm_eps=1e-6, qkv_bias=True, tie_word_embeddings=True, eos_token_id=151643),
+        _llama("qwen2-7b", 152064, 3584, 18944, 28, 28, 4, max_position_embeddings=32768, rope_theta=1e6,
+               norm_eps=1e-6, qkv_bias=True, eos_token_id=151643),
+        _llama("smollm2-135m", 49152, 576, 1536, 30, 9, 3, max_position_embeddings=8192, rope_theta=100000.0,
+               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+        # Tiny presets for tests and quick experiments.
+        _llama("tiny-llama", 256, 64, 128, 2, 4, 2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2),
+        ModelConfig("opt", 256, 64, 128, 2, 4, 4, 16, name="tiny-opt", hidden_act="relu",
+                    tie_word_embeddings=True, word_embed_proj_dim=64, max_position_embeddings=512,
+                    bos_token_id=2, eos_token_id=2),
+    ]
+}
+
+
+def get_preset(name: str, dtype: str | None = None) -> ModelConfig:
+    """The preset ``name`` (see ``PRESETS``), optionally with another dtype."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    return cfg.replace(dtype=dtype) if dtype else cfg

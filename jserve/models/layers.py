@@ -1,0 +1,178 @@
+"""Shared Flax NNX layers for jserve's models: linear, embedding, RMSNorm/LayerNorm, rotary embeddings and
+the paged-attention block that writes this step's K/V into the cache and attends over it.
+
+Parameters are created as zeros of the config dtype; models are always built under ``nnx.eval_shape`` and
+then filled by a weight loader (``jserve.weights``), so building never allocates real memory.
+Parameter names follow Hugging Face's (``q_proj``, ``input_layernorm``...) so the name maps stay readable;
+linear kernels are stored ``[in_features, out_features]`` (the transpose of a torch ``weight``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import kernels_pallas
+from kernels_pallas import AttentionMetadata
+
+from .config import ModelConfig, RopeScaling
+
+__all__ = [
+    "Linear",
+    "Embedding",
+    "RMSNorm",
+    "LayerNorm",
+    "activation",
+    "rope_inv_freq",
+    "apply_rope",
+    "paged_attention",
+]
+
+
+def _zeros(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias``, with ``kernel`` ``[in_features, out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: jnp.dtype):
+        self.kernel = _zeros((in_features, out_features), dtype)
+        self.bias = _zeros((out_features,), dtype) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in] -> [..., out]
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token (or position) table ``[num_embeddings, features]``; ``attend`` is the tied output projection."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype: jnp.dtype):
+        self.embedding = _zeros((num_embeddings, features), dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:  # ids: [T] -> [T, features]
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # x: [S, features] -> [S, num_embeddings] float32
+        return jnp.einsum("sf,vf->sv", x, self.embedding[...], preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """Llama RMSNorm, computed in float32 and cast back before the weight multiply (as transformers does)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: [T, dim]
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with weight and bias, statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = _zeros((dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: [T, dim]
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_new":
+        return jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+# -------------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:  # [head_dim // 2]
+    """Inverse frequencies (float32, as transformers computes them), with linear or llama3 scaling."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if scaling is None:
+        return inv
+    if scaling.rope_type == "linear":
+        return (inv / np.float32(scaling.factor)).astype(np.float32)
+    if scaling.rope_type == "llama3":
+        old = float(scaling.original_max_position_embeddings)
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope scaling {scaling.rope_type!r}")
+
+
+def apply_rope(
+    x: jax.Array,  # [T, num_heads, head_dim]
+    positions: jax.Array,  # [T] int32
+    inv_freq: np.ndarray,  # [head_dim // 2] float32
+) -> jax.Array:  # [T, num_heads, head_dim]
+    """Rotate-half RoPE (the Hugging Face layout: pairs (i, i + head_dim/2)), computed in float32."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
+    cos = jnp.cos(freqs)[:, None, :]
+    sin = jnp.sin(freqs)[:, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------- paged attention
+
+
+def paged_attention(
+    q: jax.Array,  # [T, num_heads, head_dim]
+    k: jax.Array,  # [T, num_kv_heads, head_dim]
+    v: jax.Array,  # [T, num_kv_heads, head_dim]
+    kv_cache: tuple[jax.Array, jax.Array],  # 2 x [num_kv_heads, num_pages, page_size, head_dim]
+    metadata: AttentionMetadata,
+    *,
+    scale: float,
+    backend: str | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # [T, num_heads, head_dim], updated cache
+    """Write this step's K/V into the pages (slot_mapping), then attend: the decode kernel when every
+    sequence has one query token, else ragged prefill attention over the paged context."""
+    kw = {} if backend is None else {"backend": backend}
+    k_pages, v_pages = kv_cache
+    k_pages, v_pages = kernels_pallas.write_kv(k_pages, v_pages, k, v, metadata.slot_mapping, **kw)
+    if metadata.decode_only:
+        out = kernels_pallas.paged_decode_attention(
+            q, k_pages, v_pages, metadata.block_tables, metadata.seq_lens, scale=scale, **kw
+        )
+    else:
+        out = kernels_pallas.ragged_paged_attention(
+            q, k_pages, v_pages, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+            scale=scale, **kw,
+        )
+    return out, (k_pages, v_pages)
+
+
+def jnp_dtype(name: str) -> jnp.dtype:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]

@@ -1,0 +1,114 @@
+"""The Llama family as one Flax NNX model: Llama-2 (multi-head), Llama-3 (grouped-query, llama3 RoPE
+scaling), Mistral, Qwen2 (QKV bias) and SmolLM2 (tied embeddings).
+
+One call serves one fixed-shape iteration step: packed token ids and positions of every scheduled sequence,
+the per-layer paged KV cache and the ``AttentionMetadata`` describing the packing. It returns float32 logits
+only at ``metadata.logits_indices`` plus the updated cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas import AttentionMetadata
+
+from .config import ModelConfig
+from .layers import Embedding, Linear, RMSNorm, activation, apply_rope, jnp_dtype, paged_attention, rope_inv_freq
+
+KVCache = tuple[jax.Array, jax.Array]  # 2 x [num_kv_heads, num_pages, page_size, head_dim]
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, backend: str | None):
+        dt = jnp_dtype(cfg.dtype)
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dt)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dt)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dt)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dt)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling))
+        self.backend = backend
+
+    def __call__(
+        self,
+        x: jax.Array,  # [T, hidden]
+        positions: jax.Array,  # [T] int32
+        kv_cache: KVCache,
+        metadata: AttentionMetadata,
+    ) -> tuple[jax.Array, KVCache]:
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        out, kv_cache = paged_attention(
+            q, k, v, kv_cache, metadata, scale=self.head_dim**-0.5, backend=self.backend
+        )
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), kv_cache
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        dt = jnp_dtype(cfg.dtype)
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, f, bias=cfg.mlp_bias, dtype=dt)
+        self.up_proj = Linear(h, f, bias=cfg.mlp_bias, dtype=dt)
+        self.down_proj = Linear(f, h, bias=cfg.mlp_bias, dtype=dt)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [T, hidden] -> [T, hidden]
+        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, backend: str | None):
+        dt = jnp_dtype(cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt)
+        self.self_attn = LlamaAttention(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt)
+        self.mlp = LlamaMLP(cfg)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, metadata: AttentionMetadata
+    ) -> tuple[jax.Array, KVCache]:  # x: [T, hidden]
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Llama-family causal LM over a paged KV cache (see the module docstring for the step contract)."""
+
+    def __init__(self, cfg: ModelConfig, backend: str | None = None):
+        dt = jnp_dtype(cfg.dtype)
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dt)
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
+                                                                   dtype=dt)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [T] int32
+        positions: jax.Array,  # [T] int32
+        kv_caches: list[KVCache],  # per layer, 2 x [num_kv_heads, num_pages, page_size, head_dim]
+        metadata: AttentionMetadata,
+    ) -> tuple[jax.Array, list[KVCache]]:  # logits [S, vocab] float32, updated caches
+        x = self.embed_tokens(input_ids)
+        new_caches = []
+        for layer, cache in zip(self.layers, kv_caches):
+            x, cache = layer(x, positions, cache, metadata)
+            new_caches.append(cache)
+        x = self.norm(x[metadata.logits_indices])  # [S, hidden]
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = jnp.einsum("sh,hv->sv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32), new_caches
