@@ -14,9 +14,12 @@ physical ids in logical order. Every operation here keeps that table and the poo
 * ``swap_out`` / ``swap_in`` move a request to the other pool and return the ``(src, dst)`` copy pairs.
 
 Copies that overlap a step's compute (``overlapped=True``) keep their *source* blocks out of the free lists
-until ``end_step()``: the executor may still be reading them while the step runs. Synchronous copies (on the
-critical path, finished before the compute starts) free their sources at once. ``end_step()`` is called by
-the scheduler at every ``on_step_end``.
+until ``end_step()``: the executor may still be reading them while the step runs. A synchronous swap-out (on
+the critical path, finished before the compute starts) frees its device sources at once, so the same step
+may compute into them or swap another request into them. The host sources of *any* swap-in wait for
+``end_step()``: an executor runs all of a plan's swap-outs before its swap-ins, so a swap-out in the same
+plan must not overwrite host blocks whose data is still to be read. ``end_step()`` is called by the
+scheduler at every ``on_step_end``.
 
 Accounting is exact and checkable: every usable block is, at every moment, in exactly one of {free list,
 pending-free list, one live request's table}. ``check(requests)`` verifies that.
@@ -188,7 +191,9 @@ class BlockManager:
         free = self._free_device
         dst = [free.pop() for _ in range(n)]
         src = request.blocks
-        (self._pending_host if overlapped else self._free_host).extend(src)
+        # Host sources return only at end_step, even for a synchronous copy: an executor performs every
+        # swap-out of a plan before its swap-ins, so a swap-out in the same plan must not write them.
+        self._pending_host.extend(src)
         request.blocks = dst
         request.kv_location = KVLocation.DEVICE
         return list(zip(src, dst))

@@ -29,19 +29,8 @@ from __future__ import annotations
 from collections import deque
 
 from .plan import StepPlan
-from .policy import PolicyBase
+from .policy import PolicyBase, chunk_tokens
 from .request import KVLocation, Request
-
-
-def chunk_tokens(r: Request, budget: int, max_tokens_per_batch: int) -> int:
-    """Tokens ``r`` may compute with ``budget`` tokens left: all of its uncomputed tokens if they fit, a
-    chunk of the budget if they could never fit in one step, else 0 (wait for a step with room)."""
-    n = r.num_uncomputed_tokens
-    if n <= budget:
-        return n
-    if n > max_tokens_per_batch:
-        return budget
-    return 0
 
 
 class FCFSScheduler(PolicyBase):

@@ -217,11 +217,12 @@ class PolicyBase(Scheduler):
 
     # ------------------------------------------------------------------ plan helpers
 
-    def _take(self, plan: StepPlan, r: Request, n: int) -> None:
-        """Put ``r`` in the batch for ``n`` tokens, allocating the device blocks they need."""
+    def _take(self, plan: StepPlan, r: Request, n: int, alloc_tokens: int = 0) -> None:
+        """Put ``r`` in the batch for ``n`` tokens, allocating the device blocks they need (or, when larger,
+        blocks for ``alloc_tokens`` tokens: vLLM allocates a whole prompt at admission)."""
         assert 1 <= n <= r.num_uncomputed_tokens, (r.request_id, n, r.num_uncomputed_tokens)
         old = r.kv_location
-        self.blocks.allocate(r, r.num_computed_tokens + n)
+        self.blocks.allocate(r, max(r.num_computed_tokens + n, alloc_tokens))
         if old is not KVLocation.DEVICE:
             self._on_location_change(r, old)
         r.state = RequestState.RUNNING
@@ -282,12 +283,12 @@ class PolicyBase(Scheduler):
         return n
 
     def _finish(self, r: Request, now: float) -> None:
+        del self.requests[r.request_id]
+        self._on_remove(r)  # while the request still shows where its KV is
         self.blocks.free(r)
         r.state = RequestState.FINISHED
         r.finish_time = now
-        del self.requests[r.request_id]
         self.stats.num_finished += 1
-        self._on_remove(r)
 
     # ------------------------------------------------------------------ verification
 
@@ -306,9 +307,20 @@ class PolicyBase(Scheduler):
                 raise AssertionError(f"request {r.request_id!r}: {len(r.blocks)} blocks hold fewer than its computed tokens")
 
 
+def chunk_tokens(r: Request, budget: int, max_tokens_per_batch: int) -> int:
+    """Tokens ``r`` may compute with ``budget`` tokens left: all of its uncomputed tokens if they fit, a
+    chunk of the budget if they could never fit in one step, else 0 (wait for a step with room)."""
+    n = r.num_uncomputed_tokens
+    if n <= budget:
+        return n
+    if n > max_tokens_per_batch:
+        return budget
+    return 0
+
+
 def _check_time(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite time >= 0 in seconds, got {value!r}")
 
 
-__all__ = ["PolicyBase", "SchedulerStats", "BlockError"]
+__all__ = ["PolicyBase", "SchedulerStats", "BlockError", "chunk_tokens"]
