@@ -6,7 +6,7 @@ Public entry points: ``load(source, dtype=None)`` (preset name, Hugging Face dir
 
 from .config import PRESETS, ConfigError, ModelConfig, RopeScaling, get_preset
 from .generate import greedy_generate
-from .loading import from_config, load
+from .loading import from_config, load, smollm2_gguf_path
 from .model import Model
 from .paged import PageAllocator, SeqChunk, StepInputs, build_step
 
@@ -19,6 +19,7 @@ __all__ = [
     "greedy_generate",
     "from_config",
     "load",
+    "smollm2_gguf_path",
     "Model",
     "PageAllocator",
     "SeqChunk",

