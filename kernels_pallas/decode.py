@@ -124,19 +124,19 @@ def _decode_kernel(
         l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
-def paged_decode_attention_pallas(
+def decode_kernel_outputs(
     q: jax.Array,  # [batch, num_q_heads, head_dim]
     k_pages: jax.Array,  # [num_kv_heads, num_pages, page_size, head_dim]
     v_pages: jax.Array,  # [num_kv_heads, num_pages, page_size, head_dim]
     block_tables: jax.Array,  # [batch, pages_per_seq] int32
-    lengths: jax.Array,  # [batch] int32, context length (0 = padded row -> zeros)
+    lengths: jax.Array,  # [batch] int32
     *,
     scale: float,
-    config: DecodeConfig = DecodeConfig(),
-    interpret: bool = False,
-) -> jax.Array:  # [batch, num_q_heads, head_dim]
-    """Decode attention with the Pallas kernel; arguments as ``paged_decode_attention_reference``."""
+    config: DecodeConfig,
+    interpret: bool,
+) -> tuple[DecodePlan, list[jax.Array]]:
+    """Run the kernel and return its raw outputs: with one split ``[o]`` (``[batch, kvh, rows, d]``, q
+    dtype, normalised); with several ``[o, m, l]`` (``[splits, batch, kvh, rows(, d)]`` float32)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     pages_per_seq = block_tables.shape[1]
@@ -188,11 +188,28 @@ def paged_decode_attention_pallas(
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         name="jserve_paged_decode",
     )(qg, k_pages, v_pages, bt, lengths)
+    return plan, list(outs)
 
-    if splits == 1:
-        out = outs[0]
-    else:
-        out = combine_splits(*outs).astype(q.dtype)
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def paged_decode_attention_pallas(
+    q: jax.Array,  # [batch, num_q_heads, head_dim]
+    k_pages: jax.Array,  # [num_kv_heads, num_pages, page_size, head_dim]
+    v_pages: jax.Array,  # [num_kv_heads, num_pages, page_size, head_dim]
+    block_tables: jax.Array,  # [batch, pages_per_seq] int32
+    lengths: jax.Array,  # [batch] int32, context length (0 = padded row -> zeros)
+    *,
+    scale: float,
+    config: DecodeConfig = DecodeConfig(),
+    interpret: bool = False,
+) -> jax.Array:  # [batch, num_q_heads, head_dim]
+    """Decode attention with the Pallas kernel; arguments as ``paged_decode_attention_reference``."""
+    batch, num_q_heads, head_dim = q.shape
+    group = num_q_heads // k_pages.shape[0]
+    plan, outs = decode_kernel_outputs(
+        q, k_pages, v_pages, block_tables, lengths, scale=scale, config=config, interpret=interpret
+    )
+    out = outs[0] if plan.num_splits == 1 else combine_splits(*outs).astype(q.dtype)
     return out[:, :, :group, :].reshape(batch, num_q_heads, head_dim)
 
 

@@ -180,20 +180,19 @@ def _ragged_kernel(
     o_ref[...] = tiles.normalise(o, l).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
-def ragged_paged_attention_pallas(
+def ragged_kernel_outputs(
     q: jax.Array,  # [num_tokens, num_q_heads, head_dim]
     k_pages: jax.Array,  # [num_kv_heads, num_pages, page_size, head_dim]
     v_pages: jax.Array,  # [num_kv_heads, num_pages, page_size, head_dim]
     block_tables: jax.Array,  # [num_seqs, pages_per_seq] int32
-    seq_lens: jax.Array,  # [num_seqs] int32, context length including the new tokens
+    seq_lens: jax.Array,  # [num_seqs] int32
     query_start_loc: jax.Array,  # [num_seqs + 1] int32
     *,
     scale: float,
-    config: PrefillConfig = PrefillConfig(),
-    interpret: bool = False,
-) -> jax.Array:  # [num_tokens, num_q_heads, head_dim]
-    """Ragged attention with the Pallas kernel; arguments as ``ragged_paged_attention_reference``."""
+    config: PrefillConfig,
+    interpret: bool,
+) -> tuple[PrefillPlan, WorkItems, jax.Array]:  # raw tiles [W, num_kv_heads, rows, head_dim]
+    """Build the work items, run the kernel and return its raw output tiles (before unpacking)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     num_seqs, pages_per_seq = block_tables.shape
@@ -245,7 +244,31 @@ def ragged_paged_attention_pallas(
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         name="jserve_ragged_paged_attention",
     )(qw, k_pages, v_pages, bt, items.seq, items.first_pos, items.kv_end)
+    return plan, items, out
 
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def ragged_paged_attention_pallas(
+    q: jax.Array,  # [num_tokens, num_q_heads, head_dim]
+    k_pages: jax.Array,  # [num_kv_heads, num_pages, page_size, head_dim]
+    v_pages: jax.Array,  # [num_kv_heads, num_pages, page_size, head_dim]
+    block_tables: jax.Array,  # [num_seqs, pages_per_seq] int32
+    seq_lens: jax.Array,  # [num_seqs] int32, context length including the new tokens
+    query_start_loc: jax.Array,  # [num_seqs + 1] int32
+    *,
+    scale: float,
+    config: PrefillConfig = PrefillConfig(),
+    interpret: bool = False,
+) -> jax.Array:  # [num_tokens, num_q_heads, head_dim]
+    """Ragged attention with the Pallas kernel; arguments as ``ragged_paged_attention_reference``."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[0]
+    group = num_q_heads // num_kv_heads
+    plan, items, out = ragged_kernel_outputs(
+        q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale=scale, config=config,
+        interpret=interpret,
+    )
+    nw, bq, gp = plan.num_items, plan.block_q, plan.group_pad
     out = out.reshape(nw, num_kv_heads, bq, gp, head_dim)[:, :, :, :group]
     out = out.transpose(0, 2, 1, 3, 4).reshape(nw * bq, num_q_heads, head_dim)
     out = out[items.row_of_token]

@@ -3,7 +3,8 @@ against, and the ``reference`` backend (plain XLA; the fastest path on a CPU).
 
 Layouts: K/V pages are ``[num_kv_heads, num_pages, page_size, head_dim]``; query head ``h`` reads KV head
 ``h // (num_q_heads // num_kv_heads)`` (grouped-query attention). Scores and softmax are computed in
-float32; outputs take the query's dtype.
+float32; outputs take the query's dtype. Slots outside a sequence's context never influence its output,
+whatever they hold (their V is zeroed before the weighted sum, so even NaN garbage cannot leak as 0 * NaN).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def paged_decode_attention_reference(
     scores = jnp.einsum("bhgd,bhld->bhgl", qg, k) * scale
     mask = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [batch, L]
     w = _masked_softmax_weights(scores, mask[:, None, None, :])
+    v = jnp.where(mask[:, None, :, None], v, 0.0)  # slots past the context may hold garbage (even NaN)
     out = jnp.einsum("bhgl,bhld->bhgd", w, v)
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
@@ -106,5 +108,7 @@ def ragged_paged_attention_reference(
     mask = mask[:, None, None, :, :]
     w = _masked_softmax_weights(scores.reshape(*scores.shape[:3], -1), mask.reshape(*mask.shape[:3], -1))
     w = w.reshape(scores.shape)
+    in_ctx = jnp.arange(ctx)[None, :] < seq_lens[:, None]  # [S, L]
+    v = jnp.where(in_ctx[:, None, :, None], v, 0.0)  # slots past the context may hold garbage (even NaN)
     out = jnp.einsum("thgsl,shld->thgd", w, v)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
