@@ -17,7 +17,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
@@ -70,13 +69,13 @@ def softmax_step(
     """Fold one KV block into the running (unnormalised output, row max, row sum) of the online softmax."""
     o_prev, m_prev, l_prev = carry
     precision = dot_precision(q.dtype)
-    s = pl.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [rows, block_k] f32
+    s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [rows, block_k] f32
     s = jnp.where(valid, s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, s.max(axis=1))
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.where(valid, jnp.exp2(s - m_next[:, None]), 0.0)
     l_next = l_prev * alpha + p.sum(axis=1)
-    o_next = o_prev * alpha[:, None] + pl.dot(p.astype(v.dtype), v, precision=precision)
+    o_next = o_prev * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
     return o_next, m_next, l_next
 
 

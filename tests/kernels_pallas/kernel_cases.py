@@ -15,8 +15,9 @@ import numpy as np
 
 # Relative error (max |out - ref| / max |ref|) allowed against a float32 reference computed from the same
 # (rounded) inputs. float32 kernels only reorder sums; bfloat16 kernels round the softmax weights to
-# bfloat16 before ``p @ v`` and round the output (each ~2^-9 relative).
-TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2}
+# bfloat16 before ``p @ v`` and round the output (each ~2^-9 relative). Measured in interpret mode:
+# float32 <= 5e-7, bfloat16 <= 3.4e-3.
+TOLERANCE = {jnp.float32: 5e-6, jnp.bfloat16: 1e-2}
 
 
 def rel_err(out, ref) -> float:
