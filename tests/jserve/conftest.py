@@ -37,6 +37,8 @@ def _hf_config(kind: str):
     llama_like = dict(intermediate_size=96, num_key_value_heads=2, rms_norm_eps=1e-5)
     if kind == "llama":  # GQA, untied
         return tf.LlamaForCausalLM, tf.LlamaConfig(**common, **llama_like, rope_theta=10000.0)
+    if kind == "llama-tied":
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**common, **llama_like, tie_word_embeddings=True)
     if kind == "llama3":  # GQA + llama3 RoPE scaling, tied embeddings
         scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                        original_max_position_embeddings=64, rope_theta=500000.0)

@@ -1,0 +1,83 @@
+"""The GGUF path end to end on a tiny model: a transformers Llama checkpoint is written as a GGUF file the
+way llama.cpp's converter does (llama.cpp tensor names, Q/K rows permuted for interleaved RoPE, F32 data),
+then loaded by jserve; logits must match transformers' to float32 precision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jserve.models import SeqChunk, build_step, load
+from jserve.weights.gguf_file import unpermute_rope_rows
+
+gguf = pytest.importorskip("gguf")
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's permutation of Q/K weight rows (written independently here)."""
+    head_dim = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        block = w[h * head_dim : (h + 1) * head_dim]
+        half = head_dim // 2
+        inter = np.empty_like(block)
+        inter[0::2] = block[:half]  # rotate-half pair (i, i+half) -> adjacent rows (2i, 2i+1)
+        inter[1::2] = block[half:]
+        out[h * head_dim : (h + 1) * head_dim] = inter
+    return out
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.random.default_rng(0).standard_normal((3 * 8, 5)).astype(np.float32)
+    assert np.array_equal(unpermute_rope_rows(llama_cpp_permute(w, 3), 3), w)
+    assert not np.array_equal(llama_cpp_permute(w, 3), w)
+
+
+def _write_gguf(ckpt, path, tied: bool) -> None:
+    cfg = ckpt.model.config
+    sd = {k: v.float().numpy() for k, v in ckpt.model.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not tied:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied"])
+def test_gguf_model_matches_transformers(hf_checkpoints, tmp_path, kind):
+    ckpt = hf_checkpoints(kind)
+    tied = kind == "llama-tied"
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(ckpt, path, tied=tied)
+    model = load(path, cache=False)
+    assert model.tokenizer is None and model.config.tie_word_embeddings == tied
+    prompt = [5, 17, 99, 3, 64, 21, 8, 120, 33]
+    caches = model.allocate_kv_caches(4, 4)
+    s = build_step([SeqChunk(prompt, 0, [2, 0, 3])], 4)
+    logits, _ = model.step(s.input_ids, s.positions, caches, s.metadata)
+    ref = ckpt.logits(prompt)[-1]
+    assert np.max(np.abs(np.asarray(logits)[0] - ref)) <= 1e-4 * np.max(np.abs(ref))

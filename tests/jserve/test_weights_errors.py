@@ -1,0 +1,175 @@
+"""Every bad-input path of model loading raises an error that names the file, tensor or field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from jserve.models import ConfigError, load
+from jserve.weights.gguf_file import GGUFError
+from jserve.weights.loader import WeightError
+from jserve.weights.safetensors_file import SafetensorsError
+
+
+@pytest.fixture
+def llama_dir(hf_checkpoints, tmp_path):
+    """A private copy of the tiny float32 Llama checkpoint that a test may damage."""
+    src = hf_checkpoints("llama").path
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _tensors(d) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return dict(load_file(str(d / "model.safetensors")))
+
+
+def test_missing_directory_and_unknown_preset(tmp_path):
+    with pytest.raises(ConfigError, match="neither a preset .* nor an existing path"):
+        load(str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match="llama-9000"):
+        load("llama-9000")
+
+
+def test_missing_config_json(llama_dir):
+    (llama_dir / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"no config\.json in model directory .*model"):
+        load(llama_dir)
+
+
+def test_corrupt_config_json(llama_dir):
+    (llama_dir / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"cannot parse .*config\.json"):
+        load(llama_dir)
+
+
+def test_config_missing_field(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    del cfg["hidden_size"]
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="missing field 'hidden_size'"):
+        load(llama_dir)
+
+
+def test_unsupported_architecture(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unsupported model_type 'gpt2'"):
+        load(llama_dir)
+
+
+def test_unsupported_rope_scaling(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="rope_scaling.rope_type 'yarn'"):
+        load(llama_dir)
+
+
+def test_missing_weights_file(llama_dir):
+    (llama_dir / "model.safetensors").rename(llama_dir / "pytorch_model.bin")
+    with pytest.raises(SafetensorsError, match=r"no safetensors weights .*pytorch_model\.bin"):
+        load(llama_dir)
+
+
+def test_truncated_safetensors(llama_dir):
+    f = llama_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(SafetensorsError, match=r"truncated safetensors file .*model\.safetensors: tensor '"):
+        load(llama_dir)
+
+
+def test_truncated_safetensors_header(llama_dir):
+    f = llama_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(SafetensorsError, match=r"header length \d+ exceeds file size 100"):
+        load(llama_dir)
+
+
+def test_corrupt_safetensors_header(llama_dir):
+    f = llama_dir / "model.safetensors"
+    body = b"\xff\xfe not json at all" + b" " * 16
+    f.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(SafetensorsError, match=r"corrupt safetensors header in .*model\.safetensors"):
+        load(llama_dir)
+
+
+def test_shape_mismatch_names_the_tensor(llama_dir):
+    t = _tensors(llama_dir)
+    t["model.layers.1.mlp.up_proj.weight"] = np.zeros((95, 64), np.float32)
+    save_file(t, str(llama_dir / "model.safetensors"))
+    with pytest.raises(WeightError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' in .* has shape \[95, 64\], "
+                                          r"expected \[96, 64\]"):
+        load(llama_dir)
+
+
+def test_dtype_mismatch_names_the_tensor(llama_dir):
+    t = _tensors(llama_dir)
+    t["model.norm.weight"] = np.ones(64, np.int32)
+    save_file(t, str(llama_dir / "model.safetensors"))
+    with pytest.raises(WeightError, match=r"'model\.norm\.weight' .* has dtype int32"):
+        load(llama_dir)
+
+
+def test_missing_tensor(llama_dir):
+    t = _tensors(llama_dir)
+    del t["model.layers.0.self_attn.k_proj.weight"]
+    save_file(t, str(llama_dir / "model.safetensors"))
+    with pytest.raises(WeightError, match=r"missing tensor 'model\.layers\.0\.self_attn\.k_proj\.weight'"):
+        load(llama_dir)
+
+
+def test_leftover_tensor(llama_dir):
+    t = _tensors(llama_dir)
+    t["model.layers.0.self_attn.extra_proj.weight"] = np.zeros((4, 4), np.float32)
+    save_file(t, str(llama_dir / "model.safetensors"))
+    with pytest.raises(WeightError, match=r"left over .*model\.layers\.0\.self_attn\.extra_proj\.weight"):
+        load(llama_dir)
+
+
+def test_sharded_index_names_a_missing_shard(hf_checkpoints, tmp_path):
+    dst = tmp_path / "sharded"
+    shutil.copytree(hf_checkpoints("llama", sharded=True).path, dst)
+    shard = sorted(dst.glob("*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(SafetensorsError, match=shard.name):
+        load(dst)
+
+
+def test_bad_gguf_files(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 64)
+    with pytest.raises(GGUFError, match=r"bad magic .*bad\.gguf"):
+        load(bad)
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 5))  # promises 5 key/values, has none
+    with pytest.raises(GGUFError, match=r"truncated GGUF file .*trunc\.gguf"):
+        load(trunc)
+
+
+def test_gguf_missing_architecture_field(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConfigError, match="missing GGUF field 'llama.embedding_length'"):
+        load(path)
+
+
+def test_bad_dtype_argument(hf_checkpoints):
+    with pytest.raises(ConfigError, match="dtype"):
+        load(hf_checkpoints("llama").path, dtype="int8")
