@@ -159,7 +159,7 @@ def paged_attention(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # [T, num_heads, head_dim], updated cache
     """Write this step's K/V into the pages (slot_mapping), then attend: the decode kernel when every
     sequence has one query token, else ragged prefill attention over the paged context."""
-    kw = {} if backend is None else {"backend": backend}
+    kw = {"backend": backend}
     k_pages, v_pages = kv_cache
     k_pages, v_pages = kernels_pallas.write_kv(k_pages, v_pages, k, v, metadata.slot_mapping, **kw)
     if metadata.decode_only:

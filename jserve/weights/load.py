@@ -8,6 +8,7 @@ so multi-GB presets initialise in seconds on a GPU. Real checkpoints go through 
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -32,24 +33,25 @@ class LoadStats(dict):
     """Timings of one load: ``seconds``, ``cache`` ("hit" | "miss" | "off")."""
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _normal(key: jax.Array, index: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return (0.02 * jax.random.normal(jax.random.fold_in(key, index), shape, jnp.float32)).astype(dtype)
+
+
 def dummy_state(abstract_state: nnx.State, seed: int = 0) -> nnx.State:
-    """Random weights made on the device: normal(0, 0.02) matrices, unit norm scales, zero biases."""
+    """Random weights made on the device: normal(0, 0.02) matrices, unit norm scales, zero biases.
+    One small program per distinct (shape, dtype), so compiling stays cheap however deep the model is."""
     shapes = param_shapes(abstract_state)
-    paths = sorted(shapes)
-
-    def init(key: jax.Array) -> dict[str, jax.Array]:
-        out = {}
-        for i, p in enumerate(paths):
-            sd = shapes[p]
-            if p.endswith(".weight"):  # RMSNorm / LayerNorm scales
-                out[p] = jnp.ones(sd.shape, sd.dtype)
-            elif p.endswith(".bias"):
-                out[p] = jnp.zeros(sd.shape, sd.dtype)
-            else:
-                out[p] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), sd.shape, jnp.float32)).astype(sd.dtype)
-        return out
-
-    arrays = jax.jit(init)(jax.random.key(seed))
+    key = jax.random.key(seed)
+    arrays = {}
+    for i, p in enumerate(sorted(shapes)):
+        sd = shapes[p]
+        if p.endswith(".weight"):  # RMSNorm / LayerNorm scales
+            arrays[p] = jnp.ones(sd.shape, sd.dtype)
+        elif p.endswith(".bias"):
+            arrays[p] = jnp.zeros(sd.shape, sd.dtype)
+        else:
+            arrays[p] = _normal(key, jnp.uint32(i), tuple(sd.shape), jnp.dtype(sd.dtype))
     return state_from_arrays(abstract_state, arrays)
 
 

@@ -142,3 +142,21 @@ def test_load_as_bfloat16_casts_a_float32_checkpoint(hf_checkpoints):
     assert {str(x.dtype) for x in jax.tree.leaves(model.state)} == {"bfloat16"}
     (prompt,) = _prompts(6, [8])
     assert rel_err(Runner(model).step({0: prompt})[0], ckpt.logits(prompt)[-1]) < 4e-2
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_pallas_kernels_in_interpret_mode_match_transformers(hf_checkpoints, kind):
+    """The same model through the Pallas kernels (interpret mode on CPU) instead of the XLA reference."""
+    ckpt = hf_checkpoints(kind)
+    model = load(ckpt.path, backend="interpret")
+    r = Runner(model)
+    prompts = _prompts(7, [6, 3])
+    ours = r.step({0: prompts[0], 1: prompts[1]}, num_tokens=16)
+    seqs = [list(p) for p in prompts]
+    for i in range(2):
+        assert rel_err(ours[i], ckpt.logits(seqs[i])[-1]) < 1e-4
+    toks = [int(np.argmax(ckpt.logits(s)[-1])) for s in seqs]
+    ours = r.step({i: [t] for i, t in enumerate(toks)})
+    for i in range(2):
+        seqs[i].append(toks[i])
+        assert rel_err(ours[i], ckpt.logits(seqs[i])[-1]) < 1e-4
