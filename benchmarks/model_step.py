@@ -46,9 +46,9 @@ def copy_bandwidth(nbytes: int, reps: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def time_step(model, chunks, page_size, caches, reps):
+def time_step(model, chunks, page_size, caches, reps, pages_per_seq=None):
     """(compile+first-run seconds, median step seconds, caches) for one fixed-shape step."""
-    s = build_step(chunks, page_size)
+    s = build_step(chunks, page_size, pages_per_seq=pages_per_seq)
     t0 = time.perf_counter()
     logits, caches = model.step(s.input_ids, s.positions, caches, s.metadata)
     logits.block_until_ready()
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=5 if on_gpu else 3)
     ap.add_argument("--backend", default=None, help="kernels_pallas backend (default: platform choice)")
     ap.add_argument("--copy-mib", type=int, default=1024 if on_gpu else 256)
+    ap.add_argument("--table", choices=["max", "exact"], default="max" if on_gpu else "exact",
+                    help="block-table width for decode: 'max' = longest context (one compile per batch size, as "
+                    "an engine buckets it; the Pallas kernel stops at each sequence's length), 'exact' = per context")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
             if b * m > num_pages:
                 continue
             chunks = [SeqChunk([7], c - 1, list(range(i * m, (i + 1) * m))) for i in range(b)]
-            first, step, caches = time_step(model, chunks, ps, caches, args.reps)
+            width = -(-max(contexts) // ps) if args.table == "max" else m
+            first, step, caches = time_step(model, chunks, ps, caches, args.reps, width)
             kv_read = b * c * kv_tok
             mbu = (wbytes + kv_read) / step / bw
             rec = dict(kind="decode", batch=b, context=c, compile_s=first, step_ms=step * 1e3,
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({flops / step / 1e12:.1f} TFLOP/s matmul)", flush=True)
 
     out = dict(device=device.device_kind, platform=jax.default_backend(), preset=cfg.name, dtype=dtype,
-               backend=args.backend, copy_bandwidth_gbs=bw / 1e9, init_s=init_s, num_params=model.num_params,
+               backend=args.backend, table=args.table, copy_bandwidth_gbs=bw / 1e9, init_s=init_s, num_params=model.num_params,
                weight_bytes=wbytes, page_size=ps, trace_count=model.trace_count, results=results)
     targets = [args.json] if args.json else []
     if os.environ.get("OUT"):

@@ -28,3 +28,6 @@ def test_model_step_benchmark_tiny(tmp_path, monkeypatch):
         assert abs(r["mbu"] - expect) < 1e-6 * expect
     assert res["weight_bytes"] == 4 * res["num_params"]
     assert res["trace_count"] == 5  # 4 decode shapes + 1 prefill: one compile each, none during timing
+    again = mod.main(["--preset", "tiny-llama", "--batches", "1,4", "--contexts", "32,64", "--prefill", "48",
+                      "--reps", "1", "--copy-mib", "8", "--table", "max"])
+    assert again["trace_count"] == 3  # block tables padded to the longest context: one decode shape per batch
