@@ -123,11 +123,41 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def fmt_capacity(c: float | None) -> str:
+def bounds(cap: float | None, curve: Curve) -> tuple[float, float] | None:
+    """(low, high) bounds of a capacity: itself when known, else what the measured range implies
+    (above range: > the highest rate; below range: < the lowest); ``None`` without data."""
+    if cap is None:
+        return (0.0, min(curve.xs))
+    if math.isnan(cap):
+        return None
+    if math.isinf(cap):
+        return (max(curve.xs), math.inf)
+    return (cap, cap)
+
+
+def ratio_text(a: float | None, a_curve: Curve, b: float | None, b_curve: Curve) -> str:
+    """``a / b`` as text; a bound (``> 3.2``, ``< 0.5``) when a capacity lies outside its measured range."""
+    ba, bb = bounds(a, a_curve), bounds(b, b_curve)
+    if ba is None or bb is None:
+        return "-"
+    (alo, ahi), (blo, bhi) = ba, bb
+    lo = alo / bhi if bhi > 0 else math.inf
+    hi = ahi / blo if blo > 0 else math.inf
+    if lo == hi:
+        return f"{lo:.3g}"
+    if math.isinf(hi) and lo > 0:
+        return f"> {lo:.3g}"
+    if lo == 0 and math.isfinite(hi):
+        return f"< {hi:.3g}"
+    return "-"
+
+
+def fmt_capacity(c: float | None, curve: Curve | None = None) -> str:
+    """A capacity as text; outside the measured range, the bound it implies (needs ``curve``)."""
     if c is None:
-        return "below range"
+        return f"< {min(curve.xs):g} (below range)" if curve is not None and curve.xs else "below range"
     if math.isnan(c):
         return "no data"
     if math.isinf(c):
-        return "above range"
+        return f"> {max(curve.xs):g} (above range)" if curve is not None and curve.xs else "above range"
     return f"{c:.2f}"

@@ -4,8 +4,8 @@ Style follows the artifact's plotting scripts: ticks pointing in, no top/right f
 system (FasterTransformer blue circles, vLLM orange triangles, FastServe-FCFS green squares, FastServe red
 diamonds), a dashed grey SLO line, and the legend above the axes. Attainment panels draw the 95% line and
 mark each system's crossing with an ``x``; latency panels mark each capacity (first upward SLO crossing) with
-a dotted drop line. Every curve's legend entry carries the request count of its largest point (finite traces
-cap overload; DESIGN.md section 8). Uses the non-interactive Agg backend.
+a dotted drop line. Every panel title carries the largest request count of its points (finite traces cap
+overload; DESIGN.md section 8). Uses the non-interactive Agg backend.
 """
 
 from __future__ import annotations
@@ -83,8 +83,7 @@ def _latency_panel(ax, data: PanelData) -> None:
     for k, (label, curve) in enumerate(data.curves.items()):
         color, marker = _style(label, k)
         xs, ys = _finite(curve.xs, curve.values(panel.metric), top)
-        n = max(curve.num_requests) if curve.num_requests else 0
-        ax.plot(xs, ys, marker=marker, color=color, lw=2, markersize=6, label=f"{curve.display} (n<={n})", zorder=3)
+        ax.plot(xs, ys, marker=marker, color=color, lw=2, markersize=6, label=curve.display, zorder=3)
         cap = caps.get(label)
         if cap is not None and math.isfinite(cap):
             ax.plot([cap, cap], [0, slo], ls=":", color=color, lw=1.2, zorder=2)
@@ -149,7 +148,8 @@ def _breakdown_panel(ax, data: PanelData, rates) -> None:
     ax.set_ylabel("Share of time (%)")
     ax.set_ylim(0, 105)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BREAKDOWN_COLORS]
-    ax.legend(handles, ["queuing", "swapping", "execution"], loc="lower right", fontsize=8, frameon=False)
+    ax.legend(handles, ["queuing", "swapping", "execution"], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+              frameon=False)
 
 
 def _burstiness_panel(ax, fd: FigureData) -> None:
@@ -157,15 +157,26 @@ def _burstiness_panel(ax, fd: FigureData) -> None:
     systems = list(fd.panels[0].curves)
     for k, label in enumerate(systems):
         color, marker = _style(label, k)
-        ys = []
-        for pdata in fd.panels:
+        ys, above = [], []
+        for cv, pdata in zip(cvs, fd.panels):
             cap = capacities(pdata).get(label)
             ys.append(cap if cap is not None and math.isfinite(cap) else math.nan)
+            if cap is not None and math.isinf(cap):  # never crossed: a lower bound at the highest rate
+                above.append((cv, max(pdata.curves[label].xs)))
         ax.plot(cvs, ys, marker=marker, color=color, lw=2, label=fd.panels[0].curves[label].display)
+        if above:
+            ax.plot(*zip(*above), ls="none", marker=marker, mfc="none", color=color, markersize=9,
+                    label=f"{fd.panels[0].curves[label].display}: above range (lower bound)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("Coefficient of variation of inter-arrival times")
     ax.set_ylabel("Capacity at 0.3 s/token (job/s)")
     ax.set_ylim(bottom=0)
+
+
+def _title(pdata: PanelData) -> str:
+    """Panel title with the largest request count of its points (finite traces cap overload)."""
+    n = max((n for c in pdata.curves.values() for n in c.num_requests), default=0)
+    return f"{pdata.panel.title} (n <= {n})"
 
 
 def plot_figure(fd: FigureData, out_dir: str | Path, *, stem: str | None = None) -> list[Path]:
@@ -184,13 +195,13 @@ def plot_figure(fd: FigureData, out_dir: str | Path, *, stem: str | None = None)
         _burstiness_panel(axes[0], fd)
     elif kind == "kv_ablation":
         _latency_panel(axes[0], fd.panels[0])
-        axes[0].set_title(fd.panels[0].panel.title)
+        axes[0].set_title(_title(fd.panels[0]))
         _breakdown_panel(axes[1], fd.panels[0], fig_def.breakdown_rates)
         axes[1].set_title("Proactive: time breakdown")
     else:
         for ax, pdata in zip(axes, fd.panels):
             {"latency": _latency_panel, "attainment": _attainment_panel, "ratio": _ratio_panel}[kind](ax, pdata)
-            ax.set_title(pdata.panel.title)
+            ax.set_title(_title(pdata))
     for ax in axes:
         _frame(ax)
     handles, labels = axes[0].get_legend_handles_labels()

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from .analysis import FigureData, PanelData, capacities, fmt_capacity, ratio
+from .analysis import FigureData, PanelData, capacities, fmt_capacity, ratio, ratio_text
 from .experiments.paper import load_paper_numbers, paper_breakdown, paper_capacities
 from .runner import RunResult
 
@@ -117,7 +117,7 @@ def _capacity_table(fd: FigureData, pdata: PanelData) -> list[str]:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for label, curve in pdata.curves.items():
-        row = [curve.display, fmt_capacity(ours.get(label))]
+        row = [curve.display, fmt_capacity(ours.get(label), curve)]
         row += [_num((src or {}).get(label)) for src in sources.values()]
         lines.append("| " + " | ".join(row) + " |")
     if paper and paper.get("note"):
@@ -129,11 +129,11 @@ def _capacity_table(fd: FigureData, pdata: PanelData) -> list[str]:
         for label, curve in pdata.curves.items():
             if label == main:
                 continue
-            r_ours = ratio(ours.get(main), ours.get(label))
+            r_ours = ratio_text(ours.get(main), pdata.curves[main], ours.get(label), curve)
             r_src = [ratio((src or {}).get(main), (src or {}).get(label)) for src in sources.values()]
-            ratio_rows.append([f"{pdata.curves[main].display} / {curve.display}", _num(r_ours)] + [_num(r) for r in r_src])
+            ratio_rows.append([f"{pdata.curves[main].display} / {curve.display}", r_ours] + [_num(r) for r in r_src])
         if ratio_rows:
-            lines += ["", "| capacity ratio | ours (sim) | " + " | ".join(sources) + " |",
+            lines += ["", "| " + " | ".join(["capacity ratio", "ours (sim)", *sources]) + " |",
                       "|" + "---|" * (2 + len(sources))]
             lines += ["| " + " | ".join(r) + " |" for r in ratio_rows]
     lines.append("")
@@ -174,7 +174,8 @@ def _burstiness_table(fd: FigureData) -> list[str]:
              "|" + "---|" * (1 + len(systems))]
     for pdata in fd.panels:
         caps = capacities(pdata)
-        lines.append(f"| {pdata.panel.points[0].cv:g} | " + " | ".join(fmt_capacity(caps.get(s)) for s in systems) + " |")
+        lines.append(f"| {pdata.panel.points[0].cv:g} | "
+                     + " | ".join(fmt_capacity(caps.get(s), pdata.curves[s]) for s in systems) + " |")
     return lines + [""]
 
 

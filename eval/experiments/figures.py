@@ -9,19 +9,25 @@ smoke run of every figure, not a measurement.
 Definitions the artifact does not script (ours; see ``docs/eval.md``):
 
 * Fig 16 (scheduler ablation): ShareGPT lengths with each request's prompt/output ratio scaled by
-  0.25x..256x at constant total tokens (``WorkloadSpec.io_ratio_scale``), 400 requests at 1.5 req/s; mean
-  normalized latency of fcfs, naive MLFQ, fixed-priority and FastServe, with the SRPT oracle as a bound.
+  0.25x..256x at constant total tokens (``WorkloadSpec.io_ratio_scale``), 400 requests per ratio at the rate
+  that offers 90% of a batch-16 server's capacity (``load.load_matched_rate``: prompt tokens are much cheaper
+  than output tokens, so a fixed rate would leave the high-ratio points idle); mean normalized latency of
+  fcfs, naive MLFQ, fixed-priority and FastServe, with the SRPT oracle as a bound.
 * Fig 17 (KV ablation): FastServe with proactive, reactive and recompute KV management on the Fig 11 ShareGPT
   sweep, and the queuing / swapping / execution breakdown of the proactive runs at 0.5..3 req/s.
-* Burstiness: Gamma arrivals with CV 0.5..4 on the ShareGPT sweep; capacity at 0.3 s/token against CV.
-* Hazards (not a paper figure): FastServe as configured by default, with the artifact's configuration, and
-  with starvation promotion off, beside vLLM, on the ShareGPT sweep (DESIGN.md section 8).
+* Burstiness: Gamma arrivals with CV 0.5..4 on the ShareGPT rates from 0.5 req/s, 2000 requests per rate
+  (with the artifact's 400, FastServe's curve never crosses the SLO, see the hazards figure); capacity at
+  0.3 s/token against CV.
+* Hazards (not a paper figure; DESIGN.md section 8): FastServe as configured by default, with the artifact's
+  configuration and with starvation promotion off, beside vLLM and FCFS, on the ShareGPT sweep with the
+  artifact's request counts and with 2000 requests per rate (finite traces cap overload).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .load import load_matched_rate
 from .systems import SYSTEMS, SystemSpec
 
 
@@ -91,6 +97,8 @@ GQA_ALPACA = _pts(
     (200, 2000, 2200, 2500, 3000, 3200, 3400, 3600, 4200, 4600, 5000),
 )
 IO_RATIOS = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+FIG16_UTILIZATION = 0.9
+LONG_TRACE = 2000  # requests per rate in the hazards figure's long-trace panel
 CVS = (0.5, 1.0, 2.0, 4.0)
 BREAKDOWN_RATES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 SLO_PAIRS = ((1.55, 0.15), (3.1, 0.3), (6.2, 0.6))  # (TTFT s, normalized latency s/token), Fig 13
@@ -100,14 +108,15 @@ def slo_metric(ttft: float, norm: float) -> str:
     return f"slo_{ttft:g}_{norm:g}"
 
 
-def _overall(key, dataset, points, systems, **kw) -> Panel:
-    title = {"sharegpt": "ShareGPT", "alpaca": "Alpaca"}[dataset]
+def _overall(key, dataset, points, systems, title: str | None = None, **kw) -> Panel:
+    title = title or {"sharegpt": "ShareGPT", "alpaca": "Alpaca"}[dataset]
     return Panel(key=key, title=title, dataset=dataset, systems=systems, points=points, **kw)
 
 
 def _figures() -> dict[str, FigureDef]:
     main4 = _systems("static", "vllm", "fcfs", "fastserve")
     main3 = _systems("vllm", "fcfs", "fastserve")
+    hazard_systems = _systems("vllm", "fcfs", "fastserve", "fastserve-artifact", "fastserve-nostarve")
     figs = [
         FigureDef(
             "11",
@@ -127,7 +136,13 @@ def _figures() -> dict[str, FigureDef]:
             "attainment",
             tuple(
                 _overall(
-                    f"ttft{t:g}_norm{n:g}", "sharegpt", SHAREGPT, main3, metric=slo_metric(t, n), slo=0.95
+                    f"ttft{t:g}_norm{n:g}",
+                    "sharegpt",
+                    SHAREGPT,
+                    main3,
+                    title=f"ShareGPT: TTFT < {t:g} s and latency < {n:g} s/token",
+                    metric=slo_metric(t, n),
+                    slo=0.95,
                 )
                 for t, n in SLO_PAIRS
             ),
@@ -152,15 +167,18 @@ def _figures() -> dict[str, FigureDef]:
         ),
         FigureDef(
             "16",
-            "Scheduler ablation: input/output length ratio (ShareGPT, 1.5 req/s)",
+            "Scheduler ablation: input/output length ratio (ShareGPT, load-matched at 90%)",
             "ratio",
             (
                 Panel(
                     "ratio",
-                    "ShareGPT, 400 requests at 1.5 req/s",
+                    f"ShareGPT, 400 requests per ratio at {FIG16_UTILIZATION:.0%} offered load",
                     "sharegpt",
                     _systems("fcfs", "mlfq", "fixed-priority", "fastserve", "srpt"),
-                    tuple(Point(1.5, 400, io_ratio_scale=s) for s in IO_RATIOS),
+                    tuple(
+                        Point(load_matched_rate("sharegpt", s, FIG16_UTILIZATION), 400, io_ratio_scale=s)
+                        for s in IO_RATIOS
+                    ),
                     x="io_ratio_scale",
                     slo=None,
                     log_group="io-ratio",
@@ -200,23 +218,26 @@ def _figures() -> dict[str, FigureDef]:
                     f"CV = {cv:g}",
                     "sharegpt",
                     main3,
-                    tuple(replace(p, cv=cv) for p in SHAREGPT if p.rate >= 0.5),
+                    tuple(replace(p, cv=cv, num_requests=LONG_TRACE) for p in SHAREGPT if p.rate >= 0.5),
                     arrival="gamma" if cv != 1.0 else "poisson",
-                    log_group="opt-13b" if cv == 1.0 else f"cv-{cv:g}",
+                    log_group=f"long-{LONG_TRACE}" if cv == 1.0 else f"cv-{cv:g}-long-{LONG_TRACE}",
                 )
                 for cv in CVS
             ),
         ),
         FigureDef(
             "hazards",
-            "Starvation-promotion hazard (DESIGN.md section 8): FastServe configurations vs vLLM (ShareGPT)",
+            "Hazards (DESIGN.md section 8): starvation promotion and finite traces (ShareGPT)",
             "latency",
             (
-                _overall(
+                _overall("sharegpt", "sharegpt", SHAREGPT, hazard_systems),
+                Panel(
+                    "sharegpt-long",
+                    f"ShareGPT, {LONG_TRACE} requests per rate",
                     "sharegpt",
-                    "sharegpt",
-                    SHAREGPT,
-                    _systems("vllm", "fastserve", "fastserve-artifact", "fastserve-nostarve"),
+                    hazard_systems,
+                    tuple(replace(p, num_requests=LONG_TRACE) for p in SHAREGPT if p.rate >= 0.5),
+                    log_group=f"long-{LONG_TRACE}",
                 ),
             ),
         ),
@@ -228,7 +249,7 @@ FIGURES: dict[str, FigureDef] = _figures()
 FIGURE_ORDER = tuple(FIGURES)
 
 # Quick mode: these rates (a spread that brackets each system's knee) and at most this many requests per run.
-QUICK_MAX_REQUESTS = {"sharegpt": 120, "alpaca": 200}
+QUICK_MAX_REQUESTS = {"sharegpt": 200, "alpaca": 300}
 QUICK_RATES = {
     "sharegpt": (0.5, 1, 2, 3, 4, 6),
     "alpaca": (3, 8, 12, 15, 20, 30),

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from eval.analysis import Curve, FigureData, PanelData, capacities, figure_specs, fmt_capacity, ratio
+from eval.analysis import Curve, FigureData, PanelData, capacities, figure_specs, fmt_capacity, ratio, ratio_text
 from eval.costmodels import resolve_preset
 from eval.experiments import (
     FIGURE_ORDER,
@@ -64,9 +64,12 @@ def test_figures_share_runs():
     fig11 = set(figure_specs(FIGURES["11"]))
     assert set(figure_specs(FIGURES["12"])) <= fig11
     assert set(figure_specs(FIGURES["13"])) <= fig11
-    # Fig 17's proactive curve is Fig 11's FastServe curve; CV=1 of the burstiness sweep is Poisson.
+    # Fig 17's proactive curve is Fig 11's FastServe curve; the burstiness sweep's CV=1 (Poisson) runs are the
+    # hazards figure's long-trace runs.
     assert set(figure_specs(FIGURES["17"])) & fig11
-    assert set(figure_specs(FIGURES["burst"])) & fig11
+    burst = {s for s in figure_specs(FIGURES["burst"]) if s.cv == 1.0}
+    assert burst and burst <= set(figure_specs(FIGURES["hazards"]))
+    assert all(s.arrival == "poisson" for s in burst)
 
 
 def test_scheduler_configs_follow_the_artifact():
@@ -114,6 +117,13 @@ def test_capacity_analysis_by_hand():
     assert caps["vllm"] == pytest.approx(2 + (0.3 - 0.2) / (0.5 - 0.2))
     assert math.isinf(caps["fastserve"])
     assert fmt_capacity(caps["fastserve"]) == "above range"
+    assert fmt_capacity(caps["fastserve"], data.curves["fastserve"]) == "> 3 (above range)"
+    # Bounds: FastServe never crossed by 3 req/s, vLLM crossed at 2.33, so the ratio is at least 3 / 2.33.
+    vllm, fs = data.curves["vllm"], data.curves["fastserve"]
+    assert ratio_text(caps["fastserve"], fs, caps["vllm"], vllm) == f"> {3 / caps['vllm']:.3g}"
+    assert ratio_text(caps["vllm"], vllm, caps["fastserve"], fs) == f"< {caps['vllm'] / 3:.3g}"
+    assert ratio_text(caps["vllm"], vllm, caps["vllm"], vllm) == "1"
+    assert ratio_text(None, vllm, caps["vllm"], vllm) == f"< {1 / caps['vllm']:.3g}"
     failed = PanelData(_panel(), {"vllm": _curve("vllm", [None, None, None])})
     assert fmt_capacity(capacities(failed)["vllm"]) == "no data"
     assert ratio(4.0, 2.0) == 2.0 and ratio(None, 2.0) is None and ratio(math.inf, 1.0) is None
@@ -150,3 +160,20 @@ def test_plots_write_pdf_and_png(tmp_path, fig_id):
     paths = plot_figure(FigureData(fig, panels), tmp_path)
     assert [p.suffix for p in paths] == [".pdf", ".png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_fig16_rates_offer_the_same_load():
+    from eval.experiments.load import load_matched_rate, mean_demand
+    from eval.workloads import WorkloadSpec, make_workload
+
+    # Hand sum: prefill tokens + each decode step's cost split over a full batch of 16 (published fit, ms).
+    w = make_workload(WorkloadSpec(dataset="sharegpt", num_requests=2000, rate=1.0, io_ratio_scale=4.0), 0)
+    total = 0.0
+    for r in w:
+        total += (0.1019 * r.prompt_len + 7.12e-6 * r.prompt_len**2) / 1e3
+        for k in range(1, r.output_len):
+            total += (19.93 + 6.27e-4 * 16 * (r.prompt_len + k) + 0.0385 * 16) / 16 / 1e3
+    assert mean_demand("sharegpt", 4.0) == pytest.approx(total / len(w), rel=1e-9)
+    assert load_matched_rate("sharegpt", 4.0, 0.9) == pytest.approx(0.9 / (total / len(w)), rel=2e-3)
+    rates = [p.rate for p in FIGURES["16"].panels[0].points]
+    assert rates == sorted(rates)  # prompt tokens are cheaper, so higher ratios need more requests per second
