@@ -42,10 +42,12 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens`` the model's BOS (if it uses one) is prepended."""
+        """Token ids of ``text``; with ``add_special_tokens`` the model's BOS (if it uses one) is prepended.
+        Special-token strings in ``text`` (``<|im_start|>``) map to their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str text, got {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # tokenizer.json post-processors (Llama-2/3 templates) add BOS themselves; GGUF ones have none.
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             if not ids or ids[0] != self.bos_token_id:
                 ids = [self.bos_token_id] + ids

@@ -68,6 +68,20 @@ class Model:
         kv_caches: KVCaches,  # donated: do not use the passed caches after the call
         metadata: AttentionMetadata,
     ) -> tuple[jax.Array, KVCaches]:  # logits [S, vocab] float32, updated caches
+        c = self.config
+        if len(kv_caches) != c.num_layers:
+            raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {c.num_layers}")
+        k0 = kv_caches[0][0]
+        if k0.ndim != 4 or k0.shape[0] != c.num_kv_heads or k0.shape[3] != c.head_dim:
+            raise ValueError(
+                f"kv_caches[0] has shape {tuple(k0.shape)}, expected [num_kv_heads={c.num_kv_heads}, num_pages, "
+                f"page_size, head_dim={c.head_dim}]"
+            )
+        if input_ids.shape != positions.shape or input_ids.shape[0] != metadata.num_tokens:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)}, positions {tuple(positions.shape)} and "
+                f"metadata.slot_mapping ({metadata.num_tokens},) must all be [T]"
+            )
         return self._step(self.state, input_ids, positions, kv_caches, metadata)
 
     def allocate_kv_caches(self, num_pages: int, page_size: int, dtype: str | None = None) -> KVCaches:

@@ -64,3 +64,15 @@ def test_one_compile_per_shape_and_batched_generation_matches_single():
     assert traces_single == 2 and m.trace_count == 4
     greedy_generate(m, prompts, 8)
     assert m.trace_count == 4  # no retrace for repeated shapes
+
+
+def test_step_rejects_mismatched_caches_and_inputs():
+    m = load("tiny-llama")
+    s = build_step([SeqChunk([1, 2], 0, [0])], 4)
+    with pytest.raises(ValueError, match="kv_caches has 1 layers, the model has 2"):
+        m.step(s.input_ids, s.positions, m.allocate_kv_caches(2, 4)[:1], s.metadata)
+    bad = [(jax.numpy.zeros((3, 2, 4, 16)),) * 2] * 2
+    with pytest.raises(ValueError, match="num_kv_heads=2"):
+        m.step(s.input_ids, s.positions, bad, s.metadata)
+    with pytest.raises(ValueError, match="must all be"):
+        m.step(s.input_ids[:1], s.positions, m.allocate_kv_caches(2, 4), s.metadata)

@@ -121,3 +121,14 @@ def test_gguf_without_tokenizer_fields_is_reported(tmp_path):
     w.close()
     with pytest.raises(TokenizerError, match="tokenizer.ggml.model"):
         load_tokenizer(path)
+
+
+@needs_gguf
+def test_add_special_tokens_prepends_bos_only_when_the_model_uses_it(tok, tmp_path):
+    assert tok.add_bos_token is False  # SmolLM2's GGUF: tokenizer.ggml.add_bos_token = False
+    assert tok.encode("hi there", add_special_tokens=True) == tok.encode("hi there")
+    tok.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "add_bos_token": True}))
+    with_bos = load_tokenizer(tmp_path)
+    assert with_bos.encode("hi there", add_special_tokens=True) == [1] + tok.encode("hi there")
+    assert with_bos.encode("<|im_start|>hi", add_special_tokens=True) == [1] + tok.encode("hi")  # no double BOS
