@@ -43,7 +43,7 @@ class PrefillConfig:
     max_rows: int = 128  # upper bound on block_q * group_pad (the q tile height) for the default block_q
     block_kv: int = 64  # KV tokens per loop step (rounded to whole pages, at least 16)
     masked_loads: bool = True
-    num_warps: int = 4
+    num_warps: int = 8  # a 128 x head_dim float32 accumulator per program
     num_stages: int = 2
 
     def __post_init__(self):
