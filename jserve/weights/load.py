@@ -11,20 +11,22 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jserve.models.config import ModelConfig
-from jserve.models.layers import jnp_dtype
 
 from . import namemap
 from .cache import WeightCache, cache_key, default_cache_dir
 from .gguf_file import GGUFTensors
 from .loader import convert_tensors, param_shapes, state_from_arrays, to_device
 from .safetensors_file import SafetensorsCheckpoint, find_safetensors
+
+if TYPE_CHECKING:  # jserve.models imports this package; keep the runtime dependency one way
+    from jserve.models.config import ModelConfig
 
 __all__ = ["dummy_state", "hf_state", "gguf_state", "LoadStats"]
 
@@ -74,7 +76,7 @@ def _load_via_cache(
     stats: LoadStats,
 ) -> nnx.State:
     t0 = time.perf_counter()
-    dtype = jnp_dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.dtype)
     if cache_dir is not None:
         entry = WeightCache(cache_dir, cache_key(files, cfg.dtype, extra=repr(cfg)))
         if entry.exists():

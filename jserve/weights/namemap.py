@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import TYPE_CHECKING
 
-from jserve.models.config import ModelConfig
+if TYPE_CHECKING:  # jserve.models imports this package; keep the runtime dependency one way
+    from jserve.models.config import ModelConfig
 
 __all__ = ["TensorSpec", "hf_name_map", "gguf_name_map", "hf_ignorable", "gguf_ignorable", "normalize_hf_name"]
 
