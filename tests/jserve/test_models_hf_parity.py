@@ -160,3 +160,20 @@ def test_pallas_kernels_in_interpret_mode_match_transformers(hf_checkpoints, kin
     for i in range(2):
         seqs[i].append(toks[i])
         assert rel_err(ours[i], ckpt.logits(seqs[i])[-1]) < 1e-4
+
+
+def test_hf_directory_tokenizer_is_attached(hf_checkpoints, tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path / "with-tokenizer"
+    shutil.copytree(hf_checkpoints("llama").path, d)
+    assert load(d).tokenizer is None
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    tok = load(d).tokenizer
+    assert tok.encode("hello world") == [3, 4] and (tok.bos_token_id, tok.eos_token_id) == (1, 2)
