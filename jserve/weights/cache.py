@@ -79,7 +79,8 @@ class WeightCache:
         meta = {}
         for p, arr in arrays.items():
             arr = np.ascontiguousarray(arr.astype(want, copy=False))
-            spec = {**_spec(self.dir / p), "metadata": {"compressor": None}}
+            # one uncompressed chunk per parameter: reads are a single sequential file read each
+            spec = {**_spec(self.dir / p), "metadata": {"compressor": None, "chunks": list(arr.shape) or [1]}}
             store = ts.open(spec, create=True, dtype=ts.dtype(dtype), shape=arr.shape).result()
             pending.append(store.write(arr))
             meta[p] = {"shape": list(arr.shape), "dtype": dtype}
