@@ -81,3 +81,23 @@ def test_gguf_model_matches_transformers(hf_checkpoints, tmp_path, kind):
     logits, _ = model.step(s.input_ids, s.positions, caches, s.metadata)
     ref = ckpt.logits(prompt)[-1]
     assert np.max(np.abs(np.asarray(logits)[0] - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+def test_gguf_weights_cache_hit_miss_and_partial_entry(hf_checkpoints, tmp_path):
+    ckpt = hf_checkpoints("llama")
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(ckpt, path, tied=False)
+    cache = tmp_path / "cache"
+    first = load(path, cache=cache)
+    second = load(path, cache=cache)
+    assert (first.load_info["cache"], second.load_info["cache"]) == ("miss", "hit")
+    import jax
+
+    for a, b in zip(jax.tree.leaves(first.state), jax.tree.leaves(second.state)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    entries = list(cache.iterdir())
+    assert len(entries) == 1
+    (entries[0] / "params.json").unlink()  # an interrupted write leaves no index: never read
+    assert load(path, cache=cache).load_info["cache"] == "miss"
+    assert load(path, cache=cache, dtype="bfloat16").load_info["cache"] == "miss"  # dtype is part of the key
+    assert len(list(cache.iterdir())) == 2
