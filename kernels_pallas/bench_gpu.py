@@ -430,7 +430,10 @@ def summary(b: Bench) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        jax.config.update("jax_enable_compilation_cache", False)  # every compile is paid, as on a fresh machine
+    except Exception as e:  # noqa: BLE001 - the flag's name is not part of JAX's stable API
+        print(f"could not turn the compilation cache off: {e}")
     b = Bench(args)
     b.run("env", lambda r, s: env(b, r, s))
     b.run("correctness", lambda r, s: correctness(b, r, s))
