@@ -65,7 +65,7 @@ class FastServeScheduler(PriorityScheduler):
         self.level_count = [0] * cfg.num_queues
         self.level_attained = [0.0] * cfg.num_queues
         self._clock_order: OrderedDict = OrderedDict()  # request_id -> Request, oldest starvation clock first
-        self._wait_iter = -1
+        self._wait_dirty = True
         self._wait: list[float] = []
         self._use_enst = cfg.offload_ranking == "enst"
 
@@ -84,6 +84,7 @@ class FastServeScheduler(PriorityScheduler):
         r.attained_service = 0.0
         r.sched_key = (p, self._next_seq())
         self.level_count[p] += 1
+        self._wait_dirty = True
         self._clock_order[r.request_id] = r
         self._index[r.kv_location].add(r)
 
@@ -92,6 +93,7 @@ class FastServeScheduler(PriorityScheduler):
         p = r.priority_level
         self.level_count[p] -= 1
         self.level_attained[p] -= r.attained_service
+        self._wait_dirty = True
         del self._clock_order[r.request_id]
 
     def _set_level(self, r: Request, p: int) -> None:
@@ -101,6 +103,7 @@ class FastServeScheduler(PriorityScheduler):
         r.priority_level = p
         r.attained_service = 0.0
         self.level_count[p] += 1
+        self._wait_dirty = True
         self._rekey(r, (p, self._next_seq()))
 
     # ------------------------------------------------------------------ per-step accounting
@@ -123,6 +126,7 @@ class FastServeScheduler(PriorityScheduler):
 
     def _after_step(self, plan, now: float, elapsed: float) -> None:
         last = len(self.quanta) - 1
+        self._wait_dirty = True
         for r in plan.batch():
             if r.is_finished:
                 continue
@@ -138,8 +142,9 @@ class FastServeScheduler(PriorityScheduler):
     # ------------------------------------------------------------------ ENST
 
     def level_wait(self) -> list[float]:
-        """Per level, the wait behind every job in higher levels (seconds; recomputed once per step)."""
-        if self._wait_iter != self.iteration:
+        """Per level, the wait behind every job in higher levels (seconds; O(levels), recomputed only after
+        levels or attained service changed)."""
+        if self._wait_dirty:
             quanta, count, att = self.quanta, self.level_count, self.level_attained
             b = self.config.max_batch_size
             wait = [0.0] * len(quanta)
@@ -150,7 +155,7 @@ class FastServeScheduler(PriorityScheduler):
                 acc += n_above * quanta[p] - att[p]
                 wait[p + 1] = max(acc, 0.0) / b
             self._wait = wait
-            self._wait_iter = self.iteration
+            self._wait_dirty = False
         return self._wait
 
     def _starve_left(self, r: Request, now: float) -> float:

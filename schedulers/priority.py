@@ -182,6 +182,7 @@ class PriorityScheduler(PolicyBase):
         i = j = k = 0
         admit_open = True
         blocked: tuple[Request, int] | None = None
+        held = 0  # blocks of device requests held out of the batch for the blocked one (proactive)
         in_batch: set[int] = set()
         moved = self._deferred
         while plan.batch_size < max_batch and budget > 0:
@@ -210,6 +211,16 @@ class PriorityScheduler(PolicyBase):
             need = blocks.blocks_for_tokens(r.num_computed_tokens + n)
             if loc is KVLocation.DEVICE:
                 need -= len(r.blocks)
+            if blocked is not None and mode == "proactive":
+                # The free blocks are earmarked for the blocked higher-priority request, and lower-priority
+                # device requests sit out until enough of them are idle to be offloaded for it.
+                if loc is KVLocation.DEVICE and blocks.num_free_device_blocks + held < blocked[1]:
+                    held += len(r.blocks)
+                    continue
+                if need > 0:
+                    if loc is KVLocation.NONE:
+                        admit_open = False
+                    continue
             if need > blocks.num_free_device_blocks:
                 if mode != "proactive":
                     self._make_room_now(plan, now, r, need, in_batch, recompute=mode == "recompute")
