@@ -24,6 +24,7 @@ class ChunkedPrefillScheduler(VLLMScheduler):
     """vLLM V0 with chunked prefill: decodes first, then prefill chunks filling the token budget."""
 
     name = "cp"
+    chunk_prefills = True
 
     def _build_plan(self, plan: StepPlan, now: float) -> None:
         budget = self.config.max_tokens_per_batch

@@ -28,6 +28,7 @@ class VLLMScheduler(PolicyBase):
     """vLLM V0: FCFS, prefill-prioritised steps, newest-first recompute preemption."""
 
     name = "vllm"
+    chunk_prefills = False  # cp: running prefills take whatever is left of the budget
 
     def __init__(self, config, cost_model=None) -> None:
         super().__init__(config, cost_model)
@@ -90,6 +91,8 @@ class VLLMScheduler(PolicyBase):
         while i < len(order):
             r = order[i]
             n = chunk_tokens(r, budget - used, cfg.max_tokens_per_batch)
+            if n == 0 and self.chunk_prefills:
+                n = budget - used
             if n == 0:
                 i += 1
                 continue
