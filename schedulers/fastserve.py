@@ -39,6 +39,7 @@ Without a cost model the policy uses ``cost.default_cost_model()`` (OPT-13B on a
 from __future__ import annotations
 
 from bisect import bisect_left
+from heapq import heapify, heappop
 from collections import OrderedDict
 from typing import Iterator
 
@@ -179,13 +180,21 @@ class FastServeScheduler(PriorityScheduler):
             yield from super()._victim_order(now, exclude)
             return
         moved = self._deferred
-        cands = [
-            r
-            for _, r in reversed(self._index[KVLocation.DEVICE].entries)
-            if id(r) not in exclude and id(r) not in moved
-        ]
-        cands.sort(key=lambda r: self.enst(r, now), reverse=True)  # stable: ties keep lowest priority first
-        yield from cands
+        wait = self.level_wait()
+        alpha = self.config.starvation_threshold
+        heap = []
+        for i, (_, r) in enumerate(reversed(self._index[KVLocation.DEVICE].entries)):
+            if id(r) in exclude or id(r) in moved:
+                continue
+            w = wait[r.priority_level]
+            if alpha is not None:
+                s = r.starvation_clock + alpha - now  # time until its starvation promotion
+                if s < w:
+                    w = s if s > 0.0 else 0.0
+            heap.append((-w, i, r))  # largest ENST first; ties: lowest priority first
+        heapify(heap)
+        while heap:
+            yield heappop(heap)[2]
 
     def _upload_order(self, now: float) -> Iterator[Request]:
         if not self._use_enst or self.config.starvation_threshold is None:

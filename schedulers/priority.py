@@ -185,7 +185,8 @@ class PriorityScheduler(PolicyBase):
         held = 0  # blocks of device requests held out of the batch for the blocked one (proactive)
         in_batch: set[int] = set()
         moved = self._deferred
-        while plan.batch_size < max_batch and budget > 0:
+        count = 0
+        while count < max_batch and budget > 0:
             kd = dev[i][0] if i < nd else _INF_KEY
             kn = new[j][0] if admit_open and j < nn else _INF_KEY
             kh = host[k][0] if k < nh else _INF_KEY
@@ -234,6 +235,7 @@ class PriorityScheduler(PolicyBase):
                 self._swap_in(plan, r, sync=True)
             self._take(plan, r, n)
             budget -= n
+            count += 1
             in_batch.add(id(r))
         cutoff = min(
             dev[i][0] if i < nd else _INF_KEY,
@@ -320,7 +322,7 @@ class PriorityScheduler(PolicyBase):
             # c. Keep the reserve free for arrivals (best victims first).
             if blocks.num_free_device_blocks + state.released >= reserve:
                 return
-            for v in list(self._victims_for(None, now, exclude, enst_gap=False)):
+            for v in self._victims_for(None, now, exclude, enst_gap=False):
                 if blocks.num_free_device_blocks + state.released >= reserve or not state.allows(len(v.blocks)):
                     break
                 offload(v)

@@ -44,7 +44,8 @@ class StrictExecutor:
 
     # ------------------------------------------------------------------ one step
 
-    def step(self, now: float, early_stop=()) -> tuple[StepPlan, list[Request], float]:
+    def step(self, now: float, early_stop=(), during=None) -> tuple[StepPlan, list[Request], float]:
+        """Schedule, execute and end one step; ``during(plan)`` runs after execution, before on_step_end."""
         s, cfg = self.s, self.s.config
         plan = s.schedule(now)
         if self.record:
@@ -107,6 +108,8 @@ class StrictExecutor:
         if early_stop:
             sampling = [e.request_id for e in plan.prefill if e.samples_token] + [r.request_id for r in plan.decode]
             finished_ids = [rid for rid in sampling if rid in early_stop]
+        if during is not None:
+            during(plan)
         finished = s.on_step_end(plan, now + elapsed, elapsed, finished_ids)
         for r in finished:
             assert r.state is RequestState.FINISHED and r.kv_location is KVLocation.NONE

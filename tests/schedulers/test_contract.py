@@ -1,0 +1,126 @@
+"""The Scheduler contract every policy shares: add/abort/schedule/on_step_end rules and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sched_harness import StrictExecutor
+
+from schedulers import POLICY_NAMES, KVLocation, Request, RequestState, SchedulerConfig, make_scheduler
+from schedulers.bench import main as bench_main
+
+
+def _cfg(**kw):
+    base = dict(block_size=4, max_batch_size=4, max_tokens_per_batch=64, max_model_len=64,
+                num_device_blocks=40, num_host_blocks=40)
+    base.update(kw)
+    return SchedulerConfig(**base)
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_duplicate_and_reused_requests_are_refused(policy):
+    s = make_scheduler(policy, _cfg())
+    r = Request("x", 4, 2)
+    assert s.add(r, 0.0)
+    with pytest.raises(ValueError, match="request_id 'x' is already live"):
+        s.add(Request("x", 4, 2), 0.0)
+    StrictExecutor(s).step(0.0)
+    with pytest.raises(ValueError, match="is not fresh"):
+        make_scheduler(policy, _cfg()).add(r, 0.0)
+    with pytest.raises(TypeError, match="expected a Request"):
+        s.add(("y", 4, 2), 0.0)
+    with pytest.raises(ValueError, match="now must be a finite time"):
+        s.add(Request("z", 4, 2), float("nan"))
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_protocol_errors_name_the_mistake(policy):
+    s = make_scheduler(policy, _cfg())
+    s.add(Request("a", 4, 3), 0.0)
+    plan = s.schedule(0.0)
+    with pytest.raises(RuntimeError, match="on_step_end was not called"):
+        s.schedule(0.1)
+    with pytest.raises(RuntimeError, match="not the one returned"):
+        s.on_step_end(type(plan)(), 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"finished_ids \['ghost'\]"):
+        s.on_step_end(plan, 0.1, 0.1, finished_ids=["ghost"])
+    s.on_step_end(plan, 0.1, 0.1)
+    empty_ok = make_scheduler(policy, _cfg())
+    empty_ok.schedule(0.0)
+    empty_ok.schedule(0.1)  # an empty plan needs no on_step_end
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_abort_frees_blocks_in_every_state_and_between_schedule_and_step_end(policy):
+    s = make_scheduler(policy, _cfg(num_device_blocks=10, max_batch_size=2))
+    ex = StrictExecutor(s)
+    reqs = [Request(i, 9, 20) for i in range(5)]
+    for r in reqs:
+        s.add(r, 0.0)
+    for k in range(4):
+        ex.step(float(k))
+    assert not s.abort("nobody")
+    victims = [r for r in reqs if r.request_id in s.requests][:2]
+    for r in victims:
+        assert s.abort(r.request_id)
+        assert r.state is RequestState.ABORTED and r.kv_location is KVLocation.NONE and r.blocks == []
+        assert not s.abort(r.request_id)
+    s.check_invariants()
+    # An abort while a plan is outstanding: the aborted request makes no progress in on_step_end.
+    seen = {}
+
+    def abort_first(plan):
+        if plan.batch():
+            gone = plan.batch()[0]
+            seen["r"], seen["gen"] = gone, gone.num_generated_tokens
+            assert s.abort(gone.request_id)
+
+    ex.step(10.0, during=abort_first)
+    assert seen, "three live requests should have produced a batch"
+    assert seen["r"].num_generated_tokens == seen["gen"] and seen["r"].state is RequestState.ABORTED
+    now = 12.0
+    while s.has_unfinished():
+        ex.step(now)
+        now += 1
+    assert s.blocks.num_free_device_blocks == s.blocks.num_usable_device_blocks
+
+
+def test_finished_ids_stop_a_request_early_and_free_its_blocks():
+    s = make_scheduler("fastserve", _cfg())
+    s.add(Request("a", 4, 50), 0.0)
+    plan = s.schedule(0.0)
+    fin = s.on_step_end(plan, 0.1, 0.1, finished_ids=["a"])
+    assert [r.request_id for r in fin] == ["a"]
+    assert fin[0].num_generated_tokens == 1 and fin[0].finish_time == 0.1 and fin[0].first_token_time == 0.1
+    assert s.blocks.num_free_device_blocks == 40 and not s.has_unfinished()
+
+
+def test_a_mid_prompt_chunk_samples_no_token_and_cannot_be_finished():
+    s = make_scheduler("cp", _cfg(max_tokens_per_batch=8))
+    s.add(Request("a", 20, 5), 0.0)
+    plan = s.schedule(0.0)
+    assert plan.prefill[0].num_tokens == 8 and not plan.prefill[0].samples_token
+    with pytest.raises(ValueError, match="sampled no token"):
+        s.on_step_end(plan, 0.1, 0.1, finished_ids=["a"])
+    s.on_step_end(plan, 0.1, 0.1)
+    assert s.get("a").num_computed_tokens == 8 and s.get("a").num_generated_tokens == 0
+
+
+def test_bench_prints_json_of_the_documented_shape(capsys):
+    assert bench_main(["--json", "--policies", "fcfs,fastserve", "--sizes", "2x10,4x20", "--steps", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"fcfs", "fastserve"}
+    for row in out.values():
+        assert set(row) == {"2x10", "4x20"}
+        for cell in row.values():
+            assert set(cell) == {"median_ms", "p99_ms"} and 0 < cell["median_ms"] <= cell["p99_ms"]
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main(["--policies", "fifo"])
+    assert e.value.code == 2 and "unknown policy 'fifo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["--sizes", "16by400"])
+    assert "RUNNINGxWAITING" in capsys.readouterr().err
