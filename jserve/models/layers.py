@@ -33,6 +33,11 @@ __all__ = [
 ]
 
 
+def _precision(dtype: jnp.dtype) -> jax.lax.Precision | None:
+    """float32 models ask for full-precision matmuls (GPUs would otherwise use TF32); others keep the default."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _zeros(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype))
 
@@ -45,7 +50,7 @@ class Linear(nnx.Module):
         self.bias = _zeros((out_features,), dtype) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in] -> [..., out]
-        y = x @ self.kernel[...]
+        y = jnp.matmul(x, self.kernel[...], precision=_precision(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -61,7 +66,9 @@ class Embedding(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:  # x: [S, features] -> [S, num_embeddings] float32
-        return jnp.einsum("sf,vf->sv", x, self.embedding[...], preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "sf,vf->sv", x, self.embedding[...], preferred_element_type=jnp.float32, precision=_precision(x.dtype)
+        )
 
 
 class RMSNorm(nnx.Module):

@@ -110,5 +110,8 @@ class LlamaForCausalLM(nnx.Module):
         if self.lm_head is None:
             logits = self.embed_tokens.attend(x)
         else:
-            logits = jnp.einsum("sh,hv->sv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "sh,hv->sv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32,
+                precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
+            )
         return logits.astype(jnp.float32), new_caches
