@@ -21,7 +21,9 @@ where the KV lives (none / device / host) and, every iteration:
      (``swap_out``/``swap_in``) prepare the next steps, in this order:
 
      a. *blocked*: the highest-priority request that could not run for lack of blocks gets them freed by
-        offloading idle lower-priority requests (it runs next step);
+        offloading idle lower-priority requests (it runs next step). So that such victims exist, once a
+        request is blocked the rest of the scan allocates no new blocks and holds lower-priority device
+        requests out of the batch until their blocks plus the free ones cover its need;
      b. *wanted*: host requests that would have been in this batch (priority above the batch's cutoff) are
         uploaded, highest priority first; when blocks are short, idle requests worth evicting for them are
         offloaded (an exchange) and the upload follows next step;
@@ -35,7 +37,9 @@ where the KV lives (none / device / host) and, every iteration:
      always allowed, so the most urgent request always progresses. With ``upload_only_without_offload``
      (the artifact), b-d upload nothing in a step that offloads, and b never exchanges.
 
-Every eviction swaps out if the host pool has room, else drops the request for recompute.
+Every eviction swaps out if the host pool has room, else drops the request for recompute. If a proactive
+plan would otherwise be empty because its only action was such a drop (which frees blocks at once), the scan
+runs again so that the executor never idles while work is possible.
 """
 
 from __future__ import annotations
