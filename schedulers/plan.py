@@ -11,6 +11,10 @@ Order of execution, which every executor (the engine and the simulator) follows:
    freed by an overlapped swap-out (and host blocks freed by an overlapped swap-in) return to their pools
    only at the end of the step, so nothing in this step can overwrite blocks that are still being read.
 
+Because every swap-out of a plan runs before its swap-ins, host blocks freed by a *sync* swap-in are also
+held back until the end of the step (a swap-out in the same plan must not overwrite them before they are
+read); device blocks freed by a sync swap-out are free at once.
+
 Block ids are the executor's physical page indices: device ids index the device KV pages, host ids index
 the host pool. ``dropped`` requests lost their device blocks (recompute preemption); nothing is copied.
 ``rejected`` requests were refused at admission and will never run.
