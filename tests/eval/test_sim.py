@@ -173,10 +173,6 @@ def _random_workload(n=60, seed=3, rate=4.0):
 
 @pytest.mark.parametrize("policy", ["fcfs", "fastserve", "vllm"])
 def test_conservation_under_memory_pressure(policy):
-    from schedulers.registry import available_policies
-
-    if policy not in available_policies():
-        pytest.skip(f"policy {policy} not in this checkout yet")
     cfg = SchedulerConfig(num_device_blocks=120, num_host_blocks=400, max_batch_size=8)
     sched = make_scheduler(policy, cfg, cost_model=COST)
     w = _random_workload()
@@ -244,10 +240,6 @@ def _reference_loop(sched, workload, cost: FittedCostModel):
 
 @pytest.mark.parametrize("policy", ["fcfs", "fastserve"])
 def test_schedule_matches_a_plain_loop(policy):
-    from schedulers.registry import available_policies
-
-    if policy not in available_policies():
-        pytest.skip(f"policy {policy} not in this checkout yet")
     cfg = SchedulerConfig(num_device_blocks=150, num_host_blocks=600, max_batch_size=8)
     w = _random_workload(n=50, seed=11, rate=3.0)
     ref = _reference_loop(make_scheduler(policy, cfg, cost_model=COST), w, COST)
