@@ -171,9 +171,13 @@ def _random_workload(n=60, seed=3, rate=4.0):
     return make_workload(WorkloadSpec(dataset="sharegpt", num_requests=n, rate=rate), seed)
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "fastserve", "vllm"])
-def test_conservation_under_memory_pressure(policy):
-    cfg = SchedulerConfig(num_device_blocks=120, num_host_blocks=400, max_batch_size=8)
+@pytest.mark.parametrize(
+    "policy, swap_mode",
+    [(p, "proactive") for p in ("fcfs", "fastserve", "mlfq", "vllm", "cp", "static", "fixed-priority", "srpt")]
+    + [("fastserve", "reactive"), ("fastserve", "recompute")],
+)
+def test_conservation_under_memory_pressure(policy, swap_mode):
+    cfg = SchedulerConfig(num_device_blocks=120, num_host_blocks=400, max_batch_size=8, swap_mode=swap_mode)
     sched = make_scheduler(policy, cfg, cost_model=COST)
     w = _random_workload()
     usable = cfg.num_device_blocks
@@ -191,6 +195,9 @@ def test_conservation_under_memory_pressure(policy):
     assert sched.blocks.num_free_device_blocks == usable
     assert sched.blocks.num_free_host_blocks == cfg.num_host_blocks
     assert not sched.requests
+    # The pool really was short: every policy that can preempt did.
+    if policy != "static":
+        assert res.stats["swaps_out"] + res.stats["drops"] > 0, res.stats
     # Bytes moved each way match the blocks the plans listed.
     assert res.stats["bytes_out"] == it["blocks_out"].sum() * LINK.block_bytes
 
