@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=ints, default=[2048, 4096, 8192])
     p.add_argument("--sweep-shapes", default="32x2048,128x1024", help="decode batch x context for the sweep")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--decode-configs", default="",
+                   help="sweep these DecodeConfigs instead of the built-in list: 'k=v,k=v;k=v' ('default' = defaults)")
+    p.add_argument("--prefill-configs", default="", help="likewise for PrefillConfig")
+    p.add_argument("--only", default="", help="run only these sections (comma-separated), e.g. correctness,sweep")
     p.add_argument("--no-jax-kernel", action="store_true", help="skip JAX's shipped paged_attention")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--copy-mib", type=int, default=2048)
@@ -57,7 +61,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.batches, a.contexts, a.prefill_tokens = [2, 3], [32, 64], [48]
         a.sweep_shapes, a.reps, a.copy_mib = "2x64", 2, 8
     a.sweep_shapes = [tuple(int(v) for v in s.split("x")) for s in a.sweep_shapes.split(",") if s]
+    a.decode_configs = _parse_configs(a.decode_configs, DecodeConfig)
+    a.prefill_configs = _parse_configs(a.prefill_configs, PrefillConfig)
+    a.only = {x for x in a.only.split(",") if x}
     return a
+
+
+def _parse_configs(text: str, cls) -> list:
+    """'k=v,k=v;k=v' -> [cls(k=v, k=v), cls(k=v)]; 'default' is the class defaults; values are Python literals."""
+    import ast
+
+    configs = []
+    for item in (x.strip() for x in text.split(";")):
+        if not item:
+            continue
+        kwargs = {}
+        if item != "default":
+            for pair in item.split(","):
+                key, _, value = pair.partition("=")
+                kwargs[key.strip()] = ast.literal_eval(value.strip())
+        configs.append(cls(**kwargs))
+    return configs
 
 
 class Bench:
@@ -74,6 +98,8 @@ class Bench:
         return time.perf_counter() - self.start > self.args.budget_s
 
     def run(self, name, fn):
+        if self.args.only and name != "env" and name not in self.args.only:
+            return
         rows: list[dict] = []
         sec = self.sections[name] = {"rows": rows, "errors": []}
         t0 = time.perf_counter()
@@ -185,7 +211,7 @@ def correctness(b: Bench, rows, sec):
     decode_cases = [
         ("decode-llama-bf16", llama, 16, bf16, DecodeConfig()),
         ("decode-llama-bf16-splits", llama, 16, bf16, DecodeConfig(num_splits=4, block_kv=32)),
-        ("decode-llama-bf16-unmasked", llama, 16, bf16, DecodeConfig(masked_loads=False, num_splits=2)),
+        ("decode-llama-bf16-masked", llama, 16, bf16, DecodeConfig(masked_loads=True, num_splits=2)),
         ("decode-smollm2-f32-page8", smol, 8, f32, DecodeConfig()),
     ]
     for name, heads, ps, dt, cfg in decode_cases:
@@ -311,9 +337,10 @@ def sweep(b: Bench, rows, sec):
     s = b.shape
     dtype = jnp.bfloat16
     scale = s["head_dim"] ** -0.5
-    configs = [DecodeConfig(), DecodeConfig(num_warps=8), DecodeConfig(block_kv=64), DecodeConfig(block_kv=256),
-               DecodeConfig(num_stages=3), DecodeConfig(masked_loads=False), DecodeConfig(target_programs=2048),
-               DecodeConfig(num_splits=1)]
+    configs = b.args.decode_configs or [
+        DecodeConfig(), DecodeConfig(num_warps=8), DecodeConfig(block_kv=64), DecodeConfig(block_kv=256),
+        DecodeConfig(num_stages=3), DecodeConfig(masked_loads=False), DecodeConfig(target_programs=2048),
+        DecodeConfig(num_splits=1)]
     if b.args.tiny:
         configs = configs[:2]
     for batch, ctx in b.args.sweep_shapes:
@@ -331,8 +358,9 @@ def sweep(b: Bench, rows, sec):
                             gbps=nbytes / ms / 1e6)
             b.item(sec, rows, f"sweep decode {batch}x{ctx} {cfg}", one)
     n = max(min(b.args.prefill_tokens), 48 if b.args.tiny else 4096)
-    pcfgs = [PrefillConfig(), PrefillConfig(num_warps=4), PrefillConfig(block_kv=32), PrefillConfig(max_rows=64),
-             PrefillConfig(num_stages=3), PrefillConfig(masked_loads=False)]
+    pcfgs = b.args.prefill_configs or [
+        PrefillConfig(), PrefillConfig(num_warps=4), PrefillConfig(block_kv=32), PrefillConfig(max_rows=64),
+        PrefillConfig(num_stages=3), PrefillConfig(masked_loads=False)]
     for cfg in pcfgs[: 2 if b.args.tiny else None]:
         b.item(sec, rows, f"sweep prefill {n} {cfg}", lambda cfg=cfg: dict(
             kernel="prefill", shape=str(n), config=_cfg_str(cfg, PrefillConfig()), **_prefill_time(b, n, cfg)))

@@ -31,19 +31,28 @@ from . import tiles
 from .checks import is_power_of_two, next_power_of_two
 
 
+# Below this many (sequence, KV head) programs the decode kernel uses 32-token loop steps, above it 64:
+# narrower steps give small batches more programs in flight (see the sweep in docs/kernels.md).
+SMALL_GRID_PROGRAMS = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Tuning knobs of the decode kernel (hashable: it is a static argument of the jitted wrapper)."""
 
-    block_kv: int = 128  # KV tokens per loop step (rounded to whole pages, at least 16)
+    # KV tokens per loop step (rounded to whole pages, at least 16). None picks by occupancy: 32 when
+    # batch * num_kv_heads <= SMALL_GRID_PROGRAMS, else 64 (measured on an H200, docs/kernels.md).
+    block_kv: int | None = None
     num_splits: int | None = None  # split-K partitions per sequence; None: from target_programs
-    target_programs: int = 512  # heuristic: splits ~ target_programs / (batch * num_kv_heads)
-    masked_loads: bool = True  # False: unmasked page gather as in JAX's shipped kernel
+    target_programs: int = 1024  # heuristic: splits ~ target_programs / (batch * num_kv_heads)
+    # False (default, faster on the H200): gather whole pages as JAX's shipped kernel does and zero the
+    # slots past the context afterwards. True: masked gather, no memory traffic past the context.
+    masked_loads: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
-        if not is_power_of_two(self.block_kv):
+        if self.block_kv is not None and not is_power_of_two(self.block_kv):
             raise ValueError(f"DecodeConfig.block_kv must be a power of two, got {self.block_kv}")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"DecodeConfig.num_splits must be >= 1 or None, got {self.num_splits}")
@@ -71,7 +80,10 @@ def plan_decode(
     group = num_q_heads // num_kv_heads
     rows = max(16, next_power_of_two(group))
     # Loop-step width: whole pages, at least 16 tokens (tl.dot minimum), no wider than the table needs.
-    pages_per_block = max(1, config.block_kv // page_size, 16 // page_size)
+    block_kv = config.block_kv
+    if block_kv is None:
+        block_kv = 32 if batch * num_kv_heads <= SMALL_GRID_PROGRAMS else 64
+    pages_per_block = max(1, block_kv // page_size, 16 // page_size)
     pages_per_block = min(pages_per_block, max(next_power_of_two(pages_per_seq), 16 // page_size, 1))
     blocks_per_seq = pl.cdiv(pages_per_seq, pages_per_block)
     if config.num_splits is None:

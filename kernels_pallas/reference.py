@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+# The references are ground truth: full float32 matmuls, also on GPUs whose default float32 matmul is TF32.
+_EXACT = lax.Precision.HIGHEST
 
 
 def write_kv_reference(
@@ -68,11 +72,11 @@ def paged_decode_attention_reference(
     k = _gather_context(k_pages, block_tables).astype(jnp.float32)  # [batch, kvh, L, d]
     v = _gather_context(v_pages, block_tables).astype(jnp.float32)
     qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("bhgd,bhld->bhgl", qg, k) * scale
+    scores = jnp.einsum("bhgd,bhld->bhgl", qg, k, precision=_EXACT) * scale
     mask = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [batch, L]
     w = _masked_softmax_weights(scores, mask[:, None, None, :])
     v = jnp.where(mask[:, None, :, None], v, 0.0)  # slots past the context may hold garbage (even NaN)
-    out = jnp.einsum("bhgl,bhld->bhgd", w, v)
+    out = jnp.einsum("bhgl,bhld->bhgd", w, v, precision=_EXACT)
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
 
@@ -101,7 +105,7 @@ def ragged_paged_attention_reference(
     pos_t = seq_lens[seq_of_t] - q_len[seq_of_t] + (t - query_start_loc[seq_of_t])  # [T]
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
     # Scores of every token against every sequence's context, masked to its own sequence's causal prefix.
-    scores = jnp.einsum("thgd,shld->thgsl", qg, k) * scale  # [T, kvh, g, S, L]
+    scores = jnp.einsum("thgd,shld->thgsl", qg, k, precision=_EXACT) * scale  # [T, kvh, g, S, L]
     own = seq_of_t[:, None] == jnp.arange(num_seqs)[None, :]  # [T, S]
     causal = jnp.arange(ctx)[None, :] <= pos_t[:, None]  # [T, L]
     mask = own[:, :, None] & causal[:, None, :] & valid_t[:, None, None]  # [T, S, L]
@@ -110,5 +114,5 @@ def ragged_paged_attention_reference(
     w = w.reshape(scores.shape)
     in_ctx = jnp.arange(ctx)[None, :] < seq_lens[:, None]  # [S, L]
     v = jnp.where(in_ctx[:, None, :, None], v, 0.0)  # slots past the context may hold garbage (even NaN)
-    out = jnp.einsum("thgsl,shld->thgd", w, v)
+    out = jnp.einsum("thgsl,shld->thgd", w, v, precision=_EXACT)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -18,8 +18,8 @@ BATCH, KV_HEADS, PAGES_PER_SEQ = 6, 2, 5
 SCALE = 0.17
 
 ONE_BLOCK = DecodeConfig()  # tiny tables: one split, one loop step
-MULTI_BLOCK = DecodeConfig(block_kv=16, target_programs=1)  # one split, several loop steps
-SPLITS = DecodeConfig(block_kv=16, num_splits=3)  # split-K with an uneven last split
+MULTI_BLOCK = DecodeConfig(block_kv=16, target_programs=1, masked_loads=True)  # one split, several loop steps
+SPLITS = DecodeConfig(block_kv=16, num_splits=3, masked_loads=True)  # split-K with an uneven last split
 UNMASKED = DecodeConfig(block_kv=16, num_splits=2, masked_loads=False)  # shipped-kernel style loads
 
 # (q heads per KV head, head_dim, page_size, dtype, config): every ratio, head dim, page size, dtype and
@@ -107,14 +107,18 @@ def test_decode_under_jit_and_default_backend_is_reference_on_cpu():
 
 def test_decode_plan_tiles_are_powers_of_two_and_cover_the_table():
     # Group 3 (SmolLM2) pads to 16 rows, group 32 to 32; splits cover every page of the table.
-    p = plan_decode(DecodeConfig(), batch=4, num_q_heads=9, num_kv_heads=3, page_size=16, pages_per_seq=256)
+    p = plan_decode(DecodeConfig(block_kv=128, target_programs=512), batch=4, num_q_heads=9, num_kv_heads=3,
+                    page_size=16, pages_per_seq=256)
     assert p.rows == 16 and p.pages_per_block == 8
     # 4 * 3 programs -> 512 / 12 -> 64 wanted splits, capped at one loop step each (256 / 8 = 32).
     assert p.num_splits == 32 and p.pages_per_split == 8
+    # Default loop step by occupancy: 32 tokens (2 pages) for a small grid, 64 (4 pages) for a large one.
+    assert plan_decode(DecodeConfig(), 32, 32, 8, 16, 128).pages_per_block == 2
+    assert plan_decode(DecodeConfig(), 64, 32, 8, 16, 128).pages_per_block == 4
     assert plan_decode(DecodeConfig(), 4, 64, 2, 16, 64).rows == 32
     # Large batch needs no split; small batch with long context gets several.
     assert plan_decode(DecodeConfig(), 256, 32, 8, 16, 256).num_splits == 1
-    small = plan_decode(DecodeConfig(), 2, 32, 8, 16, 256)
+    small = plan_decode(DecodeConfig(block_kv=128, target_programs=512), 2, 32, 8, 16, 256)
     assert small.num_splits == 32 and small.pages_per_split == 8
     # page size 8: a loop step still spans >= 16 tokens.
     assert plan_decode(DecodeConfig(block_kv=8), 1, 8, 8, 8, 3).pages_per_block == 2
