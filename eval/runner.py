@@ -7,7 +7,8 @@ a sweep deduplicates specs before running. Each run writes its artifact-format c
 needs; records stay in the worker. A run that raises is reported as a ``RunResult`` with ``error`` set and the
 sweep goes on.
 
-Parallelism: ``concurrent.futures.ProcessPoolExecutor`` (fork where available), longest runs first, with a
+Parallelism: ``concurrent.futures.ProcessPoolExecutor`` (fork where available and JAX is not loaded, else
+spawn), longest runs first, with a
 tqdm progress bar on stderr.
 """
 
@@ -183,8 +184,12 @@ def execute_run(spec: RunSpec, logs_root: str | Path | None) -> RunResult:
 
 
 def _pool_context():
+    """Fork (cheap start) unless JAX is loaded in this process: forking a multithreaded JAX runtime can
+    deadlock the children, so then a fresh interpreter per worker ("spawn") is used instead."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    if "fork" in methods and "jax" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def run_sweep(
