@@ -24,16 +24,17 @@ def write_kv_reference(
     v: jax.Array,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping: jax.Array,  # [num_tokens] int32; -1 drops the token
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter each token's K/V into ``slot = page * page_size + offset``; slot -1 writes nothing."""
+    """Scatter each token's K/V into ``slot = page * page_size + offset``; slot -1 writes nothing.
+
+    The scatter indexes the 4-D pages directly (page, offset): a reshape to flat slots makes XLA turn a
+    one-token write into a dynamic-update-slice that copies the whole cache on a CPU."""
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
-    num_slots = num_pages * page_size
-    # Out-of-range index + mode="drop" discards padding tokens (negative indices would wrap around).
-    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
-    flat_k = k_pages.reshape(num_kv_heads, num_slots, head_dim)
-    flat_v = v_pages.reshape(num_kv_heads, num_slots, head_dim)
-    flat_k = flat_k.at[:, slots, :].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
-    flat_v = flat_v.at[:, slots, :].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
-    return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
+    # Out-of-range page + mode="drop" discards padding tokens (negative indices would wrap around).
+    page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)
+    offset = jnp.where(slot_mapping < 0, 0, slot_mapping % page_size)
+    k_pages = k_pages.at[:, page, offset, :].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[:, page, offset, :].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages
 
 
 def _gather_context(
