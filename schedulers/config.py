@@ -12,6 +12,7 @@ field                          paper (default)                        ``preset("
 ``offload_ranking``            ``"enst"``                             ``"queue_order"``
 ``upload_only_without_offload`` False                                 True
 ``reserve_blocks``             None: ``max_batch_size`` blocks        None: ``max_batch_size`` blocks
+``reserve_window``             1.0 s: reserve sized from bursts       None: the fixed reserve
 ``swap_overlap_factor``        1.0 (jserve's anti-thrash budget)      None (unlimited)
 =============================  =====================================  ======================================
 
@@ -47,6 +48,12 @@ class SchedulerConfig:
     starvation_check_interval: int = 1  # iterations between starvation checks (artifact: 1000)
     swap_mode: str = "proactive"  # "proactive" | "reactive" | "recompute"
     reserve_blocks: int | None = None  # free device blocks kept for arrivals; None = max_batch_size
+    # Paper: size the reserve from arrival bursts (schedulers/reserve.py): the most prompt blocks that arrived
+    # within any ``reserve_window`` seconds of the last ``reserve_history`` seconds, at least ``reserve_blocks``
+    # and at most ``reserve_cap_fraction`` of the usable device pool. None = the fixed reserve (artifact).
+    reserve_window: float | None = 1.0
+    reserve_history: float = 10.0
+    reserve_cap_fraction: float = 0.1
     offload_ranking: str = "enst"  # "enst" (paper) | "queue_order" (artifact)
     upload_only_without_offload: bool = False  # artifact: upload only in iterations that offload nothing
     # Proactive copies (offload, upload, prefetch) of one step are limited to what the step's estimated
@@ -109,6 +116,21 @@ class SchedulerConfig:
             _check_int(self, "reserve_blocks", 0)
         if self.upload_margin_blocks is not None:
             _check_int(self, "upload_margin_blocks", 0)
+        if self.reserve_window is not None and not (
+            isinstance(self.reserve_window, (int, float)) and self.reserve_window > 0
+        ):
+            raise ValueError(f"SchedulerConfig.reserve_window must be > 0 seconds or None, got {self.reserve_window!r}")
+        if not (isinstance(self.reserve_history, (int, float)) and self.reserve_history > 0):
+            raise ValueError(f"SchedulerConfig.reserve_history must be > 0 seconds, got {self.reserve_history!r}")
+        if self.reserve_window is not None and self.reserve_history < self.reserve_window:
+            raise ValueError(
+                f"SchedulerConfig.reserve_history ({self.reserve_history}) must be >= reserve_window "
+                f"({self.reserve_window})"
+            )
+        if not (isinstance(self.reserve_cap_fraction, (int, float)) and 0 <= self.reserve_cap_fraction <= 1):
+            raise ValueError(
+                f"SchedulerConfig.reserve_cap_fraction must be in [0, 1], got {self.reserve_cap_fraction!r}"
+            )
         if not isinstance(self.extra, dict):
             raise ValueError(f"SchedulerConfig.extra must be a dict, got {type(self.extra).__name__}")
 
@@ -146,6 +168,7 @@ PRESETS: dict[str, dict] = {
         offload_ranking="queue_order",
         upload_only_without_offload=True,
         reserve_blocks=None,
+        reserve_window=None,
         swap_overlap_factor=None,
     ),
 }

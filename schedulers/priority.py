@@ -51,6 +51,7 @@ from .cost import plan_compute_time
 from .plan import StepPlan
 from .policy import PolicyBase, chunk_tokens
 from .request import KVLocation, Request
+from .reserve import BurstReserve
 
 _INF_KEY = (float("inf"),)
 
@@ -93,6 +94,12 @@ class PriorityScheduler(PolicyBase):
         }
         self._deferring = False
         self._deferred: dict[int, tuple[Request, KVLocation]] = {}
+        self._burst = None  # BurstReserve when the reserve is sized from arrival bursts (proactive mode)
+        if config.swap_mode == "proactive" and config.reserve_window is not None:
+            cap = int(config.reserve_cap_fraction * self.blocks.num_usable_device_blocks)
+            self._burst = BurstReserve(
+                config.reserve_window, config.reserve_history, config.effective_reserve_blocks, cap
+            )
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -118,6 +125,12 @@ class PriorityScheduler(PolicyBase):
             yield r
 
     # ------------------------------------------------------------------ index maintenance
+
+    def add(self, request: Request, now: float) -> bool:
+        admitted = super().add(request, now)
+        if admitted and self._burst is not None:  # arrivals size the reserve (schedulers/reserve.py)
+            self._burst.record(now, -(-request.prompt_len // self.config.block_size))
+        return admitted
 
     def _on_admit(self, r: Request, now: float) -> None:
         r.sched_key = self._initial_key(r, now)
@@ -288,7 +301,7 @@ class PriorityScheduler(PolicyBase):
     def _proactive(self, plan: StepPlan, now: float, cutoff: tuple, blocked, in_batch: set[int]) -> None:
         cfg = self.config
         blocks = self.blocks
-        reserve = cfg.effective_reserve_blocks
+        reserve = cfg.effective_reserve_blocks if self._burst is None else self._burst.blocks(now)
         artifact = cfg.upload_only_without_offload
         moved = self._deferred
         exclude = set(in_batch)  # requests that compute or move in this step
