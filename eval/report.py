@@ -67,6 +67,11 @@ Known reasons our numbers differ from the paper's (as best we can tell; nothing 
 8. **Load at a given rate.** Because of 3 and 7, a given arrival rate loads our systems less than the
    artifact's GPU, so Fig 17's breakdown at the paper's rates (0.5..3 req/s) shows less queuing than the
    paper's, and Fig 14's large-batch curves may not reach the SLO within the artifact's rates.
+9. **Chunked prefill at a 2048-token budget.** With batch size 16 and prompts of at most 1024 tokens, a step
+   almost never has more new prompt tokens than the budget, so `cp` rarely chunks; without preemption (which
+   neither system needs at batch 16) its schedule is then FastServe-FCFS's, and the two curves coincide in
+   Fig 18. The artifact's vLLM-CP differs from its FCFS through vLLM's engine (reason 1), and the paper's
+   Fig 18 uses a faster setting where chunking matters more.
 """
 
 
