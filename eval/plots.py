@@ -37,6 +37,7 @@ STYLE = {
     "fastserve-recompute": ("#17becf", "^"),
     "fastserve-artifact": ("#9467bd", "v"),
     "fastserve-nostarve": ("#8c564b", "P"),
+    "fastserve-aging": ("#17becf", "X"),
 }
 BREAKDOWN_COLORS = ("#4c72b0", "#dd8452", "#55a868")
 

@@ -46,6 +46,9 @@ class SchedulerConfig:
     skip_join: bool = True  # False gives naive MLFQ: every job joins Q0
     starvation_threshold: float | None = 3.0  # alpha, seconds without running; None disables promotion
     starvation_check_interval: int = 1  # iterations between starvation checks (artifact: 1000)
+    # What a starved job gets: "to_top" (paper and artifact: promoted to Q0) or "one_level" (aging: one
+    # level up per ``starvation_threshold`` without running).
+    promotion: str = "to_top"
     swap_mode: str = "proactive"  # "proactive" | "reactive" | "recompute"
     reserve_blocks: int | None = None  # free device blocks kept for arrivals; None = max_batch_size
     # Paper: size the reserve from arrival bursts (schedulers/reserve.py): the most prompt blocks that arrived
@@ -105,6 +108,8 @@ class SchedulerConfig:
             _check_real(self, "swap_overlap_factor", low=0.0)
         if self.swap_mode not in SWAP_MODES:
             raise ValueError(f"SchedulerConfig.swap_mode must be one of {SWAP_MODES}, got {self.swap_mode!r}")
+        if self.promotion not in PROMOTIONS:
+            raise ValueError(f"SchedulerConfig.promotion must be one of {PROMOTIONS}, got {self.promotion!r}")
         if self.offload_ranking not in OFFLOAD_RANKINGS:
             raise ValueError(
                 f"SchedulerConfig.offload_ranking must be one of {OFFLOAD_RANKINGS}, got {self.offload_ranking!r}"
@@ -158,6 +163,7 @@ class SchedulerConfig:
 
 SWAP_MODES = ("proactive", "reactive", "recompute")
 OFFLOAD_RANKINGS = ("enst", "queue_order")
+PROMOTIONS = ("to_top", "one_level")
 
 PRESETS: dict[str, dict] = {
     "paper": {},

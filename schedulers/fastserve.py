@@ -118,9 +118,10 @@ class FastServeScheduler(PriorityScheduler):
             if r.starvation_clock + alpha > now:
                 break
             due.append(r)
+        to_top = self.config.promotion == "to_top"
         for r in due:
             if r.priority_level > 0:
-                self._set_level(r, 0)
+                self._set_level(r, 0 if to_top else r.priority_level - 1)
                 self.stats.num_promotions += 1
             r.starvation_clock = now
             self._clock_order.move_to_end(r.request_id)

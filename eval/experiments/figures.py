@@ -116,7 +116,8 @@ def _overall(key, dataset, points, systems, title: str | None = None, **kw) -> P
 def _figures() -> dict[str, FigureDef]:
     main4 = _systems("static", "vllm", "fcfs", "fastserve")
     main3 = _systems("vllm", "fcfs", "fastserve")
-    hazard_systems = _systems("vllm", "fcfs", "fastserve", "fastserve-artifact", "fastserve-nostarve")
+    hazard_systems = _systems("vllm", "fcfs", "fastserve", "fastserve-artifact", "fastserve-nostarve",
+                              "fastserve-aging")
     figs = [
         FigureDef(
             "11",

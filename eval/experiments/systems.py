@@ -47,6 +47,7 @@ SYSTEMS: dict[str, SystemSpec] = {
         _sys("fastserve", "fastserve", "FastServe"),
         _sys("fastserve-artifact", "fastserve", "FastServe (artifact config)", preset="artifact"),
         _sys("fastserve-nostarve", "fastserve", "FastServe (no promotion)", starvation_threshold=None),
+        _sys("fastserve-aging", "fastserve", "FastServe (aging)", promotion="one_level"),
         _sys("mlfq", "mlfq", "MLFQ"),
         _sys("fixed-priority", "fixed-priority", "Fixed-priority"),
         _sys("srpt", "srpt", "SRPT (oracle)"),

@@ -86,6 +86,7 @@ def test_scheduler_configs_follow_the_artifact():
     art = scheduler_config(get_system("fastserve-artifact"), opt, "sharegpt")
     assert art.starvation_check_interval == 1000 and art.num_device_blocks == 925
     assert scheduler_config(get_system("fastserve-nostarve"), opt, "sharegpt").starvation_threshold is None
+    assert scheduler_config(get_system("fastserve-aging"), opt, "sharegpt").promotion == "one_level"
     with pytest.raises(ValueError, match="unknown system 'orca'"):
         get_system("orca")
 

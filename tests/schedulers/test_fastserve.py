@@ -105,6 +105,19 @@ def test_starvation_promotion_moves_an_idle_job_to_the_tail_of_q0_once_per_alpha
     assert s.stats.num_promotions == 1
 
 
+def test_aging_promotes_a_starved_job_one_level_per_alpha():
+    s = _fs(max_batch_size=1, starvation_threshold=0.02, promotion="one_level")
+    s.add(Request("hog", 5, 400), 0.0)
+    low = Request("low", 100, 5)  # joins Q4 (skip-join), never runs while hog is ahead
+    s.add(low, 0.0)
+    levels = []
+    for i in range(7):  # 10 ms steps: low is idle for 20 ms at t = 0.02, 0.04, 0.06
+        _step(s, 0.01 * i, 0.001)
+        levels.append(low.priority_level)
+    assert levels == [4, 4, 3, 3, 2, 2, 1]
+    assert s.stats.num_promotions == 3
+
+
 def test_promotion_is_checked_only_every_interval():
     s = _fs(max_batch_size=1, starvation_threshold=0.01, starvation_check_interval=5)
     s.add(Request("hog", 5, 400), 0.0)

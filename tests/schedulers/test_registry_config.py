@@ -49,6 +49,7 @@ def test_mlfq_is_fastserve_without_skip_join():
         ("swap_mode", "lazy"),
         ("reserve_blocks", -2),
         ("offload_ranking", "random"),
+        ("promotion", "halfway"),
         ("swap_overlap_factor", float("nan")),
         ("reserved_device_ids", (5000,)),
         ("skip_join", "yes"),
