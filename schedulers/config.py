@@ -9,6 +9,7 @@ field                          paper (default)                        ``preset("
 ``q0``                         None: the cost model's batch-1 decode  0.010 s
 ``starvation_threshold``       3.0 s                                  3.0 s
 ``starvation_check_interval``  1 (every iteration)                    1000 iterations
+``promotion``                  ``"to_top"`` (``"one_level"``: aging)  ``"to_top"``
 ``offload_ranking``            ``"enst"``                             ``"queue_order"``
 ``upload_only_without_offload`` False                                 True
 ``reserve_blocks``             None: ``max_batch_size`` blocks        None: ``max_batch_size`` blocks
