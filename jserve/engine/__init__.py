@@ -1,0 +1,12 @@
+"""The serving engine: scheduler-driven iteration loop, host-offloaded paged KV cache, sampling, Python API.
+
+``LLM`` (offline batches and streaming), ``AsyncLLMEngine`` (for servers), ``LLMEngine`` (one iteration per
+``step()``), ``SamplingParams``, ``RequestOutput``.
+"""
+
+from .engine import CompileWatch, EngineConfig, LLMEngine
+from .llm import LLM
+from .outputs import RequestMetrics, RequestOutput
+from .sampling import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics", "CompileWatch"]

