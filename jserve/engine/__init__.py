@@ -4,9 +4,10 @@
 ``step()``), ``SamplingParams``, ``RequestOutput``.
 """
 
+from .async_engine import AsyncLLMEngine
 from .engine import CompileWatch, EngineConfig, LLMEngine
 from .llm import LLM
 from .outputs import RequestMetrics, RequestOutput
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics", "CompileWatch"]
+__all__ = ["LLM", "AsyncLLMEngine", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics", "CompileWatch"]

@@ -93,8 +93,6 @@ class LLM:
             for changed in self.engine.step():
                 if changed is out:
                     yield out
-        if not out.new_token_ids or out.metrics.finish_time is not None:
-            pass
 
     @property
     def stats(self) -> dict:

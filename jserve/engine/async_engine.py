@@ -1,0 +1,117 @@
+"""``AsyncLLMEngine``: an ``LLMEngine`` on a background thread, for asyncio servers.
+
+The engine thread owns the engine (the scheduler, the KV pools, every compiled step; see
+``jserve.engine.kv_cache`` for the buffer rules). Other threads never touch it: ``generate`` and ``abort``
+put commands on a thread-safe queue that the engine thread drains between iterations, and the engine thread
+hands each changed ``RequestOutput`` (a snapshot) back to the caller's event loop with
+``call_soon_threadsafe``. When no request is live the thread sleeps on the queue.
+
+    engine = AsyncLLMEngine(LLMEngine(model, EngineConfig(...)))
+    async for out in engine.generate(prompt_ids, SamplingParams(max_tokens=32), request_id="a"):
+        ...            # out.new_token_ids, out.text when finished
+    engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from typing import AsyncIterator, Hashable
+
+from .engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+__all__ = ["AsyncLLMEngine"]
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[Hashable, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="jserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------- caller side
+
+    async def generate(
+        self, prompt, params: SamplingParams | dict | None = None, request_id: Hashable | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs (one per step that changed it; the last is finished). Cancelling the
+        iteration (e.g. a client disconnect) aborts the request."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine thread stopped: {self.error!r}")
+        rid = f"req-{next(self._ids)}" if request_id is None else request_id
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (loop, q)
+        self._commands.put(("add", rid, prompt, params))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"the engine thread stopped: {item!r}") from item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self._commands.put(("abort", rid))
+
+    def abort(self, request_id: Hashable) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    # ---------------------------------------------------------------------------------- engine thread
+
+    def _emit(self, out: RequestOutput) -> None:
+        target = self._streams.get(out.request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, out.snapshot())
+
+    def _run_command(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, prompt, params = cmd
+            try:
+                out = self.engine.add_request(prompt, params, request_id=rid)
+            except ValueError as e:  # e.g. a duplicate live id
+                out = RequestOutput(rid, None, [], finish_reason="error", error=str(e))
+            if out.finished:
+                self._emit(out)
+        elif cmd[0] == "abort":
+            out = self.engine.get_output(cmd[1])
+            if self.engine.abort(cmd[1]) and out is not None:
+                self._emit(out)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished()
+                try:
+                    cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+                    self._run_command(cmd)
+                    while True:  # drain whatever else arrived
+                        self._run_command(self._commands.get_nowait())
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._emit(out)
+        except BaseException as e:  # surface the failure to every waiting caller
+            self.error = e
+            for loop, q in list(self._streams.values()):
+                loop.call_soon_threadsafe(q.put_nowait, e)
