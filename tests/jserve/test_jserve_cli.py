@@ -26,7 +26,7 @@ def test_generate_prints_the_golden_continuation(capsys):
         (["generate", "--model", "/no/such/model", "--prompt", "hi"], "'/no/such/model'"),
         (["generate", "--model", "llama-3-8b", "--prompt", "hi"], "no tokenizer"),
         (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
-        (["generate", "--prompt", "hi", "--max-new-tokens", "999999"], "max_position_embeddings"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "999999"], "context of"),
         (["nonsense"], "invalid choice"),
     ],
 )
