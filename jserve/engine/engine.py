@@ -190,7 +190,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._t0 = time.perf_counter()
-        self.stats = {"steps": 0, "compute_steps": 0, "tokens": 0, "compiles_after_warmup": 0}
+        self.stats = {"steps": 0, "compute_steps": 0, "tokens": 0, "blocks_out": 0, "blocks_in": 0, "drops": 0,
+                      "compiles_after_warmup": 0}
         self.compile_seconds = self.runner.warmup(progress=cfg.progress)
         self._watch = CompileWatch().__enter__()  # counts any compilation from here on
         self._t0 = time.perf_counter()  # the engine clock starts when it can serve
@@ -322,6 +323,10 @@ class LLMEngine:
             return changed
         self.runner.copy("out", plan.sync_swap_out)
         self.runner.copy("in", plan.sync_swap_in)
+        st = self.stats
+        st["blocks_out"] += len(plan.sync_swap_out) + len(plan.swap_out)
+        st["blocks_in"] += len(plan.sync_swap_in) + len(plan.swap_in)
+        st["drops"] += len(plan.dropped)
         rows: list[BatchRow] = []
         samplers: list[_Sequence | None] = []
         for e in plan.prefill:

@@ -99,11 +99,19 @@ class ModelRunner:
         self.kv = kv
         self.config = config.resolved()
         self.width = self.config.pages_per_seq
-        self._executables: dict[tuple, Callable] = {}
+        # Compiled executables depend only on the model and on shapes, so engines over the same model with the
+        # same pool sizes and buckets share them (kept on the model object).
+        shared = model.__dict__.setdefault("_runner_executables", {})
+        signature = (kv.num_device_pages, kv.num_host_pages, kv.spec, self.width, self.config.max_batch_size, str(kv.device_id))
+        self._executables: dict[tuple, Callable] = shared.setdefault(signature, {})
         self.warmed_up = False
         self.compile_seconds = 0.0
         graphdef = model.graphdef
         device = kv.device_id
+        jitted = model.__dict__.setdefault("_runner_jits", {})
+        if device in jitted:  # one set of traced functions per model and device
+            self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in = jitted[device]
+            return
 
         def step(state, ids, pos, pool, md, temp, top_k, top_p, seed, counter):
             module = nnx.merge(graphdef, state)
@@ -121,6 +129,7 @@ class ModelRunner:
         self._jit_step_copies = jax.jit(step_copies, donate_argnums=(3, 4))
         self._jit_swap_out = jax.jit(functools.partial(gather_to_host, device=device), donate_argnums=(1,))
         self._jit_swap_in = jax.jit(functools.partial(scatter_from_host, device=device), donate_argnums=(0,))
+        jitted[device] = (self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in)
 
     # ------------------------------------------------------------------------------------------ compile
 
