@@ -11,9 +11,10 @@ padded tokens point there; whatever lands in a padding page is never read unmask
 Copies (a whole request's pages at a time; the scheduler never splits a request across pools):
 
 * swap-out ``(device_src -> host_dst)``: gather the device pages of every layer into one contiguous buffer
-  ``[L, 2, kv_heads, n, page, dim]`` on the device, transfer it to ``pinned_host`` memory, scatter it into the
-  host pool there (``compute_on("device_host")``);
-* swap-in ``(host_src -> device_dst)``: gather on the host, transfer, scatter into the device pages.
+  ``[L, 2, kv_heads, n, page, dim]`` on the device (``gather_pages``), transfer it to ``pinned_host`` memory
+  and scatter it into the host pool there (``store_on_host``, ``compute_on("device_host")``);
+* swap-in ``(host_src -> device_dst)``: gather on the host and transfer (``load_from_host``), scatter into
+  the device pages (``scatter_pages``).
 
 ``n`` is padded to a bucket (padding pairs point at the two padding pages), so every copy runs a
 precompiled executable.
@@ -26,12 +27,19 @@ Ordering rules (who touches which buffer, and when):
    reference at once and never touches the donated array again. The device pool is donated to every step.
 3. Critical-path copies (``plan.sync_swap_out`` then ``plan.sync_swap_in``) run as standalone executables
    dispatched before the step, so the step reads their results (JAX orders executables that share buffers).
-4. Overlapped copies (``plan.swap_out``, ``plan.swap_in``) run *inside* the step's executable, so XLA can
-   schedule the transfers concurrently with the layers' compute: the swap-out gather reads the device pool
-   before the step's KV writes (it reads pages no request in the batch writes), and the swap-in scatter is
-   applied to the pool the step returns (it writes pages no request in the batch reads). Copies beyond the
-   step's copy bucket run as standalone executables before the step, which is also correct because the
-   scheduler keeps the sources of overlapped copies allocated until the step ends.
+4. Overlapped copies (``plan.swap_out``, ``plan.swap_in``) are split so that their slow part, the transfer
+   between memory kinds, runs *inside* the step's executable, where XLA schedules it concurrently with the
+   layers' compute: a device-local gather (``gather_pages``, its own executable) stages the swap-out pages
+   before the step; the step transfers that buffer to the host and scatters it into the host pool, and
+   gathers the swap-in pages on the host and transfers them to a staged device buffer; a device-local
+   scatter (``scatter_pages``, its own executable) writes them into the device pool after the step. The
+   step itself never reads or writes the device pool for a copy: doing the gather/scatter inside it made
+   XLA copy the whole pool of every layer to keep the step's in-place KV writes safe (measured in the
+   optimized HLO; a test keeps it out). The ordering is still the plan's: swap-out pages are read before
+   the step writes anything, swap-in pages are written after it (the scheduler guarantees neither is in
+   the batch). Copies beyond the step's copy bucket run as standalone executables before the step, which
+   is also correct because the scheduler keeps the sources of overlapped copies allocated until the step
+   ends.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ import numpy as np
 from jax.experimental.compute_on import compute_on
 from jax.sharding import SingleDeviceSharding
 
-__all__ = ["KVCacheSpec", "KVCache", "gather_to_host", "scatter_from_host", "bucket_pairs"]
+__all__ = ["KVCacheSpec", "KVCache", "gather_pages", "scatter_pages", "store_on_host", "load_from_host",
+           "gather_to_host", "scatter_from_host", "bucket_pairs"]
 
 Pool = list  # per layer (k, v): 2 x [num_kv_heads, num_pages, page_size, head_dim]
 
@@ -73,45 +82,67 @@ def _device_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind=device.default_memory().kind)
 
 
-def gather_to_host(
+def gather_pages(
     device_pool: Pool,
-    host_pool: Pool,
     src: jax.Array,  # [n] int32 device page ids
+) -> jax.Array:  # [L, 2, num_kv_heads, n, page_size, head_dim] on the device
+    """Device-local gather of pages ``src`` of every layer into one contiguous buffer (traceable)."""
+    return jnp.stack([jnp.stack([k[:, src], v[:, src]]) for k, v in device_pool])
+
+
+def scatter_pages(
+    device_pool: Pool,
+    staged: jax.Array,  # [L, 2, num_kv_heads, n, page_size, head_dim] on the device
+    dst: jax.Array,  # [n] int32 device page ids
+) -> Pool:
+    """Device-local scatter of a staged buffer into pages ``dst`` of every layer (traceable)."""
+    return [(k.at[:, dst].set(staged[i, 0]), v.at[:, dst].set(staged[i, 1])) for i, (k, v) in enumerate(device_pool)]
+
+
+def store_on_host(
+    host_pool: Pool,
+    staged: jax.Array,  # [L, 2, num_kv_heads, n, page_size, head_dim] on the device
     dst: jax.Array,  # [n] int32 host page ids
     *,
     device,
 ) -> Pool:
-    """Swap-out: copy device pages ``src`` into host pages ``dst``; returns the new host pool (traceable)."""
-    staged = jnp.stack([jnp.stack([k[:, src], v[:, src]]) for k, v in device_pool])  # [L, 2, kvh, n, ps, d]
-    staged = jax.device_put(staged, _host_sharding(device))
-    dst_host = jax.device_put(dst, _host_sharding(device))
+    """Transfer a staged buffer to ``pinned_host`` memory and scatter it into host pages ``dst`` there."""
+    host = _host_sharding(device)
+    staged = jax.device_put(staged, host)
 
     @compute_on("device_host")
     def scatter(pool, staged, dst):
         return [(k.at[:, dst].set(staged[i, 0]), v.at[:, dst].set(staged[i, 1])) for i, (k, v) in enumerate(pool)]
 
     # Say where the result lives: compute_on's outputs are otherwise typed as device memory.
-    return jax.device_put(scatter(host_pool, staged, dst_host), _host_sharding(device))
+    return jax.device_put(scatter(host_pool, staged, jax.device_put(dst, host)), host)
 
 
-def scatter_from_host(
-    device_pool: Pool,
+def load_from_host(
     host_pool: Pool,
     src: jax.Array,  # [n] int32 host page ids
-    dst: jax.Array,  # [n] int32 device page ids
     *,
     device,
-) -> Pool:
-    """Swap-in: copy host pages ``src`` into device pages ``dst``; returns the new device pool (traceable)."""
+) -> jax.Array:  # [L, 2, num_kv_heads, n, page_size, head_dim] on the device
+    """Gather host pages ``src`` on the host and transfer them to the device as one staged buffer."""
+    host = _host_sharding(device)
 
     @compute_on("device_host")
     def gather(pool, src):
-        return jnp.stack([jnp.stack([k[:, src], v[:, src]]) for k, v in pool])  # [L, 2, kvh, n, ps, d]
+        return jnp.stack([jnp.stack([k[:, src], v[:, src]]) for k, v in pool])
 
-    host_pool = jax.device_put(host_pool, _host_sharding(device))  # a no-op for a pool already on the host
-    staged = gather(host_pool, jax.device_put(src, _host_sharding(device)))
-    staged = jax.device_put(staged, _device_sharding(device))
-    return [(k.at[:, dst].set(staged[i, 0]), v.at[:, dst].set(staged[i, 1])) for i, (k, v) in enumerate(device_pool)]
+    host_pool = jax.device_put(host_pool, host)  # a no-op for a pool already on the host
+    return jax.device_put(gather(host_pool, jax.device_put(src, host)), _device_sharding(device))
+
+
+def gather_to_host(device_pool: Pool, host_pool: Pool, src: jax.Array, dst: jax.Array, *, device) -> Pool:
+    """Swap-out: device pages ``src`` -> host pages ``dst``; returns the new host pool (traceable)."""
+    return store_on_host(host_pool, gather_pages(device_pool, src), dst, device=device)
+
+
+def scatter_from_host(device_pool: Pool, host_pool: Pool, src: jax.Array, dst: jax.Array, *, device) -> Pool:
+    """Swap-in: host pages ``src`` -> device pages ``dst``; returns the new device pool (traceable)."""
+    return scatter_pages(device_pool, load_from_host(host_pool, src, device=device), dst)
 
 
 def bucket_pairs(

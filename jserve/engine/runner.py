@@ -31,7 +31,8 @@ from flax import nnx
 
 from kernels_pallas import AttentionMetadata
 
-from .kv_cache import KVCache, bucket_pairs, gather_to_host, scatter_from_host
+from .kv_cache import (KVCache, bucket_pairs, gather_pages, gather_to_host, load_from_host, scatter_from_host,
+                       scatter_pages, store_on_host)
 from .sampling import SamplingArrays, sample_tokens
 
 __all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "powers_of_two"]
@@ -110,7 +111,8 @@ class ModelRunner:
         device = kv.device_id
         jitted = model.__dict__.setdefault("_runner_jits", {})
         if device in jitted:  # one set of traced functions per model and device
-            self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in = jitted[device]
+            (self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in, self._jit_gather,
+             self._jit_scatter) = jitted[device]
             return
 
         def step(state, ids, pos, pool, md, temp, top_k, top_p, seed, counter):
@@ -119,17 +121,21 @@ class ModelRunner:
             return sample_tokens(logits, temp, top_k, top_p, seed, counter), pool
 
         def step_copies(state, ids, pos, pool, host, md, temp, top_k, top_p, seed, counter,
-                        out_src, out_dst, in_src, in_dst):
-            host = gather_to_host(pool, host, out_src, out_dst, device=device)  # reads pages before the step
+                        staged_out, out_dst, in_src):
+            # Transfers only: the device-local gather/scatter run as their own executables (see kv_cache).
+            host = store_on_host(host, staged_out, out_dst, device=device)
+            staged_in = load_from_host(host, in_src, device=device)
             tokens, pool = step(state, ids, pos, pool, md, temp, top_k, top_p, seed, counter)
-            pool = scatter_from_host(pool, host, in_src, in_dst, device=device)  # writes pages after it
-            return tokens, pool, host
+            return tokens, pool, host, staged_in
 
         self._jit_step = jax.jit(step, donate_argnums=(3,))
         self._jit_step_copies = jax.jit(step_copies, donate_argnums=(3, 4))
         self._jit_swap_out = jax.jit(functools.partial(gather_to_host, device=device), donate_argnums=(1,))
         self._jit_swap_in = jax.jit(functools.partial(scatter_from_host, device=device), donate_argnums=(0,))
-        jitted[device] = (self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in)
+        self._jit_gather = jax.jit(gather_pages)
+        self._jit_scatter = jax.jit(scatter_pages, donate_argnums=(0,))
+        jitted[device] = (self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in,
+                          self._jit_gather, self._jit_scatter)
 
     # ------------------------------------------------------------------------------------------ compile
 
@@ -141,6 +147,7 @@ class ModelRunner:
             keys += [("mixed", t, copies) for t in c.token_buckets]
         if self.kv.num_host_pages > 0:
             keys += [("swap_out", n) for n in c.swap_buckets] + [("swap_in", n) for n in c.swap_buckets]
+            keys += [(op, n) for n in c.copy_buckets if n for op in ("gather", "scatter")]
         else:
             keys = [k for k in keys if k[0] in ("decode", "mixed") and k[2] == 0]
         return keys
@@ -163,6 +170,12 @@ class ModelRunner:
 
     def _compile(self, key: tuple) -> Callable:
         kv = self.kv
+        if key[0] in ("gather", "scatter"):
+            idx = np.zeros(key[1], np.int32)
+            if key[0] == "gather":
+                return self._jit_gather.lower(kv.device, idx).compile()
+            staged = jax.eval_shape(self._jit_gather, kv.device, idx)
+            return self._jit_scatter.lower(kv.device, staged, idx).compile()
         if key[0] in ("swap_out", "swap_in"):
             n = key[1]
             idx = np.zeros(n, np.int32)
@@ -174,8 +187,9 @@ class ModelRunner:
         if copies:
             idx = np.zeros(copies, np.int32)
             ids, pos, md, samp = args
+            staged = jax.eval_shape(self._jit_gather, kv.device, idx)
             return self._jit_step_copies.lower(
-                self.model.state, ids, pos, kv.device, kv.host, md, *samp, idx, idx, idx, idx
+                self.model.state, ids, pos, kv.device, kv.host, md, *samp, staged, idx, idx
             ).compile()
         ids, pos, md, samp = args
         return self._jit_step.lower(self.model.state, ids, pos, kv.device, md, *samp).compile()
@@ -285,9 +299,11 @@ class ModelRunner:
                 out_src[j], out_dst[j] = a, b
             for j, (a, b) in enumerate(swap_in[:copies]):
                 in_src[j], in_dst[j] = a, b
+            staged_out = self._get(("gather", copies))(kv.device, out_src)
             exe = self._get((kind, size, copies))
-            tokens, kv.device, kv.host = exe(self.model.state, ids, pos, kv.device, kv.host, md, *samp,
-                                             out_src, out_dst, in_src, in_dst)
+            tokens, kv.device, kv.host, staged_in = exe(self.model.state, ids, pos, kv.device, kv.host, md, *samp,
+                                                        staged_out, out_dst, in_src)
+            kv.device = self._get(("scatter", copies))(kv.device, staged_in, in_dst)
         else:
             exe = self._get((kind, size, 0))
             tokens, kv.device = exe(self.model.state, ids, pos, kv.device, md, *samp)
