@@ -1,0 +1,179 @@
+"""Engine figures on the current device (a GPU for the real numbers; ``--tiny`` runs anywhere, e.g. a CPU):
+
+* warm-up: executables compiled and the seconds it took;
+* decode step time through the engine's runner (the compiled step the engine serves with: fused sampling,
+  fixed-width block tables) at the given batches and context, and MBU = (weight bytes + KV bytes read) /
+  step time / measured device copy bandwidth;
+* prefill throughput (TFLOP/s) at the given token count against a measured bf16/f32 matmul rate;
+* host<->device swap bandwidth (standalone copy executables, pages of all layers), and the cost of a decode
+  step that carries overlapped copies against one that does not (does XLA hide the transfers?);
+* one end-to-end ``LLM.generate`` under memory pressure (swaps happen) that must produce the same greedy
+  ids as with a roomy cache.
+
+    python benchmarks/engine_gpu.py --preset llama-3-8b --dtype bfloat16 --json out.json
+    python benchmarks/engine_gpu.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(mib: int, reps: int) -> float:
+    """Device-to-device copy rate, bytes read + written per second."""
+    n = mib * 2**20 // 4
+    x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    t = _median_time(lambda: f(x).block_until_ready(), reps)
+    return 2 * n * 4 / t
+
+
+def matmul_rate(dtype, size: int, reps: int) -> float:
+    a = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(2), (size, size), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    t = _median_time(lambda: f(a, b).block_until_ready(), reps)
+    return 2 * size**3 / t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama-3-8b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tiny", action="store_true", help="tiny-llama at tiny sizes (CPU smoke run)")
+    p.add_argument("--batches", default="16,64")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--copy-pages", type=int, default=32)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.preset, a.dtype, a.batches, a.context, a.prefill, a.copy_pages, a.reps = "tiny-llama", "float32", "2,4", 64, 64, 4, 3
+
+    from jserve.engine import EngineConfig, LLMEngine, SamplingParams
+    from jserve.engine.runner import BatchRow
+    from jserve.models import from_config, get_preset
+
+    res: dict = {"device": str(jax.devices()[0]), "platform": jax.default_backend(), "jax": jax.__version__,
+                 "preset": a.preset, "dtype": a.dtype, "date": time.strftime("%Y-%m-%d")}
+    print(f"device {res['device']} jax {jax.__version__} preset {a.preset} {a.dtype}", flush=True)
+    bw = copy_bandwidth(64 if a.tiny else 2048, a.reps)
+    mm_dtype = jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32
+    mm = matmul_rate(mm_dtype, 512 if a.tiny else 8192, a.reps)
+    res.update(copy_bandwidth_Bps=bw, matmul_flops=mm)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; {a.dtype} matmul {mm / 1e12:.1f} TFLOP/s", flush=True)
+
+    model = from_config(get_preset(a.preset, a.dtype))
+    mc = model.config
+    batches = [int(x) for x in a.batches.split(",")]
+    page = 16
+    ctx_pages = -(-(a.context + 1) // page)
+    max_len = max(a.context + 64, a.prefill + page)
+    num_pages = max(batches) * ctx_pages + -(-a.prefill // page) + 2 * a.copy_pages + 2
+    cfg = EngineConfig(scheduler="fcfs", max_batch_size=max(batches), max_tokens_per_batch=max(a.prefill, max(batches)),
+                       max_model_len=max_len, num_device_blocks=num_pages, num_host_blocks=2 * a.copy_pages,
+                       decode_buckets=tuple(batches), token_buckets=(max(a.prefill, max(batches)),),
+                       copy_buckets=(0, a.copy_pages), swap_buckets=(a.copy_pages,), progress=False)
+    t0 = time.perf_counter()
+    engine = LLMEngine(model, cfg)
+    runner = engine.runner
+    res["warmup_s"] = time.perf_counter() - t0
+    res["executables"] = len(runner.executable_keys())
+    print(f"warm-up: {res['executables']} executables in {res['warmup_s']:.1f} s", flush=True)
+
+    weight_bytes = model.weight_bytes
+    kv_token_bytes = engine.kv.spec.page_bytes // page
+    greedy = (SamplingParams(), 0, 0)
+    rng = np.random.default_rng(0)
+    res["decode"] = []
+    for b in batches:
+        rows = [BatchRow([int(rng.integers(mc.vocab_size))], a.context, list(range(i * ctx_pages, (i + 1) * ctx_pages)), greedy)
+                for i in range(b)]
+        t = _median_time(lambda: runner.run(rows), a.reps)
+        kv_bytes = b * (a.context + 1) * kv_token_bytes
+        mbu = (weight_bytes + kv_bytes) / t / (bw / 2)  # bw counts read+write; a step mostly reads
+        # Overlapped copies inside the step: out of pages the batch does not use, into other free pages.
+        free0 = b * ctx_pages
+        outs = [(free0 + j, j) for j in range(a.copy_pages)]
+        ins = [(a.copy_pages + j, free0 + a.copy_pages + j) for j in range(a.copy_pages)]
+        tc = _median_time(lambda: runner.run(rows, outs, ins), a.reps)
+        row = dict(batch=b, context=a.context, step_ms=t * 1e3, mbu=mbu, step_with_copies_ms=tc * 1e3,
+                   copy_pages_each_way=a.copy_pages)
+        res["decode"].append(row)
+        print(f"decode B={b} ctx={a.context}: {t * 1e3:.2f} ms, MBU {mbu:.2f} (weights {weight_bytes / 1e9:.2f} GB + KV "
+              f"{kv_bytes / 1e9:.2f} GB); with {a.copy_pages}+{a.copy_pages} overlapped pages {tc * 1e3:.2f} ms", flush=True)
+
+    rows = [BatchRow(list(map(int, rng.integers(mc.vocab_size, size=a.prefill))), 0, list(range(-(-a.prefill // page))), greedy)]
+    t = _median_time(lambda: runner.run(rows), a.reps)
+    params = sum(int(x.size) for x in jax.tree.leaves(model.state))
+    flops = 2 * params * a.prefill + 2 * mc.num_layers * mc.num_heads * mc.head_dim * a.prefill**2  # causal QK+PV
+    res["prefill"] = dict(tokens=a.prefill, ms=t * 1e3, tflops=flops / t / 1e12, frac_of_matmul=flops / t / mm)
+    print(f"prefill {a.prefill} tokens: {t * 1e3:.1f} ms, {flops / t / 1e12:.1f} TFLOP/s = {flops / t / mm:.2f} of matmul", flush=True)
+
+    pairs_out = [(j, j) for j in range(a.copy_pages)]
+    pairs_in = [(j, a.copy_pages + j) for j in range(a.copy_pages)]
+    nbytes = a.copy_pages * engine.kv.spec.page_bytes
+
+    def out():
+        runner.copy("out", pairs_out)
+        jax.block_until_ready(engine.kv.host)
+
+    def inn():
+        runner.copy("in", pairs_in)
+        jax.block_until_ready(engine.kv.device)
+
+    to, ti = _median_time(out, a.reps), _median_time(inn, a.reps)
+    res["swap"] = dict(pages=a.copy_pages, bytes=nbytes, out_GBps=nbytes / to / 1e9, in_GBps=nbytes / ti / 1e9)
+    print(f"swap {a.copy_pages} pages ({nbytes / 2**20:.0f} MiB): out {nbytes / to / 1e9:.1f} GB/s, in {nbytes / ti / 1e9:.1f} GB/s", flush=True)
+
+    # End to end under memory pressure: the same greedy ids as a roomy engine.
+    prompts = [list(map(int, rng.integers(3, mc.vocab_size, size=int(n)))) for n in rng.integers(20, 200 if not a.tiny else 40, size=6)]
+    sp = SamplingParams(max_tokens=32, ignore_eos=True)
+    small = dict(max_batch_size=4, max_tokens_per_batch=256 if not a.tiny else 64, max_model_len=256 if not a.tiny else 96,
+                 decode_buckets=(4,), token_buckets=(256 if not a.tiny else 64,), copy_buckets=(0, 8), swap_buckets=(8,),
+                 progress=False, num_host_blocks=64)
+    roomy = LLMEngine(model, EngineConfig(scheduler="fcfs", num_device_blocks=80, **small))
+    tight = LLMEngine(model, EngineConfig(scheduler="fastserve", num_device_blocks=20 if not a.tiny else 12, **small))
+    for eng in (roomy, tight):
+        for i, pr in enumerate(prompts):
+            eng.add_request(pr, sp, request_id=i)
+    outs = {}
+    for name, eng in (("roomy", roomy), ("tight", tight)):
+        got = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    got[o.request_id] = o.token_ids
+        outs[name] = got
+    same = outs["roomy"] == outs["tight"]
+    res["pressure"] = dict(identical=same, blocks_out=tight.stats["blocks_out"], drops=tight.stats["drops"],
+                           compiles_after_warmup=tight.stats["compiles_after_warmup"])
+    print(f"memory pressure: identical={same} swapped-out pages={tight.stats['blocks_out']} drops={tight.stats['drops']} "
+          f"compiles after warm-up={tight.stats['compiles_after_warmup']}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
