@@ -10,7 +10,7 @@
 
 from .capacity import SIZING_RULES, activation_headroom_bytes, device_kv_blocks, host_kv_blocks
 from .presets import DEFAULT_PRESET, PRESETS, HardwarePreset, opt13b_calibration, resolve_preset
-from .profile import PROFILE_FORMAT, ProfileError, load_profile, preset_from_dict, profile_dict, save_profile
+from .profile import PROFILE_FORMAT, MixedStepCostModel, ProfileError, load_profile, preset_from_dict, profile_dict, save_profile
 from .roofline import Calibration, RooflineCostModel, calibrate, calibrated_fit
 from .specs import GPUS, MODELS, GPUSpec, ModelSpec
 

@@ -9,6 +9,7 @@ DistServe form of ``schedulers.cost.FittedCostModel``, and writes this file; the
       "name": "smollm2-135m/h100",                 # free text, used in logs and plots
       "prefill_ms": [p0, p1, p2],                   # ms, ms/token, ms/token^2
       "decode_ms": [d0, d1, d2],                    # ms, ms/token of context, ms/request
+      "mixed_decode_ms": [m1, m2],                  # optional: decodes in a step with prefill work
       "block_size": 16,                             # tokens per KV block
       "block_bytes": 13107200,                      # bytes of one block, all layers, K and V, one GPU shard
       "swap": {"bandwidth_bytes_per_s": 2.5e10,     # host<->device copy rate, one direction
@@ -21,6 +22,11 @@ DistServe form of ``schedulers.cost.FittedCostModel``, and writes this file; the
       "provenance": "how and where it was measured" # optional
     }
 
+``mixed_decode_ms`` (written by ``jserve profile``) prices each decode that shares an iteration with prefill
+work at ``m1`` per context token and ``m2`` per request instead of ``d1``/``d2`` (``MixedStepCostModel``);
+without it a mixed iteration costs what ``FittedCostModel`` says. Unknown extra fields (the profiler's raw
+points and fit diagnostics) are ignored.
+
 Either ``num_device_blocks`` or both ``model`` and ``device`` must be present. Every error names the file and
 the field.
 """
@@ -29,8 +35,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from schedulers.cost import FittedCostModel
 
@@ -38,6 +45,31 @@ from .presets import HardwarePreset
 from .specs import GPUSpec, ModelSpec
 
 PROFILE_FORMAT = "jserve-cost-profile/1"
+
+
+@dataclass(frozen=True, slots=True)
+class MixedStepCostModel(FittedCostModel):
+    """``FittedCostModel`` whose mixed iterations (prefill work and decodes together) price each decode at
+    ``m1`` seconds per context token and ``m2`` seconds per request. Prefill-only and decode-only iterations
+    cost exactly what ``FittedCostModel`` says."""
+
+    m1: float = 0.0
+    m2: float = 0.0
+
+    def __post_init__(self) -> None:
+        FittedCostModel.__post_init__(self)
+        for field_name in ("m1", "m2"):
+            value = getattr(self, field_name)
+            if not value >= 0:
+                raise ValueError(f"MixedStepCostModel.{field_name} must be >= 0, got {value!r}")
+
+    def step_time(self, prefill: Sequence[tuple[int, int]], decode_contexts: Sequence[int]) -> float:
+        if not (prefill and decode_contexts):
+            return FittedCostModel.step_time(self, prefill, decode_contexts)
+        t = max(self.p0, self.d0)
+        for n, c in prefill:
+            t += self.p1 * n + self.p2 * (n * n + 2 * n * c)
+        return t + self.m1 * sum(decode_contexts) + self.m2 * len(decode_contexts)
 
 
 class ProfileError(ValueError):
@@ -114,6 +146,13 @@ def preset_from_dict(data: dict, where: str = "profile") -> HardwarePreset:
         swap_latency=latency,
         name=name,
     )
+    if data.get("mixed_decode_ms") is not None:
+        mixed = data["mixed_decode_ms"]
+        if not isinstance(mixed, list) or len(mixed) != 2:
+            raise ProfileError(f"{where}: field 'mixed_decode_ms' must be a list of 2 numbers, got {mixed!r}")
+        m1, m2 = (_number({"mixed_decode_ms": v}, "mixed_decode_ms", where) / 1e3 for v in mixed)
+        fields = {f: getattr(cost, f) for f in FittedCostModel.__dataclass_fields__}
+        cost = MixedStepCostModel(**fields, m1=m1, m2=m2)
     return HardwarePreset(
         name=name,
         cost=cost,
@@ -165,6 +204,8 @@ def profile_dict(preset: HardwarePreset) -> dict:
         "tp": preset.tp,
         "provenance": preset.provenance,
     }
+    if isinstance(cost, MixedStepCostModel):
+        data["mixed_decode_ms"] = [cost.m1 * 1e3, cost.m2 * 1e3]
     if preset.fixed_device_blocks is not None:
         data["num_device_blocks"] = preset.fixed_device_blocks
     if preset.model is not None and preset.gpu is not None:

@@ -56,6 +56,7 @@ class ProfileGrid:
     prefill: tuple[tuple[int, int], ...]
     decode: tuple[tuple[int, int], ...]
     copies: tuple[int, ...]
+    mixed: tuple[tuple[int, int, int, int], ...] = ()  # (num_prompts, prompt_len, num_decodes, decode_context)
     repeats: int = 5
     warmup: int = 2
     overhead_requests: int = 0  # requests in the overhead burst (0: skip the overhead measurement)
@@ -71,6 +72,9 @@ class ProfileGrid:
             for p in pts:
                 if len(p) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in p):
                     raise ValueError(f"ProfileGrid.{name} points must be pairs of ints >= 1, got {p!r}")
+        for p in self.mixed:
+            if len(p) != 4 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in p):
+                raise ValueError(f"ProfileGrid.mixed points must be 4 ints >= 1, got {p!r}")
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.copies):
             raise ValueError(f"ProfileGrid.copies must be ints >= 1, got {self.copies!r}")
 
@@ -98,11 +102,19 @@ def default_grid(engine, quick: bool = False) -> ProfileGrid:
     batches = _spread(1, c.max_batch_size, 4 if quick else 8)
     contexts = _spread(2, engine.max_model_len - 1, 2 if quick else 4)
     decode = [(b, ctx) for b in batches for ctx in contexts]
+    mixed = []
+    if c.max_batch_size >= 2:
+        for n in _spread(1, max_prompt // 2, 3 if quick else 5):
+            for k in _spread(1, c.max_batch_size - 1, 2 if quick else 3):
+                for ctx in _spread(2, engine.max_model_len - 1, 2):
+                    if n + k <= c.max_tokens_per_batch:
+                        mixed.append((1, n, k, ctx))
     copies = tuple(b for b in c.swap_buckets if b <= engine.kv.num_host_pages)
     return ProfileGrid(
         prefill=tuple(dict.fromkeys(prefill)),
         decode=tuple(decode),
         copies=copies,
+        mixed=tuple(mixed),
         repeats=3 if quick else 5,
         warmup=1 if quick else 2,
         overhead_requests=min(2 * c.max_batch_size, 8 if quick else 32),
@@ -163,41 +175,70 @@ class FitResult:
                 "points": list(self.points)}
 
 
-def _fit(features: np.ndarray, times: np.ndarray, labels: Sequence) -> FitResult:
+def _fit(features: np.ndarray, times: np.ndarray, labels: Sequence, groups: Sequence[str] | None = None
+         ) -> dict[str, FitResult] | FitResult:
+    """NNLS on relative error; with ``groups`` (one name per point) the diagnostics are split per group."""
     times = np.asarray(times, np.float64)
     if np.any(times <= 0):
         raise ValueError("measured times must be > 0")
     coef = nnls_fit(features, times, weights=1.0 / times)
     pred = features @ coef
-    ss_res = float(np.sum((times - pred) ** 2))
-    ss_tot = float(np.sum((times - times.mean()) ** 2))
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-    pts = tuple(
-        {"x": list(lab), "measured_ms": float(t) * 1e3, "predicted_ms": float(p) * 1e3, "rel_err": float(p / t - 1)}
-        for lab, t, p in zip(labels, times, pred)
-    )
-    return FitResult(tuple(float(c) for c in coef), r2, pts)
+    names = list(groups) if groups is not None else ["all"] * len(times)
+    out = {}
+    for g in dict.fromkeys(names):
+        idx = [i for i, n in enumerate(names) if n == g]
+        t, p = times[idx], pred[idx]
+        ss_res = float(np.sum((t - p) ** 2))
+        ss_tot = float(np.sum((t - t.mean()) ** 2))
+        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+        pts = tuple({"x": list(labels[i]), "measured_ms": float(times[i]) * 1e3, "predicted_ms": float(pred[i]) * 1e3,
+                     "rel_err": float(pred[i] / times[i] - 1)} for i in idx)
+        out[g] = FitResult(tuple(float(c) for c in coef), r2, pts)
+    return out if groups is not None else out["all"]
+
+
+def _prefill_features(lens_ctx: Sequence[tuple[int, int]]) -> list[float]:
+    """[sum n, sum (n^2 + 2 n c)] of chunks (n new tokens after c cached), as ``FittedCostModel.step_time``."""
+    return [float(sum(n for n, _ in lens_ctx)), float(sum(n * n + 2 * n * c for n, c in lens_ctx))]
 
 
 def fit_cost_model(
     prefill: Sequence[tuple[Sequence[int], float]],  # (prompt lengths of the step, seconds)
     decode: Sequence[tuple[Sequence[int], float]],  # (context lengths of the step, seconds)
     copies: Sequence[tuple[int, float]] = (),  # (blocks copied, seconds)
+    mixed: Sequence[tuple[Sequence[int], Sequence[int], float]] = (),  # (prompt lengths, decode contexts, s)
     *,
     block_bytes: int = 0,
     overhead: float = 0.0,
     name: str = "profile",
-) -> tuple[FittedCostModel, dict[str, FitResult]]:
-    """Fit the DistServe form to measured steps. ``overhead`` (seconds per iteration spent outside the
-    runner) is added to ``p0`` and ``d0`` after the fit. Copies fit ``latency + n * block_bytes / bandwidth``
-    (they need ``block_bytes`` > 0 and at least two distinct sizes; without them the bandwidth is infinite)."""
+) -> tuple[FittedCostModel, dict[str, FitResult], tuple[float, float]]:
+    """Fit the DistServe form to measured steps, all kinds at once, with the simulator's own pricing of each:
+    a prefill step ``p0 + p1*sum(l) + p2*sum(l^2)``, a decode step ``d0 + d1*sum(c) + d2*B``, a mixed step
+    (prompts and decodes together) the prefill terms plus the decode terms over one constant (taken as ``p0``;
+    the fit reports whether ``p0 >= d0`` holds, as the simulator's ``max(p0, d0)`` then agrees). Relative
+    errors are minimized, so short and long steps count alike. ``overhead`` (seconds per iteration spent
+    outside the runner) is added to ``p0`` and ``d0`` after the fit. Copies fit ``latency + n * block_bytes
+    / bandwidth`` (they need ``block_bytes`` > 0 and two sizes; without them the bandwidth is infinite).
+
+    Mixed steps get their own decode terms ``(m1, m2)`` (per context token and per request of a decode that
+    rides in a step with prefill work), returned third: on a CPU the ragged kernel that runs mixed steps
+    prices a decode very differently from the decode kernel. Without mixed points they equal ``(d1, d2)``.
+    Returns ``(cost, fits, (m1, m2))``; ``fits`` has the per-kind diagnostics ("prefill", "decode", "mixed",
+    "copy"), all from one joint fit."""
     if len(prefill) < 3 or len(decode) < 3:
         raise ValueError(f"need at least 3 prefill and 3 decode points, got {len(prefill)} and {len(decode)}")
-    xp = np.array([[1.0, sum(ls), sum(l * l for l in ls)] for ls, _ in prefill])
-    pf = _fit(xp, np.array([t for _, t in prefill]), [list(ls) for ls, _ in prefill])
-    xd = np.array([[1.0, sum(cs), len(cs)] for cs, _ in decode])
-    df = _fit(xd, np.array([t for _, t in decode]), [[len(cs), sum(cs)] for cs, _ in decode])
-    fits = {"prefill": pf, "decode": df}
+    rows, times, labels, groups = [], [], [], []
+    # Columns: p0, p1, p2, d0, d1, d2, m1, m2 (m: decodes riding in a step with prefill work).
+    for ls, t in prefill:
+        rows.append([1.0, *_prefill_features([(n, 0) for n in ls]), 0.0, 0.0, 0.0, 0.0, 0.0])
+        times.append(t), labels.append(list(ls)), groups.append("prefill")
+    for cs, t in decode:
+        rows.append([0.0, 0.0, 0.0, 1.0, float(sum(cs)), float(len(cs)), 0.0, 0.0])
+        times.append(t), labels.append([len(cs), sum(cs)]), groups.append("decode")
+    for ls, cs, t in mixed:
+        rows.append([1.0, *_prefill_features([(n, 0) for n in ls]), 0.0, 0.0, 0.0, float(sum(cs)), float(len(cs))])
+        times.append(t), labels.append([list(ls), len(cs), sum(cs)]), groups.append("mixed")
+    fits = _fit(np.array(rows), np.array(times), labels, groups)
     bandwidth, latency = float("inf"), 0.0
     if copies and len({n for n, _ in copies}) >= 2 and block_bytes > 0:
         xc = np.array([[1.0, n * block_bytes] for n, _ in copies])
@@ -205,11 +246,12 @@ def fit_cost_model(
         latency, per_byte = cf.coef
         bandwidth = 1.0 / per_byte if per_byte > 0 else float("inf")
         fits["copy"] = cf
-    p0, p1, p2 = pf.coef
-    d0, d1, d2 = df.coef
+    p0, p1, p2, d0, d1, d2, m1, m2 = fits["prefill"].coef
+    if not mixed:  # nothing measured: decodes in a mixed step cost what they cost alone
+        m1, m2 = d1, d2
     cost = FittedCostModel(p0 + overhead, p1, p2, d0 + overhead, d1, d2, block_bytes=block_bytes,
                            swap_bandwidth=bandwidth, swap_latency=latency, name=name)
-    return cost, fits
+    return cost, fits, (m1, m2)
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -299,6 +341,7 @@ class ProfileResult:
 
     cost: FittedCostModel
     fits: dict[str, FitResult]
+    mixed_decode: tuple[float, float]  # (m1 s/context token, m2 s/request) of decodes in mixed steps
     overhead_s: float
     num_device_blocks: int  # usable device blocks (the engine's pool minus its padding page)
     block_size: int
@@ -317,6 +360,7 @@ class ProfileResult:
             "name": self.cost.name,
             "prefill_ms": [c.p0 * 1e3, c.p1 * 1e3, c.p2 * 1e3],
             "decode_ms": [c.d0 * 1e3, c.d1 * 1e3, c.d2 * 1e3],
+            "mixed_decode_ms": [self.mixed_decode[0] * 1e3, self.mixed_decode[1] * 1e3],
             "block_size": self.block_size,
             "block_bytes": self.block_bytes,
             "swap": {"bandwidth_bytes_per_s": c.swap_bandwidth, "latency_s": c.swap_latency, "full_duplex": False},
@@ -375,6 +419,11 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
             raise ValueError(f"prefill point ({k} prompts x {n} tokens) does not fit the engine (max_batch_size="
                              f"{c.max_batch_size}, max_tokens_per_batch={c.max_tokens_per_batch}, "
                              f"max_model_len={engine.max_model_len})")
+    for k, n, b, ctx in grid.mixed:
+        if k + b > c.max_batch_size or k * n + b > c.max_tokens_per_batch or n > max_prompt or ctx >= engine.max_model_len:
+            raise ValueError(f"mixed point ({k} prompts x {n} tokens + {b} decodes at context {ctx}) does not fit the "
+                             f"engine (max_batch_size={c.max_batch_size}, max_tokens_per_batch="
+                             f"{c.max_tokens_per_batch}, max_model_len={engine.max_model_len})")
     for b, ctx in grid.decode:
         if b > c.max_batch_size or ctx >= engine.max_model_len:
             raise ValueError(f"decode point (batch {b}, context {ctx}) does not fit the engine (max_batch_size="
@@ -395,6 +444,11 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
         rows = _rows([1] * b, [ctx - 1] * b, pages, vocab)
         decode_pts.append(([ctx] * b, _median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
     say(f"decode: {len(decode_pts)} points")
+    mixed_pts = []
+    for k, n, b, ctx in grid.mixed:
+        rows = _rows([n] * k + [1] * b, [0] * k + [ctx - 1] * b, pages, vocab)
+        mixed_pts.append(([n] * k, [ctx] * b, _median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
+    say(f"mixed: {len(mixed_pts)} points")
     copy_pts, rates = [], {}
     for direction in ("out", "in"):
         for n in grid.copies:
@@ -417,11 +471,12 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
     device = jax.devices()[0]
     device_name = f"{device.platform}:{getattr(device, 'device_kind', '')}"
     label = name or f"{engine.model.config.name}/{device_name}"
-    cost, fits = fit_cost_model(prefill_pts, decode_pts, copy_pts, block_bytes=kv.spec.page_bytes,
+    cost, fits, mixed_decode = fit_cost_model(prefill_pts, decode_pts, copy_pts, mixed_pts, block_bytes=kv.spec.page_bytes,
                                 overhead=overhead, name=label)
     return ProfileResult(
         cost=cost,
         fits=fits,
+        mixed_decode=mixed_decode,
         overhead_s=overhead,
         num_device_blocks=usable,
         block_size=c.page_size,

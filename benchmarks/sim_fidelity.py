@@ -1,0 +1,156 @@
+"""Simulator fidelity: the real engine's mean normalized latency against the simulator's, same workload.
+
+Flow: build one engine (model + buckets + pools); profile it with ``jserve.engine.profiler`` (the engine's
+own compiled buckets); then for each policy and load level, replay a ShareGPT-like workload on the engine in
+real time (``eval.engine_backend.replay``) and simulate the same workload with the same scheduler config,
+the profile as the cost model (both for the policy's predictions and the simulator's clock) and the profile's
+copy link. Prints one table row per run with the relative error of the simulator's mean normalized latency
+(s/token) against the engine's; target within 15%.
+
+Workload: the built-in ShareGPT length profile, lengths scaled by ``max_model_len / 2048`` so the long tail
+fits the model's context; Poisson arrivals at a fraction (``--loads``) of the engine's capacity estimated
+from its profile (``1 / reference_request_time``: one average request's share of a full batch).
+
+    python benchmarks/sim_fidelity.py                    # CPU: tiny Llama sized up (hidden 256, 4 layers)
+    python benchmarks/sim_fidelity.py --quick            # fewer requests, two loads
+    python benchmarks/sim_fidelity.py --model llama-3-8b --dtype bfloat16 --max-model-len 2048 --quick  # GPU
+
+Writes ``--json`` (default ``$OUT/sim_fidelity.json`` when ``$OUT`` is set) with the table and the profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The CPU default: tiny-llama sized so a decode step costs about a millisecond (well above the engine's
+# per-step Python overhead) and a run of ~60 requests takes well under a minute.
+CPU_MODEL = ("tiny-llama", (("hidden_size", 256), ("intermediate_size", 768), ("num_layers", 4), ("num_heads", 8),
+                            ("num_kv_heads", 4), ("head_dim", 32), ("vocab_size", 1024),
+                            ("max_position_embeddings", 1024)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="preset or path (default: tiny-llama sized up, dummy weights)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--policies", default="fcfs,vllm,fastserve")
+    p.add_argument("--loads", default=None, help="comma list of fractions of the estimated capacity")
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=256)
+    p.add_argument("--num-device-blocks", type=int, default=None, help="default: 1.25 full batches of max_model_len")
+    p.add_argument("--num-host-blocks", type=int, default=None, help="default: as many as the device pool")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="fewer requests and two load levels")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.loads is None:
+        args.loads = "0.5,0.9" if args.quick else "0.3,0.6,0.9"
+    args.loads = [float(x) for x in args.loads.split(",")]
+    args.policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    if args.num_requests is None:
+        args.num_requests = 16 if args.quick else 64
+    if min(args.loads) <= 0 or args.num_requests < 1 or args.batch_size < 1 or args.max_model_len < 32:
+        p.error("--loads must be > 0, --num-requests and --batch-size >= 1, --max-model-len >= 32")
+    return args
+
+
+def engine_options(args):
+    from eval.engine_backend import EngineOptions
+    from jserve.engine.runner import powers_of_two
+
+    ps = 16
+    pages_per_seq = -(-args.max_model_len // ps)
+    device = args.num_device_blocks or int(1.25 * args.batch_size * pages_per_seq) + 1
+    host = args.num_host_blocks if args.num_host_blocks is not None else device
+    model, overrides = (args.model, ()) if args.model else CPU_MODEL
+    tokens = args.max_model_len
+    return EngineOptions(
+        model=model, dtype=args.dtype, model_overrides=overrides, max_model_len=args.max_model_len,
+        max_tokens_per_batch=tokens, num_device_blocks=device, num_host_blocks=host, page_size=ps,
+        decode_buckets=powers_of_two(1, args.batch_size), token_buckets=powers_of_two(min(32, tokens), tokens),
+        copy_buckets=(0,), swap_buckets=tuple(b for b in (4, 16, 64) if b <= max(4, host)), seed=args.seed,
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from eval.costmodels.profile import preset_from_dict
+    from eval.engine_backend import build_engine, fit_lengths, reference_request_time, replay, use_policy
+    from eval.metrics import summarize
+    from eval.simulator import CopyLink, simulate
+    from eval.workloads import WorkloadSpec, make_workload
+    from jserve.engine.profiler import default_grid, profile_engine
+    from schedulers import SchedulerConfig, make_scheduler
+
+    t_all = time.perf_counter()
+    opts = engine_options(args)
+    t = time.perf_counter()
+    engine = build_engine(opts, args.batch_size)
+    print(f"engine: {opts.model} {dict(opts.model_overrides) or ''} batch {args.batch_size}, max_model_len "
+          f"{args.max_model_len}, {engine.kv.num_device_pages} device / {engine.kv.num_host_pages} host blocks; "
+          f"built and compiled in {time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
+    prof = profile_engine(engine, default_grid(engine, quick=args.quick))
+    data = prof.to_dict()
+    preset = preset_from_dict(data, "engine profile")
+    cost = preset.cost
+    fits = {k: f"R^2 {f.r2:.3f}, mean |rel err| {f.mean_abs_rel_err:.1%}" for k, f in prof.fits.items()}
+    print(f"profile ({time.perf_counter() - t:.1f} s): prefill_ms {[round(x, 5) for x in data['prefill_ms']]}, "
+          f"decode_ms {[round(x, 5) for x in data['decode_ms']]}, swap {cost.swap_bandwidth / 1e9:.2f} GB/s, "
+          f"overhead {prof.overhead_s * 1e3:.3f} ms/step; fits: {fits}", flush=True)
+
+    base = make_workload(WorkloadSpec(dataset="sharegpt", num_requests=args.num_requests, rate=1.0), args.seed)
+    base = fit_lengths(base, args.max_model_len)
+    pm = sum(w.prompt_len for w in base) / len(base)
+    om = sum(w.output_len for w in base) / len(base)
+    capacity = 1.0 / reference_request_time(cost, pm, om, args.batch_size)
+    print(f"workload: {len(base)} ShareGPT-like requests, mean prompt {pm:.1f} / output {om:.1f} tokens; "
+          f"estimated capacity {capacity:.2f} req/s", flush=True)
+
+    rows = []
+    hdr = f"{'policy':10s} {'load':>5s} {'rate':>7s} {'engine s/tok':>12s} {'sim s/tok':>10s} {'rel err':>8s} " \
+          f"{'eng p95':>8s} {'sim p95':>8s} {'eng ttft':>8s} {'sim ttft':>8s} {'preempt e/s':>11s} {'wall s':>7s}"
+    print(hdr, flush=True)
+    for policy in args.policies:
+        for load in args.loads:
+            rate = load * capacity
+            # The same arrivals at every rate: times at rate 1 divided by the rate (make_workload's rule).
+            work = [type(w)(w.request_id, w.prompt_len, w.output_len, w.arrival_time / rate) for w in base]
+            sched = use_policy(engine, policy, SchedulerConfig.preset("paper"), cost)
+            cfg = sched.config
+            t = time.perf_counter()
+            run = replay(engine, work, seed=args.seed, id_prefix=(policy, load))
+            wall = time.perf_counter() - t
+            sim = simulate(make_scheduler(policy, cfg, cost), work, cost, CopyLink.from_preset(preset))
+            me, ms = summarize(run.records), summarize(sim.records)
+            err = ms["mean_norm_latency"] / me["mean_norm_latency"] - 1
+            pe = sum(r.num_preemptions for r in run.records)
+            psim = sum(r.num_preemptions for r in sim.records)
+            row = dict(policy=policy, load=load, rate=rate, engine=me, sim=ms, rel_err=err, wall_s=wall,
+                       engine_stats=run.stats, sim_stats=sim.stats, engine_preemptions=pe, sim_preemptions=psim,
+                       stop=(run.stop_reason, sim.stop_reason))
+            rows.append(row)
+            print(f"{policy:10s} {load:5.2f} {rate:7.3f} {me['mean_norm_latency']:12.4f} {ms['mean_norm_latency']:10.4f} "
+                  f"{err:+8.1%} {me['p95_norm_latency']:8.4f} {ms['p95_norm_latency']:8.4f} {me['mean_ttft']:8.3f} "
+                  f"{ms['mean_ttft']:8.3f} {pe:5d}/{psim:<5d} {wall:7.1f}", flush=True)
+    worst = max(abs(r["rel_err"]) for r in rows)
+    print(f"worst |relative error| {worst:.1%} (target 15%); total {time.perf_counter() - t_all:.0f} s; "
+          f"compiles during runs: {sum(r['engine_stats']['compiles_during_run'] for r in rows)}")
+    out = args.json or (Path(os.environ["OUT"]) / "sim_fidelity.json" if os.environ.get("OUT") else None)
+    if out:
+        out.write_text(json.dumps({"args": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
+                                   "profile": data, "capacity_rps": capacity, "rows": rows}, indent=1, default=str))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

