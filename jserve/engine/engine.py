@@ -65,7 +65,7 @@ class EngineConfig:
     swap_space_gib: float = 4.0
     decode_buckets: tuple[int, ...] = ()
     token_buckets: tuple[int, ...] = ()
-    copy_buckets: tuple[int, ...] = (0, 32)
+    copy_buckets: tuple[int, ...] | None = None  # None: (0, 32) on an accelerator, (0,) on a CPU
     swap_buckets: tuple[int, ...] = ()
     progress: bool = True  # progress bar while compiling
 

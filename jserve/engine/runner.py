@@ -59,14 +59,22 @@ class RunnerConfig:
     max_model_len: int
     decode_buckets: tuple[int, ...] = ()  # sequence counts of decode-only steps
     token_buckets: tuple[int, ...] = ()  # packed token counts of steps with prefill work
-    copy_buckets: tuple[int, ...] = (0, 32)  # overlapped copy capacity per direction inside a step (0: none)
-    swap_buckets: tuple[int, ...] = ()  # block counts of standalone copy executables
+    # Overlapped-copy capacity per direction inside a step (0: none). None: (0, 32) on an accelerator, (0,) on
+    # a CPU, where nothing overlaps anyway (copies there run as standalone executables before the step).
+    copy_buckets: tuple[int, ...] | None = None
+    swap_buckets: tuple[int, ...] = ()  # block counts of standalone copy executables (default 4, 16, 64, ...)
 
     def resolved(self) -> "RunnerConfig":
         decode = self.decode_buckets or powers_of_two(1, self.max_batch_size)
         tokens = self.token_buckets or powers_of_two(min(64, self.max_tokens_per_batch), self.max_tokens_per_batch)
-        swap = self.swap_buckets or powers_of_two(1, max(8, min(256, self.pages_per_seq)))
-        copies = tuple(sorted(set(self.copy_buckets) | {0}))
+        swap = self.swap_buckets
+        if not swap:
+            top = max(4, min(256, self.pages_per_seq))
+            swap = tuple(b for b in (4, 16, 64, 256) if b < top) + (top,)
+        copies = self.copy_buckets
+        if copies is None:
+            copies = (0,) if jax.default_backend() == "cpu" else (0, 32)
+        copies = tuple(sorted(set(copies) | {0}))
         cfg = dataclasses.replace(self, decode_buckets=tuple(sorted(decode)), token_buckets=tuple(sorted(tokens)),
                                   swap_buckets=tuple(sorted(swap)), copy_buckets=copies)
         if max(cfg.decode_buckets) < cfg.max_batch_size:
