@@ -1,8 +1,13 @@
 """``jserve-eval``: reproduce the paper's figures, run one simulation, or plot existing logs.
 
-    jserve-eval reproduce [--figures 11,12,...] [--quick] [--backend sim] [--out DIR] [--jobs N] [--seed S]
+    jserve-eval reproduce [--figures 11,12,...] [--quick] [--backend sim|engine] [--out DIR] [--jobs N] [--seed S]
     jserve-eval run --system NAME --dataset sharegpt|alpaca --rate R --num-requests N --out DIR
-                    [--seed S] [--batch-size B] [--dataset-path FILE] [--hardware PRESET]
+                    [--seed S] [--batch-size B] [--dataset-path FILE] [--hardware PRESET] [--cost PROFILE.json]
+                    [--backend engine --cost PROFILE.json [--model M] [--max-model-len N] ...]
+
+``--cost PROFILE.json`` (from ``jserve profile``): for the simulator, an alias of ``--hardware PROFILE.json``;
+with ``--backend engine`` it is the engine's own profile, which the policy predicts with and which scales the
+arrival rates from ``--hardware`` (the figure's preset) to the device (``eval.engine_backend``).
     jserve-eval plot --logs DIR --out DIR [--figures ...]
 
 ``reproduce`` writes ``DIR/logs/<group>/exp-*-client-log`` (artifact format), ``DIR/summary.csv`` (one row per
@@ -81,11 +86,47 @@ def _figure_list(text: str) -> list[str]:
 
 def _backend(text: str) -> str:
     if text not in BACKENDS:
-        raise argparse.ArgumentTypeError(
-            f"backend {text!r} is not available: only 'sim' (the simulator) exists so far; the engine backend "
-            "comes with the serving engine"
-        )
+        raise argparse.ArgumentTypeError(f"backend {text!r} is not available; choose from {', '.join(BACKENDS)}")
     return text
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """``--cost`` and the engine backend's model and pool options."""
+    p.add_argument("--cost", default=None, help="cost profile JSON (`jserve profile`): with --backend sim the same "
+                   "as --hardware PATH; with --backend engine the engine's own profile (policy cost model and the "
+                   "device side of the rate scaling)")
+    p.add_argument("--model", default=None, help="engine backend: preset (dummy weights), HF directory or .gguf "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=_positive_int("--max-model-len"), default=512,
+                   help="engine backend: context; workload lengths are scaled by max_model_len/2048 when shorter")
+    p.add_argument("--num-device-blocks", type=_positive_int("--num-device-blocks"), default=None)
+    p.add_argument("--num-host-blocks", type=_positive_int("--num-host-blocks"), default=None)
+
+
+def _engine_options(args):
+    """Validate the engine/cost options; returns EngineOptions for --backend engine, else None (and maps --cost
+    onto --hardware for the simulator)."""
+    from .engine_backend import EngineOptions
+
+    if args.cost is not None:
+        from .costmodels import load_profile
+
+        try:
+            load_profile(args.cost)
+        except ValueError as exc:
+            raise UsageError(f"argument --cost: {exc}") from None
+    if args.backend == "sim":
+        if args.cost is not None:
+            if getattr(args, "hardware", None) not in (None, "opt-13b-a100") and args.hardware != args.cost:
+                raise UsageError("arguments --cost and --hardware: give one of them for the simulator")
+            args.hardware = args.cost
+        return None
+    if args.cost is None:
+        raise UsageError("argument --cost: --backend engine needs the engine's cost profile (run `jserve profile "
+                         "--out P.json` with the same engine settings first)")
+    return EngineOptions(model=args.model, dtype=args.dtype, profile=str(args.cost), max_model_len=args.max_model_len,
+                         num_device_blocks=args.num_device_blocks, num_host_blocks=args.num_host_blocks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--jobs", type=_positive_int("--jobs"), default=None, help="worker processes (default: CPUs)")
     rep.add_argument("--seed", type=_nonneg_int, default=0)
     rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_engine_options(rep)
 
     run = sub.add_parser("run", help="one simulation; writes its artifact-format client log into --out")
     run.add_argument("--system", required=True, help=f"one of {', '.join(SYSTEMS)}")
@@ -114,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arrival", default="poisson", choices=("poisson", "gamma", "uniform"))
     run.add_argument("--cv", type=_positive_float("--cv"), default=1.0, help="burstiness for --arrival gamma")
     run.add_argument("--backend", type=_backend, default="sim")
+    _add_engine_options(run)
 
     plot = sub.add_parser("plot", help="figures, CSVs and report.md from existing client logs")
     plot.add_argument("--logs", required=True, type=Path, help="directory of client logs (searched recursively)")
@@ -157,25 +200,41 @@ def cmd_reproduce(args) -> int:
     from .report import write_csv
     from .runner import result_row, run_sweep
 
+    import dataclasses
+
     t0 = time.perf_counter()
+    args.hardware = None
+    engine = _engine_options(args)
     figs = get_figures(args.figures, quick=args.quick)
-    specs = [s for f in figs for s in figure_specs(f, seed=args.seed)]
+
+    def on_backend(spec):
+        if engine is not None:
+            return dataclasses.replace(spec, backend="engine", engine=engine)
+        if args.cost is not None:
+            return dataclasses.replace(spec, preset=args.cost)
+        return spec
+
+    specs = [on_backend(s) for f in figs for s in figure_specs(f, seed=args.seed)]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     jobs = args.jobs or os.cpu_count() or 1
     unique = len(dict.fromkeys(specs))
-    print(f"jserve-eval: {len(figs)} figures, {unique} simulations on {jobs} processes -> {out}", file=sys.stderr)
+    if engine is not None:
+        jobs = 1
+    print(f"jserve-eval: {len(figs)} figures, {unique} runs ({args.backend}) on {jobs} processes -> {out}", file=sys.stderr)
     results = run_sweep(specs, out / "logs", jobs=jobs, progress=not args.no_progress)
     sweep_s = time.perf_counter() - t0
     write_csv((result_row(r) for r in results.values()), out / "summary.csv")
     header = [
         f"Command: `jserve-eval reproduce{' --quick' if args.quick else ''} --figures "
         f"{','.join(f.fig_id for f in figs)} --seed {args.seed} --backend {args.backend}`",
-        f"Backend: simulator. {unique} runs on {jobs} processes; sweep wall time {sweep_s:.0f} s.",
+        (f"Backend: simulator{f' with cost profile {args.cost}' if args.cost else ''}." if engine is None else
+         f"Backend: the real engine ({engine.model or 'SmolLM2-135M'}, profile {args.cost}); rates scaled to the "
+         "device (docs/eval.md).") + f" {unique} runs on {jobs} processes; sweep wall time {sweep_s:.0f} s.",
         "Quick mode: fewer rates and capped request counts - a smoke run, not a measurement." if args.quick else
         "Full mode: the artifact's rates and request counts.",
     ]
-    lookup = lambda spec: results[spec].metrics if spec in results else None  # noqa: E731
+    lookup = lambda spec: results[on_backend(spec)].metrics if on_backend(spec) in results else None  # noqa: E731
     _write_outputs(figs, lookup, out, results, header)
     failed = sum(1 for r in results.values() if not r.ok)
     total_s = time.perf_counter() - t0
@@ -195,6 +254,7 @@ def cmd_run(args) -> int:
         raise UsageError(f"argument --dataset: unknown dataset {args.dataset!r}; choose sharegpt or alpaca")
     if args.cv != 1.0 and args.arrival != "gamma":
         raise UsageError("argument --cv: only applies with --arrival gamma")
+    engine = _engine_options(args)
     try:
         resolve_preset(args.hardware)
     except ValueError as exc:
@@ -212,12 +272,15 @@ def cmd_run(args) -> int:
         dataset_path=str(args.dataset_path) if args.dataset_path else None,
         log_group=".",
         log_batch_size=args.batch_size != 16,
+        backend=args.backend,
+        engine=engine,
     )
     if args.dataset_path is not None:
         _check_dataset(spec)
     res = execute_run(spec, args.out)
     if not res.ok:
-        print(f"jserve-eval run: the simulation failed: {res.error}", file=sys.stderr)
+        print(f"jserve-eval run: the {'simulation' if args.backend == 'sim' else 'engine run'} failed: {res.error}",
+              file=sys.stderr)
         return 1
     m = res.metrics
     shown = {k: m[k] for k in ("num_finished", "num_unfinished", "mean_norm_latency", "p95_norm_latency",

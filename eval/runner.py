@@ -9,7 +9,8 @@ sweep goes on.
 
 Parallelism: ``concurrent.futures.ProcessPoolExecutor`` (fork where available and JAX is not loaded, else
 spawn), longest runs first, with a
-tqdm progress bar on stderr.
+tqdm progress bar on stderr. Engine-backed specs (``backend="engine"``) replay on the real engine instead
+(``engine_spec_run``), one after another in this process.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from pathlib import Path
 from typing import Iterable
 
 from .costmodels import resolve_preset
+from .engine_backend import EngineOptions
 from .experiments.figures import SLO_PAIRS, slo_metric
 from .experiments.systems import SystemSpec, scheduler_config
 from .simulator import CopyLink, simulate
 
-BACKENDS = ("sim",)
+BACKENDS = ("sim", "engine")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class RunSpec:
     dataset_path: str | None = None
     log_group: str = "opt-13b"
     log_batch_size: bool = False
+    backend: str = "sim"  # "sim" or "engine" (replay on the real engine; see eval.engine_backend)
+    engine: EngineOptions | None = None  # the engine backend's model, pools and cost profile
 
     def log_name(self) -> str:
         from .artifact_log import log_filename
@@ -132,6 +136,45 @@ def simulate_spec(spec: RunSpec, *, record_requests: bool = False, check: bool =
     )
 
 
+_ENGINES: dict = {}  # (EngineOptions, batch size) -> the warmed-up engine of this process
+
+
+def engine_spec_run(spec: RunSpec):
+    """Replay ``spec``'s workload on the real engine: lengths fitted to the model's context, rates scaled from
+    ``spec.preset`` to the engine's profile (``eval.engine_backend``). Returns (records, stop_reason, stats)."""
+    import dataclasses
+
+    from .costmodels import load_profile
+    from .engine_backend import build_engine, fit_lengths, rate_scale, replay, use_policy
+    from .workloads import make_workload
+
+    opts = spec.engine or EngineOptions()
+    if opts.profile is None:
+        raise ValueError("the engine backend needs the engine's cost profile: run `jserve profile --out P.json` "
+                         "with the same engine settings and pass --cost P.json")
+    device = load_profile(opts.profile)
+    preset = resolve_preset(spec.preset)
+    key = (opts, spec.batch_size)
+    if key not in _ENGINES:
+        _ENGINES.clear()  # one engine per process at a time
+        _ENGINES[key] = build_engine(opts, spec.batch_size)
+    engine = _ENGINES[key]
+    wspec = spec.workload_spec()
+    workload = make_workload(wspec, spec.seed)
+    fitted = fit_lengths(workload, engine.max_model_len, wspec.max_total_len)
+
+    def means(ws):
+        return (sum(w.prompt_len for w in ws) / len(ws), sum(w.output_len for w in ws) / len(ws))
+
+    scale = rate_scale(preset.cost, device.cost, means(workload), means(fitted), spec.batch_size)
+    fitted = [dataclasses.replace(w, arrival_time=w.arrival_time / scale) for w in fitted]
+    config = scheduler_config(spec.system, preset, spec.dataset, batch_size=spec.batch_size)
+    use_policy(engine, spec.system.policy, config, device.cost)
+    run = replay(engine, fitted, seed=spec.seed, id_prefix=(spec.system.label, spec.rate, spec.seed))
+    stats = dict(run.stats, rate_scale=scale, device_rate=spec.rate * scale, profile=opts.profile)
+    return run.records, run.stop_reason, stats
+
+
 def _json_safe(d: dict) -> dict:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in d.items()}
 
@@ -141,9 +184,15 @@ def execute_run(spec: RunSpec, logs_root: str | Path | None) -> RunResult:
     Never raises: a failure comes back as ``RunResult.error``."""
     t0 = time.perf_counter()
     try:
-        sim = simulate_spec(spec)
-        metrics = run_metrics(sim.records)
-        metrics["stop_reason"] = sim.stop_reason
+        if spec.backend == "engine":
+            records, stop_reason, stats = engine_spec_run(spec)
+        elif spec.backend == "sim":
+            sim = simulate_spec(spec)
+            records, stop_reason, stats = sim.records, sim.stop_reason, sim.stats
+        else:
+            raise ValueError(f"unknown backend {spec.backend!r}; choose from {BACKENDS}")
+        metrics = run_metrics(records)
+        metrics["stop_reason"] = stop_reason
         log_path = None
         if logs_root is not None:
             from .artifact_log import write_client_log
@@ -165,16 +214,18 @@ def execute_run(spec: RunSpec, logs_root: str | Path | None) -> RunResult:
                 "batch_size": spec.batch_size,
                 "hardware": spec.preset,
                 "seed": spec.seed,
-                "backend": "sim",
-                "stop_reason": sim.stop_reason,
+                "backend": spec.backend,
+                "stop_reason": stop_reason,
             }
+            if spec.engine is not None:
+                header["engine"] = {k: v for k, v in asdict(spec.engine).items()}
             extra = [
                 "jserve-run: " + json.dumps(header, default=str),
-                "jserve-sim-stats: " + json.dumps(_json_safe(sim.stats)),
+                f"jserve-{spec.backend}-stats: " + json.dumps(_json_safe(stats), default=str),
             ]
-            write_client_log(log_path, sim.records, extra_lines=extra)
+            write_client_log(log_path, records, extra_lines=extra)
         return RunResult(
-            spec, metrics, None, time.perf_counter() - t0, str(log_path) if log_path else None, dict(sim.stats)
+            spec, metrics, None, time.perf_counter() - t0, str(log_path) if log_path else None, dict(stats)
         )
     except Exception as exc:  # a failed run is reported; the sweep continues
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -204,6 +255,8 @@ def run_sweep(
     unique = list(dict.fromkeys(specs))
     unique.sort(key=lambda s: -s.cost_estimate())
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(unique) or 1))
+    if any(s.backend == "engine" for s in unique):
+        jobs = 1  # engine runs are real-time and own the device: strictly one after another, in this process
     results: dict[RunSpec, RunResult] = {}
     bar = _progress(len(unique), desc, progress)
     try:

@@ -28,7 +28,8 @@ def _fails(capsys, argv, *needles):
 def test_bad_input_is_a_usage_error(capsys, tmp_path):
     out = str(tmp_path / "o")
     _fails(capsys, ["reproduce", "--figures", "11,99", "--out", out], "unknown figure 99")
-    _fails(capsys, ["reproduce", "--backend", "engine", "--out", out], "backend 'engine' is not available")
+    _fails(capsys, ["reproduce", "--backend", "gpu", "--out", out], "backend 'gpu' is not available")
+    _fails(capsys, ["reproduce", "--backend", "engine", "--out", out], "--backend engine needs the engine's cost profile")
     base = ["run", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "5", "--out", out]
     _fails(capsys, ["run", "--system", "orca"] + base[1:], "unknown system 'orca'")
     _fails(capsys, ["run", "--system", "fcfs", "--dataset", "lmsys", "--rate", "1", "--num-requests", "5",
