@@ -244,7 +244,11 @@ def fit_cost_model(
         xc = np.array([[1.0, n * block_bytes] for n, _ in copies])
         cf = _fit(xc, np.array([t for _, t in copies]), [[n] for n, _ in copies])
         latency, per_byte = cf.coef
-        bandwidth = 1.0 / per_byte if per_byte > 0 else float("inf")
+        if per_byte > 0:
+            bandwidth = 1.0 / per_byte
+        else:  # timings too noisy for a slope: the largest copy's plain rate (a finite, honest lower bound)
+            n, t = max(copies)
+            bandwidth, latency = n * block_bytes / t, 0.0
         fits["copy"] = cf
     p0, p1, p2, d0, d1, d2, m1, m2 = fits["prefill"].coef
     if not mixed:  # nothing measured: decodes in a mixed step cost what they cost alone

@@ -1,0 +1,114 @@
+"""The engine profiler: the fit recovers known coefficients, a tiny-model profile run writes a file the
+simulator loads, and bad input gets clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from eval.costmodels import MixedStepCostModel, load_profile
+from jserve.engine.profiler import ProfileGrid, fit_cost_model, nnls_fit
+
+TRUE = dict(p0=2e-3, p1=1e-4, p2=3e-7, d0=1.5e-3, d1=5e-7, d2=2e-4, m1=4e-6, m2=8e-4)
+
+
+def _synthetic(noise: float = 0.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    t = TRUE
+    jitter = lambda: 1 + noise * rng.standard_normal()  # noqa: E731
+    prefill = [([n] * k, (t["p0"] + t["p1"] * k * n + t["p2"] * k * n * n) * jitter())
+               for k in (1, 2, 4) for n in (5, 40, 90, 200) if k * n <= 256]
+    decode = [([c] * b, (t["d0"] + t["d1"] * b * c + t["d2"] * b) * jitter()) for b in (1, 3, 8) for c in (10, 100, 250)]
+    mixed = [([n], [c] * b, (t["p0"] + t["p1"] * n + t["p2"] * n * n + t["m1"] * b * c + t["m2"] * b) * jitter())
+             for n in (8, 60) for b in (1, 5) for c in (20, 200)]
+    copies = [(n, 1e-4 + n * 65536 / 4e9) for n in (4, 16, 64)]
+    return prefill, decode, mixed, copies
+
+
+def test_fit_recovers_known_coefficients():
+    prefill, decode, mixed, copies = _synthetic()
+    cost, fits, (m1, m2) = fit_cost_model(prefill, decode, copies, mixed, block_bytes=65536, overhead=1e-4)
+    got = dict(p0=cost.p0 - 1e-4, p1=cost.p1, p2=cost.p2, d0=cost.d0 - 1e-4, d1=cost.d1, d2=cost.d2, m1=m1, m2=m2)
+    for k, v in TRUE.items():
+        assert got[k] == pytest.approx(v, rel=1e-6), k
+    assert cost.swap_bandwidth == pytest.approx(4e9, rel=1e-6)
+    assert cost.swap_latency == pytest.approx(1e-4, rel=1e-6)
+    assert fits["prefill"].r2 == pytest.approx(1.0) and fits["decode"].max_rel_err < 1e-9
+
+
+def test_fit_with_noise_stays_close():
+    prefill, decode, mixed, copies = _synthetic(noise=0.02, seed=3)
+    cost, fits, _ = fit_cost_model(prefill, decode, copies, mixed, block_bytes=65536)
+    assert cost.p1 == pytest.approx(TRUE["p1"], rel=0.15)
+    assert cost.d2 == pytest.approx(TRUE["d2"], rel=0.15)
+    assert fits["decode"].mean_abs_rel_err < 0.05
+
+
+def test_nnls_clamps_negative_coefficients():
+    # y = 2 + 0*x with a point that pulls the unconstrained slope negative.
+    x = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+    y = np.array([3.0, 2.0, 1.0])
+    coef = nnls_fit(x, y)
+    assert coef[1] == 0.0 and coef[0] == pytest.approx(2.0)  # the best constant alone
+    coef = nnls_fit(np.array([[1.0], [2.0]]), np.array([-1.0, -2.0]))
+    assert coef.tolist() == [0.0]
+
+
+def test_grid_validation_names_the_field():
+    with pytest.raises(ValueError, match="ProfileGrid.prefill needs at least 3"):
+        ProfileGrid(prefill=((1, 4),), decode=((1, 2),) * 3, copies=(4, 16))
+    with pytest.raises(ValueError, match="ProfileGrid.repeats"):
+        ProfileGrid(prefill=((1, 4),) * 3, decode=((1, 2),) * 3, copies=(4, 16), repeats=0)
+    with pytest.raises(ValueError, match="need at least 3 prefill"):
+        fit_cost_model([([1], 1.0)], [([1], 1.0)] * 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    from jserve.cli import main
+
+    out = tmp_path_factory.mktemp("prof") / "profile.json"
+    rc = main(["profile", "--model", "tiny-llama", "--out", str(out), "--quick", "--max-model-len", "64",
+               "--max-batch-size", "4", "--token-buckets", "16,64", "--decode-buckets", "2,4",
+               "--num-device-blocks", "24", "--num-host-blocks", "16", "--swap-buckets", "4,16", "--repeats", "2"])
+    assert rc == 0
+    return out
+
+
+def test_profile_run_writes_a_loadable_profile(tiny_profile):
+    data = json.loads(tiny_profile.read_text())
+    assert data["format"] == "jserve-cost-profile/1"
+    assert data["num_device_blocks"] == 23  # the pool minus the engine's padding page
+    assert data["swap"]["full_duplex"] is False and data["swap"]["bandwidth_bytes_per_s"] > 0
+    assert data["block_bytes"] == 2 * 2 * 2 * 16 * 16 * 4  # K+V x layers x kv heads x page x head_dim x f32
+    assert set(data["fit"]) >= {"prefill", "decode", "mixed", "copy"}
+    assert "cpu" in data["provenance"] and data["engine"]["max_model_len"] == 64
+    preset = load_profile(tiny_profile)
+    assert isinstance(preset.cost, MixedStepCostModel)
+    assert preset.fixed_device_blocks == 23
+    assert preset.cost.decode_time(1, 10) > 0 and preset.cost.prefill_time(32) >= preset.cost.prefill_time(1)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
+    (["--model", "tiny-llama", "--max-batch-size", "0"], "--max-batch-size: expected a positive integer"),
+    (["--model", "tiny-llama", "--decode-buckets", "a,b"], "--decode-buckets: expected a comma list"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, argv, needle):
+    from jserve.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--out", str(tmp_path / "p.json"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_missing_out_directory_is_reported(tmp_path, capsys):
+    from jserve.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--model", "tiny-llama", "--out", str(tmp_path / "nope" / "p.json")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
