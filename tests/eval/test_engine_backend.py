@@ -1,0 +1,82 @@
+"""The eval engine backend: lengths and rate scaling by hand, and a real-time replay on a tiny engine that
+returns simulator-shaped records."""
+
+from __future__ import annotations
+
+import pytest
+
+from eval.engine_backend import EngineOptions, build_engine, fit_lengths, rate_scale, reference_request_time, replay, use_policy
+from eval.records import WorkloadRequest
+from schedulers.cost import FittedCostModel
+
+
+def test_fit_lengths_scales_to_the_context():
+    w = [WorkloadRequest(0, 1000, 1048, 0.0), WorkloadRequest(1, 3, 1, 0.5)]
+    out = fit_lengths(w, 256, 2048)
+    assert [(r.prompt_len, r.output_len) for r in out] == [(125, 131), (1, 1)]
+    assert fit_lengths(w, 4096, 2048) == w
+
+
+def test_rate_scale_by_hand():
+    slow = FittedCostModel(0.02, 1e-4, 0.0, 0.02, 0.0, 0.001)
+    fast = FittedCostModel(0.01, 0.5e-4, 0.0, 0.01, 0.0, 0.0005)  # every cost halved
+    # prefill(100) = 0.02 + 0.01 = 0.03; 50 decode steps of batch 4: 50 * (0.02 + 0.004) / 4 = 0.3
+    assert reference_request_time(slow, 100, 50, 4) == pytest.approx(0.33)
+    assert rate_scale(slow, fast, (100, 50), (100, 50), 4) == pytest.approx(2.0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    opts = EngineOptions(model="tiny-llama", max_model_len=64, max_tokens_per_batch=64, num_device_blocks=20,
+                         num_host_blocks=16, decode_buckets=(2, 4), token_buckets=(16, 64), swap_buckets=(4,))
+    return build_engine(opts, 4)
+
+
+def test_replay_returns_simulator_shaped_records(engine):
+    cost = FittedCostModel(1e-3, 1e-5, 0.0, 1e-3, 0.0, 1e-4)
+    use_policy(engine, "fcfs", None, cost)
+    work = [WorkloadRequest(i, 5 + 3 * i, 4 + i, 0.01 * i) for i in range(6)]
+    run = replay(engine, work, seed=1)
+    assert run.stop_reason == "completed" and run.stats["compiles_during_run"] == 0
+    assert [r.request_id for r in run.records] == list(range(6))
+    for w, r in zip(work, run.records):
+        assert r.finished and r.output_len == w.output_len and r.prompt_len == w.prompt_len
+        assert r.arrival_time == w.arrival_time <= r.first_token_time <= r.finish_time
+        assert r.executing_time > 0
+        assert r.queued_time + r.swapping_time + r.executing_time == pytest.approx(r.latency, abs=1e-6)
+    assert not engine.has_unfinished()
+
+
+def test_replay_under_memory_pressure_finishes_everything(engine):
+    # 19 usable blocks of 16 tokens; four 60-token requests need 16 blocks at the end: fastserve's MLFQ keeps
+    # started jobs' KV and must swap; every request still finishes with all its tokens.
+    cost = FittedCostModel(1e-3, 1e-5, 0.0, 1e-3, 0.0, 1e-4, block_bytes=1024, swap_bandwidth=1e9)
+    use_policy(engine, "fastserve", None, cost)
+    work = [WorkloadRequest(i, 20, 40, 0.0) for i in range(6)]
+    run = replay(engine, work, seed=2, id_prefix="pressure")
+    assert all(r.finished and r.output_len == 40 for r in run.records)
+    assert engine.scheduler.config.max_batch_size == 4
+
+
+def test_replay_refuses_a_busy_engine(engine):
+    engine.add_request([1, 2, 3], {"max_tokens": 2, "ignore_eos": True}, request_id="busy")
+    try:
+        with pytest.raises(RuntimeError, match="unfinished"):
+            replay(engine, [WorkloadRequest(0, 3, 2, 0.0)])
+        with pytest.raises(RuntimeError, match="unfinished"):
+            use_policy(engine, "fcfs")
+    finally:
+        engine.run_until_done()
+
+
+def test_cli_engine_backend_needs_a_profile(tmp_path, capsys):
+    from eval.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "2",
+              "--out", str(tmp_path), "--backend", "engine"])
+    assert exc.value.code == 2 and "needs the engine's cost profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "2",
+              "--out", str(tmp_path), "--cost", str(tmp_path / "missing.json")])
+    assert exc.value.code == 2 and "cannot read cost profile" in capsys.readouterr().err
