@@ -341,9 +341,10 @@ class LLMEngine:
             c = r.num_computed_tokens
             rows.append(BatchRow(seq.all_ids[c : c + 1], c, r.blocks, self._sampling(seq)))
             samplers.append(seq)
-        for seq in {id(s): s for s in samplers if s is not None}.values():
-            if seq.output.metrics.first_scheduled_time is None:
-                seq.output.metrics.first_scheduled_time = now
+        for r in plan.batch():
+            m = self._seqs[r.request_id].output.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
         for r in plan.dropped + plan.swapped_out:
             seq = self._seqs.get(r.request_id)
             if seq is not None:
