@@ -245,9 +245,11 @@ class LLMEngine:
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def add_request(self, prompt, params: SamplingParams | dict | None = None,
-                    request_id: Hashable | None = None, arrival_time: float | None = None) -> RequestOutput:
+                    request_id: Hashable | None = None, arrival_time: float | None = None,
+                    oracle_output_len: int | None = None) -> RequestOutput:
         """Queue a request (``arrival_time``: on the engine clock, default now; a replayed trace passes the
-        intended arrival, so a request added late while a step ran counts that wait as queuing). Returns its output object; a refused request (empty or over-long prompt, bad
+        intended arrival, so a request added late while a step ran counts that wait as queuing;
+        ``oracle_output_len``: the true output length, for oracle policies such as ``srpt`` in experiments). Returns its output object; a refused request (empty or over-long prompt, bad
         parameters, a request that can never fit) comes back finished with ``finish_reason == "error"``
         and ``error`` naming the problem, and nothing else is affected."""
         rid = next(self._ids) if request_id is None else request_id
@@ -270,7 +272,7 @@ class LLMEngine:
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
-        req = Request(rid, len(ids), max_new, arrival_time=arrival)
+        req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
         eos = None if sp.ignore_eos else self.model.config.eos_token_id
         if eos is None and not sp.ignore_eos and self.tokenizer is not None:
