@@ -218,7 +218,8 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
                 w = pending[i]
                 outputs[w.request_id] = engine.add_request(
                     prompts[w.request_id], SamplingParams(max_tokens=w.output_len, ignore_eos=True),
-                    request_id=key(w.request_id), arrival_time=t0 + w.arrival_time)
+                    request_id=key(w.request_id), arrival_time=t0 + w.arrival_time,
+                    oracle_output_len=w.output_len)
                 i += 1
             if horizon is not None and now >= horizon:
                 stop = "horizon"
