@@ -10,12 +10,14 @@
 or an already loaded ``jserve.models.Model`` (shared between engines: its weights are not copied).
 Keyword arguments are ``EngineConfig`` fields (``scheduler``, ``max_batch_size``, ``num_device_blocks``,
 ``num_host_blocks``, ``max_model_len``, ...); ``scheduler_preset`` picks ``SchedulerConfig.preset(name)``
-and ``scheduler_options`` overrides its fields.
+and ``scheduler_options`` overrides its fields. ``cost_model`` may be a path to a cost profile written by
+``jserve profile`` (the policy then predicts step times with this device's measured costs).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator, Sequence
 
 from schedulers import SchedulerConfig
@@ -55,6 +57,11 @@ class LLM:
         unknown = sorted(set(engine_options) - known)
         if unknown:
             raise ValueError(f"unknown LLM option(s) {unknown}; known: {sorted(known | {'dtype', 'scheduler_preset', 'scheduler_options'})}")
+        cost = engine_options.get("cost_model")
+        if isinstance(cost, (str, os.PathLike)):  # a cost profile written by `jserve profile`
+            from eval.costmodels.profile import load_profile
+
+            engine_options["cost_model"] = load_profile(cost).cost
         if "scheduler_config" not in engine_options:
             engine_options["scheduler_config"] = SchedulerConfig.preset(scheduler_preset, **(scheduler_options or {}))
         config = EngineConfig(**engine_options)

@@ -181,3 +181,19 @@ def test_abort_frees_device_and_host_blocks(tiny, prompts):
     b = eng.scheduler.blocks
     assert b.num_free_device_blocks == b.num_usable_device_blocks
     assert b.num_free_host_blocks == b.num_host_blocks
+
+
+def test_cost_profile_path_drives_the_policy(tiny, tmp_path):
+    import json
+
+    profile = {"format": "jserve-cost-profile/1", "name": "hand-made", "prefill_ms": [1.0, 0.01, 0.0],
+               "decode_ms": [2.0, 0.001, 0.05], "block_size": 16, "block_bytes": 4096,
+               "swap": {"bandwidth_bytes_per_s": 1e9}, "num_device_blocks": 63}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    llm = LLM(tiny, scheduler="fastserve", cost_model=str(path), **ROOMY)
+    cost = llm.engine.scheduler.cost_model
+    assert abs(cost.decode_time(1, 10) - (2.0 + 0.01 + 0.05) / 1e3) < 1e-12
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="p.json"):
+        LLM(tiny, scheduler="fastserve", cost_model=str(path), **ROOMY)
