@@ -2,11 +2,14 @@
 
 ``backend``: ``"pallas"`` (Pallas lowered for the GPU; needs one), ``"interpret"`` (the same Pallas kernels
 in interpret mode: a slow correctness tool that runs anywhere), ``"reference"`` (the pure-jnp references,
-plain XLA). ``None`` picks ``"pallas"`` on a GPU and ``"reference"`` elsewhere.
+plain XLA; exact ground truth, but they gather the whole block-table width), ``"xla"`` (``xla_paged``: plain
+XLA loops over page chunks up to the longest context; the fast path off-GPU, and ``write_kv`` is the
+reference scatter). ``None`` picks ``"pallas"`` on a GPU and ``"reference"`` elsewhere
+(``checks.serving_backend`` picks ``"xla"`` there instead: what the models use).
 
 ``config`` (optional) tunes the Pallas kernels (``DecodeConfig`` / ``PrefillConfig`` / ``WriteConfig``);
-the references ignore it. Everything here is traceable under ``jax.jit``; shape and dtype errors are raised
-as ``ValueError`` at trace time and name the offending argument.
+the references and the xla backend ignore it. Everything here is traceable under ``jax.jit``; shape and
+dtype errors are raised as ``ValueError`` at trace time and name the offending argument.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from . import checks
 from .decode import DecodeConfig, paged_decode_attention_pallas
 from .kv_write import WriteConfig, write_kv_pallas
 from .ragged import PrefillConfig, ragged_paged_attention_pallas
+from .xla_paged import paged_decode_attention_xla, ragged_paged_attention_xla
 from .reference import (
     paged_decode_attention_reference,
     ragged_paged_attention_reference,
@@ -35,7 +39,7 @@ def _kernel_backend(backend: str | None, k_pages) -> str:
             f"backend='pallas' lowers for a GPU, but the default JAX backend is {jax.default_backend()!r}; "
             "use backend='interpret' (Pallas interpret mode) or 'reference'"
         )
-    if resolved != "reference":
+    if resolved not in ("reference", "xla"):
         checks.check_pallas_blocks(k_pages)
     return resolved
 
@@ -66,6 +70,8 @@ def paged_decode_attention(
     config = _check_config(config, DecodeConfig, "paged_decode_attention")
     if resolved == "reference":
         return _decode_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale)
+    if resolved == "xla":
+        return paged_decode_attention_xla(q, k_pages, v_pages, block_tables, lengths, scale=scale)
     return paged_decode_attention_pallas(
         q, k_pages, v_pages, block_tables, lengths, scale=scale, config=config, interpret=resolved == "interpret"
     )
@@ -90,6 +96,8 @@ def ragged_paged_attention(
     config = _check_config(config, PrefillConfig, "ragged_paged_attention")
     if resolved == "reference":
         return _ragged_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale=scale)
+    if resolved == "xla":
+        return ragged_paged_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale=scale)
     return ragged_paged_attention_pallas(
         q,
         k_pages,
@@ -117,7 +125,7 @@ def write_kv(
     checks.check_write_args(k_pages, v_pages, k, v, slot_mapping)
     resolved = _kernel_backend(backend, k_pages)
     config = _check_config(config, WriteConfig, "write_kv")
-    if resolved == "reference":
+    if resolved in ("reference", "xla"):
         return _write_reference(k_pages, v_pages, k, v, slot_mapping)
     return write_kv_pallas(
         k_pages, v_pages, k, v, slot_mapping, config=config, interpret=resolved == "interpret"

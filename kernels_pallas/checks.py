@@ -13,7 +13,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("pallas", "interpret", "reference")
+BACKENDS = ("pallas", "interpret", "reference", "xla")
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -23,6 +23,14 @@ def resolve_backend(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
+
+
+def serving_backend(backend: str | None) -> str:
+    """The backend a model step should run: an explicit name as given (checked); ``None`` -> the fastest
+    for the platform: ``"pallas"`` on a GPU, ``"xla"`` (context-length loops, ``xla_paged``) elsewhere."""
+    if backend is None:
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return resolve_backend(backend)
 
 
 def is_power_of_two(n: int) -> bool:

@@ -4,7 +4,9 @@ the paged-attention block that writes this step's K/V into the cache and attends
 Parameters are created as zeros of the config dtype; models are always built under ``nnx.eval_shape`` and
 then filled by a weight loader (``jserve.weights``), so building never allocates real memory.
 Parameter names follow Hugging Face's (``q_proj``, ``input_layernorm``...) so the name maps stay readable;
-linear kernels are stored ``[in_features, out_features]`` (the transpose of a torch ``weight``).
+linear weights ``w`` are stored ``[out_features, in_features]`` like a torch ``weight``: XLA:CPU's matmul is
+markedly faster when the contraction runs over the minor axis of both operands (decode at batch 32: the
+SmolLM2 layer matmuls take 25% less time than with ``[in, out]`` kernels; no difference at batch 1).
 """
 
 from __future__ import annotations
@@ -43,14 +45,14 @@ def _zeros(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel + bias``, with ``kernel`` ``[in_features, out_features]``."""
+    """``y = x @ w.T + bias``, with ``w`` ``[out_features, in_features]`` (torch's layout)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: jnp.dtype):
-        self.kernel = _zeros((in_features, out_features), dtype)
+        self.w = _zeros((out_features, in_features), dtype)
         self.bias = _zeros((out_features,), dtype) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in] -> [..., out]
-        y = jnp.matmul(x, self.kernel[...], precision=_precision(x.dtype))
+        y = jnp.einsum("...i,oi->...o", x, self.w[...], precision=_precision(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -165,8 +167,11 @@ def paged_attention(
     backend: str | None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # [T, num_heads, head_dim], updated cache
     """Write this step's K/V into the pages (slot_mapping), then attend: the decode kernel when every
-    sequence has one query token, else ragged prefill attention over the paged context."""
-    kw = {"backend": backend}
+    sequence has one query token, else ragged prefill attention over the paged context.
+
+    ``backend=None`` runs the platform's fastest kernels (``kernels_pallas.checks.serving_backend``: Pallas
+    on a GPU, the ``xla`` context-length loops elsewhere)."""
+    kw = {"backend": kernels_pallas.checks.serving_backend(backend)}
     k_pages, v_pages = kv_cache
     k_pages, v_pages = kernels_pallas.write_kv(k_pages, v_pages, k, v, metadata.slot_mapping, **kw)
     if metadata.decode_only:
