@@ -111,7 +111,7 @@ class LlamaForCausalLM(nnx.Module):
             logits = self.embed_tokens.attend(x)
         else:
             logits = jnp.einsum(
-                "sh,hv->sv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32,
+                "sh,vh->sv", x, self.lm_head.w[...], preferred_element_type=jnp.float32,
                 precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
             )
         return logits.astype(jnp.float32), new_caches

@@ -1,7 +1,7 @@
 """Declared name maps: which checkpoint tensor fills each model parameter, and how it is transformed.
 
 Each architecture and checkpoint format (Hugging Face safetensors, GGUF) gets one function that lists a
-:class:`TensorSpec` per parameter of the jserve model (paths like ``layers.3.self_attn.q_proj.kernel``).
+:class:`TensorSpec` per parameter of the jserve model (paths like ``layers.3.self_attn.q_proj.w``).
 The loader checks the list both ways: every parameter has a tensor in the checkpoint, and every tensor in the
 checkpoint is used or explicitly ignorable (``ignorable``).
 """
@@ -20,14 +20,15 @@ __all__ = ["TensorSpec", "hf_name_map", "gguf_name_map", "hf_ignorable", "gguf_i
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    param: str  # jserve parameter path, "layers.0.self_attn.q_proj.kernel"
+    param: str  # jserve parameter path, "layers.0.self_attn.q_proj.w"
     source: str  # checkpoint tensor name
-    transpose: bool = False  # torch Linear weight [out, in] -> kernel [in, out]
+    transpose: bool = False  # swap the two axes of a 2-D tensor (no jserve parameter needs it today)
     unpermute_heads: int = 0  # GGUF: undo llama.cpp's RoPE row permutation with this many heads
 
 
 def _linear(specs: list[TensorSpec], ours: str, theirs: str, bias: bool, heads: int = 0) -> None:
-    specs.append(TensorSpec(f"{ours}.kernel", f"{theirs}.weight", transpose=True, unpermute_heads=heads))
+    # jserve's Linear.w is [out, in], the layout of torch's Linear.weight and of GGUF matrices: no transpose.
+    specs.append(TensorSpec(f"{ours}.w", f"{theirs}.weight", unpermute_heads=heads))
     if bias:
         specs.append(TensorSpec(f"{ours}.bias", f"{theirs}.bias", unpermute_heads=heads))
 
