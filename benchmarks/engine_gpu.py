@@ -7,8 +7,8 @@
 * prefill throughput (TFLOP/s) at the given token count against a measured bf16/f32 matmul rate;
 * host<->device swap bandwidth (standalone copy executables, pages of all layers), and the cost of a decode
   step that carries overlapped copies against one that does not (does XLA hide the transfers?);
-* one end-to-end ``LLM.generate`` under memory pressure (swaps happen) that must produce the same greedy
-  ids as with a roomy cache.
+* one end-to-end engine run under memory pressure (swaps happen) that must produce the same greedy ids as
+  ``jserve.models.greedy_generate``.
 
     python benchmarks/engine_gpu.py --preset llama-3-8b --dtype bfloat16 --json out.json
     python benchmarks/engine_gpu.py --tiny
@@ -145,26 +145,23 @@ def main(argv=None) -> int:
     res["swap"] = dict(pages=a.copy_pages, bytes=nbytes, out_GBps=nbytes / to / 1e9, in_GBps=nbytes / ti / 1e9)
     print(f"swap {a.copy_pages} pages ({nbytes / 2**20:.0f} MiB): out {nbytes / to / 1e9:.1f} GB/s, in {nbytes / ti / 1e9:.1f} GB/s", flush=True)
 
-    # End to end under memory pressure: the same greedy ids as a roomy engine.
+    # End to end under memory pressure: the same greedy ids as jserve.models.greedy_generate (its own roomy
+    # paged loop, no scheduler), with swaps happening.
+    from jserve.models import greedy_generate
+
     prompts = [list(map(int, rng.integers(3, mc.vocab_size, size=int(n)))) for n in rng.integers(20, 200 if not a.tiny else 40, size=6)]
-    sp = SamplingParams(max_tokens=32, ignore_eos=True)
-    small = dict(max_batch_size=4, max_tokens_per_batch=256 if not a.tiny else 64, max_model_len=256 if not a.tiny else 96,
-                 decode_buckets=(4,), token_buckets=(256 if not a.tiny else 64,), copy_buckets=(0, 8), swap_buckets=(8,),
-                 progress=False, num_host_blocks=64)
-    roomy = LLMEngine(model, EngineConfig(scheduler="fcfs", num_device_blocks=80, **small))
-    tight = LLMEngine(model, EngineConfig(scheduler="fastserve", num_device_blocks=20 if not a.tiny else 12, **small))
-    for eng in (roomy, tight):
-        for i, pr in enumerate(prompts):
-            eng.add_request(pr, sp, request_id=i)
-    outs = {}
-    for name, eng in (("roomy", roomy), ("tight", tight)):
-        got = {}
-        while eng.has_unfinished():
-            for o in eng.step():
-                if o.finished:
-                    got[o.request_id] = o.token_ids
-        outs[name] = got
-    same = outs["roomy"] == outs["tight"]
+    new_tokens = 32
+    reference = greedy_generate(model, prompts, new_tokens)
+    sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    bucket = 256 if not a.tiny else 64
+    tight = LLMEngine(model, EngineConfig(
+        scheduler="fastserve", num_device_blocks=20 if not a.tiny else 12, num_host_blocks=64, max_batch_size=4,
+        max_tokens_per_batch=bucket, max_model_len=bucket + new_tokens, decode_buckets=(4,), token_buckets=(bucket,),
+        copy_buckets=(0, 8), swap_buckets=(8,), progress=False))
+    outs = [tight.add_request(pr, sp, request_id=i) for i, pr in enumerate(prompts)]
+    while tight.has_unfinished():
+        tight.step()
+    same = [o.token_ids for o in outs] == reference
     res["pressure"] = dict(identical=same, blocks_out=tight.stats["blocks_out"], drops=tight.stats["drops"],
                            compiles_after_warmup=tight.stats["compiles_after_warmup"])
     print(f"memory pressure: identical={same} swapped-out pages={tight.stats['blocks_out']} drops={tight.stats['drops']} "

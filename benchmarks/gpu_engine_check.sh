@@ -2,12 +2,11 @@
 # The one-call GPU check for the engine (issue 6) and the decode-kernel tuning left from issue 4.
 # Each part runs under its own time limit so one failure does not lose the rest:
 #   1. versions and the card;
-#   2. benchmarks/engine_gpu.py --tiny: the engine end to end on a tiny model (host offload lowers here);
-#   3. benchmarks/engine_gpu.py: llama-3-8b (dummy bf16) through the engine's runner: decode step time and
+#   2. benchmarks/engine_gpu.py: llama-3-8b (dummy bf16) through the engine's runner: decode step time and
 #      MBU at batch 16/64, context 1K; prefill 2K vs matmul rate; swap bandwidth; overlapped-copy cost;
 #      a memory-pressure run that must give the same greedy ids;
-#   4. kernels_pallas.bench_gpu sweep of DecodeConfig at the three shapes that missed 70% of copy bandwidth;
-#   5. benchmarks/sim_fidelity.py --quick on llama-3-8b (the short ShareGPT fidelity run).
+#   3. kernels_pallas.bench_gpu sweep of DecodeConfig at the three shapes that missed 70% of copy bandwidth;
+#   4. benchmarks/sim_fidelity.py --quick on llama-3-8b (the short ShareGPT fidelity run).
 # Usage (repository root): OUT=/some/dir bash benchmarks/gpu_engine_check.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -18,15 +17,14 @@ if ! python3 -c "from flax import nnx; nnx.List" 2>/dev/null && ls .whl/flax-*.w
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/flax-*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 python3 -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-echo "== engine tiny"; timeout "${TINY_S:-75}" python3 benchmarks/engine_gpu.py --tiny --json "$OUT/engine_tiny.json" 2>&1 | tail -20 | tee "$OUT/engine_tiny.log"
-echo "== engine llama-3-8b"; timeout "${ENGINE_S:-210}" python3 benchmarks/engine_gpu.py --preset llama-3-8b --dtype bfloat16 \
+echo "== engine llama-3-8b"; timeout "${ENGINE_S:-270}" python3 benchmarks/engine_gpu.py --preset llama-3-8b --dtype bfloat16 \
   --json "$OUT/engine.json" 2>&1 | tail -30 | tee "$OUT/engine.log"
-echo "== decode sweep"; timeout "${SWEEP_S:-100}" python3 -m kernels_pallas.bench_gpu --only copy,sweep --no-jax-kernel \
-  --sweep-shapes 32x1024,32x2048,64x1024 --prefill-configs default --budget-s 90 \
+echo "== decode sweep"; timeout "${SWEEP_S:-90}" python3 -m kernels_pallas.bench_gpu --only copy,sweep --no-jax-kernel \
+  --sweep-shapes 32x1024,32x2048,64x1024 --prefill-configs default --budget-s 80 \
   --decode-configs "default;target_programs=512;target_programs=2048;block_kv=16;block_kv=16,target_programs=2048;block_kv=32,target_programs=512,num_warps=2" \
   2>&1 | tail -40 | tee "$OUT/sweep.log"
 if [ -f benchmarks/sim_fidelity.py ]; then
-  echo "== fidelity"; timeout "${FIDELITY_S:-110}" python3 benchmarks/sim_fidelity.py --model llama-3-8b --dtype bfloat16 \
-    --max-model-len 2048 --quick --json "$OUT/sim_fidelity.json" 2>&1 | tail -25 | tee "$OUT/fidelity.log"
+  echo "== fidelity"; timeout "${FIDELITY_S:-150}" python3 benchmarks/sim_fidelity.py --model llama-3-8b --dtype bfloat16 \
+    --max-model-len 2048 --batch-size 16 --quick --json "$OUT/sim_fidelity.json" 2>&1 | tail -25 | tee "$OUT/fidelity.log"
 fi
 echo "== done"
