@@ -12,7 +12,7 @@ Copies (a whole request's pages at a time; the scheduler never splits a request 
 
 * swap-out ``(device_src -> host_dst)``: gather the device pages of every layer into one contiguous buffer
   ``[L, 2, kv_heads, n, page, dim]`` on the device (``gather_pages``), transfer it to ``pinned_host`` memory
-  and scatter it into the host pool there (``store_on_host``, ``compute_on("device_host")``);
+  and scatter it into the host pool there (``store_on_host``, run by the host: ``compute_type="device_host"``);
 * swap-in ``(host_src -> device_dst)``: gather on the host and transfer (``load_from_host``), scatter into
   the device pages (``scatter_pages``).
 
@@ -50,7 +50,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compute_on import compute_on
+import inspect
+
+from jax.experimental import compute_on as _compute_on
 from jax.sharding import SingleDeviceSharding
 
 __all__ = ["KVCacheSpec", "KVCache", "gather_pages", "scatter_pages", "store_on_host", "load_from_host",
@@ -72,6 +74,17 @@ class KVCacheSpec:
         """Bytes of one page (block) of every layer, K and V."""
         itemsize = np.dtype(jnp.dtype(self.dtype)).itemsize
         return 2 * self.num_layers * self.num_kv_heads * self.page_size * self.head_dim * itemsize
+
+
+def _on_host(fn):
+    """``fn`` run by the host (``compute_type="device_host"``), its outputs left in host memory.
+
+    The function-transform spelling is ``compute_on2`` up to jax 0.10 and ``compute_on`` from 0.11 (where
+    the old context-manager ``compute_on`` is gone)."""
+    transform = _compute_on.compute_on
+    if "out_memory_spaces" not in inspect.signature(transform).parameters:
+        transform = _compute_on.compute_on2
+    return transform(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)
 
 
 def _host_sharding(device) -> SingleDeviceSharding:
@@ -110,7 +123,7 @@ def store_on_host(
     host = _host_sharding(device)
     staged = jax.device_put(staged, host)
 
-    @compute_on("device_host")
+    @_on_host
     def scatter(pool, staged, dst):
         return [(k.at[:, dst].set(staged[i, 0]), v.at[:, dst].set(staged[i, 1])) for i, (k, v) in enumerate(pool)]
 
@@ -127,7 +140,7 @@ def load_from_host(
     """Gather host pages ``src`` on the host and transfer them to the device as one staged buffer."""
     host = _host_sharding(device)
 
-    @compute_on("device_host")
+    @_on_host
     def gather(pool, src):
         return jnp.stack([jnp.stack([k[:, src], v[:, src]]) for k, v in pool])
 
