@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                 for i in range(b)]
         t = _median_time(lambda: runner.run(rows), a.reps)
         kv_bytes = b * (a.context + 1) * kv_token_bytes
-        mbu = (weight_bytes + kv_bytes) / t / (bw / 2)  # bw counts read+write; a step mostly reads
+        mbu = (weight_bytes + kv_bytes) / t / bw  # bytes the step must read over the measured copy rate
         # Overlapped copies inside the step: out of pages the batch does not use, into other free pages.
         free0 = b * ctx_pages
         outs = [(free0 + j, j) for j in range(a.copy_pages)]
@@ -162,9 +162,10 @@ def main(argv=None) -> int:
     while tight.has_unfinished():
         tight.step()
     same = [o.token_ids for o in outs] == reference
-    res["pressure"] = dict(identical=same, blocks_out=tight.stats["blocks_out"], drops=tight.stats["drops"],
+    agree = [next((j for j, (x, y) in enumerate(zip(o.token_ids, r)) if x != y), len(r)) for o, r in zip(outs, reference)]
+    res["pressure"] = dict(identical=same, agreeing_prefix=agree, blocks_out=tight.stats["blocks_out"], drops=tight.stats["drops"],
                            compiles_after_warmup=tight.stats["compiles_after_warmup"])
-    print(f"memory pressure: identical={same} swapped-out pages={tight.stats['blocks_out']} drops={tight.stats['drops']} "
+    print(f"memory pressure: identical={same} (agreeing prefix per request {agree} of {new_tokens}) swapped-out pages={tight.stats['blocks_out']} drops={tight.stats['drops']} "
           f"compiles after warm-up={tight.stats['compiles_after_warmup']}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
