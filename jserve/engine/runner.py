@@ -117,14 +117,18 @@ class ModelRunner:
         self.compile_seconds = 0.0
         graphdef = model.graphdef
         device = kv.device_id
+        # The parameters travel as a flat list of arrays: dispatching a compiled executable flattens its
+        # arguments in Python, and an nnx.State of a 30-layer model costs ~0.3 ms per call that way (a list of
+        # the same leaves ~0.05 ms).
+        self._state_leaves, state_tree = jax.tree.flatten(model.state)
         jitted = model.__dict__.setdefault("_runner_jits", {})
         if device in jitted:  # one set of traced functions per model and device
             (self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in, self._jit_gather,
              self._jit_scatter) = jitted[device]
             return
 
-        def step(state, ids, pos, pool, md, temp, top_k, top_p, seed, counter):
-            module = nnx.merge(graphdef, state)
+        def step(state_leaves, ids, pos, pool, md, temp, top_k, top_p, seed, counter):
+            module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
             logits, pool = module(ids, pos, pool, md)
             return sample_tokens(logits, temp, top_k, top_p, seed, counter), pool
 
@@ -197,10 +201,10 @@ class ModelRunner:
             ids, pos, md, samp = args
             staged = jax.eval_shape(self._jit_gather, kv.device, idx)
             return self._jit_step_copies.lower(
-                self.model.state, ids, pos, kv.device, kv.host, md, *samp, staged, idx, idx
+                self._state_leaves, ids, pos, kv.device, kv.host, md, *samp, staged, idx, idx
             ).compile()
         ids, pos, md, samp = args
-        return self._jit_step.lower(self.model.state, ids, pos, kv.device, md, *samp).compile()
+        return self._jit_step.lower(self._state_leaves, ids, pos, kv.device, md, *samp).compile()
 
     def _dummy_inputs(self, t: int, s: int, decode_only: bool):
         return self._pack([], t, s, decode_only)
@@ -309,10 +313,10 @@ class ModelRunner:
                 in_src[j], in_dst[j] = a, b
             staged_out = self._get(("gather", copies))(kv.device, out_src)
             exe = self._get((kind, size, copies))
-            tokens, kv.device, kv.host, staged_in = exe(self.model.state, ids, pos, kv.device, kv.host, md, *samp,
+            tokens, kv.device, kv.host, staged_in = exe(self._state_leaves, ids, pos, kv.device, kv.host, md, *samp,
                                                         staged_out, out_dst, in_src)
             kv.device = self._get(("scatter", copies))(kv.device, staged_in, in_dst)
         else:
             exe = self._get((kind, size, 0))
-            tokens, kv.device = exe(self.model.state, ids, pos, kv.device, md, *samp)
+            tokens, kv.device = exe(self._state_leaves, ids, pos, kv.device, md, *samp)
         return np.asarray(tokens)[: len(rows)]
