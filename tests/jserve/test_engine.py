@@ -105,15 +105,16 @@ def test_stop_ids_max_tokens_and_context_limit(tiny, prompts, reference):
 
 
 def test_eos_stops_unless_ignored(tiny, prompts, reference):
-    eos = tiny.config.eos_token_id
-    # Find a prompt whose greedy continuation contains the end-of-sequence id.
-    cands = [(p, r) for p, r in zip(prompts, reference) if eos in r]
-    if not cands:
-        pytest.skip("no reference continuation hits eos")  # pragma: no cover - data dependent
-    p, r = cands[0]
-    llm = LLM(tiny, scheduler="fcfs", **ROOMY)
-    out = llm.generate([p], SamplingParams(max_tokens=NEW))[0]
-    assert out.token_ids == r[: r.index(eos) + 1] and out.finish_reason == "stop"
+    import dataclasses
+
+    ref = reference[4]
+    eos = ref[6]  # make a token the reference emits the end-of-sequence id (same weights, new config)
+    model = dataclasses.replace(tiny, config=tiny.config.replace(eos_token_id=eos))
+    llm = LLM(model, scheduler="fcfs", **ROOMY)
+    out = llm.generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
+    assert out.token_ids == ref[: ref.index(eos) + 1] and out.finish_reason == "stop"
+    out = llm.generate([prompts[4]], SamplingParams(max_tokens=NEW, ignore_eos=True))[0]
+    assert out.token_ids == ref and out.finish_reason == "length"
 
 
 def test_streaming_yields_each_token(tiny, prompts, reference):
