@@ -34,6 +34,12 @@ from .checks import is_power_of_two, next_power_of_two
 # Below this many (sequence, KV head) programs the decode kernel uses 32-token loop steps, above it 64:
 # narrower steps give small batches more programs in flight (see the sweep in docs/kernels.md).
 SMALL_GRID_PROGRAMS = 256
+# "Small work": at least SMALL_GRID_PROGRAMS programs but at most this many KV tokens over all (sequence, KV
+# head) pairs of the table (batch * num_kv_heads * pages_per_seq * page_size). There the kernel reads
+# 67-134 MB in ~60-110 us and the H200 sweep (docs/kernels.md, run 4) measured 32-token steps, 512 target
+# programs and 2 warps 7-11% faster than the general defaults at all three such points (32 x 1K, 32 x 2K,
+# 64 x 1K with 8 KV heads), so that region gets those; elsewhere the general defaults (measured in run 3).
+SMALL_WORK_KV_TOKENS = 1 << 19
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +47,16 @@ class DecodeConfig:
     """Tuning knobs of the decode kernel (hashable: it is a static argument of the jitted wrapper)."""
 
     # KV tokens per loop step (rounded to whole pages, at least 16). None picks by occupancy: 32 when
-    # batch * num_kv_heads <= SMALL_GRID_PROGRAMS, else 64 (measured on an H200, docs/kernels.md).
+    # batch * num_kv_heads <= SMALL_GRID_PROGRAMS or the call is "small work", else 64 (measured on an H200,
+    # docs/kernels.md).
     block_kv: int | None = None
     num_splits: int | None = None  # split-K partitions per sequence; None: from target_programs
-    target_programs: int = 1024  # heuristic: splits ~ target_programs / (batch * num_kv_heads)
+    # Heuristic: splits ~ target_programs / (batch * num_kv_heads). None: 512 for small work, else 1024.
+    target_programs: int | None = None
     # False (default, faster on the H200): gather whole pages as JAX's shipped kernel does and zero the
     # slots past the context afterwards. True: masked gather, no memory traffic past the context.
     masked_loads: bool = False
-    num_warps: int = 4
+    num_warps: int | None = None  # None: 2 for small work, else 4
     num_stages: int = 2
 
     def __post_init__(self):
@@ -56,9 +64,9 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.block_kv must be a power of two, got {self.block_kv}")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"DecodeConfig.num_splits must be >= 1 or None, got {self.num_splits}")
-        if self.target_programs < 1:
+        if self.target_programs is not None and self.target_programs < 1:
             raise ValueError(f"DecodeConfig.target_programs must be >= 1, got {self.target_programs}")
-        if not is_power_of_two(self.num_warps):
+        if self.num_warps is not None and not is_power_of_two(self.num_warps):
             raise ValueError(f"DecodeConfig.num_warps must be a power of two, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"DecodeConfig.num_stages must be >= 1, got {self.num_stages}")
@@ -72,6 +80,7 @@ class DecodePlan:
     pages_per_block: int  # pages gathered per loop step
     num_splits: int
     pages_per_split: int  # a multiple of pages_per_block; block tables are padded to splits * this
+    num_warps: int = 4
 
 
 def plan_decode(
@@ -80,20 +89,24 @@ def plan_decode(
     group = num_q_heads // num_kv_heads
     rows = max(16, next_power_of_two(group))
     # Loop-step width: whole pages, at least 16 tokens (tl.dot minimum), no wider than the table needs.
+    programs = batch * num_kv_heads
+    small_work = programs >= SMALL_GRID_PROGRAMS and programs * pages_per_seq * page_size <= SMALL_WORK_KV_TOKENS
     block_kv = config.block_kv
     if block_kv is None:
-        block_kv = 32 if batch * num_kv_heads <= SMALL_GRID_PROGRAMS else 64
+        block_kv = 32 if programs <= SMALL_GRID_PROGRAMS or small_work else 64
+    target_programs = config.target_programs or (512 if small_work else 1024)
+    num_warps = config.num_warps or (2 if small_work else 4)
     pages_per_block = max(1, block_kv // page_size, 16 // page_size)
     pages_per_block = min(pages_per_block, max(next_power_of_two(pages_per_seq), 16 // page_size, 1))
     blocks_per_seq = pl.cdiv(pages_per_seq, pages_per_block)
     if config.num_splits is None:
-        wanted = pl.cdiv(config.target_programs, batch * num_kv_heads)
+        wanted = pl.cdiv(target_programs, programs)
         num_splits = min(next_power_of_two(wanted), blocks_per_seq)
     else:
         num_splits = min(config.num_splits, blocks_per_seq)
     pages_per_split = pl.cdiv(blocks_per_seq, num_splits) * pages_per_block
     num_splits = pl.cdiv(pages_per_seq, pages_per_split)  # drop splits that would cover only padding
-    return DecodePlan(rows, pages_per_block, num_splits, pages_per_split)
+    return DecodePlan(rows, pages_per_block, num_splits, pages_per_split, num_warps)
 
 
 def _decode_kernel(
@@ -197,7 +210,7 @@ def decode_kernel_outputs(
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=config.num_stages),
         name="jserve_paged_decode",
     )(qg, k_pages, v_pages, bt, lengths)
     return plan, list(outs)

@@ -12,7 +12,7 @@ from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as j
 
 from kernel_cases import TOLERANCE, decode_lengths, make_paged, rel_err
 from kernels_pallas import DecodeConfig, paged_decode_attention, paged_decode_attention_reference
-from kernels_pallas.decode import decode_kernel_outputs, plan_decode
+from kernels_pallas.decode import DecodePlan, decode_kernel_outputs, plan_decode
 
 BATCH, KV_HEADS, PAGES_PER_SEQ = 6, 2, 5
 SCALE = 0.17
@@ -122,3 +122,16 @@ def test_decode_plan_tiles_are_powers_of_two_and_cover_the_table():
     assert small.num_splits == 32 and small.pages_per_split == 8
     # page size 8: a loop step still spans >= 16 tokens.
     assert plan_decode(DecodeConfig(block_kv=8), 1, 8, 8, 8, 3).pages_per_block == 2
+
+
+def test_default_plan_follows_the_measured_rule():
+    # Llama-3-8B shapes (32 q heads, 8 KV heads, pages of 16): "small work" (>= 256 programs and <= 2**19 KV
+    # tokens over the grid) gets 32-token steps, 512 target programs and 2 warps; elsewhere the general rule.
+    def plan(batch, ctx):
+        return plan_decode(DecodeConfig(), batch, 32, 8, 16, ctx // 16)
+
+    assert plan(32, 1024) == DecodePlan(rows=16, pages_per_block=2, num_splits=2, pages_per_split=32, num_warps=2)
+    assert plan(64, 1024) == DecodePlan(rows=16, pages_per_block=2, num_splits=1, pages_per_split=64, num_warps=2)
+    assert plan(64, 2048) == DecodePlan(rows=16, pages_per_block=4, num_splits=2, pages_per_split=64, num_warps=4)
+    assert plan(16, 1024) == DecodePlan(rows=16, pages_per_block=2, num_splits=8, pages_per_split=8, num_warps=4)
+    assert plan_decode(DecodeConfig(num_warps=8, target_programs=2048), 32, 32, 8, 16, 64).num_warps == 8
