@@ -47,14 +47,31 @@ from .specs import GPUSpec, ModelSpec
 PROFILE_FORMAT = "jserve-cost-profile/1"
 
 
+def pad_to_bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= ``n`` (``n`` itself without buckets or past the largest)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return n
+
+
 @dataclass(frozen=True, slots=True)
 class MixedStepCostModel(FittedCostModel):
-    """``FittedCostModel`` whose mixed iterations (prefill work and decodes together) price each decode at
-    ``m1`` seconds per context token and ``m2`` seconds per request. Prefill-only and decode-only iterations
-    cost exactly what ``FittedCostModel`` says."""
+    """``FittedCostModel`` priced the way the engine runs steps.
+
+    * Mixed iterations (prefill work and decodes together) price each decode at ``m1`` seconds per context
+      token and ``m2`` seconds per request (the ragged kernel prices a decode differently from the decode
+      kernel).
+    * With ``token_buckets`` / ``seq_buckets`` (the engine's compiled shapes), the per-token term of a step
+      with prefill work is paid on the padded token count (every packed token of the bucket, decodes riding
+      along included) and the per-request decode term on the padded batch: the engine computes the padding.
+      The attention terms stay on the real lengths (padding attends to nothing).
+    """
 
     m1: float = 0.0
     m2: float = 0.0
+    token_buckets: tuple[int, ...] = ()
+    seq_buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         FittedCostModel.__post_init__(self)
@@ -63,13 +80,26 @@ class MixedStepCostModel(FittedCostModel):
             if not value >= 0:
                 raise ValueError(f"MixedStepCostModel.{field_name} must be >= 0, got {value!r}")
 
+    def prefill_time(self, prompt_len: int) -> float:
+        return self.p0 + self.p1 * pad_to_bucket(prompt_len, self.token_buckets) + self.p2 * prompt_len * prompt_len
+
+    def decode_time(self, batch_size: int, total_context: int) -> float:
+        if batch_size <= 0:
+            return 0.0
+        return self.d0 + self.d1 * total_context + self.d2 * pad_to_bucket(batch_size, self.seq_buckets)
+
     def step_time(self, prefill: Sequence[tuple[int, int]], decode_contexts: Sequence[int]) -> float:
-        if not (prefill and decode_contexts):
-            return FittedCostModel.step_time(self, prefill, decode_contexts)
-        t = max(self.p0, self.d0)
-        for n, c in prefill:
-            t += self.p1 * n + self.p2 * (n * n + 2 * n * c)
-        return t + self.m1 * sum(decode_contexts) + self.m2 * len(decode_contexts)
+        if not prefill:
+            return self.decode_time(len(decode_contexts), sum(decode_contexts)) if decode_contexts else 0.0
+        tokens = sum(n for n, _ in prefill)
+        attention = sum(n * n + 2 * n * c for n, c in prefill)
+        if not decode_contexts:
+            return self.p0 + self.p1 * pad_to_bucket(tokens, self.token_buckets) + self.p2 * attention
+        # Decodes ride in the packed tokens; without buckets the per-token term counts prefill tokens only
+        # (the simulator's original form).
+        linear = pad_to_bucket(tokens + len(decode_contexts), self.token_buckets) if self.token_buckets else tokens
+        return (max(self.p0, self.d0) + self.p1 * linear + self.p2 * attention
+                + self.m1 * sum(decode_contexts) + self.m2 * len(decode_contexts))
 
 
 class ProfileError(ValueError):
@@ -152,7 +182,16 @@ def preset_from_dict(data: dict, where: str = "profile") -> HardwarePreset:
             raise ProfileError(f"{where}: field 'mixed_decode_ms' must be a list of 2 numbers, got {mixed!r}")
         m1, m2 = (_number({"mixed_decode_ms": v}, "mixed_decode_ms", where) / 1e3 for v in mixed)
         fields = {f: getattr(cost, f) for f in FittedCostModel.__dataclass_fields__}
-        cost = MixedStepCostModel(**fields, m1=m1, m2=m2)
+        buckets = data.get("shape_buckets") or {}
+        if not isinstance(buckets, dict):
+            raise ProfileError(f"{where}: field 'shape_buckets' must be an object with 'tokens' and 'sequences'")
+        shapes = {}
+        for key, attr in (("tokens", "token_buckets"), ("sequences", "seq_buckets")):
+            vals = buckets.get(key, [])
+            if not isinstance(vals, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
+                raise ProfileError(f"{where}: shape_buckets.{key} must be a list of positive integers, got {vals!r}")
+            shapes[attr] = tuple(sorted(vals))
+        cost = MixedStepCostModel(**fields, m1=m1, m2=m2, **shapes)
     return HardwarePreset(
         name=name,
         cost=cost,

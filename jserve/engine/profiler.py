@@ -211,6 +211,8 @@ def fit_cost_model(
     block_bytes: int = 0,
     overhead: float = 0.0,
     name: str = "profile",
+    token_buckets: Sequence[int] = (),
+    seq_buckets: Sequence[int] = (),
 ) -> tuple[FittedCostModel, dict[str, FitResult], tuple[float, float]]:
     """Fit the DistServe form to measured steps, all kinds at once, with the simulator's own pricing of each:
     a prefill step ``p0 + p1*sum(l) + p2*sum(l^2)``, a decode step ``d0 + d1*sum(c) + d2*B``, a mixed step
@@ -223,20 +225,30 @@ def fit_cost_model(
     Mixed steps get their own decode terms ``(m1, m2)`` (per context token and per request of a decode that
     rides in a step with prefill work), returned third: on a CPU the ragged kernel that runs mixed steps
     prices a decode very differently from the decode kernel. Without mixed points they equal ``(d1, d2)``.
+    With ``token_buckets`` / ``seq_buckets`` (the engine's compiled shapes) the per-token and per-request
+    features are the padded counts the engine computes, as ``eval.costmodels.profile.MixedStepCostModel``
+    prices them (decodes riding in a mixed step count in its padded tokens).
     Returns ``(cost, fits, (m1, m2))``; ``fits`` has the per-kind diagnostics ("prefill", "decode", "mixed",
     "copy"), all from one joint fit."""
+    tb, sb = tuple(sorted(token_buckets)), tuple(sorted(seq_buckets))
+
+    def pad(n: int, buckets: tuple[int, ...]) -> float:
+        return float(next((b for b in buckets if b >= n), n))
     if len(prefill) < 3 or len(decode) < 3:
         raise ValueError(f"need at least 3 prefill and 3 decode points, got {len(prefill)} and {len(decode)}")
     rows, times, labels, groups = [], [], [], []
     # Columns: p0, p1, p2, d0, d1, d2, m1, m2 (m: decodes riding in a step with prefill work).
     for ls, t in prefill:
-        rows.append([1.0, *_prefill_features([(n, 0) for n in ls]), 0.0, 0.0, 0.0, 0.0, 0.0])
+        tokens, attention = _prefill_features([(n, 0) for n in ls])
+        rows.append([1.0, pad(int(tokens), tb), attention, 0.0, 0.0, 0.0, 0.0, 0.0])
         times.append(t), labels.append(list(ls)), groups.append("prefill")
     for cs, t in decode:
-        rows.append([0.0, 0.0, 0.0, 1.0, float(sum(cs)), float(len(cs)), 0.0, 0.0])
+        rows.append([0.0, 0.0, 0.0, 1.0, float(sum(cs)), pad(len(cs), sb), 0.0, 0.0])
         times.append(t), labels.append([len(cs), sum(cs)]), groups.append("decode")
     for ls, cs, t in mixed:
-        rows.append([1.0, *_prefill_features([(n, 0) for n in ls]), 0.0, 0.0, 0.0, float(sum(cs)), float(len(cs))])
+        tokens, attention = _prefill_features([(n, 0) for n in ls])
+        linear = pad(int(tokens) + len(cs), tb) if tb else tokens
+        rows.append([1.0, linear, attention, 0.0, 0.0, 0.0, float(sum(cs)), float(len(cs))])
         times.append(t), labels.append([list(ls), len(cs), sum(cs)]), groups.append("mixed")
     fits = _fit(np.array(rows), np.array(times), labels, groups)
     bandwidth, latency = float("inf"), 0.0
@@ -365,6 +377,9 @@ class ProfileResult:
             "prefill_ms": [c.p0 * 1e3, c.p1 * 1e3, c.p2 * 1e3],
             "decode_ms": [c.d0 * 1e3, c.d1 * 1e3, c.d2 * 1e3],
             "mixed_decode_ms": [self.mixed_decode[0] * 1e3, self.mixed_decode[1] * 1e3],
+            # The engine's compiled shapes: the per-token / per-request terms are paid on padded counts.
+            "shape_buckets": {"tokens": list(self.engine_settings["token_buckets"]),
+                              "sequences": list(self.engine_settings["decode_buckets"])},
             "block_size": self.block_size,
             "block_bytes": self.block_bytes,
             "swap": {"bandwidth_bytes_per_s": c.swap_bandwidth, "latency_s": c.swap_latency, "full_duplex": False},
@@ -476,7 +491,8 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
     device_name = f"{device.platform}:{getattr(device, 'device_kind', '')}"
     label = name or f"{engine.model.config.name}/{device_name}"
     cost, fits, mixed_decode = fit_cost_model(prefill_pts, decode_pts, copy_pts, mixed_pts, block_bytes=kv.spec.page_bytes,
-                                overhead=overhead, name=label)
+                                overhead=overhead, name=label, token_buckets=c.token_buckets,
+                                seq_buckets=c.decode_buckets)
     return ProfileResult(
         cost=cost,
         fits=fits,

@@ -112,3 +112,20 @@ def test_missing_out_directory_is_reported(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["profile", "--model", "tiny-llama", "--out", str(tmp_path / "nope" / "p.json")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_fit_with_shape_buckets_recovers_padded_costs():
+    # Steps priced on padded counts (token buckets 32/64, batch buckets 2/4/8): the bucket-aware fit recovers
+    # the coefficients exactly, and the profile's cost model prices a new step the same way.
+    from eval.costmodels.profile import MixedStepCostModel
+
+    truth = MixedStepCostModel(2e-3, 1e-4, 1e-7, 1e-3, 1e-6, 3e-4, m1=2e-6, m2=5e-4,
+                               token_buckets=(32, 64), seq_buckets=(2, 4, 8))
+    prefill = [([n] * k, truth.step_time([(n, 0)] * k, [])) for k, n in [(1, 5), (1, 20), (1, 40), (2, 30), (1, 64)]]
+    decode = [([c] * b, truth.step_time([], [c] * b)) for b, c in [(1, 10), (3, 50), (5, 100), (8, 30), (2, 200)]]
+    mixed = [([n], [c] * b, truth.step_time([(n, 0)], [c] * b)) for n, b, c in [(10, 2, 40), (30, 4, 100), (50, 3, 20)]]
+    cost, fits, (m1, m2) = fit_cost_model(prefill, decode, (), mixed, token_buckets=(32, 64), seq_buckets=(2, 4, 8))
+    np.testing.assert_allclose([cost.p0, cost.p1, cost.p2, cost.d0, cost.d1, cost.d2, m1, m2],
+                               [2e-3, 1e-4, 1e-7, 1e-3, 1e-6, 3e-4, 2e-6, 5e-4], rtol=1e-6, atol=1e-12)
+    assert truth.step_time([(5, 0)], []) == truth.step_time([(30, 0)], []) - 1e-7 * (900 - 25)  # same bucket
+    assert truth.decode_time(3, 90) == pytest.approx(1e-3 + 90e-6 + 4 * 3e-4)  # 3 requests run as 4
