@@ -131,6 +131,15 @@ class _Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output.token_ids
 
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """Known tokens ``start .. start+n-1`` (prompt, then generated) without building the whole list."""
+        p = len(self.prompt_ids)
+        if start + n <= p:
+            return self.prompt_ids[start : start + n]
+        if start >= p:
+            return self.output.token_ids[start - p : start - p + n]
+        return self.prompt_ids[start:] + self.output.token_ids[: start + n - p]
+
 
 def _available_memory_bytes() -> int | None:
     try:
@@ -335,13 +344,12 @@ class LLMEngine:
             seq = self._seqs[e.request_id]
             r = e.request
             c = r.num_computed_tokens
-            ids = seq.all_ids
-            rows.append(BatchRow(ids[c : c + e.num_tokens], c, r.blocks, self._sampling(seq)))
+            rows.append(BatchRow(seq.token_slice(c, e.num_tokens), c, r.blocks, self._sampling(seq)))
             samplers.append(seq if e.samples_token else None)
         for r in plan.decode:
             seq = self._seqs[r.request_id]
             c = r.num_computed_tokens
-            rows.append(BatchRow(seq.all_ids[c : c + 1], c, r.blocks, self._sampling(seq)))
+            rows.append(BatchRow(seq.token_slice(c, 1), c, r.blocks, self._sampling(seq)))
             samplers.append(seq)
         for r in plan.batch():
             m = self._seqs[r.request_id].output.metrics

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from typing import Callable, Sequence
 
@@ -221,8 +222,11 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------ packing
 
     def _pack(self, rows: Sequence[BatchRow], t: int, s: int, decode_only: bool):
+        """Padded step inputs for ``rows``: per-row Python work is list building only; the arithmetic is
+        vectorized over the packed tokens (this runs on the host every iteration)."""
         ps = self.config.page_size
         pad = self.kv.pad_device_page
+        r_count = len(rows)
         ids = np.zeros(t, np.int32)
         pos = np.zeros(t, np.int32)
         slots = np.full(t, -1, np.int32)
@@ -230,26 +234,25 @@ class ModelRunner:
         seq_lens = np.zeros(s, np.int32)
         qsl = np.zeros(s + 1, np.int32)
         logits_idx = np.zeros(s, np.int32)
-        off = 0
-        sampling = []
-        for i, r in enumerate(rows):
-            n = len(r.tokens)
-            end = r.start + n
-            pages = np.asarray(r.pages, np.int32)
-            p = np.arange(r.start, end, dtype=np.int32)
-            ids[off : off + n] = r.tokens
-            pos[off : off + n] = p
-            slots[off : off + n] = pages[p // ps] * ps + p % ps
-            tables[i, : len(pages)] = pages
-            seq_lens[i] = end
-            off += n
-            qsl[i + 1] = off
-            logits_idx[i] = off - 1
-            sampling.append(r.sampling)
-        qsl[len(rows) + 1 :] = off
+        if r_count:
+            lens = np.fromiter((len(r.tokens) for r in rows), np.int32, r_count)
+            starts = np.fromiter((r.start for r in rows), np.int32, r_count)
+            for i, r in enumerate(rows):
+                tables[i, : len(r.pages)] = r.pages
+            total = int(lens.sum())
+            ends = np.cumsum(lens)
+            ids[:total] = np.fromiter(itertools.chain.from_iterable(r.tokens for r in rows), np.int32, total)
+            row_of_t = np.repeat(np.arange(r_count), lens)
+            p = starts[row_of_t] + np.arange(total, dtype=np.int32) - (ends - lens)[row_of_t]
+            pos[:total] = p
+            slots[:total] = tables[row_of_t, p // ps] * ps + p % ps
+            seq_lens[:r_count] = starts + lens
+            qsl[1 : r_count + 1] = ends
+            qsl[r_count + 1 :] = total
+            logits_idx[:r_count] = ends - 1
         md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
                                logits_indices=logits_idx, decode_only=decode_only)
-        samp = SamplingArrays.build(sampling, s).as_tuple()
+        samp = SamplingArrays.build([r.sampling for r in rows], s).as_tuple()
         return ids, pos, md, samp
 
     def step_key(self, rows: Sequence[BatchRow]) -> tuple[str, int]:
