@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -26,15 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from jserve.engine.profiler import median_time
 
 
 def copy_bandwidth(mib: int, reps: int) -> float:
@@ -42,7 +33,7 @@ def copy_bandwidth(mib: int, reps: int) -> float:
     n = mib * 2**20 // 4
     x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
     f = jax.jit(lambda a: a * 1.0001)
-    t = _median_time(lambda: f(x).block_until_ready(), reps)
+    t = median_time(lambda: f(x).block_until_ready(), reps, 1)
     return 2 * n * 4 / t
 
 
@@ -50,7 +41,7 @@ def matmul_rate(dtype, size: int, reps: int) -> float:
     a = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
     b = jax.random.normal(jax.random.PRNGKey(2), (size, size), dtype)
     f = jax.jit(lambda x, y: x @ y)
-    t = _median_time(lambda: f(a, b).block_until_ready(), reps)
+    t = median_time(lambda: f(a, b).block_until_ready(), reps, 1)
     return 2 * size**3 / t
 
 
@@ -108,14 +99,14 @@ def main(argv=None) -> int:
     for b in batches:
         rows = [BatchRow([int(rng.integers(mc.vocab_size))], a.context, list(range(i * ctx_pages, (i + 1) * ctx_pages)), greedy)
                 for i in range(b)]
-        t = _median_time(lambda: runner.run(rows), a.reps)
+        t = median_time(lambda: runner.run(rows), a.reps, 1)
         kv_bytes = b * (a.context + 1) * kv_token_bytes
         mbu = (weight_bytes + kv_bytes) / t / bw  # bytes the step must read over the measured copy rate
         # Overlapped copies inside the step: out of pages the batch does not use, into other free pages.
         free0 = b * ctx_pages
         outs = [(free0 + j, j) for j in range(a.copy_pages)]
         ins = [(a.copy_pages + j, free0 + a.copy_pages + j) for j in range(a.copy_pages)]
-        tc = _median_time(lambda: runner.run(rows, outs, ins), a.reps)
+        tc = median_time(lambda: runner.run(rows, outs, ins), a.reps, 1)
         row = dict(batch=b, context=a.context, step_ms=t * 1e3, mbu=mbu, step_with_copies_ms=tc * 1e3,
                    copy_pages_each_way=a.copy_pages)
         res["decode"].append(row)
@@ -123,7 +114,7 @@ def main(argv=None) -> int:
               f"{kv_bytes / 1e9:.2f} GB); with {a.copy_pages}+{a.copy_pages} overlapped pages {tc * 1e3:.2f} ms", flush=True)
 
     rows = [BatchRow(list(map(int, rng.integers(mc.vocab_size, size=a.prefill))), 0, list(range(-(-a.prefill // page))), greedy)]
-    t = _median_time(lambda: runner.run(rows), a.reps)
+    t = median_time(lambda: runner.run(rows), a.reps, 1)
     params = sum(int(x.size) for x in jax.tree.leaves(model.state))
     flops = 2 * params * a.prefill + 2 * mc.num_layers * mc.num_heads * mc.head_dim * a.prefill**2  # causal QK+PV
     res["prefill"] = dict(tokens=a.prefill, ms=t * 1e3, tflops=flops / t / 1e12, frac_of_matmul=flops / t / mm)
@@ -141,7 +132,7 @@ def main(argv=None) -> int:
         runner.copy("in", pairs_in)
         jax.block_until_ready(engine.kv.device)
 
-    to, ti = _median_time(out, a.reps), _median_time(inn, a.reps)
+    to, ti = median_time(out, a.reps, 1), median_time(inn, a.reps, 1)
     res["swap"] = dict(pages=a.copy_pages, bytes=nbytes, out_GBps=nbytes / to / 1e9, in_GBps=nbytes / ti / 1e9)
     print(f"swap {a.copy_pages} pages ({nbytes / 2**20:.0f} MiB): out {nbytes / to / 1e9:.1f} GB/s, in {nbytes / ti / 1e9:.1f} GB/s", flush=True)
 

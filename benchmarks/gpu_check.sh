@@ -7,16 +7,7 @@
 #   3. benchmarks/model_step.py: llama-3-8b (dummy bf16 weights) decode/prefill step times and MBU;
 #   4. the Hugging Face parity tests of tests/jserve through the real Pallas kernels.
 # Usage (repository root): OUT=/some/dir bash benchmarks/gpu_check.sh
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-# flax on the device image may predate nnx.List; a carried wheel (.whl/, see docs/kernels.md) replaces it.
-if ! python3 -c "from flax import nnx; nnx.List" 2>/dev/null && ls .whl/flax-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/flax-*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
-python3 -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+source benchmarks/gpu_env.sh /tmp/gpu_check
 echo "== kernels"; timeout "${KERNELS_S:-200}" python3 -m kernels_pallas.bench_gpu --budget-s "${KERNELS_BUDGET_S:-170}" 2>&1 | tee "$OUT/kernels.log"
 echo "== model step"; timeout "${MODEL_S:-160}" python3 benchmarks/model_step.py --preset llama-3-8b --dtype bfloat16 \
   --batches 16,64 --contexts 1024,2048 --prefill 2048 --json "$OUT/model_step.json" 2>&1 | tee "$OUT/model_step.log"

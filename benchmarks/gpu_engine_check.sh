@@ -8,15 +8,7 @@
 #   3. kernels_pallas.bench_gpu sweep of DecodeConfig at the three shapes that missed 70% of copy bandwidth;
 #   4. benchmarks/sim_fidelity.py --quick on llama-3-8b (the short ShareGPT fidelity run).
 # Usage (repository root): OUT=/some/dir bash benchmarks/gpu_engine_check.sh
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-OUT=${OUT:-/tmp/gpu_engine_check}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-if ! python3 -c "from flax import nnx; nnx.List" 2>/dev/null && ls .whl/flax-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/flax-*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
-python3 -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+source benchmarks/gpu_env.sh /tmp/gpu_engine_check
 echo "== engine llama-3-8b"; timeout "${ENGINE_S:-270}" python3 benchmarks/engine_gpu.py --preset llama-3-8b --dtype bfloat16 \
   --json "$OUT/engine.json" 2>&1 | tail -30 | tee "$OUT/engine.log"
 echo "== decode sweep"; timeout "${SWEEP_S:-90}" python3 -m kernels_pallas.bench_gpu --only copy,sweep --no-jax-kernel \

@@ -170,6 +170,8 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
            id_prefix: Hashable = "run") -> EngineRun:
     """Run ``workload`` (arrival times in seconds from the start) on ``engine`` in real time with the policy it
     has now. Returns one record per workload request, in workload order, on the run clock (start = 0)."""
+    import jax
+
     from jserve.engine import SamplingParams
 
     if engine.has_unfinished():
@@ -194,8 +196,6 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
             return
         t = time.perf_counter()
         orig_copy(direction, pairs)
-        import jax
-
         jax.block_until_ready((engine.kv.device, engine.kv.host))
         copy_time[0] += time.perf_counter() - t
 
@@ -205,8 +205,9 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
     key = lambda rid: (id_prefix, rid)  # noqa: E731  engine request ids, unique across runs
     sched.schedule, runner.copy = schedule, copy
     stats = {"steps": 0, "compute_steps": 0, "sync_copy_seconds": 0.0, "busy_seconds": 0.0, "swaps_out": 0,
-             "swaps_in": 0, "drops": 0, "blocks_out": 0, "blocks_in": 0}
-    compiles0 = engine.stats.get("compiles_after_warmup", 0)
+             "swaps_in": 0}
+    counted = ("drops", "blocks_out", "blocks_in", "compiles_after_warmup")  # the engine counts these itself
+    before = {k: engine.stats.get(k, 0) for k in counted}
     t0 = engine.now()
     i, n = 0, len(pending)
     stop = "completed"
@@ -247,9 +248,6 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
             stats["sync_copy_seconds"] += sync
             stats["swaps_out"] += len(plan.swapped_out)
             stats["swaps_in"] += len(plan.swapped_in)
-            stats["drops"] += len(plan.dropped)
-            stats["blocks_out"] += len(plan.sync_swap_out) + len(plan.swap_out)
-            stats["blocks_in"] += len(plan.sync_swap_in) + len(plan.swap_in)
             batch = [e.request_id for e in plan.prefill] + [r.request_id for r in plan.decode]
             if batch:
                 stats["compute_steps"] += 1
@@ -264,7 +262,9 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
                 engine.abort(key(w.request_id))
     end = engine.now() - t0
     stats["wall_seconds"] = end
-    stats["compiles_during_run"] = engine.stats.get("compiles_after_warmup", 0) - compiles0
+    delta = {k: engine.stats.get(k, 0) - before[k] for k in counted}
+    stats.update(drops=delta["drops"], blocks_out=delta["blocks_out"], blocks_in=delta["blocks_in"],
+                 compiles_during_run=delta["compiles_after_warmup"])
     records = [_record(w, outputs.get(w.request_id), executing.get(key(w.request_id), 0.0),
                        swapping.get(key(w.request_id), 0.0), t0, end) for w in workload]
     return EngineRun(records, stop, stats)

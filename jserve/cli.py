@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="preset name, Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", default=None, help="the prompt text (instead of the positional PROMPT)")
-    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=_positive_int, default=32)
+    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=positive_int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _generate(args, parser) -> int:
     from jserve.engine import LLM, SamplingParams
     from jserve.models import PRESETS, ConfigError, load, smollm2_gguf_path
+    from jserve.models.paged import bucket
 
     if args.prompt_text is not None and args.prompt is not None:
         parser.exit(2, "jserve: error: give the prompt once (positionally or with --prompt)\n")
@@ -101,7 +103,7 @@ def _generate(args, parser) -> int:
     # One sequence: one decode shape and one prefill shape, no swap space.
     page = 16
     max_len = min(limit, -(-(len(prompt_ids) + args.max_tokens) // page) * page)
-    prefill = max(16, 1 << (len(prompt_ids) - 1).bit_length())
+    prefill = bucket(len(prompt_ids))  # the next power of two >= 16
     try:
         llm = LLM(model, scheduler=args.scheduler, max_batch_size=1, max_tokens_per_batch=prefill,
                   token_buckets=(prefill,), decode_buckets=(1,), copy_buckets=(0,), num_host_blocks=0,

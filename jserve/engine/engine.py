@@ -127,10 +127,6 @@ class _Sequence:
     output: RequestOutput
     stop_eos: int | None
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output.token_ids
-
     def token_slice(self, start: int, n: int) -> list[int]:
         """Known tokens ``start .. start+n-1`` (prompt, then generated) without building the whole list."""
         p = len(self.prompt_ids)
@@ -339,22 +335,15 @@ class LLMEngine:
         st["blocks_in"] += len(plan.sync_swap_in) + len(plan.swap_in)
         st["drops"] += len(plan.dropped)
         rows: list[BatchRow] = []
-        samplers: list[_Sequence | None] = []
-        for e in plan.prefill:
-            seq = self._seqs[e.request_id]
-            r = e.request
-            c = r.num_computed_tokens
-            rows.append(BatchRow(seq.token_slice(c, e.num_tokens), c, r.blocks, self._sampling(seq)))
-            samplers.append(seq if e.samples_token else None)
-        for r in plan.decode:
+        samplers: list[_Sequence | None] = []  # per row: the sequence that samples a token, or None
+        work = [(e.request, e.num_tokens, e.samples_token) for e in plan.prefill] + [(r, 1, True) for r in plan.decode]
+        for r, n, samples in work:
             seq = self._seqs[r.request_id]
             c = r.num_computed_tokens
-            rows.append(BatchRow(seq.token_slice(c, 1), c, r.blocks, self._sampling(seq)))
-            samplers.append(seq)
-        for r in plan.batch():
-            m = self._seqs[r.request_id].output.metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
+            rows.append(BatchRow(seq.token_slice(c, n), c, r.blocks, self._sampling(seq)))
+            samplers.append(seq if samples else None)
+            if seq.output.metrics.first_scheduled_time is None:
+                seq.output.metrics.first_scheduled_time = now
         for r in plan.dropped + plan.swapped_out:
             seq = self._seqs.get(r.request_id)
             if seq is not None:

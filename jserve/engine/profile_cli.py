@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from jserve.cli import positive_int
+
 from .profiler import default_grid, profile_engine
 
 
@@ -22,18 +24,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     return vals
 
 
-def _pos_int(text: str) -> int:
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_profile_arguments(p) -> None:
     """The options of ``jserve profile`` (engine options as ``EngineConfig`` names them)."""
     p.add_argument("--model", default=None, help="preset name (dummy weights), Hugging Face directory or .gguf "
@@ -42,16 +32,16 @@ def add_profile_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller grid and fewer repeats")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--name", default=None, help="profile name (default: <model>/<device>)")
-    p.add_argument("--max-batch-size", type=_pos_int, default=8)
-    p.add_argument("--max-tokens-per-batch", type=_pos_int, default=None)
-    p.add_argument("--max-model-len", type=_pos_int, default=512)
-    p.add_argument("--page-size", type=_pos_int, default=16)
-    p.add_argument("--num-device-blocks", type=_pos_int, default=None)
-    p.add_argument("--num-host-blocks", type=_pos_int, default=64)
+    p.add_argument("--max-batch-size", type=positive_int, default=8)
+    p.add_argument("--max-tokens-per-batch", type=positive_int, default=None)
+    p.add_argument("--max-model-len", type=positive_int, default=512)
+    p.add_argument("--page-size", type=positive_int, default=16)
+    p.add_argument("--num-device-blocks", type=positive_int, default=None)
+    p.add_argument("--num-host-blocks", type=positive_int, default=64)
     p.add_argument("--decode-buckets", type=_int_list, default=())
     p.add_argument("--token-buckets", type=_int_list, default=())
     p.add_argument("--swap-buckets", type=_int_list, default=(4, 16))
-    p.add_argument("--repeats", type=_pos_int, default=None, help="timed calls per point (median is kept)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed calls per point (median is kept)")
 
 
 def profile_command(args, parser) -> int:

@@ -273,7 +273,8 @@ def fit_cost_model(
 # ---------------------------------------------------------------------------------------------------- timing
 
 
-def _median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (``fn`` must block)."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -456,17 +457,17 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
     prefill_pts = []
     for k, n in grid.prefill:
         rows = _rows([n] * k, [0] * k, pages, vocab)
-        prefill_pts.append(([n] * k, _median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
+        prefill_pts.append(([n] * k, median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
     say(f"prefill: {len(prefill_pts)} points")
     decode_pts = []
     for b, ctx in grid.decode:
         rows = _rows([1] * b, [ctx - 1] * b, pages, vocab)
-        decode_pts.append(([ctx] * b, _median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
+        decode_pts.append(([ctx] * b, median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
     say(f"decode: {len(decode_pts)} points")
     mixed_pts = []
     for k, n, b, ctx in grid.mixed:
         rows = _rows([n] * k + [1] * b, [0] * k + [ctx - 1] * b, pages, vocab)
-        mixed_pts.append(([n] * k, [ctx] * b, _median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
+        mixed_pts.append(([n] * k, [ctx] * b, median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
     say(f"mixed: {len(mixed_pts)} points")
     copy_pts, rates = [], {}
     for direction in ("out", "in"):
@@ -477,7 +478,7 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
                 runner.copy(direction, pairs)
                 _block(kv)
 
-            t = _median_time(go, grid.repeats, grid.warmup)
+            t = median_time(go, grid.repeats, grid.warmup)
             copy_pts.append((n, t))
             if n == max(grid.copies):
                 rates[direction] = n * kv.spec.page_bytes / t

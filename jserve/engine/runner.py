@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,49 @@ class BatchRow:
     sampling: tuple  # (SamplingParams, seed, generated-so-far)
 
 
+class TracedFunctions(NamedTuple):
+    """The jitted (not yet compiled) functions of one model on one device; executables are lowered from them."""
+
+    step: Callable  # (state leaves, ids, pos, pool, metadata, *sampling) -> (tokens, pool)
+    step_copies: Callable  # step + the transfers of overlapped copies -> (tokens, pool, host, staged_in)
+    swap_out: Callable  # (pool, host, src, dst) -> host
+    swap_in: Callable  # (pool, host, src, dst) -> pool
+    gather: Callable  # (pool, src) -> staged
+    scatter: Callable  # (pool, staged, dst) -> pool
+
+
+def traced_functions(model, device) -> TracedFunctions:
+    """The runner's jitted functions for ``model`` on ``device``, built once and kept on the model object."""
+    cache = model.__dict__.setdefault("_runner_jits", {})
+    if device in cache:
+        return cache[device]
+    graphdef = model.graphdef
+    state_tree = jax.tree.structure(model.state)
+
+    def step(state_leaves, ids, pos, pool, md, temp, top_k, top_p, seed, counter):
+        module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
+        logits, pool = module(ids, pos, pool, md)
+        return sample_tokens(logits, temp, top_k, top_p, seed, counter), pool
+
+    def step_copies(state_leaves, ids, pos, pool, host, md, temp, top_k, top_p, seed, counter,
+                    staged_out, out_dst, in_src):
+        # Transfers only: the device-local gather/scatter run as their own executables (see kv_cache).
+        host = store_on_host(host, staged_out, out_dst, device=device)
+        staged_in = load_from_host(host, in_src, device=device)
+        tokens, pool = step(state_leaves, ids, pos, pool, md, temp, top_k, top_p, seed, counter)
+        return tokens, pool, host, staged_in
+
+    fns = cache[device] = TracedFunctions(
+        step=jax.jit(step, donate_argnums=(3,)),
+        step_copies=jax.jit(step_copies, donate_argnums=(3, 4)),
+        swap_out=jax.jit(functools.partial(gather_to_host, device=device), donate_argnums=(1,)),
+        swap_in=jax.jit(functools.partial(scatter_from_host, device=device), donate_argnums=(0,)),
+        gather=jax.jit(gather_pages),
+        scatter=jax.jit(scatter_pages, donate_argnums=(0,)),
+    )
+    return fns
+
+
 class ModelRunner:
     """Compiled steps and copies for one model and one KV cache."""
 
@@ -116,39 +159,11 @@ class ModelRunner:
         self._executables: dict[tuple, Callable] = shared.setdefault(signature, {})
         self.warmed_up = False
         self.compile_seconds = 0.0
-        graphdef = model.graphdef
-        device = kv.device_id
         # The parameters travel as a flat list of arrays: dispatching a compiled executable flattens its
         # arguments in Python, and an nnx.State of a 30-layer model costs ~0.3 ms per call that way (a list of
         # the same leaves ~0.05 ms).
-        self._state_leaves, state_tree = jax.tree.flatten(model.state)
-        jitted = model.__dict__.setdefault("_runner_jits", {})
-        if device in jitted:  # one set of traced functions per model and device
-            (self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in, self._jit_gather,
-             self._jit_scatter) = jitted[device]
-            return
-
-        def step(state_leaves, ids, pos, pool, md, temp, top_k, top_p, seed, counter):
-            module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
-            logits, pool = module(ids, pos, pool, md)
-            return sample_tokens(logits, temp, top_k, top_p, seed, counter), pool
-
-        def step_copies(state, ids, pos, pool, host, md, temp, top_k, top_p, seed, counter,
-                        staged_out, out_dst, in_src):
-            # Transfers only: the device-local gather/scatter run as their own executables (see kv_cache).
-            host = store_on_host(host, staged_out, out_dst, device=device)
-            staged_in = load_from_host(host, in_src, device=device)
-            tokens, pool = step(state, ids, pos, pool, md, temp, top_k, top_p, seed, counter)
-            return tokens, pool, host, staged_in
-
-        self._jit_step = jax.jit(step, donate_argnums=(3,))
-        self._jit_step_copies = jax.jit(step_copies, donate_argnums=(3, 4))
-        self._jit_swap_out = jax.jit(functools.partial(gather_to_host, device=device), donate_argnums=(1,))
-        self._jit_swap_in = jax.jit(functools.partial(scatter_from_host, device=device), donate_argnums=(0,))
-        self._jit_gather = jax.jit(gather_pages)
-        self._jit_scatter = jax.jit(scatter_pages, donate_argnums=(0,))
-        jitted[device] = (self._jit_step, self._jit_step_copies, self._jit_swap_out, self._jit_swap_in,
-                          self._jit_gather, self._jit_scatter)
+        self._state_leaves = jax.tree.leaves(model.state)
+        self.fns = traced_functions(model, kv.device_id)
 
     # ------------------------------------------------------------------------------------------ compile
 
@@ -186,29 +201,24 @@ class ModelRunner:
         if key[0] in ("gather", "scatter"):
             idx = np.zeros(key[1], np.int32)
             if key[0] == "gather":
-                return self._jit_gather.lower(kv.device, idx).compile()
-            staged = jax.eval_shape(self._jit_gather, kv.device, idx)
-            return self._jit_scatter.lower(kv.device, staged, idx).compile()
+                return self.fns.gather.lower(kv.device, idx).compile()
+            staged = jax.eval_shape(self.fns.gather, kv.device, idx)
+            return self.fns.scatter.lower(kv.device, staged, idx).compile()
         if key[0] in ("swap_out", "swap_in"):
             n = key[1]
             idx = np.zeros(n, np.int32)
-            fn = self._jit_swap_out if key[0] == "swap_out" else self._jit_swap_in
+            fn = self.fns.swap_out if key[0] == "swap_out" else self.fns.swap_in
             return fn.lower(kv.device, kv.host, idx, idx).compile()
         kind, size, copies = key
         s = size if kind == "decode" else self.config.max_batch_size
-        args = self._dummy_inputs(size, s, kind == "decode")
+        ids, pos, md, samp = self._pack([], size, s, kind == "decode")  # an all-padding step of the shape
         if copies:
             idx = np.zeros(copies, np.int32)
-            ids, pos, md, samp = args
-            staged = jax.eval_shape(self._jit_gather, kv.device, idx)
-            return self._jit_step_copies.lower(
+            staged = jax.eval_shape(self.fns.gather, kv.device, idx)
+            return self.fns.step_copies.lower(
                 self._state_leaves, ids, pos, kv.device, kv.host, md, *samp, staged, idx, idx
             ).compile()
-        ids, pos, md, samp = args
-        return self._jit_step.lower(self._state_leaves, ids, pos, kv.device, md, *samp).compile()
-
-    def _dummy_inputs(self, t: int, s: int, decode_only: bool):
-        return self._pack([], t, s, decode_only)
+        return self.fns.step.lower(self._state_leaves, ids, pos, kv.device, md, *samp).compile()
 
     def _get(self, key: tuple) -> Callable:
         exe = self._executables.get(key)

@@ -99,12 +99,12 @@ def test_fused_step_updates_both_pools_in_place(tiny):
     kv = r.kv
     ids, pos, md, samp = r._pack([], 2, 2, True)
     idx = np.zeros(4, np.int32)
-    staged = jax.eval_shape(r._jit_gather, kv.device, idx)
+    staged = jax.eval_shape(r.fns.gather, kv.device, idx)
     compiled = {
-        "step+copies": r._jit_step_copies.lower(r._state_leaves, ids, pos, kv.device, kv.host, md, *samp, staged, idx, idx),
-        "scatter": r._jit_scatter.lower(kv.device, staged, idx),
-        "swap_out": r._jit_swap_out.lower(kv.device, kv.host, idx, idx),
-        "swap_in": r._jit_swap_in.lower(kv.device, kv.host, idx, idx),
+        "step+copies": r.fns.step_copies.lower(r._state_leaves, ids, pos, kv.device, kv.host, md, *samp, staged, idx, idx),
+        "scatter": r.fns.scatter.lower(kv.device, staged, idx),
+        "swap_out": r.fns.swap_out.lower(kv.device, kv.host, idx, idx),
+        "swap_in": r.fns.swap_in.lower(kv.device, kv.host, idx, idx),
     }
     for name, lowered in compiled.items():
         hlo = lowered.compile().as_text()
