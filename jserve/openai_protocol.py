@@ -1,0 +1,240 @@
+"""The OpenAI API's request bodies and errors as the jserve server accepts them (``jserve.server`` serves them).
+
+``CompletionRequest`` and ``ChatCompletionRequest`` are strict pydantic models: a field of the wrong JSON type
+or a field the API does not have is refused, never coerced or ignored. OpenAI fields that jserve does not
+implement (``logprobs``, penalties, ``logit_bias``, tools...) are accepted only at their neutral value (absent,
+null, 0, false), so a client that sends its defaults works and one that asks for the feature learns it is
+missing. ``ApiError`` is an error with its HTTP status, rendered as the OpenAI error body
+``{"error": {"message", "type", "param", "code"}}``; ``validation_error`` turns a pydantic ``ValidationError``
+into one that names the offending field. Sampling values are checked by ``SamplingParams`` itself
+(``sampling_params``), so the server and the Python API give the same messages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from jserve.engine.sampling import SamplingParams
+
+__all__ = [
+    "ApiError",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "parse_body",
+    "sampling_params",
+    "validation_error",
+]
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with HTTP ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------------ request bodies
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationFields(_Strict):
+    """Fields common to both endpoints. ``top_k``, ``ignore_eos``, ``stop_token_ids`` and
+    ``return_token_ids`` are jserve extensions (vLLM has the same names)."""
+
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = None
+    temperature: float | None = None  # OpenAI's default is 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    return_token_ids: bool = False
+    user: str | None = None  # accepted and ignored
+    # OpenAI fields accepted only at their neutral values (see UNSUPPORTED)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_GenerationFields):
+    prompt: str | list[int]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_GenerationFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: Any = None
+
+
+# field -> values that mean "not used"; anything else is refused as unsupported
+UNSUPPORTED: dict[str, tuple] = {
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (False,),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}),
+}
+
+_FIELD_NAMES = set()
+for _m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions):
+    _FIELD_NAMES |= set(_m.model_fields)
+
+_EXPECTED = {  # how a union-typed field is described in a type error
+    "prompt": "a string or a list of token ids (integers)",
+    "stop": "a string or a list of strings",
+    "content": "a string, a list of text parts ({\"type\": \"text\", \"text\": ...}) or null",
+}
+
+
+def _param(loc: tuple) -> str:
+    """``('messages', 0, 'content', 'str')`` -> ``'messages[0].content'`` (union branch tags dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _FIELD_NAMES:
+            out += ("." if out else "") + part
+    return out
+
+
+def validation_error(err: ValidationError) -> ApiError:
+    """The first problem of a pydantic error, as a 400 naming the field."""
+    e = err.errors()[0]
+    loc = tuple(e.get("loc", ()))
+    param = _param(loc)
+    kind = e.get("type", "")
+    if kind == "extra_forbidden":
+        name = str(loc[-1]) if loc else "?"
+        where = _param(loc[:-1])
+        return ApiError(400, f"unknown field {name!r}" + (f" in {where}" if where else "") +
+                        " (jserve follows the OpenAI API; see docs/server.md for the supported fields)",
+                        param=(where + "." if where else "") + name)
+    if kind == "missing":
+        return ApiError(400, f"missing required field {param!r}", param=param)
+    if not loc or not param:
+        return ApiError(400, f"the request body must be a JSON object, got {_json_kind(e.get('input'))}")
+    leaf = param.rsplit(".", 1)[-1].split("[", 1)[0]
+    got = json.dumps(e.get("input"), default=str)
+    if len(got) > 80:
+        got = got[:77] + "..."
+    if leaf in _EXPECTED:
+        return ApiError(400, f"{param!r} must be {_EXPECTED[leaf]}, got {got}", param=param)
+    return ApiError(400, f"{param!r}: {e.get('msg', 'invalid value')}, got {got}", param=param)
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
+    """The request body as ``model``; malformed JSON, a non-object body, a type error, an unknown field or an
+    unsupported OpenAI feature raise ``ApiError(400)`` naming the problem."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {_json_kind(data)}")
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    for name, neutral in UNSUPPORTED.items():
+        if name in req.model_fields_set and getattr(req, name) not in neutral:
+            raise ApiError(400, f"{name!r} is not supported by jserve (only {neutral[0]!r} or absent)", param=name)
+    if req.n != 1:
+        raise ApiError(400, f"'n' must be 1: jserve returns one choice per request, got {req.n}", param="n")
+    return req
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+_SP_FIELD = re.compile(r"SamplingParams\.(\w+)")
+
+
+def sampling_params(req: _GenerationFields, max_tokens: int) -> SamplingParams:
+    """``SamplingParams`` for ``req`` with ``max_tokens`` already resolved; its own ``ValueError`` becomes a 400
+    naming the request field (its message is kept)."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            seed=req.seed,
+            stop=req.stop or (),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+        )
+    except ValueError as e:
+        m = _SP_FIELD.search(str(e))
+        field = m.group(1) if m else None
+        if field == "max_tokens" and isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+            field = "max_completion_tokens"
+        raise ApiError(400, str(e), param=field) from None

@@ -1,0 +1,404 @@
+"""The OpenAI-compatible server (``jserve.server``) over a real uvicorn on an ephemeral loopback port.
+
+The tiny Llama (dummy weights) gets a byte-level tokenizer whose token id is the byte value, so its text has an
+independent reference: ``bytes(ids).decode("utf-8", "replace")``; its greedy ids are checked against
+``jserve.models.greedy_generate`` (its own paged loop, no scheduler), under a device pool small enough to make
+the fastserve policy swap. SmolLM2 reproduces the golden ids from Hugging Face transformers through
+``/v1/completions`` (compared with the ``return_token_ids`` extension) and answers a chat request with its own
+template. Bad input gets its status and message while a concurrent good request completes; a client that
+disconnects aborts its request and the engine frees its pages. ``jserve serve`` starts, prints its URL, serves
+and stops on SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from jserve.cli import main
+from jserve.engine import LLM, AsyncLLMEngine
+from jserve.models import greedy_generate, load, smollm2_gguf_path
+from jserve.server import build_app, serve_in_thread
+from jserve.tokenizer import Tokenizer
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
+           "{% if add_generation_prompt %}<assistant>{% endif %}"
+TINY = dict(scheduler="fastserve", max_batch_size=4, max_tokens_per_batch=64, max_model_len=256, decode_buckets=(4,),
+            token_buckets=(64,), copy_buckets=(0,), swap_buckets=(8,), num_device_blocks=24, num_host_blocks=64,
+            progress=False)  # 23 usable pages: six 64-token requests with 40 new tokens each must swap
+NEW = 40
+
+
+def byte_tokenizer() -> Tokenizer:
+    """256 single-byte tokens (GPT-2's byte <-> printable character table, no merges): token id = byte value."""
+    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    backend = tokenizers.Tokenizer(models.BPE(vocab={c: b for b, c in chars.items()}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend, eos_token_id=2, chat_template=TEMPLATE)
+
+
+def as_text(ids: list[int]) -> str:
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(llm, url, prompts, reference): the tiny Llama served at url; reference = greedy ids of prompts."""
+    model = load("tiny-llama")
+    model.tokenizer = byte_tokenizer()
+    rng = np.random.default_rng(1)
+    prompts = [list(map(int, rng.integers(3, 256, size=int(n)))) for n in rng.integers(20, 64, size=6)]
+    reference = greedy_generate(model, prompts, NEW)
+    llm = LLM(model, **TINY)
+    engine = AsyncLLMEngine(llm.engine)
+    app = build_app(engine, "tiny")
+    with serve_in_thread(app) as url:
+        yield llm, url, prompts, reference
+    engine.shutdown()
+
+
+def events(response: httpx.Response) -> list:
+    """The SSE ``data:`` payloads of a streamed response, parsed (``"[DONE]"`` kept as a string)."""
+    out = []
+    for line in response.iter_lines():
+        if line:
+            assert line.startswith("data: "), line
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def all_pages_free(llm) -> bool:
+    blocks = llm.engine.scheduler.blocks
+    return (not llm.engine.has_unfinished() and blocks.num_free_device_blocks == blocks.num_usable_device_blocks
+            and blocks.num_used_host_blocks == 0)
+
+
+def test_health_and_models(tiny):
+    _, url, _, _ = tiny
+    with httpx.Client(base_url=url) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        data = c.get("/v1/models").json()["data"]
+        assert [(m["id"], m["object"], m["max_model_len"]) for m in data] == [("tiny", "model", 256)]
+        assert c.get("/v1/models/tiny").json()["id"] == "tiny"
+        r = c.get("/v1/models/gpt-4")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_completion_matches_the_reference_decode(tiny):
+    _, url, prompts, reference = tiny
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompts[0], "max_tokens": NEW,
+                                            "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        choice = body["choices"][0]
+        assert choice["token_ids"] == reference[0] and choice["finish_reason"] == "length"
+        assert choice["text"] == as_text(reference[0])
+        assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+        assert body["prompt_token_ids"] == prompts[0]
+        assert body["usage"] == {"prompt_tokens": len(prompts[0]), "completion_tokens": NEW,
+                                 "total_tokens": len(prompts[0]) + NEW}
+        # a text prompt is tokenized by the model's tokenizer (here: its bytes)
+        r = c.post("/v1/completions", json={"prompt": "héllo", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                                            "return_token_ids": True}).json()
+        assert r["prompt_token_ids"] == list("héllo".encode()) and r["usage"]["completion_tokens"] == 3
+
+
+def test_concurrent_requests_all_complete(tiny):
+    llm, url, prompts, reference = tiny
+    before = dict(llm.engine.stats)
+
+    async def one(client, i):
+        body = {"prompt": prompts[i], "max_tokens": NEW, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        if i % 2:  # half of them stream
+            ids = []
+            async with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        ids += json.loads(line[6:])["choices"][0]["token_ids"]
+            return ids
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+
+    assert asyncio.run(run()) == reference
+    st = llm.engine.stats
+    assert st["blocks_out"] > before["blocks_out"]  # the pool was too small: requests were swapped and back
+    assert st["compiles_after_warmup"] == 0
+    assert all_pages_free(llm)
+
+
+def test_streamed_chunks_concatenate_to_the_text(tiny):
+    _, url, prompts, reference = tiny
+    text = as_text(reference[1])
+    # a stop string from the middle of the (deterministic) greedy text: both answers must cut there
+    at = next(i for i in range(4, len(text) - 2) if "\ufffd" not in text[i:i + 2])
+    stop = text[at:at + 2]
+    base = {"prompt": prompts[1], "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for extra in ({}, {"stop": [stop, "\x00\x00never"]}):
+            whole = c.post("/v1/completions", json=base | extra).json()["choices"][0]
+            with c.stream("POST", "/v1/completions", json=base | extra | {"stream": True,
+                                                                          "stream_options": {"include_usage": True}}) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                evs = events(r)
+            assert evs[-1] == "[DONE]"
+            usage, chunks = evs[-2], evs[:-2]
+            assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(whole["token_ids"])
+            assert "".join(ch["choices"][0]["text"] for ch in chunks) == whole["text"]
+            assert sum((ch["choices"][0]["token_ids"] for ch in chunks), []) == whole["token_ids"]
+            assert [ch["choices"][0]["finish_reason"] for ch in chunks][-1] == whole["finish_reason"]
+            assert all(ch["choices"][0]["finish_reason"] is None for ch in chunks[:-1])
+            if extra:
+                assert whole["text"] == text[:text.find(stop)] and whole["finish_reason"] == "stop"
+            else:
+                assert whole["text"] == text
+
+
+def test_chat_completion_uses_the_chat_template(tiny):
+    _, url, _, _ = tiny
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
+    body = {"messages": messages, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/chat/completions", json=body).json()
+        assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+        assert r["prompt_token_ids"] == list(b"<system>be brief\n<user>hi there\n<assistant>")
+        msg = r["choices"][0]["message"]
+        assert msg["role"] == "assistant" and msg["content"] == as_text(r["choices"][0]["token_ids"])
+        assert r["usage"]["completion_tokens"] == 12 and r["choices"][0]["finish_reason"] == "length"
+        with c.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            evs = events(s)
+        assert evs[-1] == "[DONE]" and all(e["object"] == "chat.completion.chunk" for e in evs[:-1])
+        assert evs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in evs[1:-1]) == msg["content"]
+        assert evs[-2]["choices"][0]["finish_reason"] == "length"
+
+
+BAD = [  # (path, raw body or JSON, status, words of the message, param)
+    ("/v1/completions", b'{"prompt": [1, 2', 400, "not valid JSON", None),
+    ("/v1/completions", [1, 2], 400, "must be a JSON object", None),
+    ("/v1/completions", {"prompt": [5], "max_tokens": "ten"}, 400, "valid integer", "max_tokens"),
+    ("/v1/completions", {"prompt": [5], "temperature": "hot"}, 400, "valid number", "temperature"),
+    ("/v1/completions", {"prompt": [5], "stop": 7}, 400, "a string or a list of strings", "stop"),
+    ("/v1/completions", {"prompt": [5.5]}, 400, "list of token ids", "prompt"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "missing required field 'prompt'", "prompt"),
+    ("/v1/completions", {"prompt": [5], "temprature": 0.5}, 400, "unknown field 'temprature'", "temprature"),
+    ("/v1/completions", {"prompt": [5], "temperature": -1}, 400, "SamplingParams.temperature", "temperature"),
+    ("/v1/completions", {"prompt": [5], "top_p": 0}, 400, "SamplingParams.top_p", "top_p"),
+    ("/v1/completions", {"prompt": [5], "top_k": -3}, 400, "SamplingParams.top_k", "top_k"),
+    ("/v1/completions", {"prompt": [5], "seed": -1}, 400, "SamplingParams.seed", "seed"),
+    ("/v1/completions", {"prompt": [5], "max_tokens": 0}, 400, "SamplingParams.max_tokens", "max_tokens"),
+    ("/v1/completions", {"prompt": [5], "stop": [""]}, 400, "SamplingParams.stop", "stop"),
+    ("/v1/completions", {"prompt": [5], "n": 3}, 400, "'n' must be 1", "n"),
+    ("/v1/completions", {"prompt": [5], "logprobs": 2}, 400, "'logprobs' is not supported", "logprobs"),
+    ("/v1/completions", {"prompt": [5] * 256}, 400, "the prompt has 256 tokens", "prompt"),
+    ("/v1/completions", {"prompt": [5] * 200, "max_tokens": 100}, 400, "maximum context length is 256", "max_tokens"),
+    ("/v1/completions", {"prompt": [5, 300]}, 400, "token id 300 is outside the vocabulary", "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "the prompt is empty", "prompt"),
+    ("/v1/completions", {"prompt": [5], "stream_options": {"include_usage": True}}, 400, "only allowed with",
+     "stream_options"),
+    ("/v1/completions", {"prompt": [5], "model": "gpt-4"}, 404, "'gpt-4' does not exist", "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "a string, a list of text parts",
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "mood": 1}]}, 400,
+     "unknown field 'mood' in messages[0]", "messages[0].mood"),
+    ("/v1/chat/completions", {"messages": []}, 400, "'messages' is empty", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "'tools' is not supported", "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "maximum context length",
+     "messages"),
+    ("/v1/embeddings", {"input": "x"}, 404, "no route '/v1/embeddings'", None),
+]
+
+
+def test_bad_input_gets_its_status_while_a_good_request_completes(tiny):
+    llm, url, prompts, reference = tiny
+
+    async def bad(client, path, body, status, words, param):
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = await client.post(path, **kw)
+        err = r.json()["error"]
+        assert (r.status_code, param) == (status, err["param"]), (body, r.text)
+        assert words in err["message"], (body, err)
+        assert err["type"] == "invalid_request_error"
+
+    async def good(client):
+        ids = []
+        body = {"prompt": prompts[2], "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "stream": True,
+                "return_token_ids": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    ids += json.loads(line[6:])["choices"][0]["token_ids"]
+                    if len(ids) == 2:  # the good request is running: now send every bad one
+                        await asyncio.gather(*(bad(client, *case) for case in BAD))
+        return ids
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await good(client)
+
+    assert asyncio.run(run()) == reference[2]
+    with httpx.Client(base_url=url) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+
+
+def test_chat_without_a_template_is_refused(tiny):
+    llm, url, _, _ = tiny
+    model = llm.model
+    template, model.tokenizer.chat_template = model.tokenizer.chat_template, None
+    try:
+        with httpx.Client(base_url=url) as c:
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        model.tokenizer.chat_template = template
+    assert r.status_code == 400 and "has no chat template" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "messages"
+
+
+def _wait_idle(llm, seconds: float = 20.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if all_pages_free(llm):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_client_disconnect_aborts_the_request(tiny, monkeypatch):
+    llm, url, _, _ = tiny
+    aborted = []  # (request id, was it live) for every abort the engine thread carries out
+    real_abort = llm.engine.abort
+    monkeypatch.setattr(llm.engine, "abort", lambda rid: aborted.append((rid, real_abort(rid))) or aborted[-1][1])
+    long = {"prompt": [5] * 10, "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    # streaming: read the first chunk, hang up
+    tokens0 = llm.engine.stats["tokens"]
+    with httpx.Client(base_url=url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=long | {"stream": True}) as r:
+            assert next(r.iter_lines()).startswith("data: {")
+    assert _wait_idle(llm)  # every page is free again
+    assert llm.engine.stats["tokens"] - tokens0 < 240  # stopped early
+    assert [live for rid, live in aborted if rid.startswith("cmpl-")][:1] == [True]
+    # non-streaming: the client gives up waiting
+    aborted.clear()
+    tokens0 = llm.engine.stats["tokens"]
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=0.05)) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/completions", json=long)
+    assert _wait_idle(llm)
+    assert llm.engine.stats["tokens"] - tokens0 < 240
+    assert [live for rid, live in aborted][:1] == [True]
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2
+
+GOLDEN_PROMPT = [504, 3575, 282, 4649, 314]
+GOLDEN = [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 33, 29, 34, 34, 216]
+# test_engine_smollm2.py's shapes and pools, so a full run compiles these executables once
+SMOL = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=96, decode_buckets=(4,), token_buckets=(64,),
+            copy_buckets=(0, 8), swap_buckets=(8,), progress=False, num_device_blocks=8, num_host_blocks=48)
+
+
+def test_smollm2_golden_ids_and_chat(smollm2):
+    llm = LLM(smollm2, scheduler="fastserve", **SMOL)
+    engine = AsyncLLMEngine(llm.engine)
+    try:
+        with serve_in_thread(build_app(engine, "SmolLM2-135M-Instruct")) as url, \
+                httpx.Client(base_url=url, timeout=120) as c:
+            body = c.post("/v1/completions", json={"prompt": GOLDEN_PROMPT, "max_tokens": 20, "temperature": 0,
+                                                   "return_token_ids": True}).json()
+            choice = body["choices"][0]
+            assert choice["token_ids"] == GOLDEN
+            assert choice["text"] == smollm2.tokenizer.decode(GOLDEN, skip_special_tokens=True)
+            assert choice["text"].startswith(" Paris.") and choice["finish_reason"] == "length"
+            by_text = c.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4,
+                                                      "temperature": 0}).json()["choices"][0]["text"]
+            assert by_text == smollm2.tokenizer.decode(GOLDEN[:4], skip_special_tokens=True)
+            chat = c.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "max_tokens": 16,
+                                                        "temperature": 0, "return_token_ids": True,
+                                                        "messages": [{"role": "user", "content": "Say hi."}]}).json()
+            rendered = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}])
+            assert chat["prompt_token_ids"] == smollm2.tokenizer.encode(rendered)
+            ids = chat["choices"][0]["token_ids"]
+            assert chat["choices"][0]["message"]["content"] == smollm2.tokenizer.decode(ids, skip_special_tokens=True)
+            assert chat["choices"][0]["finish_reason"] in ("stop", "length") and chat["usage"]["completion_tokens"] == len(ids)
+            if chat["choices"][0]["finish_reason"] == "stop":
+                assert ids[-1] == smollm2.tokenizer.eos_token_id  # <|im_end|> ends the assistant's turn
+    finally:
+        engine.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ jserve serve
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--port", "70000"], "--port must be in [0, 65535]"),
+    (["serve", "--model", "/no/such/model"], "'/no/such/model'"),
+    (["serve", "--model", "tiny-llama", "--max-batch-size", "0"], "--max-batch-size"),
+    (["serve", "--model", "tiny-llama", "--decode-buckets", "4,x"], "--decode-buckets"),
+])
+def test_serve_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_refuses_a_busy_port_before_loading(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", "--model", "/no/such/model", "--port", str(port)])  # the port is checked first
+    assert exc.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_jserve_serve_starts_prints_its_url_and_stops_on_sigint():
+    cmd = [sys.executable, "-m", "jserve.cli", "serve", "--model", "tiny-llama", "--port", "0", "--log-level",
+           "warning", "--max-batch-size", "2", "--max-tokens-per-batch", "32", "--max-model-len", "64",
+           "--decode-buckets", "2", "--token-buckets", "32", "--num-device-blocks", "10", "--num-host-blocks", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    try:
+        line = proc.stdout.readline()  # blocks until the server is ready (or the process died)
+        assert " ready at http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split(" ready at ")[1].split()[0]
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert c.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
+            r = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0,
+                                                "ignore_eos": True, "return_token_ids": True}).json()
+            assert len(r["choices"][0]["token_ids"]) == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
