@@ -140,7 +140,7 @@ for _m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, Stre
     _FIELD_NAMES |= set(_m.model_fields)
 
 _EXPECTED = {  # how a union-typed field is described in a type error
-    "prompt": "a string or a list of token ids (integers)",
+    "prompt": "a string or a list of token ids (integers); batches of prompts are not supported",
     "stop": "a string or a list of strings",
     "content": "a string, a list of text parts ({\"type\": \"text\", \"text\": ...}) or null",
 }

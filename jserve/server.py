@@ -103,24 +103,28 @@ class _TextDeltas:
 
 
 def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
 
 
 # ------------------------------------------------------------------------------------------ the server
 
 
+@dataclass
 class _Prepared:
-    """A validated request ready for the engine."""
+    """A validated request, ready for the engine."""
 
-    def __init__(self, kind: str, prompt_ids: list[int], params: SamplingParams, stream: bool,
-                 include_usage: bool, return_token_ids: bool):
-        self.kind = kind  # "completion" | "chat"
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.stream = stream
-        self.include_usage = include_usage
-        self.return_token_ids = return_token_ids
-        self.request_id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+    kind: str  # "completion" | "chat"
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    request_id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.request_id = ("cmpl-" if self.kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
 
@@ -297,7 +301,8 @@ class OpenAIServer:
 
     async def _chunks(self, prep: _Prepared, stream: AsyncIterator[RequestOutput],
                       first: RequestOutput) -> AsyncIterator[str]:
-        """The SSE body: a role chunk (chat), one chunk per engine output, a usage chunk if asked, [DONE].
+        """The SSE body: a role chunk (chat), one chunk per engine output that adds text (or ids, with
+        ``return_token_ids``; the last one carries ``finish_reason``), a usage chunk if asked, ``[DONE]``.
         Cancelled when the client disconnects; closing ``stream`` then aborts the request."""
         deltas = _TextDeltas(self.tokenizer, prep.params)
         try:
@@ -306,7 +311,7 @@ class OpenAIServer:
             out = first
             while True:
                 text = deltas.next(out)
-                if text or out.new_token_ids or out.finished:
+                if text or out.finished or prep.return_token_ids:  # no empty chunks for held-back text
                     yield _sse(self._chunk(prep, text, out.new_token_ids, out.finish_reason))
                 if out.finished:
                     break

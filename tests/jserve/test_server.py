@@ -282,6 +282,33 @@ def test_chat_without_a_template_is_refused(tiny):
     assert r.json()["error"]["param"] == "messages"
 
 
+def test_a_failed_engine_thread_is_reported_not_hung(tiny):
+    llm, _, prompts, _ = tiny
+    broken = LLM(llm.model, **TINY)  # same model and shapes: no new compilation
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("device lost")
+        return real_step()
+
+    real_step, broken.engine.step = broken.engine.step, step
+    engine = AsyncLLMEngine(broken.engine)
+    try:
+        with serve_in_thread(build_app(engine, "tiny")) as url, httpx.Client(base_url=url, timeout=60) as c:
+            body = {"prompt": prompts[0], "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "stream": True}
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                evs = events(r)
+            assert evs[-1] == "[DONE]" and "device lost" in evs[-2]["error"]["message"]
+            r = c.post("/v1/completions", json=body | {"stream": False})
+            assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+            health = c.get("/health")
+            assert health.status_code == 503 and "device lost" in health.json()["error"]
+    finally:
+        engine.shutdown()
+
+
 def _wait_idle(llm, seconds: float = 20.0) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -340,7 +367,7 @@ def test_smollm2_golden_ids_and_chat(smollm2):
             by_text = c.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4,
                                                       "temperature": 0}).json()["choices"][0]["text"]
             assert by_text == smollm2.tokenizer.decode(GOLDEN[:4], skip_special_tokens=True)
-            chat = c.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "max_tokens": 16,
+            chat = c.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "max_tokens": 8,
                                                         "temperature": 0, "return_token_ids": True,
                                                         "messages": [{"role": "user", "content": "Say hi."}]}).json()
             rendered = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}])
