@@ -5,9 +5,10 @@ independent reference: ``bytes(ids).decode("utf-8", "replace")``; its greedy ids
 ``jserve.models.greedy_generate`` (its own paged loop, no scheduler), under a device pool small enough to make
 the fastserve policy swap. SmolLM2 reproduces the golden ids from Hugging Face transformers through
 ``/v1/completions`` (compared with the ``return_token_ids`` extension) and answers a chat request with its own
-template. Bad input gets its status and message while a concurrent good request completes; a client that
-disconnects aborts its request and the engine frees its pages. ``jserve serve`` starts, prints its URL, serves
-and stops on SIGINT.
+template. Bad input gets its status and message while a concurrent good request completes; a request the
+scheduler refuses is a 400, streaming or not; a failed engine thread gives 500s and a 503 health, not a hang; a
+client that disconnects aborts its request and the engine frees its pages. ``jserve serve`` starts, prints its
+URL, serves and stops on SIGINT.
 """
 
 from __future__ import annotations
@@ -305,6 +306,21 @@ def test_a_failed_engine_thread_is_reported_not_hung(tiny):
             assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
             health = c.get("/health")
             assert health.status_code == 503 and "device lost" in health.json()["error"]
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_the_scheduler_refuses_gets_a_400(tiny):
+    llm, _, prompts, _ = tiny
+    picky = LLM(llm.model, **TINY)  # same model and shapes: no new compilation
+    picky.engine.scheduler._reject_reason = lambda req: "it needs 999 pages; the device pool holds 23"
+    engine = AsyncLLMEngine(picky.engine)
+    try:
+        with serve_in_thread(build_app(engine, "tiny")) as url, httpx.Client(base_url=url, timeout=60) as c:
+            for stream in (False, True):  # refused before any stream starts
+                r = c.post("/v1/completions", json={"prompt": prompts[0], "stream": stream})
+                assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+                assert "the scheduler refused the request: it needs 999 pages" in r.json()["error"]["message"]
     finally:
         engine.shutdown()
 
