@@ -122,6 +122,11 @@ def test_completion_matches_the_reference_decode(tiny):
         r = c.post("/v1/completions", json={"prompt": "héllo", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
                                             "return_token_ids": True}).json()
         assert r["prompt_token_ids"] == list("héllo".encode()) and r["usage"]["completion_tokens"] == 3
+        # OpenAI fields jserve does not implement are fine at their neutral values (what clients send by default)
+        neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": None, "echo": False, "best_of": 1,
+                   "logit_bias": {}, "suffix": None, "user": "someone", "n": 1, "top_k": -1, "seed": 7}
+        r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2} | neutral)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_concurrent_requests_all_complete(tiny):
