@@ -437,8 +437,10 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="jserve-http", daemon=True)
     thread.start()
     try:
-        if not ready.wait(30):
-            raise RuntimeError("the HTTP server did not start within 30 s")
+        deadline = time.monotonic() + 30
+        while not ready.wait(0.05):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start (see uvicorn's log above)")
         yield server_url(sock)
     finally:
         server.should_exit = True
