@@ -14,6 +14,10 @@ Flow of ``replay``:
    charged the copy time as ``swapping`` and the rest of the step as ``executing``; ``queued`` is the rest of
    its latency, as in the simulator. Copies fused into a step's executable (overlapped swaps) cannot be told
    apart from compute and count as executing.
+4. With ``step_cost`` (an iteration cost model, normally the profile), every compute step is also logged in
+   ``EngineRun.steps`` as a ``StepTiming``: its shape, its measured wall time and the cost model's price of
+   its plan (``plan_compute_time`` plus the profile's copy time, read at plan time), which shows where the
+   engine and the simulator part.
 
 Lengths: a model whose context is shorter than the workload's cap (``max_total_len``, 2048 for the paper's
 datasets) gets every length scaled by ``max_model_len / max_total_len`` (``fit_lengths``).
@@ -38,7 +42,7 @@ import numpy as np
 
 from .records import RequestRecord, WorkloadRequest
 
-__all__ = ["EngineOptions", "EngineRun", "build_engine", "use_policy", "replay", "fit_lengths", "rate_scale",
+__all__ = ["EngineOptions", "EngineRun", "StepTiming", "build_engine", "use_policy", "replay", "fit_lengths", "rate_scale",
            "reference_request_time"]
 
 
@@ -159,20 +163,41 @@ def rate_scale(preset_cost, device_cost, preset_lengths: tuple[float, float], de
 # ------------------------------------------------------------------------------------------ the replay
 
 
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """One compute step of a replay: its shape, measured wall time and the cost model's price (seconds)."""
+
+    start: float  # run clock at the step's start
+    prefill_tokens: int
+    num_prefills: int
+    num_decodes: int
+    measured: float  # engine.step() wall time (policy, copies, runner, bookkeeping)
+    priced: float  # the cost model's price of the plan (what the simulator charges)
+
+    @property
+    def kind(self) -> str:
+        if self.num_prefills and self.num_decodes:
+            return "mixed"
+        return "prefill" if self.num_prefills else "decode"
+
+
 @dataclasses.dataclass
 class EngineRun:
     records: list[RequestRecord]
     stop_reason: str  # "completed" | "stalled" | "horizon"
     stats: dict
+    steps: list[StepTiming] = dataclasses.field(default_factory=list)  # with replay(step_cost=...)
 
 
 def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None = None, seed: int = 0,
-           id_prefix: Hashable = "run") -> EngineRun:
+           id_prefix: Hashable = "run", step_cost=None) -> EngineRun:
     """Run ``workload`` (arrival times in seconds from the start) on ``engine`` in real time with the policy it
-    has now. Returns one record per workload request, in workload order, on the run clock (start = 0)."""
+    has now. Returns one record per workload request, in workload order, on the run clock (start = 0).
+    ``step_cost``: a cost model whose price of every compute step is logged beside its measured time."""
     import jax
 
     from jserve.engine import SamplingParams
+    from schedulers.cost import plan_compute_time
 
     if engine.has_unfinished():
         raise RuntimeError("replay: the engine still has unfinished requests")
@@ -183,12 +208,15 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
     sched = engine.scheduler
     runner = engine.runner
     plans: list = []
+    prices: list = []
     copy_time = [0.0]
     orig_schedule, orig_copy = sched.schedule, runner.copy
 
     def schedule(now):
         plan = orig_schedule(now)
         plans.append(plan)
+        if step_cost is not None and not plan.is_empty:  # priced now: on_step_end moves the requests on
+            prices.append(_price(step_cost, plan, plan_compute_time))
         return plan
 
     def copy(direction, pairs):
@@ -208,7 +236,9 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
              "swaps_in": 0}
     counted = ("drops", "blocks_out", "blocks_in", "compiles_after_warmup")  # the engine counts these itself
     before = {k: engine.stats.get(k, 0) for k in counted}
+    steps: list[StepTiming] = []
     t0 = engine.now()
+    t0_wall = time.perf_counter()
     i, n = 0, len(pending)
     stop = "completed"
     idle = 0
@@ -230,6 +260,7 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
                     time.sleep(max(0.0, pending[i].arrival_time - (engine.now() - t0)))
                 continue
             plans.clear()
+            prices.clear()
             copy_time[0] = 0.0
             s0 = time.perf_counter()
             engine.step()
@@ -251,6 +282,9 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
             batch = [e.request_id for e in plan.prefill] + [r.request_id for r in plan.decode]
             if batch:
                 stats["compute_steps"] += 1
+                if prices:
+                    steps.append(StepTiming(s0 - t0_wall, sum(e.num_tokens for e in plan.prefill), len(plan.prefill),
+                                            len(plan.decode), dur, prices[-1]))
             for rid in dict.fromkeys(batch):
                 executing[rid] = executing.get(rid, 0.0) + dur - sync
                 if sync:
@@ -267,7 +301,17 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
                  compiles_during_run=delta["compiles_after_warmup"])
     records = [_record(w, outputs.get(w.request_id), executing.get(key(w.request_id), 0.0),
                        swapping.get(key(w.request_id), 0.0), t0, end) for w in workload]
-    return EngineRun(records, stop, stats)
+    return EngineRun(records, stop, stats, steps)
+
+
+def _price(cost, plan, plan_compute_time) -> float:
+    """What the simulator charges for ``plan`` on ``cost``: compute, plus copies on the cost model's own link
+    (one direction at a time, the engine's case) on the critical path or beyond the compute."""
+    compute = plan_compute_time(cost, plan) if (plan.prefill or plan.decode) else 0.0
+    swap = cost.swap_time
+    sync = swap(len(plan.sync_swap_out)) + swap(len(plan.sync_swap_in))
+    overlap = swap(len(plan.swap_out)) + swap(len(plan.swap_in))
+    return sync + max(compute, overlap)
 
 
 def _record(w: WorkloadRequest, out, ex: float, sw: float, t0: float, end: float) -> RequestRecord:
