@@ -24,7 +24,10 @@ DistServe form of ``schedulers.cost.FittedCostModel``, and writes this file; the
 
 ``mixed_decode_ms`` (written by ``jserve profile``) prices each decode that shares an iteration with prefill
 work at ``m1`` per context token and ``m2`` per request instead of ``d1``/``d2`` (``MixedStepCostModel``);
-without it a mixed iteration costs what ``FittedCostModel`` says. Unknown extra fields (the profiler's raw
+without it a mixed iteration costs what ``FittedCostModel`` says. With it, ``shape_buckets``
+(``{"tokens": [...], "sequences": [...]}``: the engine's compiled token and sequence buckets) puts the
+per-token and per-request terms on padded counts, and ``shape_costs_ms`` (same keys, one measured cost per
+bucket) replaces the linear base of a step by its bucket's measured cost. Unknown extra fields (the profiler's raw
 points and fit diagnostics) are ignored.
 
 Either ``num_device_blocks`` or both ``model`` and ``device`` must be present. Every error names the file and
@@ -66,12 +69,20 @@ class MixedStepCostModel(FittedCostModel):
       with prefill work is paid on the padded token count (every packed token of the bucket, decodes riding
       along included) and the per-request decode term on the padded batch: the engine computes the padding.
       The attention terms stay on the real lengths (padding attends to nothing).
+    * With ``token_costs`` / ``seq_costs`` too (one measured cost per bucket, from ``jserve profile``), a
+      step's base is its bucket's cost instead of a line through the buckets: ``token_costs[T]`` for a step
+      with prefill work in token bucket ``T`` (replacing ``p0 + p1 * T``), ``seq_costs[S]`` for a decode-only
+      step in sequence bucket ``S`` (replacing ``d0 + d2 * S``). A step whose every row computes one token
+      (one-token prompts included) runs as a decode step, as in the engine. Past the largest bucket the
+      largest bucket's cost is scaled by the size.
     """
 
     m1: float = 0.0
     m2: float = 0.0
     token_buckets: tuple[int, ...] = ()
     seq_buckets: tuple[int, ...] = ()
+    token_costs: tuple[float, ...] = ()
+    seq_costs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         FittedCostModel.__post_init__(self)
@@ -79,27 +90,59 @@ class MixedStepCostModel(FittedCostModel):
             value = getattr(self, field_name)
             if not value >= 0:
                 raise ValueError(f"MixedStepCostModel.{field_name} must be >= 0, got {value!r}")
+        for costs, buckets, label in ((self.token_costs, self.token_buckets, "token"),
+                                      (self.seq_costs, self.seq_buckets, "seq")):
+            if costs and len(costs) != len(buckets):
+                raise ValueError(f"MixedStepCostModel.{label}_costs has {len(costs)} entries for "
+                                 f"{len(buckets)} {label}_buckets")
+            if any(not (c >= 0 and math.isfinite(c)) for c in costs):
+                raise ValueError(f"MixedStepCostModel.{label}_costs must be finite and >= 0, got {costs!r}")
+
+    def _token_base(self, tokens: int) -> float:
+        if self.token_costs:
+            return _bucket_cost(tokens, self.token_buckets, self.token_costs)
+        return self.p0 + self.p1 * pad_to_bucket(tokens, self.token_buckets)
+
+    def _seq_base(self, batch_size: int) -> float:
+        if self.seq_costs:
+            return _bucket_cost(batch_size, self.seq_buckets, self.seq_costs)
+        return self.d0 + self.d2 * pad_to_bucket(batch_size, self.seq_buckets)
 
     def prefill_time(self, prompt_len: int) -> float:
-        return self.p0 + self.p1 * pad_to_bucket(prompt_len, self.token_buckets) + self.p2 * prompt_len * prompt_len
+        if self.seq_costs and prompt_len == 1:
+            return self.decode_time(1, 1)
+        return self._token_base(prompt_len) + self.p2 * prompt_len * prompt_len
 
     def decode_time(self, batch_size: int, total_context: int) -> float:
         if batch_size <= 0:
             return 0.0
-        return self.d0 + self.d1 * total_context + self.d2 * pad_to_bucket(batch_size, self.seq_buckets)
+        return self._seq_base(batch_size) + self.d1 * total_context
 
     def step_time(self, prefill: Sequence[tuple[int, int]], decode_contexts: Sequence[int]) -> float:
         if not prefill:
             return self.decode_time(len(decode_contexts), sum(decode_contexts)) if decode_contexts else 0.0
+        if self.seq_costs and all(n == 1 for n, _ in prefill):  # every row one token: a decode step
+            contexts = [c + 1 for _, c in prefill] + list(decode_contexts)
+            return self.decode_time(len(contexts), sum(contexts))
         tokens = sum(n for n, _ in prefill)
         attention = sum(n * n + 2 * n * c for n, c in prefill)
         if not decode_contexts:
-            return self.p0 + self.p1 * pad_to_bucket(tokens, self.token_buckets) + self.p2 * attention
+            return self._token_base(tokens) + self.p2 * attention
+        extra = self.m1 * sum(decode_contexts) + self.m2 * len(decode_contexts)
+        if self.token_costs:
+            return self._token_base(tokens + len(decode_contexts)) + self.p2 * attention + extra
         # Decodes ride in the packed tokens; without buckets the per-token term counts prefill tokens only
         # (the simulator's original form).
         linear = pad_to_bucket(tokens + len(decode_contexts), self.token_buckets) if self.token_buckets else tokens
-        return (max(self.p0, self.d0) + self.p1 * linear + self.p2 * attention
-                + self.m1 * sum(decode_contexts) + self.m2 * len(decode_contexts))
+        return max(self.p0, self.d0) + self.p1 * linear + self.p2 * attention + extra
+
+
+def _bucket_cost(n: int, buckets: Sequence[int], costs: Sequence[float]) -> float:
+    """The cost of the smallest bucket >= ``n``; past the largest, its cost scaled by ``n / largest``."""
+    for b, c in zip(buckets, costs):
+        if b >= n:
+            return c
+    return costs[-1] * n / buckets[-1]
 
 
 class ProfileError(ValueError):
@@ -190,7 +233,21 @@ def preset_from_dict(data: dict, where: str = "profile") -> HardwarePreset:
             vals = buckets.get(key, [])
             if not isinstance(vals, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
                 raise ProfileError(f"{where}: shape_buckets.{key} must be a list of positive integers, got {vals!r}")
-            shapes[attr] = tuple(sorted(vals))
+            if vals != sorted(set(vals)):
+                raise ProfileError(f"{where}: shape_buckets.{key} must be increasing, got {vals!r}")
+            shapes[attr] = tuple(vals)
+        costs = data.get("shape_costs_ms")
+        if costs is not None:
+            if not isinstance(costs, dict):
+                raise ProfileError(f"{where}: field 'shape_costs_ms' must be an object with 'tokens' and 'sequences'")
+            for key, attr, bucket_attr in (("tokens", "token_costs", "token_buckets"),
+                                           ("sequences", "seq_costs", "seq_buckets")):
+                vals = costs.get(key, [])
+                if not isinstance(vals, list) or len(vals) != len(shapes[bucket_attr]):
+                    raise ProfileError(f"{where}: shape_costs_ms.{key} must be a list of one number per "
+                                       f"shape_buckets.{key} entry ({len(shapes[bucket_attr])}), got {vals!r}")
+                shapes[attr] = tuple(_number({f"shape_costs_ms.{key}": v}, f"shape_costs_ms.{key}", where) / 1e3
+                                     for v in vals)
         cost = MixedStepCostModel(**fields, m1=m1, m2=m2, **shapes)
     return HardwarePreset(
         name=name,
@@ -245,6 +302,11 @@ def profile_dict(preset: HardwarePreset) -> dict:
     }
     if isinstance(cost, MixedStepCostModel):
         data["mixed_decode_ms"] = [cost.m1 * 1e3, cost.m2 * 1e3]
+        if cost.token_buckets or cost.seq_buckets:
+            data["shape_buckets"] = {"tokens": list(cost.token_buckets), "sequences": list(cost.seq_buckets)}
+        if cost.token_costs or cost.seq_costs:
+            data["shape_costs_ms"] = {"tokens": [c * 1e3 for c in cost.token_costs],
+                                      "sequences": [c * 1e3 for c in cost.seq_costs]}
     if preset.fixed_device_blocks is not None:
         data["num_device_blocks"] = preset.fixed_device_blocks
     if preset.model is not None and preset.gpu is not None:

@@ -5,16 +5,17 @@ Flow (``profile_engine``):
 1. Take a built ``LLMEngine`` and time its own ``ModelRunner`` (the same precompiled bucket executables it
    serves with, so padding a step up to its bucket is part of what is measured) on a grid
    (``ProfileGrid``): prefill steps of ``k`` prompts of ``l`` tokens (one and several prompts), decode steps
-   of ``B`` sequences at context ``c``, and standalone swap copies of ``n`` blocks in each direction. Each
-   point is the median of ``repeats`` timed calls after ``warmup`` untimed ones.
+   of ``B`` sequences at context ``c``, mixed steps (a prompt plus decodes), and standalone swap copies of
+   ``n`` blocks in each direction. Each point is the mean of ``repeats`` timed calls after ``warmup``
+   untimed ones, measured in interleaved rounds (``interleaved_means``: every round times every point once,
+   in a fresh random order), so background load that comes and goes weighs on all points alike.
 2. Measure the engine's per-iteration overhead outside the runner (the policy's ``schedule`` and
    ``on_step_end``, packing of the step's rows, bookkeeping) by driving the engine itself over a short burst
-   of requests and subtracting the runner's time from each ``step()``'s. The median is added to both fitted
-   constants (``p0`` and ``d0``), since the simulator charges a step only its cost-model time.
-3. Fit ``schedulers.cost.FittedCostModel``'s form by non-negative least squares on *relative* error (each
-   point weighted by 1/time, so short decode steps count as much as long prefills):
-   prefill ``p0 + p1 * sum(l) + p2 * sum(l^2)``, decode ``d0 + d1 * sum(c) + d2 * B``; copies
-   ``latency + n * block_bytes / bandwidth``. R^2 and the relative error of every point are reported.
+   of requests and subtracting the runner's time from each ``step()``'s. The median is added to every
+   step's base cost, since the simulator charges a step only its cost-model time.
+3. Fit the cost form (``jserve.engine.profile_fit``): with the engine's buckets, a measured base cost per
+   compiled shape plus terms in the real lengths; copies ``latency + n * block_bytes / bandwidth``. R^2 and
+   the relative error of every point are reported.
 4. ``ProfileResult.to_dict()`` is a ``jserve-cost-profile/1`` document (``eval.costmodels.profile``) with
    the engine's usable device block count, block bytes, the measured swap bandwidth, ``full_duplex: false``
    and provenance (device, date, model, engine settings), plus the raw points and fit diagnostics.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import itertools
 import json
 import statistics
 import time
@@ -39,11 +39,12 @@ import numpy as np
 
 from schedulers.cost import FittedCostModel
 
+from .profile_fit import CostFit, FitResult, fit_cost_model, nnls_fit
 from .runner import BatchRow
 from .sampling import SamplingParams
 
-__all__ = ["ProfileGrid", "FitResult", "ProfileResult", "default_grid", "nnls_fit", "fit_cost_model",
-           "profile_engine", "PROFILE_FORMAT"]
+__all__ = ["ProfileGrid", "FitResult", "CostFit", "ProfileResult", "default_grid", "nnls_fit", "fit_cost_model",
+           "profile_engine", "interleaved_means", "median_time", "PROFILE_FORMAT"]
 
 PROFILE_FORMAT = "jserve-cost-profile/1"  # the format eval.costmodels.profile reads
 
@@ -88,10 +89,11 @@ def _spread(low: int, high: int, n: int) -> list[int]:
 
 def default_grid(engine, quick: bool = False) -> ProfileGrid:
     """A grid sized from the engine's limits. Prompt lengths and batch sizes are spread evenly over their
-    ranges (not only at bucket edges), so the fit sees the padding to buckets as it occurs in service."""
+    ranges (not only at bucket edges), so the fit sees the padding to buckets as it occurs in service, and
+    every compiled bucket size is itself a point (each bucket's cost is measured, see ``profile_fit``)."""
     c = engine.runner.config
     max_prompt = min(c.max_tokens_per_batch, engine.max_model_len - 1)
-    lens = _spread(1, max_prompt, 6 if quick else 12)
+    lens = sorted(set(_spread(1, max_prompt, 6 if quick else 12)) | {b for b in c.token_buckets if b <= max_prompt})
     prefill = [(1, n) for n in lens]
     for k in ((2, 4) if quick else (2, 3, 4, 8)):
         k = min(k, c.max_batch_size)
@@ -99,7 +101,7 @@ def default_grid(engine, quick: bool = False) -> ProfileGrid:
             continue
         for n in _spread(1, max_prompt // k, 3 if quick else 5):
             prefill.append((k, n))
-    batches = _spread(1, c.max_batch_size, 4 if quick else 8)
+    batches = sorted(set(_spread(1, c.max_batch_size, 4 if quick else 8)) | set(c.decode_buckets))
     contexts = _spread(2, engine.max_model_len - 1, 2 if quick else 4)
     decode = [(b, ctx) for b in batches for ctx in contexts]
     mixed = []
@@ -121,156 +123,27 @@ def default_grid(engine, quick: bool = False) -> ProfileGrid:
     )
 
 
-# ---------------------------------------------------------------------------------------------------- fitting
-
-
-def nnls_fit(
-    x: np.ndarray,  # [n_points, n_coef] design matrix
-    y: np.ndarray,  # [n_points] measured times
-    weights: np.ndarray | None = None,  # [n_points] per-point weights (multiply the residuals)
-) -> np.ndarray:  # [n_coef] coefficients, all >= 0
-    """Weighted non-negative least squares for a handful of coefficients: the best of the unconstrained
-    least-squares solutions on every subset of coefficients that comes out non-negative (the NNLS optimum is
-    one of them, with its own support)."""
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"nnls_fit: x must be [n, k] and y [n], got {x.shape} and {y.shape}")
-    w = np.ones_like(y) if weights is None else np.asarray(weights, np.float64)
-    xw, yw = x * w[:, None], y * w
-    k = x.shape[1]
-    best, best_err = np.zeros(k), float(np.sum(yw**2))
-    for size in range(1, k + 1):
-        for support in itertools.combinations(range(k), size):
-            cols = list(support)
-            coef, *_ = np.linalg.lstsq(xw[:, cols], yw, rcond=None)
-            if np.any(coef < 0):
-                continue
-            full = np.zeros(k)
-            full[cols] = coef
-            err = float(np.sum((yw - xw @ full) ** 2))
-            if err < best_err - 1e-18:
-                best, best_err = full, err
-    return best
-
-
-@dataclasses.dataclass(frozen=True)
-class FitResult:
-    """One fitted family (prefill, decode or copy): coefficients (seconds units), R^2, per-point errors."""
-
-    coef: tuple[float, ...]
-    r2: float
-    points: tuple[dict, ...]  # {"x": [...], "measured_ms", "predicted_ms", "rel_err"}
-
-    @property
-    def max_rel_err(self) -> float:
-        return max(abs(p["rel_err"]) for p in self.points)
-
-    @property
-    def mean_abs_rel_err(self) -> float:
-        return float(np.mean([abs(p["rel_err"]) for p in self.points]))
-
-    def summary(self) -> dict:
-        return {"r2": self.r2, "mean_abs_rel_err": self.mean_abs_rel_err, "max_rel_err": self.max_rel_err,
-                "points": list(self.points)}
-
-
-def _fit(features: np.ndarray, times: np.ndarray, labels: Sequence, groups: Sequence[str] | None = None
-         ) -> dict[str, FitResult] | FitResult:
-    """NNLS on relative error; with ``groups`` (one name per point) the diagnostics are split per group."""
-    times = np.asarray(times, np.float64)
-    if np.any(times <= 0):
-        raise ValueError("measured times must be > 0")
-    coef = nnls_fit(features, times, weights=1.0 / times)
-    pred = features @ coef
-    names = list(groups) if groups is not None else ["all"] * len(times)
-    out = {}
-    for g in dict.fromkeys(names):
-        idx = [i for i, n in enumerate(names) if n == g]
-        t, p = times[idx], pred[idx]
-        ss_res = float(np.sum((t - p) ** 2))
-        ss_tot = float(np.sum((t - t.mean()) ** 2))
-        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-        pts = tuple({"x": list(labels[i]), "measured_ms": float(times[i]) * 1e3, "predicted_ms": float(pred[i]) * 1e3,
-                     "rel_err": float(pred[i] / times[i] - 1)} for i in idx)
-        out[g] = FitResult(tuple(float(c) for c in coef), r2, pts)
-    return out if groups is not None else out["all"]
-
-
-def _prefill_features(lens_ctx: Sequence[tuple[int, int]]) -> list[float]:
-    """[sum n, sum (n^2 + 2 n c)] of chunks (n new tokens after c cached), as ``FittedCostModel.step_time``."""
-    return [float(sum(n for n, _ in lens_ctx)), float(sum(n * n + 2 * n * c for n, c in lens_ctx))]
-
-
-def fit_cost_model(
-    prefill: Sequence[tuple[Sequence[int], float]],  # (prompt lengths of the step, seconds)
-    decode: Sequence[tuple[Sequence[int], float]],  # (context lengths of the step, seconds)
-    copies: Sequence[tuple[int, float]] = (),  # (blocks copied, seconds)
-    mixed: Sequence[tuple[Sequence[int], Sequence[int], float]] = (),  # (prompt lengths, decode contexts, s)
-    *,
-    block_bytes: int = 0,
-    overhead: float = 0.0,
-    name: str = "profile",
-    token_buckets: Sequence[int] = (),
-    seq_buckets: Sequence[int] = (),
-) -> tuple[FittedCostModel, dict[str, FitResult], tuple[float, float]]:
-    """Fit the DistServe form to measured steps, all kinds at once, with the simulator's own pricing of each:
-    a prefill step ``p0 + p1*sum(l) + p2*sum(l^2)``, a decode step ``d0 + d1*sum(c) + d2*B``, a mixed step
-    (prompts and decodes together) the prefill terms plus the decode terms over one constant (taken as ``p0``;
-    the fit reports whether ``p0 >= d0`` holds, as the simulator's ``max(p0, d0)`` then agrees). Relative
-    errors are minimized, so short and long steps count alike. ``overhead`` (seconds per iteration spent
-    outside the runner) is added to ``p0`` and ``d0`` after the fit. Copies fit ``latency + n * block_bytes
-    / bandwidth`` (they need ``block_bytes`` > 0 and two sizes; without them the bandwidth is infinite).
-
-    Mixed steps get their own decode terms ``(m1, m2)`` (per context token and per request of a decode that
-    rides in a step with prefill work), returned third: on a CPU the ragged kernel that runs mixed steps
-    prices a decode very differently from the decode kernel. Without mixed points they equal ``(d1, d2)``.
-    With ``token_buckets`` / ``seq_buckets`` (the engine's compiled shapes) the per-token and per-request
-    features are the padded counts the engine computes, as ``eval.costmodels.profile.MixedStepCostModel``
-    prices them (decodes riding in a mixed step count in its padded tokens).
-    Returns ``(cost, fits, (m1, m2))``; ``fits`` has the per-kind diagnostics ("prefill", "decode", "mixed",
-    "copy"), all from one joint fit."""
-    tb, sb = tuple(sorted(token_buckets)), tuple(sorted(seq_buckets))
-
-    def pad(n: int, buckets: tuple[int, ...]) -> float:
-        return float(next((b for b in buckets if b >= n), n))
-    if len(prefill) < 3 or len(decode) < 3:
-        raise ValueError(f"need at least 3 prefill and 3 decode points, got {len(prefill)} and {len(decode)}")
-    rows, times, labels, groups = [], [], [], []
-    # Columns: p0, p1, p2, d0, d1, d2, m1, m2 (m: decodes riding in a step with prefill work).
-    for ls, t in prefill:
-        tokens, attention = _prefill_features([(n, 0) for n in ls])
-        rows.append([1.0, pad(int(tokens), tb), attention, 0.0, 0.0, 0.0, 0.0, 0.0])
-        times.append(t), labels.append(list(ls)), groups.append("prefill")
-    for cs, t in decode:
-        rows.append([0.0, 0.0, 0.0, 1.0, float(sum(cs)), pad(len(cs), sb), 0.0, 0.0])
-        times.append(t), labels.append([len(cs), sum(cs)]), groups.append("decode")
-    for ls, cs, t in mixed:
-        tokens, attention = _prefill_features([(n, 0) for n in ls])
-        linear = pad(int(tokens) + len(cs), tb) if tb else tokens
-        rows.append([1.0, linear, attention, 0.0, 0.0, 0.0, float(sum(cs)), float(len(cs))])
-        times.append(t), labels.append([list(ls), len(cs), sum(cs)]), groups.append("mixed")
-    fits = _fit(np.array(rows), np.array(times), labels, groups)
-    bandwidth, latency = float("inf"), 0.0
-    if copies and len({n for n, _ in copies}) >= 2 and block_bytes > 0:
-        xc = np.array([[1.0, n * block_bytes] for n, _ in copies])
-        cf = _fit(xc, np.array([t for _, t in copies]), [[n] for n, _ in copies])
-        latency, per_byte = cf.coef
-        if per_byte > 0:
-            bandwidth = 1.0 / per_byte
-        else:  # timings too noisy for a slope: the largest copy's plain rate (a finite, honest lower bound)
-            n, t = max(copies)
-            bandwidth, latency = n * block_bytes / t, 0.0
-        fits["copy"] = cf
-    p0, p1, p2, d0, d1, d2, m1, m2 = fits["prefill"].coef
-    if not mixed:  # nothing measured: decodes in a mixed step cost what they cost alone
-        m1, m2 = d1, d2
-    cost = FittedCostModel(p0 + overhead, p1, p2, d0 + overhead, d1, d2, block_bytes=block_bytes,
-                           swap_bandwidth=bandwidth, swap_latency=latency, name=name)
-    return cost, fits, (m1, m2)
-
-
 # ---------------------------------------------------------------------------------------------------- timing
+
+
+def interleaved_means(fns: Sequence[Callable[[], object]], repeats: int, warmup: int, seed: int = 0) -> list[float]:
+    """Mean wall time of each of ``fns`` (each must block) over ``repeats`` rounds, after ``warmup`` untimed
+    rounds; every round calls each function once, in a fresh random order. A drift in background load then
+    spreads over all points alike instead of biasing the ones measured while it lasted, and the mean (not
+    the median) is what a run's total time adds up."""
+    rng = np.random.default_rng(seed)
+    order = np.arange(len(fns))
+    for _ in range(warmup):
+        for i in order:
+            fns[i]()
+    total = np.zeros(len(fns))
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for i in order:
+            t0 = time.perf_counter()
+            fns[i]()
+            total[i] += time.perf_counter() - t0
+    return (total / repeats).tolist()
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
@@ -359,6 +232,8 @@ class ProfileResult:
     cost: FittedCostModel
     fits: dict[str, FitResult]
     mixed_decode: tuple[float, float]  # (m1 s/context token, m2 s/request) of decodes in mixed steps
+    token_costs: tuple[float, ...]  # seconds of a step with prefill work per token bucket (shape-priced)
+    seq_costs: tuple[float, ...]  # seconds of a decode-only step per sequence bucket (shape-priced)
     overhead_s: float
     num_device_blocks: int  # usable device blocks (the engine's pool minus its padding page)
     block_size: int
@@ -381,6 +256,10 @@ class ProfileResult:
             # The engine's compiled shapes: the per-token / per-request terms are paid on padded counts.
             "shape_buckets": {"tokens": list(self.engine_settings["token_buckets"]),
                               "sequences": list(self.engine_settings["decode_buckets"])},
+            # What a step costs in each compiled shape (overhead included); the linear terms above are the
+            # line through these and only price steps when a reader ignores them.
+            "shape_costs_ms": {"tokens": [t * 1e3 for t in self.token_costs],
+                               "sequences": [t * 1e3 for t in self.seq_costs]},
             "block_size": self.block_size,
             "block_bytes": self.block_bytes,
             "swap": {"bandwidth_bytes_per_s": c.swap_bandwidth, "latency_s": c.swap_latency, "full_duplex": False},
@@ -454,35 +333,36 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
     if max(grid.copies) > kv.num_host_pages:
         raise ValueError(f"copy size {max(grid.copies)} exceeds the engine's {kv.num_host_pages} host blocks")
 
-    prefill_pts = []
-    for k, n in grid.prefill:
-        rows = _rows([n] * k, [0] * k, pages, vocab)
-        prefill_pts.append(([n] * k, median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
-    say(f"prefill: {len(prefill_pts)} points")
-    decode_pts = []
-    for b, ctx in grid.decode:
-        rows = _rows([1] * b, [ctx - 1] * b, pages, vocab)
-        decode_pts.append(([ctx] * b, median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
-    say(f"decode: {len(decode_pts)} points")
-    mixed_pts = []
-    for k, n, b, ctx in grid.mixed:
-        rows = _rows([n] * k + [1] * b, [0] * k + [ctx - 1] * b, pages, vocab)
-        mixed_pts.append(([n] * k, [ctx] * b, median_time(lambda: runner.run(rows), grid.repeats, grid.warmup)))
-    say(f"mixed: {len(mixed_pts)} points")
+    # Every point's rows are built first; then all points (steps and copies) are timed in interleaved rounds.
+    steps = [("prefill", [n] * k, [], _rows([n] * k, [0] * k, pages, vocab)) for k, n in grid.prefill]
+    steps += [("decode", [], [ctx] * b, _rows([1] * b, [ctx - 1] * b, pages, vocab)) for b, ctx in grid.decode]
+    steps += [("mixed", [n] * k, [ctx] * b, _rows([n] * k + [1] * b, [0] * k + [ctx - 1] * b, pages, vocab))
+              for k, n, b, ctx in grid.mixed]
+    fns: list[Callable[[], object]] = [lambda rows=rows: runner.run(rows) for *_, rows in steps]
+    copy_keys = [(d, n) for d in ("out", "in") for n in grid.copies]
+    for direction, n in copy_keys:
+        pairs = [(i % usable, i) for i in range(n)] if direction == "out" else [(i, i % usable) for i in range(n)]
+
+        def go(pairs=pairs, direction=direction):
+            runner.copy(direction, pairs)
+            _block(kv)
+
+        fns.append(go)
+    say(f"timing {len(steps)} steps and {len(copy_keys)} copies, {grid.repeats} interleaved rounds")
+    times = interleaved_means(fns, grid.repeats, grid.warmup)
+    prefill_pts, decode_pts, mixed_pts = [], [], []
+    for (kind, lens, ctxs, _), t in zip(steps, times):
+        if kind == "prefill":
+            prefill_pts.append((lens, t))
+        elif kind == "decode":
+            decode_pts.append((ctxs, t))
+        else:
+            mixed_pts.append((lens, ctxs, t))
     copy_pts, rates = [], {}
-    for direction in ("out", "in"):
-        for n in grid.copies:
-            pairs = [(i % usable, i) for i in range(n)] if direction == "out" else [(i, i % usable) for i in range(n)]
-
-            def go(pairs=pairs, direction=direction):
-                runner.copy(direction, pairs)
-                _block(kv)
-
-            t = median_time(go, grid.repeats, grid.warmup)
-            copy_pts.append((n, t))
-            if n == max(grid.copies):
-                rates[direction] = n * kv.spec.page_bytes / t
-    say(f"copies: {len(copy_pts)} points")
+    for (direction, n), t in zip(copy_keys, times[len(steps):]):
+        copy_pts.append((n, t))
+        if n == max(grid.copies):
+            rates[direction] = n * kv.spec.page_bytes / t
     overhead = 0.0
     if grid.overhead_requests:
         overhead = measure_overhead(engine, grid.overhead_requests, max(1, min(16, max_prompt // 2)), 8)
@@ -491,13 +371,14 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
     device = jax.devices()[0]
     device_name = f"{device.platform}:{getattr(device, 'device_kind', '')}"
     label = name or f"{engine.model.config.name}/{device_name}"
-    cost, fits, mixed_decode = fit_cost_model(prefill_pts, decode_pts, copy_pts, mixed_pts, block_bytes=kv.spec.page_bytes,
-                                overhead=overhead, name=label, token_buckets=c.token_buckets,
-                                seq_buckets=c.decode_buckets)
+    fit = fit_cost_model(prefill_pts, decode_pts, copy_pts, mixed_pts, block_bytes=kv.spec.page_bytes,
+                         overhead=overhead, name=label, token_buckets=c.token_buckets, seq_buckets=c.decode_buckets)
     return ProfileResult(
-        cost=cost,
-        fits=fits,
-        mixed_decode=mixed_decode,
+        cost=fit.cost,
+        fits=fit.fits,
+        mixed_decode=fit.mixed_decode,
+        token_costs=fit.token_costs,
+        seq_costs=fit.seq_costs,
         overhead_s=overhead,
         num_device_blocks=usable,
         block_size=c.page_size,

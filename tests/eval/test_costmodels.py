@@ -197,3 +197,28 @@ def test_profile_with_fixed_pool_and_errors(tmp_path):
         load_profile(path)
     with pytest.raises(ProfileError, match="cannot read"):
         load_profile(tmp_path / "missing.json")
+
+
+def test_profile_shape_costs_round_trip_and_errors(tmp_path):
+    # A profile with per-bucket costs: a decode of 3 requests runs in the 4-sequence bucket (42 ms) plus
+    # 2e-3 ms per context token; a 40-token prefill in the 64-token bucket (70 ms) plus 1e-4 ms per token^2.
+    data = profile_dict(PRESETS["opt-13b-a100"])
+    data.update(num_device_blocks=100, mixed_decode_ms=[0.001, 0.5],
+                shape_buckets={"tokens": [32, 64], "sequences": [1, 4]},
+                shape_costs_ms={"tokens": [30.0, 70.0], "sequences": [25.0, 42.0]},
+                prefill_ms=[1.0, 0.1, 1e-4], decode_ms=[1.0, 2e-3, 0.5])
+    path = tmp_path / "shaped.json"
+    path.write_text(json.dumps(data))
+    cost = load_profile(path).cost
+    assert cost.decode_time(3, 300) == pytest.approx(0.042 + 300 * 2e-6)
+    assert cost.prefill_time(40) == pytest.approx(0.070 + 1e-7 * 1600)
+    assert cost.step_time([(1, 0), (1, 0)], [10]) == pytest.approx(0.042 + (1 + 1 + 10) * 2e-6)  # all one-token rows
+    again = tmp_path / "again.json"
+    save_profile(load_profile(path), again)
+    assert load_profile(again).cost == cost
+    path.write_text(json.dumps(dict(data, shape_costs_ms={"tokens": [30.0], "sequences": [25.0, 42.0]})))
+    with pytest.raises(ProfileError, match=r"shaped\.json.*shape_costs_ms\.tokens.*one number per"):
+        load_profile(path)
+    path.write_text(json.dumps(dict(data, shape_costs_ms={"tokens": [30.0, -1], "sequences": [25.0, 42.0]})))
+    with pytest.raises(ProfileError, match=r"shape_costs_ms\.tokens.*>= 0"):
+        load_profile(path)

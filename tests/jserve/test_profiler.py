@@ -29,7 +29,7 @@ def _synthetic(noise: float = 0.0, seed: int = 0):
 
 def test_fit_recovers_known_coefficients():
     prefill, decode, mixed, copies = _synthetic()
-    cost, fits, (m1, m2) = fit_cost_model(prefill, decode, copies, mixed, block_bytes=65536, overhead=1e-4)
+    cost, fits, (m1, m2), *_ = fit_cost_model(prefill, decode, copies, mixed, block_bytes=65536, overhead=1e-4)
     got = dict(p0=cost.p0 - 1e-4, p1=cost.p1, p2=cost.p2, d0=cost.d0 - 1e-4, d1=cost.d1, d2=cost.d2, m1=m1, m2=m2)
     for k, v in TRUE.items():
         assert got[k] == pytest.approx(v, rel=1e-6), k
@@ -40,7 +40,7 @@ def test_fit_recovers_known_coefficients():
 
 def test_fit_with_noise_stays_close():
     prefill, decode, mixed, copies = _synthetic(noise=0.02, seed=3)
-    cost, fits, _ = fit_cost_model(prefill, decode, copies, mixed, block_bytes=65536)
+    cost, fits, *_ = fit_cost_model(prefill, decode, copies, mixed, block_bytes=65536)
     assert cost.p1 == pytest.approx(TRUE["p1"], rel=0.15)
     assert cost.d2 == pytest.approx(TRUE["d2"], rel=0.15)
     assert fits["decode"].mean_abs_rel_err < 0.05
@@ -124,8 +124,63 @@ def test_fit_with_shape_buckets_recovers_padded_costs():
     prefill = [([n] * k, truth.step_time([(n, 0)] * k, [])) for k, n in [(1, 5), (1, 20), (1, 40), (2, 30), (1, 64)]]
     decode = [([c] * b, truth.step_time([], [c] * b)) for b, c in [(1, 10), (3, 50), (5, 100), (8, 30), (2, 200)]]
     mixed = [([n], [c] * b, truth.step_time([(n, 0)], [c] * b)) for n, b, c in [(10, 2, 40), (30, 4, 100), (50, 3, 20)]]
-    cost, fits, (m1, m2) = fit_cost_model(prefill, decode, (), mixed, token_buckets=(32, 64), seq_buckets=(2, 4, 8))
+    cost, fits, (m1, m2), *_ = fit_cost_model(prefill, decode, (), mixed, token_buckets=(32, 64), seq_buckets=(2, 4, 8))
     np.testing.assert_allclose([cost.p0, cost.p1, cost.p2, cost.d0, cost.d1, cost.d2, m1, m2],
                                [2e-3, 1e-4, 1e-7, 1e-3, 1e-6, 3e-4, 2e-6, 5e-4], rtol=1e-6, atol=1e-12)
     assert truth.step_time([(5, 0)], []) == truth.step_time([(30, 0)], []) - 1e-7 * (900 - 25)  # same bucket
     assert truth.decode_time(3, 90) == pytest.approx(1e-3 + 90e-6 + 4 * 3e-4)  # 3 requests run as 4
+
+
+def test_shape_priced_fit_recovers_per_bucket_costs():
+    # Bucket costs that no line through the buckets gives (one decode 25 ms, two 42 ms: GEMV vs GEMM on a CPU),
+    # plus length terms. The shape-priced fit recovers every bucket and term exactly; one-token prompts are
+    # priced as the decode step the engine runs them in; the profile document prices new steps the same way.
+    from eval.costmodels.profile import MixedStepCostModel, preset_from_dict
+    from jserve.engine.profiler import ProfileResult
+
+    truth = MixedStepCostModel(0.0, 0.0, 2e-7, 0.0, 3e-6, 0.0, m1=5e-6, m2=1e-3, token_buckets=(32, 64, 128),
+                               seq_buckets=(1, 2, 4, 8), token_costs=(0.030, 0.070, 0.110),
+                               seq_costs=(0.025, 0.042, 0.048, 0.055))
+    prefill = [([n] * k, truth.step_time([(n, 0)] * k, [])) for k, n in
+               [(1, 1), (4, 1), (1, 7), (1, 30), (1, 40), (2, 30), (1, 64), (1, 100), (4, 30)]]
+    decode = [([c] * b, truth.step_time([], [c] * b)) for b, c in [(1, 10), (1, 90), (2, 50), (3, 100), (8, 30), (6, 7)]]
+    mixed = [([n], [c] * b, truth.step_time([(n, 0)], [c] * b)) for n, b, c in [(10, 2, 40), (30, 4, 100), (50, 3, 20),
+                                                                              (90, 5, 60), (1, 3, 9)]]
+    copies = [(n, 1e-4 + n * 4096 / 4e9) for n in (4, 16)]
+    fit = fit_cost_model(prefill, decode, copies, mixed, token_buckets=(32, 64, 128), seq_buckets=(1, 2, 4, 8),
+                         overhead=1e-3, block_bytes=4096)
+    np.testing.assert_allclose(fit.token_costs, [0.031, 0.071, 0.111], rtol=1e-6)
+    np.testing.assert_allclose(fit.seq_costs, [0.026, 0.043, 0.049, 0.056], rtol=1e-6)
+    np.testing.assert_allclose([fit.cost.p2, fit.cost.d1, *fit.mixed_decode], [2e-7, 3e-6, 5e-6, 1e-3], rtol=1e-6)
+    assert fit.fits["prefill"].max_rel_err < 1e-6 and fit.fits["mixed"].max_rel_err < 1e-6
+    assert prefill[1][1] == pytest.approx(0.048 + 4 * 3e-6)  # four one-token prompts: the decode[4] step
+    result = ProfileResult(fit.cost, fit.fits, fit.mixed_decode, fit.token_costs, fit.seq_costs, 1e-3, 10, 16, 4096,
+                           {}, {"token_buckets": [32, 64, 128], "decode_buckets": [1, 2, 4, 8], "model": "m"},
+                           "cpu:x", "today", 1.0)
+    cost = preset_from_dict(result.to_dict(), "p").cost
+    assert cost.token_costs == pytest.approx((0.031, 0.071, 0.111)) and cost.seq_buckets == (1, 2, 4, 8)
+    # A new step in each family, priced by the loaded profile as by the truth (plus the 1 ms overhead).
+    assert cost.step_time([(20, 5)], [33, 70]) == pytest.approx(truth.step_time([(20, 5)], [33, 70]) + 1e-3)
+    assert cost.decode_time(3, 300) == pytest.approx(0.049 + 300 * 3e-6)
+    assert cost.prefill_time(100) == pytest.approx(0.111 + 2e-7 * 100**2)
+    assert cost.prefill_time(200) == pytest.approx(0.111 * 200 / 128 + 2e-7 * 200**2)  # past the largest bucket
+
+
+def test_interleaved_means_time_every_point_in_shuffled_rounds():
+    import time
+
+    from jserve.engine.profiler import interleaved_means
+
+    calls = []
+
+    def point(k, seconds):
+        def fn():
+            calls.append(k)
+            time.sleep(seconds)
+        return fn
+
+    means = interleaved_means([point(0, 0.002), point(1, 0.006), point(2, 0.0)], repeats=4, warmup=1)
+    assert [calls.count(k) for k in range(3)] == [5, 5, 5]  # one warm-up round + four timed rounds
+    rounds = [tuple(calls[i : i + 3]) for i in range(3, 15, 3)]
+    assert all(sorted(r) == [0, 1, 2] for r in rounds) and len(set(rounds)) > 1  # each round: all, reshuffled
+    assert 0.002 <= means[0] < means[1] and 0.006 <= means[1] < 0.05 and means[2] < means[0]
