@@ -5,8 +5,9 @@
   fixed-width block tables) at the given batches and context, and MBU = (weight bytes + KV bytes read) /
   step time / measured device copy bandwidth;
 * prefill throughput (TFLOP/s) at the given token count against a measured bf16/f32 matmul rate;
-* host<->device swap bandwidth (standalone copy executables, pages of all layers), and the cost of a decode
-  step that carries overlapped copies against one that does not (does XLA hide the transfers?);
+* host<->device swap bandwidth through the engine's copy path (pages of all layers), and a decode step with
+  overlapped copies issued beside it against one without, until it returns and until the copies are done
+  (do the asynchronous transfers hide behind the step?): ``measure`` of ``benchmarks/engine_copies.py``;
 * one end-to-end engine run under memory pressure (swaps happen) that must produce the same greedy ids as
   ``jserve.models.greedy_generate``.
 
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.engine.profiler import median_time
+
+from engine_copies import measure as measure_copies  # benchmarks/ is this script's directory
 
 
 def copy_bandwidth(mib: int, reps: int) -> float:
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
     cfg = EngineConfig(scheduler="fcfs", max_batch_size=max(batches), max_tokens_per_batch=max(a.prefill, max(batches)),
                        max_model_len=max_len, num_device_blocks=num_pages, num_host_blocks=2 * a.copy_pages,
                        decode_buckets=tuple(batches), token_buckets=(max(a.prefill, max(batches)),),
-                       copy_buckets=(0, a.copy_pages), swap_buckets=(a.copy_pages,), progress=False)
+                       swap_buckets=(a.copy_pages,), progress=False)
     t0 = time.perf_counter()
     engine = LLMEngine(model, cfg)
     runner = engine.runner
@@ -102,16 +105,20 @@ def main(argv=None) -> int:
         t = median_time(lambda: runner.run(rows), a.reps, 1)
         kv_bytes = b * (a.context + 1) * kv_token_bytes
         mbu = (weight_bytes + kv_bytes) / t / bw  # bytes the step must read over the measured copy rate
-        # Overlapped copies inside the step: out of pages the batch does not use, into other free pages.
-        free0 = b * ctx_pages
-        outs = [(free0 + j, j) for j in range(a.copy_pages)]
-        ins = [(a.copy_pages + j, free0 + a.copy_pages + j) for j in range(a.copy_pages)]
-        tc = median_time(lambda: runner.run(rows, outs, ins), a.reps, 1)
-        row = dict(batch=b, context=a.context, step_ms=t * 1e3, mbu=mbu, step_with_copies_ms=tc * 1e3,
-                   copy_pages_each_way=a.copy_pages)
+        # Copies issued beside the step: out of pages the batch does not use, into other free pages.
+        cp = measure_copies(engine, a.copy_pages, b, a.context, a.reps)
+        row = dict(batch=b, context=a.context, step_ms=t * 1e3, mbu=mbu, copy_pages_each_way=a.copy_pages,
+                   step_with_copies_ms=cp["step_with_copies_ms"],
+                   step_with_copies_returns_ms=cp["step_with_copies_returns_ms"])
         res["decode"].append(row)
+        res["swap"] = dict(pages=cp["pages"], bytes=cp["bytes"], out_GBps=cp["out_GBps"], in_GBps=cp["in_GBps"])
         print(f"decode B={b} ctx={a.context}: {t * 1e3:.2f} ms, MBU {mbu:.2f} (weights {weight_bytes / 1e9:.2f} GB + KV "
-              f"{kv_bytes / 1e9:.2f} GB); with {a.copy_pages}+{a.copy_pages} overlapped pages {tc * 1e3:.2f} ms", flush=True)
+              f"{kv_bytes / 1e9:.2f} GB); with {a.copy_pages}+{a.copy_pages} copies issued beside it "
+              f"{cp['step_with_copies_returns_ms']:.2f} ms until it returns, {cp['step_with_copies_ms']:.2f} ms until "
+              "the copies are done", flush=True)
+    sw = res["swap"]
+    print(f"swap {sw['pages']} pages ({sw['bytes'] / 2**20:.0f} MiB): out {sw['out_GBps']:.1f} GB/s, in "
+          f"{sw['in_GBps']:.1f} GB/s", flush=True)
 
     rows = [BatchRow(list(map(int, rng.integers(mc.vocab_size, size=a.prefill))), 0, list(range(-(-a.prefill // page))), greedy)]
     t = median_time(lambda: runner.run(rows), a.reps, 1)
@@ -119,22 +126,6 @@ def main(argv=None) -> int:
     flops = 2 * params * a.prefill + 2 * mc.num_layers * mc.num_heads * mc.head_dim * a.prefill**2  # causal QK+PV
     res["prefill"] = dict(tokens=a.prefill, ms=t * 1e3, tflops=flops / t / 1e12, frac_of_matmul=flops / t / mm)
     print(f"prefill {a.prefill} tokens: {t * 1e3:.1f} ms, {flops / t / 1e12:.1f} TFLOP/s = {flops / t / mm:.2f} of matmul", flush=True)
-
-    pairs_out = [(j, j) for j in range(a.copy_pages)]
-    pairs_in = [(j, a.copy_pages + j) for j in range(a.copy_pages)]
-    nbytes = a.copy_pages * engine.kv.spec.page_bytes
-
-    def out():
-        runner.copy("out", pairs_out)
-        jax.block_until_ready(engine.kv.host)
-
-    def inn():
-        runner.copy("in", pairs_in)
-        jax.block_until_ready(engine.kv.device)
-
-    to, ti = median_time(out, a.reps, 1), median_time(inn, a.reps, 1)
-    res["swap"] = dict(pages=a.copy_pages, bytes=nbytes, out_GBps=nbytes / to / 1e9, in_GBps=nbytes / ti / 1e9)
-    print(f"swap {a.copy_pages} pages ({nbytes / 2**20:.0f} MiB): out {nbytes / to / 1e9:.1f} GB/s, in {nbytes / ti / 1e9:.1f} GB/s", flush=True)
 
     # End to end under memory pressure: the same greedy ids as jserve.models.greedy_generate (its own roomy
     # paged loop, no scheduler), with swaps happening.
@@ -148,7 +139,7 @@ def main(argv=None) -> int:
     tight = LLMEngine(model, EngineConfig(
         scheduler="fastserve", num_device_blocks=20 if not a.tiny else 12, num_host_blocks=64, max_batch_size=4,
         max_tokens_per_batch=bucket, max_model_len=bucket + new_tokens, decode_buckets=(4,), token_buckets=(bucket,),
-        copy_buckets=(0, 8), swap_buckets=(8,), progress=False))
+        swap_buckets=(8,), progress=False))
     outs = [tight.add_request(pr, sp, request_id=i) for i, pr in enumerate(prompts)]
     while tight.has_unfinished():
         tight.step()

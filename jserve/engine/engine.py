@@ -3,9 +3,11 @@
 One call of :meth:`LLMEngine.step` is one iteration:
 
 1. ``plan = scheduler.schedule(now)`` (batch membership, chunk sizes, swaps, drops: the policy decides);
-2. the plan's critical-path copies (``sync_swap_out`` then ``sync_swap_in``) as standalone copies;
-3. one compiled step over the batch (prefill chunks, recompute and decodes packed together), with the
-   plan's overlapped copies inside it, and sampling on the device;
+2. the plan's critical-path copies (``sync_swap_out`` then ``sync_swap_in``), dispatched before the step;
+3. one compiled step over the batch (prefill chunks, recompute and decodes packed together) with sampling
+   on the device, and the plan's overlapped copies issued beside it (asynchronous transfers that run while
+   it computes; ``jserve.engine.kv_cache`` has the ordering rules); host pages the scheduler no longer needs
+   are released;
 4. the sampled tokens are appended, stop conditions checked (end-of-sequence unless ``ignore_eos``, stop
    ids, stop strings, ``max_tokens``, the model's context), and
    ``scheduler.on_step_end(plan, now + elapsed, elapsed, finished_ids)`` closes the iteration.
@@ -31,7 +33,7 @@ import jax
 import numpy as np
 
 from schedulers import SchedulerConfig, make_scheduler
-from schedulers.request import Request, RequestState
+from schedulers.request import KVLocation, Request, RequestState
 
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
@@ -65,7 +67,7 @@ class EngineConfig:
     swap_space_gib: float = 4.0
     decode_buckets: tuple[int, ...] = ()
     token_buckets: tuple[int, ...] = ()
-    copy_buckets: tuple[int, ...] | None = None  # None: (0, 32) on an accelerator, (0,) on a CPU
+    copy_buckets: tuple[int, ...] | None = None  # obsolete, ignored (copies no longer fuse into the step)
     swap_buckets: tuple[int, ...] = ()
     progress: bool = True  # progress bar while compiling
 
@@ -300,6 +302,7 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.abort(request_id)
+        self._release_host_pages()
         seq.output.finish_reason = "abort"
         seq.output.metrics.finish_time = self.now()
         seq.output.text = self._detokenize(seq)
@@ -326,6 +329,7 @@ class LLMEngine:
             if seq is not None:
                 changed.append(self._refuse(seq.output, f"the scheduler refused the request: {reason}", now))
         if plan.is_empty:
+            self._release_host_pages()  # a request dropped while on the host
             sched.on_step_end(plan, now, 0.0)
             return changed
         self.runner.copy("out", plan.sync_swap_out)
@@ -355,6 +359,7 @@ class LLMEngine:
             self.runner.copy("out", plan.swap_out)
             self.runner.copy("in", plan.swap_in)
             tokens = np.zeros(0, np.int32)
+        self._release_host_pages(plan)
         end = self.now()
         finished_ids = []
         for seq, tok in zip(samplers, tokens):
@@ -382,6 +387,20 @@ class LLMEngine:
                 out.text = self._detokenize(seq)
         self.stats["compiles_after_warmup"] = self._watch.count
         return changed
+
+    def _release_host_pages(self, plan=None) -> None:
+        """Give back the host buffers of pages the scheduler no longer needs: the sources of ``plan``'s
+        swap-ins (already issued; a transfer in flight keeps its buffer alive), and the pages of requests
+        dropped or aborted while on the host (found when the cache holds more host ids than the scheduler's
+        host-resident requests, which is rare)."""
+        kv = self.kv
+        if plan is not None:
+            kv.release_host(h for h, _ in plan.sync_swap_in)
+            kv.release_host(h for h, _ in plan.swap_in)
+        blocks = self.scheduler.blocks
+        if kv.num_host_ids > blocks.num_used_host_blocks - blocks.num_pending_host_blocks:
+            kv.retain_host(h for r in self.scheduler.requests.values() if r.kv_location is KVLocation.HOST
+                           for h in r.blocks)
 
     def _sampling(self, seq: _Sequence) -> tuple:
         return (seq.params, seq.seed, len(seq.output.token_ids))

@@ -1,62 +1,64 @@
-"""The engine's KV cache: a device page pool, a host page pool in ``pinned_host`` memory, and the copies
-between them (traceable functions that the runner compiles in fixed block-count buckets).
+"""The engine's KV cache: a device page pool, host pages in ``pinned_host`` memory, and where each host page
+lives (the copies between the two are issued by ``jserve.engine.runner``).
 
 Layout. Device pages are what the model reads: per layer ``(k, v)``, each
-``[num_kv_heads, num_device_pages, page_size, head_dim]``. The host pool has the same per-layer layout with
-``num_host_pages + 1`` pages in the ``pinned_host`` memory kind. One page of each pool is reserved as a
-padding target: device page ``num_device_pages - 1`` (the scheduler never hands it out: it is in
-``reserved_device_ids``) and host page ``num_host_pages``. Padded block-table columns, padded copy slots and
-padded tokens point there; whatever lands in a padding page is never read unmasked.
+``[num_kv_heads, num_device_pages, page_size, head_dim]``. Device page ``num_device_pages - 1`` is reserved as
+a padding target (the scheduler never hands it out: it is in ``reserved_device_ids``); padded block-table
+columns, padded copy slots and padded tokens point there, and whatever lands in it is never read unmasked.
 
-Copies (a whole request's pages at a time; the scheduler never splits a request across pools):
+Host pages are not one big pool. Every swap-out chunk becomes its own contiguous ``pinned_host`` buffer
+``[L, 2, num_kv_heads, n, page_size, head_dim]`` (``n`` a swap bucket), and a map from the scheduler's host
+block id to ``(buffer, slot)`` says where each host page lives. The scheduler's host block ids stay the
+accounting unit: at most ``num_host_pages`` ids are live at once, so host memory stays within
+``num_host_pages`` pages plus the padding slots of partly filled chunks (fewer than the smallest swap bucket
+per chunk; none with the default power-of-two buckets).
 
-* swap-out ``(device_src -> host_dst)``: gather the device pages of every layer into one contiguous buffer
-  ``[L, 2, kv_heads, n, page, dim]`` on the device (``gather_pages``), transfer it to ``pinned_host`` memory
-  and scatter it into the host pool there (``store_on_host``, run by the host: ``compute_type="device_host"``);
-* swap-in ``(host_src -> device_dst)``: gather on the host and transfer (``load_from_host``), scatter into
-  the device pages (``scatter_pages``).
+Copies (a whole request's pages at a time; the scheduler never splits a request across pools), with no
+compute on the host and each transfer between memory kinds a plain copy of one contiguous buffer:
 
-``n`` is padded to a bucket (padding pairs point at the two padding pages), so every copy runs a
-precompiled executable.
+* swap-out ``(device_src -> host_dst)``: a device-local gather of the pages of every layer into one staged
+  buffer (``gather_pages``, compiled per bucket), ``jax.device_put`` of that buffer to ``pinned_host``
+  (asynchronous: it returns at once and the transfer runs while later work computes), and
+  ``KVCache.store`` records ``host_dst[j] -> (buffer, j)``;
+* swap-in ``(host_src -> device_dst)``: ``KVCache.locate`` groups the host pages by buffer; each buffer is
+  ``device_put`` back to device memory (asynchronous) and scattered device-locally into the device pages
+  (``scatter_pages``, compiled per bucket; slots not asked for go to the padding page). A request whose
+  pages came from several earlier swap-outs takes one transfer and one scatter per buffer.
 
 Ordering rules (who touches which buffer, and when):
 
-1. Only the engine thread (the thread that runs ``LLMEngine.step``) reads or writes the two pools. Other
-   threads hand requests to it through queues (``jserve.engine.async_engine``).
-2. Every executable that writes a pool takes it *donated* and returns the new pool; the engine rebinds its
-   reference at once and never touches the donated array again. The device pool is donated to every step.
-3. Critical-path copies (``plan.sync_swap_out`` then ``plan.sync_swap_in``) run as standalone executables
-   dispatched before the step, so the step reads their results (JAX orders executables that share buffers).
-4. Overlapped copies (``plan.swap_out``, ``plan.swap_in``) are split so that their slow part, the transfer
-   between memory kinds, runs *inside* the step's executable, where XLA schedules it concurrently with the
-   layers' compute: a device-local gather (``gather_pages``, its own executable) stages the swap-out pages
-   before the step; the step transfers that buffer to the host and scatters it into the host pool, and
-   gathers the swap-in pages on the host and transfers them to a staged device buffer; a device-local
-   scatter (``scatter_pages``, its own executable) writes them into the device pool after the step. The
-   step itself never reads or writes the device pool for a copy: doing the gather/scatter inside it made
-   XLA copy the whole pool of every layer to keep the step's in-place KV writes safe (measured in the
-   optimized HLO; a test keeps it out). The ordering is still the plan's: swap-out pages are read before
-   the step writes anything, swap-in pages are written after it (the scheduler guarantees neither is in
-   the batch). Copies beyond the step's copy bucket run as standalone executables before the step, which
-   is also correct because the scheduler keeps the sources of overlapped copies allocated until the step
-   ends.
+1. Only the engine thread (the thread that runs ``LLMEngine.step``) reads or writes the device pool and the
+   host map. Other threads hand requests to it through queues (``jserve.engine.async_engine``).
+2. Every executable that writes the device pool (the step, a swap-in scatter) takes it *donated* and returns
+   the new pool; the engine rebinds ``KVCache.device`` at once and never touches the donated array again.
+   Host buffers are never written after the transfer that creates them: a host page is overwritten by
+   pointing its id at a new buffer, and a buffer is dropped when no id points at it (JAX keeps it alive
+   while a transfer still reads it).
+3. JAX orders work that shares buffers in dispatch order. Critical-path copies (``plan.sync_swap_out`` then
+   ``plan.sync_swap_in``) are dispatched whole before the step, so the step reads their results and may
+   compute into device pages a sync swap-out just read.
+4. Overlapped copies (``plan.swap_out``, ``plan.swap_in``): the swap-out's gather and transfer are
+   dispatched before the step (the gather reads the pool before the step, which donates it, can write), the
+   swap-in's transfer is dispatched before the step too and its scatter after it (it takes the step's
+   output pool). Both transfers therefore run while the step computes, and nothing is fused into the step's
+   executable. This is correct because the scheduler keeps the sources of overlapped copies allocated until
+   the step ends and never puts a request that is being copied in the batch.
+5. The engine releases host ids whose data is no longer needed (``release_host``: the sources of a swap-in
+   once it is issued; ``retain_host``: after a request on the host is dropped or aborted), so buffers go
+   back as soon as the scheduler frees their blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import inspect
-
-from jax.experimental import compute_on as _compute_on
 from jax.sharding import SingleDeviceSharding
 
-__all__ = ["KVCacheSpec", "KVCache", "gather_pages", "scatter_pages", "store_on_host", "load_from_host",
-           "gather_to_host", "scatter_from_host", "bucket_pairs"]
+__all__ = ["KVCacheSpec", "KVCache", "HostBuffer", "gather_pages", "scatter_pages", "bucket_pairs"]
 
 Pool = list  # per layer (k, v): 2 x [num_kv_heads, num_pages, page_size, head_dim]
 
@@ -76,22 +78,11 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.page_size * self.head_dim * itemsize
 
 
-def _on_host(fn):
-    """``fn`` run by the host (``compute_type="device_host"``), its outputs left in host memory.
-
-    The function-transform spelling is ``compute_on2`` up to jax 0.10 and ``compute_on`` from 0.11 (where
-    the old context-manager ``compute_on`` is gone)."""
-    transform = _compute_on.compute_on
-    if "out_memory_spaces" not in inspect.signature(transform).parameters:
-        transform = _compute_on.compute_on2
-    return transform(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)
-
-
-def _host_sharding(device) -> SingleDeviceSharding:
+def host_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind="pinned_host")
 
 
-def _device_sharding(device) -> SingleDeviceSharding:
+def device_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind=device.default_memory().kind)
 
 
@@ -99,8 +90,16 @@ def gather_pages(
     device_pool: Pool,
     src: jax.Array,  # [n] int32 device page ids
 ) -> jax.Array:  # [L, 2, num_kv_heads, n, page_size, head_dim] on the device
-    """Device-local gather of pages ``src`` of every layer into one contiguous buffer (traceable)."""
-    return jnp.stack([jnp.stack([k[:, src], v[:, src]]) for k, v in device_pool])
+    """Device-local gather of pages ``src`` of every layer into one contiguous buffer (traceable).
+
+    Each layer's pages are written into the buffer in place (``dynamic_update_slice``): stacking the gathers
+    instead let XLA's CPU backend fuse them into one element-wise loop, 3-4x slower (measured)."""
+    k0 = device_pool[0][0]
+    out = jnp.zeros((len(device_pool), 2, k0.shape[0], src.shape[0], *k0.shape[2:]), k0.dtype)
+    for i, kv in enumerate(device_pool):
+        for j, x in enumerate(kv):
+            out = jax.lax.dynamic_update_slice(out, x[None, None, :, src], (i, j, 0, 0, 0, 0))
+    return out
 
 
 def scatter_pages(
@@ -112,77 +111,48 @@ def scatter_pages(
     return [(k.at[:, dst].set(staged[i, 0]), v.at[:, dst].set(staged[i, 1])) for i, (k, v) in enumerate(device_pool)]
 
 
-def store_on_host(
-    host_pool: Pool,
-    staged: jax.Array,  # [L, 2, num_kv_heads, n, page_size, head_dim] on the device
-    dst: jax.Array,  # [n] int32 host page ids
-    *,
-    device,
-) -> Pool:
-    """Transfer a staged buffer to ``pinned_host`` memory and scatter it into host pages ``dst`` there."""
-    host = _host_sharding(device)
-    staged = jax.device_put(staged, host)
-
-    @_on_host
-    def scatter(pool, staged, dst):
-        return [(k.at[:, dst].set(staged[i, 0]), v.at[:, dst].set(staged[i, 1])) for i, (k, v) in enumerate(pool)]
-
-    # Say where the result lives: compute_on's outputs are otherwise typed as device memory.
-    return jax.device_put(scatter(host_pool, staged, jax.device_put(dst, host)), host)
-
-
-def load_from_host(
-    host_pool: Pool,
-    src: jax.Array,  # [n] int32 host page ids
-    *,
-    device,
-) -> jax.Array:  # [L, 2, num_kv_heads, n, page_size, head_dim] on the device
-    """Gather host pages ``src`` on the host and transfer them to the device as one staged buffer."""
-    host = _host_sharding(device)
-
-    @_on_host
-    def gather(pool, src):
-        return jnp.stack([jnp.stack([k[:, src], v[:, src]]) for k, v in pool])
-
-    host_pool = jax.device_put(host_pool, host)  # a no-op for a pool already on the host
-    return jax.device_put(gather(host_pool, jax.device_put(src, host)), _device_sharding(device))
-
-
-def gather_to_host(device_pool: Pool, host_pool: Pool, src: jax.Array, dst: jax.Array, *, device) -> Pool:
-    """Swap-out: device pages ``src`` -> host pages ``dst``; returns the new host pool (traceable)."""
-    return store_on_host(host_pool, gather_pages(device_pool, src), dst, device=device)
-
-
-def scatter_from_host(device_pool: Pool, host_pool: Pool, src: jax.Array, dst: jax.Array, *, device) -> Pool:
-    """Swap-in: host pages ``src`` -> device pages ``dst``; returns the new device pool (traceable)."""
-    return scatter_pages(device_pool, load_from_host(host_pool, src, device=device), dst)
-
-
 def bucket_pairs(
     pairs: Sequence[tuple[int, int]], buckets: Sequence[int], pad_src: int, pad_dst: int
 ) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """Split copy pairs into chunks padded to bucket sizes: ``[(bucket, src [bucket], dst [bucket]), ...]``.
 
-    Chunks take the largest bucket while more than it remains, then the smallest bucket that holds the rest."""
+    Every slot of a chunk is moved (and, on the host, kept), so padding is what to avoid: a chunk takes a
+    bucket that holds the rest with fewer than ``min(buckets)`` padding slots if there is one, else the
+    largest bucket that the rest fills. With buckets 1, 2, 4, ... no chunk is padded."""
     out = []
-    largest = max(buckets)
+    order = sorted(set(buckets))
+    smallest = order[0]
     i = 0
     n = len(pairs)
     while i < n:
         rest = n - i
-        b = largest if rest >= largest else min(x for x in buckets if x >= rest)
+        b = next((x for x in order if rest <= x < rest + smallest), None)
+        if b is None:
+            b = max((x for x in order if x <= rest), default=smallest)
         take = min(b, rest)
         src = np.full(b, pad_src, np.int32)
         dst = np.full(b, pad_dst, np.int32)
-        for j in range(take):
-            src[j], dst[j] = pairs[i + j]
+        chunk = np.asarray(pairs[i : i + take], np.int32).reshape(take, 2)
+        src[:take], dst[:take] = chunk[:, 0], chunk[:, 1]
         out.append((b, src, dst))
         i += take
     return out
 
 
+@dataclasses.dataclass(eq=False)
+class HostBuffer:
+    """One swap-out chunk in ``pinned_host`` memory and how many host ids still point into it."""
+
+    array: jax.Array  # [L, 2, num_kv_heads, n, page_size, head_dim] in pinned_host memory
+    live: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.array.shape[3]
+
+
 class KVCache:
-    """The two pools of one engine. ``device``/``host`` are rebound after every executable that donates them."""
+    """The device pool (rebound after every executable that donates it) and the host pages of one engine."""
 
     def __init__(self, spec: KVCacheSpec, num_device_pages: int, num_host_pages: int, device=None):
         if num_device_pages < 2:
@@ -194,19 +164,20 @@ class KVCache:
         self.num_device_pages = num_device_pages
         self.num_host_pages = num_host_pages
         self.pad_device_page = num_device_pages - 1
-        self.pad_host_page = num_host_pages
+        self.pad_host_page = num_host_pages  # marks padding slots of a swap-out chunk (never stored)
+        self.host_sharding = host_sharding(self.device_id)
+        self.device_sharding = device_sharding(self.device_id)
         dt = jnp.dtype(spec.dtype)
         dshape = (spec.num_kv_heads, num_device_pages, spec.page_size, spec.head_dim)
-        hshape = (spec.num_kv_heads, num_host_pages + 1, spec.page_size, spec.head_dim)
         L = spec.num_layers
         self.device: Pool = jax.jit(
             lambda: [(jnp.zeros(dshape, dt), jnp.zeros(dshape, dt)) for _ in range(L)],
-            out_shardings=_device_sharding(self.device_id),
+            out_shardings=self.device_sharding,
         )()
-        self.host: Pool = jax.jit(
-            lambda: [(jnp.zeros(hshape, dt), jnp.zeros(hshape, dt)) for _ in range(L)],
-            out_shardings=_host_sharding(self.device_id),
-        )()
+        self._where: dict[int, tuple[HostBuffer, int]] = {}  # host block id -> (buffer, slot)
+        self._buffers: dict[int, HostBuffer] = {}  # id(buffer) -> buffer, for every buffer some id points into
+
+    # ------------------------------------------------------------------------------------------ sizes
 
     @property
     def device_bytes(self) -> int:
@@ -214,11 +185,102 @@ class KVCache:
 
     @property
     def host_bytes(self) -> int:
-        return (self.num_host_pages + 1) * self.spec.page_bytes
+        """The most host memory the live host ids may name (``num_host_pages`` pages)."""
+        return self.num_host_pages * self.spec.page_bytes
+
+    @property
+    def host(self) -> list[jax.Array]:
+        """The live host buffers (for ``jax.block_until_ready``: transfers still in flight included)."""
+        return [b.array for b in self._buffers.values()]
+
+    @property
+    def host_ids(self) -> list[int]:
+        """Host block ids that hold data, sorted."""
+        return sorted(self._where)
+
+    @property
+    def num_host_ids(self) -> int:
+        """Host block ids that hold data."""
+        return len(self._where)
+
+    @property
+    def host_pages_held(self) -> int:
+        """Pages of host memory the live buffers take (their padding and dead slots included)."""
+        return sum(b.num_slots for b in self._buffers.values())
+
+    # ------------------------------------------------------------------------------------------ host map
+
+    def store(
+        self,
+        array: jax.Array,  # [L, 2, num_kv_heads, n, page_size, head_dim] in pinned_host memory
+        host_ids: Sequence[int],  # [n]: the host block id of every slot; pad_host_page marks padding
+    ) -> None:
+        """Record a swap-out chunk: slot ``j`` of ``array`` is the data of host block ``host_ids[j]`` from now
+        on (whatever that id named before is released)."""
+        if array.ndim != 6 or array.shape[3] != len(host_ids):
+            raise ValueError(f"a host buffer of shape {array.shape} cannot hold {len(host_ids)} slots "
+                             "(expected [L, 2, kv_heads, n, page_size, head_dim] with n slots)")
+        buf = HostBuffer(array, 0)
+        for j, h in enumerate(host_ids):
+            h = int(h)
+            if h == self.pad_host_page:
+                continue
+            if not 0 <= h < self.num_host_pages:
+                raise ValueError(f"host block id {h} is outside [0, {self.num_host_pages})")
+            self._release(h)
+            self._where[h] = (buf, j)
+            buf.live += 1
+        if buf.live:
+            self._buffers[id(buf)] = buf
+
+    def locate(self, host_ids: Sequence[int]) -> list[tuple[HostBuffer, list[tuple[int, int]]]]:
+        """Where host blocks ``host_ids`` live: ``[(buffer, [(slot, index into host_ids), ...]), ...]``, one
+        entry per buffer in order of first use. Raises if an id holds no data."""
+        groups: dict[int, tuple[HostBuffer, list[tuple[int, int]]]] = {}
+        for i, h in enumerate(host_ids):
+            found = self._where.get(int(h))
+            if found is None:
+                raise ValueError(f"host block {int(h)} holds no data (never swapped out, or already released)")
+            buf, slot = found
+            groups.setdefault(id(buf), (buf, []))[1].append((slot, i))
+        return list(groups.values())
+
+    def release_host(self, host_ids: Iterable[int]) -> None:
+        """Forget the data of host blocks ``host_ids`` (ids that hold none are ignored)."""
+        for h in host_ids:
+            self._release(int(h))
+
+    def retain_host(self, live_ids: Iterable[int]) -> int:
+        """Forget every host block not in ``live_ids``; returns how many were forgotten."""
+        keep = set(live_ids)
+        stale = [h for h in self._where if h not in keep]
+        for h in stale:
+            self._release(h)
+        return len(stale)
+
+    def _release(self, h: int) -> None:
+        found = self._where.pop(h, None)
+        if found is None:
+            return
+        buf = found[0]
+        buf.live -= 1
+        if buf.live == 0:
+            del self._buffers[id(buf)]
+
+    # ------------------------------------------------------------------------------------------ debugging
 
     def read_pages(self, pool: str, pages: Sequence[int]) -> np.ndarray:
         """Copy of pages (``pool`` = "device" | "host") as ``[L, 2, kv_heads, n, page_size, head_dim]`` numpy
-        (for tests and debugging; synchronous)."""
-        src = self.device if pool == "device" else self.host
+        (for tests and debugging; synchronous). Host pages must hold data."""
         idx = np.asarray(pages, np.int64)
-        return np.stack([np.stack([np.asarray(k)[:, idx], np.asarray(v)[:, idx]]) for k, v in src])
+        if pool == "device":
+            return np.stack([np.stack([np.asarray(k)[:, idx], np.asarray(v)[:, idx]]) for k, v in self.device])
+        if pool != "host":
+            raise ValueError(f"pool must be 'device' or 'host', got {pool!r}")
+        s = self.spec
+        out = np.empty((s.num_layers, 2, s.num_kv_heads, len(idx), s.page_size, s.head_dim), jnp.dtype(s.dtype))
+        for buf, items in self.locate(idx.tolist()):
+            host = np.asarray(buf.array)
+            for slot, i in items:
+                out[:, :, :, i] = host[:, :, :, slot]
+        return out

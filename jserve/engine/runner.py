@@ -7,20 +7,19 @@ not compiled is a bug and raises). The executables:
 * ``decode[S]``: ``S`` sequences with one new token each (``T == S``, the decode kernel);
 * ``mixed[T]``: ``T`` packed tokens of up to ``max_batch_size`` sequences (prefill chunks, recompute,
   decodes riding along), ragged attention over the paged context;
-* each of the above also with overlapped copies, ``+copies[C]``: up to ``C`` swap-out and ``C`` swap-in
-  pages moved inside the same executable (see ``jserve.engine.kv_cache`` for the ordering rules);
-* ``swap_out[n]`` / ``swap_in[n]``: standalone copies (critical-path swaps, and overlapped copies beyond
-  the step's copy bucket).
+* ``gather[n]`` / ``scatter[n]``: the device-local halves of host-offload copies of ``n`` pages (``n`` a
+  swap bucket). The transfers between memory kinds are plain ``jax.device_put`` calls, asynchronous, so
+  copies issued alongside a step run while it computes (see ``jserve.engine.kv_cache`` for the copy path
+  and its ordering rules).
 
 Block tables always have ``ceil(max_model_len / page_size)`` columns, padded with the reserved padding
-page. The device pool is donated to every step; sampled token ids (``[S]`` int32) are the only output the
-host reads.
+page. The device pool is donated to every step and every scatter; sampled token ids (``[S]`` int32) are the
+only output the host reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -32,8 +31,7 @@ from flax import nnx
 
 from kernels_pallas import AttentionMetadata
 
-from .kv_cache import (KVCache, bucket_pairs, gather_pages, gather_to_host, load_from_host, scatter_from_host,
-                       scatter_pages, store_on_host)
+from .kv_cache import KVCache, bucket_pairs, gather_pages, scatter_pages
 from .sampling import SamplingArrays, sample_tokens
 
 __all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "powers_of_two"]
@@ -60,24 +58,21 @@ class RunnerConfig:
     max_model_len: int
     decode_buckets: tuple[int, ...] = ()  # sequence counts of decode-only steps
     token_buckets: tuple[int, ...] = ()  # packed token counts of steps with prefill work
-    # Overlapped-copy capacity per direction inside a step (0: none). None: (0, 32) on an accelerator, (0,) on
-    # a CPU, where nothing overlaps anyway (copies there run as standalone executables before the step).
+    # Obsolete (accepted and ignored): copies were once fused into the step in these page counts; they are now
+    # asynchronous transfers issued beside it, with no step variants. Resolves to (0,).
     copy_buckets: tuple[int, ...] | None = None
-    swap_buckets: tuple[int, ...] = ()  # block counts of standalone copy executables (default 4, 16, 64, ...)
+    # Pages per copy chunk (gather/scatter executables). Default 1, 2, 4, ... up to a request's pages (at most
+    # 256): every request splits into chunks without padding slots, which would be moved and kept for nothing.
+    swap_buckets: tuple[int, ...] = ()
 
     def resolved(self) -> "RunnerConfig":
         decode = self.decode_buckets or powers_of_two(1, self.max_batch_size)
         tokens = self.token_buckets or powers_of_two(min(64, self.max_tokens_per_batch), self.max_tokens_per_batch)
-        swap = self.swap_buckets
-        if not swap:
-            top = max(4, min(256, self.pages_per_seq))
-            swap = tuple(b for b in (4, 16, 64, 256) if b < top) + (top,)
-        copies = self.copy_buckets
-        if copies is None:
-            copies = (0,) if jax.default_backend() == "cpu" else (0, 32)
-        copies = tuple(sorted(set(copies) | {0}))
+        swap = self.swap_buckets or powers_of_two(1, min(256, self.pages_per_seq))
+        if min(swap) < 1:
+            raise ValueError(f"swap_buckets {swap} must be page counts >= 1")
         cfg = dataclasses.replace(self, decode_buckets=tuple(sorted(decode)), token_buckets=tuple(sorted(tokens)),
-                                  swap_buckets=tuple(sorted(swap)), copy_buckets=copies)
+                                  swap_buckets=tuple(sorted(set(swap))), copy_buckets=(0,))
         if max(cfg.decode_buckets) < cfg.max_batch_size:
             raise ValueError(f"decode_buckets {cfg.decode_buckets} do not cover max_batch_size={cfg.max_batch_size}")
         if max(cfg.token_buckets) < cfg.max_tokens_per_batch:
@@ -105,9 +100,6 @@ class TracedFunctions(NamedTuple):
     """The jitted (not yet compiled) functions of one model on one device; executables are lowered from them."""
 
     step: Callable  # (state leaves, ids, pos, pool, metadata, *sampling) -> (tokens, pool)
-    step_copies: Callable  # step + the transfers of overlapped copies -> (tokens, pool, host, staged_in)
-    swap_out: Callable  # (pool, host, src, dst) -> host
-    swap_in: Callable  # (pool, host, src, dst) -> pool
     gather: Callable  # (pool, src) -> staged
     scatter: Callable  # (pool, staged, dst) -> pool
 
@@ -125,19 +117,8 @@ def traced_functions(model, device) -> TracedFunctions:
         logits, pool = module(ids, pos, pool, md)
         return sample_tokens(logits, temp, top_k, top_p, seed, counter), pool
 
-    def step_copies(state_leaves, ids, pos, pool, host, md, temp, top_k, top_p, seed, counter,
-                    staged_out, out_dst, in_src):
-        # Transfers only: the device-local gather/scatter run as their own executables (see kv_cache).
-        host = store_on_host(host, staged_out, out_dst, device=device)
-        staged_in = load_from_host(host, in_src, device=device)
-        tokens, pool = step(state_leaves, ids, pos, pool, md, temp, top_k, top_p, seed, counter)
-        return tokens, pool, host, staged_in
-
     fns = cache[device] = TracedFunctions(
         step=jax.jit(step, donate_argnums=(3,)),
-        step_copies=jax.jit(step_copies, donate_argnums=(3, 4)),
-        swap_out=jax.jit(functools.partial(gather_to_host, device=device), donate_argnums=(1,)),
-        swap_in=jax.jit(functools.partial(scatter_from_host, device=device), donate_argnums=(0,)),
         gather=jax.jit(gather_pages),
         scatter=jax.jit(scatter_pages, donate_argnums=(0,)),
     )
@@ -155,7 +136,7 @@ class ModelRunner:
         # Compiled executables depend only on the model and on shapes, so engines over the same model with the
         # same pool sizes and buckets share them (kept on the model object).
         shared = model.__dict__.setdefault("_runner_executables", {})
-        signature = (kv.num_device_pages, kv.num_host_pages, kv.spec, self.width, self.config.max_batch_size, str(kv.device_id))
+        signature = (kv.num_device_pages, kv.spec, self.width, self.config.max_batch_size, str(kv.device_id))
         self._executables: dict[tuple, Callable] = shared.setdefault(signature, {})
         self.warmed_up = False
         self.compile_seconds = 0.0
@@ -169,15 +150,9 @@ class ModelRunner:
 
     def executable_keys(self) -> list[tuple]:
         c = self.config
-        keys = []
-        for copies in c.copy_buckets:
-            keys += [("decode", s, copies) for s in c.decode_buckets]
-            keys += [("mixed", t, copies) for t in c.token_buckets]
+        keys = [("decode", s) for s in c.decode_buckets] + [("mixed", t) for t in c.token_buckets]
         if self.kv.num_host_pages > 0:
-            keys += [("swap_out", n) for n in c.swap_buckets] + [("swap_in", n) for n in c.swap_buckets]
-            keys += [(op, n) for n in c.copy_buckets if n for op in ("gather", "scatter")]
-        else:
-            keys = [k for k in keys if k[0] in ("decode", "mixed") and k[2] == 0]
+            keys += [(op, n) for n in c.swap_buckets for op in ("gather", "scatter")]
         return keys
 
     def warmup(self, progress: bool = True) -> float:
@@ -204,20 +179,9 @@ class ModelRunner:
                 return self.fns.gather.lower(kv.device, idx).compile()
             staged = jax.eval_shape(self.fns.gather, kv.device, idx)
             return self.fns.scatter.lower(kv.device, staged, idx).compile()
-        if key[0] in ("swap_out", "swap_in"):
-            n = key[1]
-            idx = np.zeros(n, np.int32)
-            fn = self.fns.swap_out if key[0] == "swap_out" else self.fns.swap_in
-            return fn.lower(kv.device, kv.host, idx, idx).compile()
-        kind, size, copies = key
+        kind, size = key
         s = size if kind == "decode" else self.config.max_batch_size
         ids, pos, md, samp = self._pack([], size, s, kind == "decode")  # an all-padding step of the shape
-        if copies:
-            idx = np.zeros(copies, np.int32)
-            staged = jax.eval_shape(self.fns.gather, kv.device, idx)
-            return self.fns.step_copies.lower(
-                self._state_leaves, ids, pos, kv.device, kv.host, md, *samp, staged, idx, idx
-            ).compile()
         return self.fns.step.lower(self._state_leaves, ids, pos, kv.device, md, *samp).compile()
 
     def _get(self, key: tuple) -> Callable:
@@ -280,16 +244,45 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------ running
 
     def copy(self, direction: str, pairs: Sequence[tuple[int, int]]) -> None:
-        """Standalone copies (``direction`` = "out": device->host pairs, "in": host->device pairs)."""
+        """Copies issued now, before anything dispatched later (``direction`` = "out": device->host pairs,
+        "in": host->device pairs). The transfers are asynchronous; the device pool is rebound at once."""
+        if direction == "out":
+            self._swap_out(pairs)
+        elif direction == "in":
+            self._scatter_in(self._transfer_in(pairs))
+        else:
+            raise ValueError(f"copy direction must be 'out' or 'in', got {direction!r}")
+
+    def _swap_out(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Gather ``(device, host)`` pairs into chunks on the device and start their transfers to the host."""
         if not pairs:
             return
         kv = self.kv
-        if direction == "out":
-            for b, src, dst in bucket_pairs(pairs, self.config.swap_buckets, kv.pad_device_page, kv.pad_host_page):
-                kv.host = self._get(("swap_out", b))(kv.device, kv.host, src, dst)
-        else:
-            for b, src, dst in bucket_pairs(pairs, self.config.swap_buckets, kv.pad_host_page, kv.pad_device_page):
-                kv.device = self._get(("swap_in", b))(kv.device, kv.host, src, dst)
+        chunks = bucket_pairs(pairs, self.config.swap_buckets, kv.pad_device_page, kv.pad_host_page)
+        staged = [self._get(("gather", b))(kv.device, src) for b, src, _ in chunks]
+        for array, (_, _, dst) in zip(jax.device_put(staged, kv.host_sharding), chunks):
+            kv.store(array, dst)
+
+    def _transfer_in(self, pairs: Sequence[tuple[int, int]]) -> list[tuple[jax.Array, np.ndarray]]:
+        """Start the transfers of the host buffers holding ``(host, device)`` pairs' sources to the device;
+        returns ``[(staged buffer, device page of every slot [n]), ...]`` for ``_scatter_in``."""
+        if not pairs:
+            return []
+        kv = self.kv
+        groups = kv.locate([h for h, _ in pairs])
+        staged = jax.device_put([buf.array for buf, _ in groups], kv.device_sharding)
+        loads = []
+        for array, (buf, items) in zip(staged, groups):
+            dst = np.full(buf.num_slots, kv.pad_device_page, np.int32)  # slots not asked for: the padding page
+            for slot, i in items:
+                dst[slot] = pairs[i][1]
+            loads.append((array, dst))
+        return loads
+
+    def _scatter_in(self, loads: Sequence[tuple[jax.Array, np.ndarray]]) -> None:
+        kv = self.kv
+        for staged, dst in loads:
+            kv.device = self._get(("scatter", len(dst)))(kv.device, staged, dst)
 
     def run(
         self,
@@ -297,39 +290,20 @@ class ModelRunner:
         swap_out: Sequence[tuple[int, int]] = (),
         swap_in: Sequence[tuple[int, int]] = (),
     ) -> np.ndarray:
-        """One step over ``rows`` with overlapped copies; returns the sampled token of every row ([len(rows)])."""
+        """One step over ``rows`` with overlapped copies; returns the sampled token of every row ([len(rows)]).
+
+        The swap-outs are gathered and their transfers started before the step, the swap-ins' transfers are
+        started before it and scattered after it, so both transfers run while the step computes (the pages
+        they move are not the batch's: the scheduler guarantees it)."""
         c = self.config
         kv = self.kv
         kind, size = self.step_key(rows)
         s = size if kind == "decode" else c.max_batch_size
         if len(rows) > s:
             raise ValueError(f"{len(rows)} sequences exceed the step's {s} sequence slots")
-        need = max(len(swap_out), len(swap_in))
-        copies = 0
-        if need and kv.num_host_pages > 0:
-            fits = [b for b in c.copy_buckets if b >= need]
-            copies = fits[0] if fits else max(c.copy_buckets)
-        # Overlapped copies that do not fit the step's copy bucket run before the step (see kv_cache).
-        if copies < len(swap_out):
-            self.copy("out", swap_out[copies:])
-        if copies < len(swap_in):
-            self.copy("in", swap_in[copies:])
+        self._swap_out(swap_out)
+        loads = self._transfer_in(swap_in)
         ids, pos, md, samp = self._pack(rows, size, s, kind == "decode")
-        if copies:
-            out_src = np.full(copies, kv.pad_device_page, np.int32)
-            out_dst = np.full(copies, kv.pad_host_page, np.int32)
-            in_src = np.full(copies, kv.pad_host_page, np.int32)
-            in_dst = np.full(copies, kv.pad_device_page, np.int32)
-            for j, (a, b) in enumerate(swap_out[:copies]):
-                out_src[j], out_dst[j] = a, b
-            for j, (a, b) in enumerate(swap_in[:copies]):
-                in_src[j], in_dst[j] = a, b
-            staged_out = self._get(("gather", copies))(kv.device, out_src)
-            exe = self._get((kind, size, copies))
-            tokens, kv.device, kv.host, staged_in = exe(self._state_leaves, ids, pos, kv.device, kv.host, md, *samp,
-                                                        staged_out, out_dst, in_src)
-            kv.device = self._get(("scatter", copies))(kv.device, staged_in, in_dst)
-        else:
-            exe = self._get((kind, size, 0))
-            tokens, kv.device = exe(self._state_leaves, ids, pos, kv.device, md, *samp)
+        tokens, kv.device = self._get((kind, size))(self._state_leaves, ids, pos, kv.device, md, *samp)
+        self._scatter_in(loads)
         return np.asarray(tokens)[: len(rows)]
