@@ -269,8 +269,10 @@ class OpenAIServer:
                 "total_tokens": len(prep.prompt_ids) + n}
 
     def _head(self, prep: _Prepared, chunk: bool) -> dict:
-        obj = {"completion": "text_completion", "chat": "chat.completion"}[prep.kind] + (".chunk" if chunk and
-                                                                                          prep.kind == "chat" else "")
+        if prep.kind == "completion":
+            obj = "text_completion"  # OpenAI names completion chunks the same
+        else:
+            obj = "chat.completion.chunk" if chunk else "chat.completion"
         return {"id": prep.request_id, "object": obj, "created": prep.created, "model": self.model.name}
 
     def _response(self, prep: _Prepared, out: RequestOutput) -> dict:
