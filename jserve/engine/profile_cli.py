@@ -41,7 +41,7 @@ def add_profile_arguments(p) -> None:
     p.add_argument("--decode-buckets", type=_int_list, default=())
     p.add_argument("--token-buckets", type=_int_list, default=())
     p.add_argument("--swap-buckets", type=_int_list, default=(4, 16))
-    p.add_argument("--repeats", type=positive_int, default=None, help="timed calls per point (median is kept)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per point (the mean is kept)")
 
 
 def profile_command(args, parser) -> int:
@@ -89,6 +89,11 @@ def profile_command(args, parser) -> int:
     print(f"wrote {out}: prefill_ms [{c.p0 * 1e3:.4g}, {c.p1 * 1e3:.4g}, {c.p2 * 1e3:.4g}], decode_ms "
           f"[{c.d0 * 1e3:.4g}, {c.d1 * 1e3:.4g}, {c.d2 * 1e3:.4g}], mixed_decode_ms [{m1 * 1e3:.4g}, {m2 * 1e3:.4g}], "
           f"swap {c.swap_bandwidth / 1e9:.3g} GB/s")
+    if result.token_costs:
+        print("  per-bucket step costs (ms): tokens " + ", ".join(
+            f"{b}: {t * 1e3:.3g}" for b, t in zip(result.engine_settings["token_buckets"], result.token_costs))
+            + "; sequences " + ", ".join(
+            f"{b}: {t * 1e3:.3g}" for b, t in zip(result.engine_settings["decode_buckets"], result.seq_costs)))
     for kind, f in result.fits.items():
         print(f"  {kind:8s} R^2 {f.r2:6.3f}  mean |rel err| {f.mean_abs_rel_err:6.1%}  max {f.max_rel_err:6.1%}")
     return 0

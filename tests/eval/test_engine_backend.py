@@ -47,6 +47,25 @@ def test_replay_returns_simulator_shaped_records(engine):
     assert not engine.has_unfinished()
 
 
+def test_replay_logs_each_step_beside_its_price(engine):
+    # Prices by hand: a prefill step 1 ms + 0.01 ms per token, a decode step 2 ms + 0.1 ms per request,
+    # a mixed step max(1, 2) ms + both per-item terms (FittedCostModel's form); no copies happen.
+    cost = FittedCostModel(1e-3, 1e-5, 0.0, 2e-3, 0.0, 1e-4)
+    use_policy(engine, "fcfs", None, cost)
+    work = [WorkloadRequest(i, 6 + i, 3, 0.0 if i < 2 else 0.05) for i in range(3)]
+    run = replay(engine, work, seed=3, id_prefix="priced", step_cost=cost)
+    assert len(run.steps) == run.stats["compute_steps"] > 0
+    assert sum(st.measured for st in run.steps) == pytest.approx(run.stats["busy_seconds"])
+    kinds = {st.kind for st in run.steps}
+    assert "decode" in kinds and kinds & {"prefill", "mixed"}
+    for st in run.steps:
+        base = {"prefill": 1e-3, "decode": 2e-3, "mixed": 2e-3}[st.kind]
+        assert st.priced == pytest.approx(base + 1e-5 * st.prefill_tokens + 1e-4 * st.num_decodes)
+        assert st.measured > 0 and st.start >= 0
+    assert sum(st.prefill_tokens for st in run.steps) == sum(w.prompt_len for w in work)
+    assert replay(engine, work[:1], id_prefix="unpriced").steps == []
+
+
 def test_replay_under_memory_pressure_finishes_everything(engine):
     # 19 usable blocks of 16 tokens; four 60-token requests need 16 blocks at the end: fastserve's MLFQ keeps
     # started jobs' KV and must swap; every request still finishes with all its tokens.
