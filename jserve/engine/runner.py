@@ -61,14 +61,16 @@ class RunnerConfig:
     # Obsolete (accepted and ignored): copies were once fused into the step in these page counts; they are now
     # asynchronous transfers issued beside it, with no step variants. Resolves to (0,).
     copy_buckets: tuple[int, ...] | None = None
-    # Pages per copy chunk (gather/scatter executables). Default 1, 2, 4, ... up to a request's pages (at most
-    # 256): every request splits into chunks without padding slots, which would be moved and kept for nothing.
+    # Pages per copy chunk (gather/scatter executables). Default 1, 4, 16, 64 and a request's pages (at most
+    # 256): every request splits into chunks without padding slots (which would be moved and kept for nothing)
+    # with ten executables to compile.
     swap_buckets: tuple[int, ...] = ()
 
     def resolved(self) -> "RunnerConfig":
         decode = self.decode_buckets or powers_of_two(1, self.max_batch_size)
         tokens = self.token_buckets or powers_of_two(min(64, self.max_tokens_per_batch), self.max_tokens_per_batch)
-        swap = self.swap_buckets or powers_of_two(1, min(256, self.pages_per_seq))
+        top = min(256, self.pages_per_seq)
+        swap = self.swap_buckets or tuple(b for b in (1, 4, 16, 64) if b < top) + (top,)
         if min(swap) < 1:
             raise ValueError(f"swap_buckets {swap} must be page counts >= 1")
         cfg = dataclasses.replace(self, decode_buckets=tuple(sorted(decode)), token_buckets=tuple(sorted(tokens)),

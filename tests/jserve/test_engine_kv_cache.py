@@ -145,7 +145,7 @@ def test_host_pages_stay_within_the_schedulers_accounting(tiny):
               max_tokens_per_batch=64, max_model_len=128, decode_buckets=(4,), token_buckets=(64,),
               num_device_blocks=14, num_host_blocks=6, progress=False)
     eng = llm.engine
-    assert eng.runner.config.swap_buckets == (1, 2, 4, 8)  # the default: chunks without padding
+    assert eng.runner.config.swap_buckets == (1, 4, 8)  # the default: chunks without padding
     outs = [eng.add_request(p, SamplingParams(max_tokens=new, ignore_eos=True), request_id=i) for i, p in enumerate(prompts)]
 
     def on_host():
