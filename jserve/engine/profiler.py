@@ -8,7 +8,8 @@ Flow (``profile_engine``):
    of ``B`` sequences at context ``c``, mixed steps (a prompt plus decodes), and standalone swap copies of
    ``n`` blocks in each direction. Each point is the mean of ``repeats`` timed calls after ``warmup``
    untimed ones, measured in interleaved rounds (``interleaved_means``: every round times every point once,
-   in a fresh random order), so background load that comes and goes weighs on all points alike.
+   in a fresh random order, right after an untimed call of the same point), so background load that comes
+   and goes weighs on all points alike.
 2. Measure the engine's per-iteration overhead outside the runner (the policy's ``schedule`` and
    ``on_step_end``, packing of the step's rows, bookkeeping) by driving the engine itself over a short burst
    of requests and subtracting the runner's time from each ``step()``'s. The median is added to every
@@ -118,7 +119,7 @@ def default_grid(engine, quick: bool = False) -> ProfileGrid:
         copies=copies,
         mixed=tuple(mixed),
         repeats=3 if quick else 5,
-        warmup=1 if quick else 2,
+        warmup=1,
         overhead_requests=min(2 * c.max_batch_size, 8 if quick else 32),
     )
 
@@ -128,9 +129,11 @@ def default_grid(engine, quick: bool = False) -> ProfileGrid:
 
 def interleaved_means(fns: Sequence[Callable[[], object]], repeats: int, warmup: int, seed: int = 0) -> list[float]:
     """Mean wall time of each of ``fns`` (each must block) over ``repeats`` rounds, after ``warmup`` untimed
-    rounds; every round calls each function once, in a fresh random order. A drift in background load then
-    spreads over all points alike instead of biasing the ones measured while it lasted, and the mean (not
-    the median) is what a run's total time adds up."""
+    rounds. Every round visits each function once, in a fresh random order, and there calls it twice, timing
+    the second call: a drift in background load then spreads over all points alike instead of biasing the
+    ones measured while it lasted, while each timed call still follows a call of its own shape, as a step in
+    service mostly follows a step like it (a decode after a decode), not an unrelated one. The mean (not the
+    median) is what a run's total time adds up."""
     rng = np.random.default_rng(seed)
     order = np.arange(len(fns))
     for _ in range(warmup):
@@ -140,6 +143,7 @@ def interleaved_means(fns: Sequence[Callable[[], object]], repeats: int, warmup:
     for _ in range(repeats):
         rng.shuffle(order)
         for i in order:
+            fns[i]()
             t0 = time.perf_counter()
             fns[i]()
             total[i] += time.perf_counter() - t0

@@ -180,7 +180,9 @@ def test_interleaved_means_time_every_point_in_shuffled_rounds():
         return fn
 
     means = interleaved_means([point(0, 0.002), point(1, 0.006), point(2, 0.0)], repeats=4, warmup=1)
-    assert [calls.count(k) for k in range(3)] == [5, 5, 5]  # one warm-up round + four timed rounds
-    rounds = [tuple(calls[i : i + 3]) for i in range(3, 15, 3)]
+    assert [calls.count(k) for k in range(3)] == [9, 9, 9]  # one warm-up round + four rounds of two calls
+    visits = calls[3::2]
+    assert calls[4::2] == visits  # each timed call right after an untimed call of the same point
+    rounds = [tuple(visits[i : i + 3]) for i in range(0, 12, 3)]
     assert all(sorted(r) == [0, 1, 2] for r in rounds) and len(set(rounds)) > 1  # each round: all, reshuffled
     assert 0.002 <= means[0] < means[1] and 0.006 <= means[1] < 0.05 and means[2] < means[0]
