@@ -169,9 +169,22 @@ class ModelRunner:
         for key in it:
             if key not in self._executables:
                 self._executables[key] = self._compile(key)
+        if self.kv.num_host_pages > 0:
+            self._warm_transfers()
         self.compile_seconds = time.perf_counter() - t0
         self.warmed_up = True
         return self.compile_seconds
+
+    def _warm_transfers(self) -> None:
+        """One round trip per swap bucket through the padding page, so that whatever the runtime sets up on a
+        first transfer between memory kinds (pinned host allocations) happens before serving."""
+        kv = self.kv
+        for n in self.config.swap_buckets:
+            pad = np.full(n, kv.pad_device_page, np.int32)
+            staged = self._executables[("gather", n)](kv.device, pad)
+            back = jax.device_put(jax.device_put(staged, kv.host_sharding), kv.device_sharding)
+            kv.device = self._executables[("scatter", n)](kv.device, back, pad)
+        jax.block_until_ready(kv.device)
 
     def _compile(self, key: tuple) -> Callable:
         kv = self.kv
