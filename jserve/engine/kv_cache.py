@@ -11,7 +11,7 @@ Host pages are not one big pool. Every swap-out chunk becomes its own contiguous
 block id to ``(buffer, slot)`` says where each host page lives. The scheduler's host block ids stay the
 accounting unit: at most ``num_host_pages`` ids are live at once, so host memory stays within
 ``num_host_pages`` pages plus the padding slots of partly filled chunks (fewer than the smallest swap bucket
-per chunk; none with the default power-of-two buckets).
+per chunk; none with the default buckets, which include 1).
 
 Copies (a whole request's pages at a time; the scheduler never splits a request across pools), with no
 compute on the host and each transfer between memory kinds a plain copy of one contiguous buffer:
