@@ -8,6 +8,8 @@
 * host<->device swap bandwidth through the engine's copy path (pages of all layers), and a decode step with
   overlapped copies issued beside it against one without, until it returns and until the copies are done
   (do the asynchronous transfers hide behind the step?): ``measure`` of ``benchmarks/engine_copies.py``;
+* decode through the whole engine loop (``LLMEngine.step``: scheduler, packing, token reads and stop checks
+  included), steady state at each batch, with async scheduling on and off, and the MBU that gives;
 * one end-to-end engine run under memory pressure (swaps happen) that must produce the same greedy ids as
   ``jserve.models.greedy_generate``.
 
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
     page = 16
     ctx_pages = -(-(a.context + 1) // page)
     max_len = max(a.context + 64, a.prefill + page)
-    num_pages = max(batches) * ctx_pages + -(-a.prefill // page) + 2 * a.copy_pages + 2
+    # Room for the engine-loop runs too: every request of the largest batch at its full length.
+    num_pages = max(batches) * -(-max_len // page) + -(-a.prefill // page) + 2 * a.copy_pages + 2
     cfg = EngineConfig(scheduler="fcfs", max_batch_size=max(batches), max_tokens_per_batch=max(a.prefill, max(batches)),
                        max_model_len=max_len, num_device_blocks=num_pages, num_host_blocks=2 * a.copy_pages,
                        decode_buckets=tuple(batches), token_buckets=(max(a.prefill, max(batches)),),
@@ -126,6 +130,30 @@ def main(argv=None) -> int:
     flops = 2 * params * a.prefill + 2 * mc.num_layers * mc.num_heads * mc.head_dim * a.prefill**2  # causal QK+PV
     res["prefill"] = dict(tokens=a.prefill, ms=t * 1e3, tflops=flops / t / 1e12, frac_of_matmul=flops / t / mm)
     print(f"prefill {a.prefill} tokens: {t * 1e3:.1f} ms, {flops / t / 1e12:.1f} TFLOP/s = {flops / t / mm:.2f} of matmul", flush=True)
+
+    # Decode through LLMEngine.step(): requests of context-length prompts are prefilled, then the loop is timed
+    # over steady-state decode iterations (every request decoding). The step time includes whatever host work
+    # the loop does not hide behind the device.
+    res["engine_loop"] = []
+    loop_steps = 8 if a.tiny else 40
+    for b in batches:
+        for pipelined in (False, True):
+            eng = LLMEngine(model, dataclasses.replace(cfg, async_scheduling=pipelined))
+            sp = SamplingParams(max_tokens=loop_steps + 8, ignore_eos=True)
+            outs = [eng.add_request(list(map(int, rng.integers(3, mc.vocab_size, size=a.context))), sp) for _ in range(b)]
+            while not all(o.token_ids for o in outs):  # prefill everything
+                eng.step()
+            eng.step()
+            t0 = time.perf_counter()
+            for _ in range(loop_steps):
+                eng.step()
+            t = (time.perf_counter() - t0) / loop_steps
+            eng.run_until_done()
+            ctx_mid = a.context + loop_steps // 2
+            mbu = (weight_bytes + b * ctx_mid * kv_token_bytes) / t / bw
+            res["engine_loop"].append(dict(batch=b, context=a.context, async_scheduling=pipelined, step_ms=t * 1e3, mbu=mbu))
+            print(f"engine loop decode B={b} ctx~{ctx_mid} async_scheduling={pipelined}: {t * 1e3:.2f} ms/step, MBU {mbu:.2f}",
+                  flush=True)
 
     # End to end under memory pressure: the same greedy ids as jserve.models.greedy_generate (its own roomy
     # paged loop, no scheduler), with swaps happening.

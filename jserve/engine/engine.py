@@ -1,6 +1,6 @@
 """``LLMEngine``: the iteration loop that drives a ``schedulers`` policy on a real model.
 
-One call of :meth:`LLMEngine.step` is one iteration:
+An iteration:
 
 1. ``plan = scheduler.schedule(now)`` (batch membership, chunk sizes, swaps, drops: the policy decides);
 2. the plan's critical-path copies (``sync_swap_out`` then ``sync_swap_in``), dispatched before the step;
@@ -8,9 +8,24 @@ One call of :meth:`LLMEngine.step` is one iteration:
    on the device, and the plan's overlapped copies issued beside it (asynchronous transfers that run while
    it computes; ``jserve.engine.kv_cache`` has the ordering rules); host pages the scheduler no longer needs
    are released;
-4. the sampled tokens are appended, stop conditions checked (end-of-sequence unless ``ignore_eos``, stop
-   ids, stop strings, ``max_tokens``, the model's context), and
-   ``scheduler.on_step_end(plan, now + elapsed, elapsed, finished_ids)`` closes the iteration.
+4. the sampled tokens are appended and stop conditions checked (end-of-sequence unless ``ignore_eos``, stop
+   ids, stop strings); ``scheduler.on_step_end(plan, now, elapsed, finished_ids)`` closes the iteration
+   (the scheduler itself finishes requests at ``max_tokens`` or the model's context).
+
+**Async scheduling** (``EngineConfig.async_scheduling``; on by default for accelerators). The host work of an
+iteration (scheduling, packing the inputs, reading and checking tokens) would leave the device idle if done
+between steps. With async scheduling one ``step()`` call closes iteration n in the scheduler, plans and packs
+iteration n+1 while iteration n still runs on the device, waits for iteration n's tokens only to fill in the
+newest token of the rows that need it, dispatches iteration n+1, and then processes iteration n's tokens
+while n+1 runs. What the scheduler cannot know when it plans n+1 is which requests iteration n stopped (a stop
+id, end-of-sequence, a stop string: lengths it knows). A stopped request therefore may run one more iteration;
+the engine drops the token computed past the stop (the output is already finished) and reports the request
+as finished in that iteration's ``on_step_end`` (or aborts it in the scheduler if that plan did not include
+it). Outputs, seeds (a request's n-th draw uses ``fold_in(seed, n)``) and preemption are as in the
+one-iteration-at-a-time loop (``async_scheduling=False``); tokens reach callers one ``step()`` call later.
+Device order is what makes reuse safe: an iteration that reuses the pages of a request released while an
+earlier iteration was still running is dispatched after it, and the executables run in dispatch order on
+the donated pool.
 
 The engine never changes policy state: it feeds each scheduled request the tokens it asks for (the
 request's known tokens from ``num_computed_tokens`` on), so recompute after a drop replays the prompt and the
@@ -70,6 +85,10 @@ class EngineConfig:
     copy_buckets: tuple[int, ...] | None = None  # obsolete, ignored (copies no longer fuse into the step)
     swap_buckets: tuple[int, ...] = ()
     progress: bool = True  # progress bar while compiling
+    # Schedule and pack iteration n+1 while the device runs iteration n (see the module docstring); False
+    # runs one iteration per step() call, start to finish. None: on for accelerators, off on a CPU (there the
+    # "device" is the host's own cores, so host work has nothing to hide behind).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_batch_size", "max_tokens_per_batch"):
@@ -129,6 +148,10 @@ class _Sequence:
     output: RequestOutput
     stop_eos: int | None
 
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output.token_ids)
+
     def token_slice(self, start: int, n: int) -> list[int]:
         """Known tokens ``start .. start+n-1`` (prompt, then generated) without building the whole list."""
         p = len(self.prompt_ids)
@@ -137,6 +160,21 @@ class _Sequence:
         if start >= p:
             return self.output.token_ids[start - p : start - p + n]
         return self.prompt_ids[start:] + self.output.token_ids[: start + n - p]
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched iteration: its plan, when it was planned, who samples in it, and its sampled tokens."""
+
+    plan: object  # schedulers.plan.StepPlan
+    start: float
+    samplers: list  # per row: the _Sequence that samples a token there, or None
+    tokens: object  # device array [slots] int32 (or an empty numpy array for a copies-only iteration)
+    tokens_host: np.ndarray | None = None
+    sampler_index: dict = dataclasses.field(default_factory=dict)  # request id -> index into tokens
+
+    def __post_init__(self) -> None:
+        self.sampler_index = {seq.request.request_id: i for i, seq in enumerate(self.samplers) if seq is not None}
 
 
 def _available_memory_bytes() -> int | None:
@@ -194,6 +232,10 @@ class LLMEngine:
         )
         self.scheduler = make_scheduler(cfg.scheduler, sched_cfg, cfg.cost_model)
         self._seqs: dict[Hashable, _Sequence] = {}
+        self.async_scheduling = (cfg.async_scheduling if cfg.async_scheduling is not None
+                                 else self.device.platform != "cpu")
+        self._in_flight: _InFlight | None = None  # the dispatched iteration whose tokens are not read yet
+        self._stopped: list[Hashable] = []  # requests that hit a stop condition, not yet finished by the scheduler
         self._ids = itertools.count()
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._t0 = time.perf_counter()
@@ -309,7 +351,8 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._seqs)
+        """True while a request is live or an iteration's tokens are still to be read."""
+        return bool(self._seqs) or self._in_flight is not None
 
     def get_output(self, request_id: Hashable) -> RequestOutput | None:
         seq = self._seqs.get(request_id)
@@ -318,33 +361,75 @@ class LLMEngine:
     # ----------------------------------------------------------------------------------------- the loop
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns the outputs that changed (a new token, or finished)."""
+        """Run one iteration; returns the outputs that changed (a new token, or finished).
+
+        With ``async_scheduling`` the step dispatched here is still running when this returns: its tokens
+        come back from the next call (see the module docstring)."""
         sched = self.scheduler
+        changed: list[RequestOutput] = []
         now = self.now()
+        flight, self._in_flight = self._in_flight, None
+        done: list[Request] = []
+        if flight is not None:
+            done = self._close_iteration(flight, now)
+        else:
+            self._abort_stopped()
         plan = sched.schedule(now)
         self.stats["steps"] += 1
-        changed: list[RequestOutput] = []
         for req, reason in plan.rejected:
             seq = self._seqs.pop(req.request_id, None)
             if seq is not None:
                 changed.append(self._refuse(seq.output, f"the scheduler refused the request: {reason}", now))
+        launched = None
         if plan.is_empty:
             self._release_host_pages()  # a request dropped while on the host
             sched.on_step_end(plan, now, 0.0)
-            return changed
+        else:
+            launched = self._dispatch(plan, now, flight)
+        if flight is not None:
+            if flight.tokens_host is None:
+                flight.tokens_host = np.asarray(flight.tokens)
+            changed += self._collect(flight)
+            self._finalize(done)
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:  # wait for this step and close its iteration now
+                launched.tokens_host = np.asarray(launched.tokens)
+                changed += self._collect(launched)
+                self._finalize(self._close_iteration(launched, self.now()))
+        self.stats["compiles_after_warmup"] = self._watch.count
+        return changed
+
+    def _dispatch(self, plan, now: float, flight: "_InFlight | None") -> "_InFlight":
+        """Run the plan's critical-path copies and dispatch its step (or its copies alone). Rows whose newest
+        token is the one ``flight`` is sampling get a placeholder, filled from ``flight``'s tokens (the one
+        wait for the device) right before the dispatch."""
         self.runner.copy("out", plan.sync_swap_out)
         self.runner.copy("in", plan.sync_swap_in)
         st = self.stats
         st["blocks_out"] += len(plan.sync_swap_out) + len(plan.swap_out)
         st["blocks_in"] += len(plan.sync_swap_in) + len(plan.swap_in)
         st["drops"] += len(plan.dropped)
+        pending = flight.sampler_index if flight is not None else {}
         rows: list[BatchRow] = []
         samplers: list[_Sequence | None] = []  # per row: the sequence that samples a token, or None
+        fills: list[tuple[int, int]] = []  # (row, index in flight's tokens) of placeholder tokens
         work = [(e.request, e.num_tokens, e.samples_token) for e in plan.prefill] + [(r, 1, True) for r in plan.decode]
         for r, n, samples in work:
             seq = self._seqs[r.request_id]
             c = r.num_computed_tokens
-            rows.append(BatchRow(seq.token_slice(c, n), c, r.blocks, self._sampling(seq)))
+            waiting = pending.get(r.request_id)
+            known = seq.num_known_tokens
+            if waiting is not None and c + n > known:  # the row ends with the token in flight
+                if c + n != known + 1:
+                    raise RuntimeError(f"request {r.request_id!r}: a step asks for tokens past the one in flight")
+                fills.append((len(rows), waiting))
+                tokens = seq.token_slice(c, n - 1) + [0]
+            else:
+                tokens = seq.token_slice(c, n)
+            drawn = len(seq.output.token_ids) + (waiting is not None)
+            rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn)))
             samplers.append(seq if samples else None)
             if seq.output.metrics.first_scheduled_time is None:
                 seq.output.metrics.first_scheduled_time = now
@@ -352,29 +437,62 @@ class LLMEngine:
             seq = self._seqs.get(r.request_id)
             if seq is not None:
                 seq.output.metrics.num_preemptions += 1
-        if rows:
-            tokens = self.runner.run(rows, plan.swap_out, plan.swap_in)
+        prepared = self.runner.prepare(rows) if rows else None
+        if fills:
+            flight.tokens_host = np.asarray(flight.tokens)
+            for row, j in fills:
+                prepared.set_last_token(row, int(flight.tokens_host[j]))
+        if prepared is not None:
+            tokens = self.runner.launch(prepared, plan.swap_out, plan.swap_in)
             self.stats["compute_steps"] += 1
         else:
             self.runner.copy("out", plan.swap_out)
             self.runner.copy("in", plan.swap_in)
             tokens = np.zeros(0, np.int32)
         self._release_host_pages(plan)
+        return _InFlight(plan, now, samplers, tokens)
+
+    def _collect(self, flight: "_InFlight") -> list[RequestOutput]:
+        """Append a finished step's tokens to its sequences and check their stop conditions."""
         end = self.now()
-        finished_ids = []
-        for seq, tok in zip(samplers, tokens):
-            if seq is None:
+        changed = []
+        for seq, tok in zip(flight.samplers, flight.tokens_host):
+            if seq is None or seq.output.finished:  # no token, aborted, or stopped while this step ran
                 continue
             out = seq.output
-            out.token_ids.append(int(tok))
-            out.new_token_ids = [int(tok)]
+            tok = int(tok)
+            out.token_ids.append(tok)
+            out.new_token_ids = [tok]
             self.stats["tokens"] += 1
             if out.metrics.first_token_time is None:
                 out.metrics.first_token_time = end
-            if self._check_stop(seq, int(tok)):
-                finished_ids.append(seq.request.request_id)
+            if self._check_stop(seq, tok):
+                out.metrics.finish_time = end
+                self._stopped.append(seq.request.request_id)
             changed.append(out)
-        done = sched.on_step_end(plan, end, end - now, finished_ids)
+        return changed
+
+    def _close_iteration(self, flight: "_InFlight", now: float) -> list[Request]:
+        """``scheduler.on_step_end`` for ``flight``'s plan. Requests that hit a stop condition are reported
+        as finished in the first iteration that sampled for them after the stop was seen; the others the
+        scheduler finishes itself (``max_tokens``, context). Stopped requests outside this plan are aborted."""
+        stopped, self._stopped = self._stopped, []
+        early = [rid for rid in stopped if rid in flight.sampler_index]
+        done = self.scheduler.on_step_end(flight.plan, now, max(0.0, now - flight.start), early)
+        self._stopped = [rid for rid in stopped if rid not in flight.sampler_index]
+        self._abort_stopped()
+        return done
+
+    def _abort_stopped(self) -> None:
+        """Release stopped requests that no iteration in flight will report as finished."""
+        stopped, self._stopped = self._stopped, []
+        for rid in stopped:
+            self.scheduler.abort(rid)
+            self._seqs.pop(rid, None)
+
+    def _finalize(self, done: Sequence[Request]) -> None:
+        """Retire requests the scheduler finished (their outputs already hold every token)."""
+        end = self.now()
         for req in done:
             seq = self._seqs.pop(req.request_id, None)
             if seq is None:
@@ -382,11 +500,10 @@ class LLMEngine:
             out = seq.output
             if out.finish_reason is None:
                 out.finish_reason = "length"
-            out.metrics.finish_time = end
+            if out.metrics.finish_time is None:
+                out.metrics.finish_time = end
             if not isinstance(out.stop_reason, str):  # a stop string already cut the text
                 out.text = self._detokenize(seq)
-        self.stats["compiles_after_warmup"] = self._watch.count
-        return changed
 
     def _release_host_pages(self, plan=None) -> None:
         """Give back the host buffers of pages the scheduler no longer needs: the sources of ``plan``'s
@@ -401,9 +518,6 @@ class LLMEngine:
         if kv.num_host_ids > blocks.num_used_host_blocks - blocks.num_pending_host_blocks:
             kv.retain_host(h for r in self.scheduler.requests.values() if r.kv_location is KVLocation.HOST
                            for h in r.blocks)
-
-    def _sampling(self, seq: _Sequence) -> tuple:
-        return (seq.params, seq.seed, len(seq.output.token_ids))
 
     def _detokenize(self, seq: _Sequence) -> str:
         if self.tokenizer is None:
@@ -432,7 +546,7 @@ class LLMEngine:
     # ----------------------------------------------------------------------------------------- driving
 
     def run_until_done(self) -> None:
-        while self._seqs:
+        while self.has_unfinished():
             self.step()
 
     def close(self) -> None:

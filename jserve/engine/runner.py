@@ -34,7 +34,7 @@ from kernels_pallas import AttentionMetadata
 from .kv_cache import KVCache, bucket_pairs, gather_pages, scatter_pages
 from .sampling import SamplingArrays, sample_tokens
 
-__all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "powers_of_two"]
+__all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "PreparedStep", "powers_of_two"]
 
 
 def powers_of_two(low: int, high: int) -> tuple[int, ...]:
@@ -299,26 +299,62 @@ class ModelRunner:
         for staged, dst in loads:
             kv.device = self._get(("scatter", len(dst)))(kv.device, staged, dst)
 
+    def prepare(self, rows: Sequence[BatchRow]) -> "PreparedStep":
+        """Pack ``rows`` into the inputs of their compiled shape (host work only; nothing is dispatched).
+
+        A row may end with a placeholder token whose value is not known yet (the token the step in flight is
+        sampling): :meth:`PreparedStep.set_last_token` fills it in before :meth:`launch`."""
+        c = self.config
+        kind, size = self.step_key(rows)
+        s = size if kind == "decode" else c.max_batch_size
+        if len(rows) > s:
+            raise ValueError(f"{len(rows)} sequences exceed the step's {s} sequence slots")
+        ids, pos, md, samp = self._pack(rows, size, s, kind == "decode")
+        return PreparedStep(kind, size, len(rows), ids, pos, md, samp)
+
+    def launch(
+        self,
+        step: "PreparedStep",
+        swap_out: Sequence[tuple[int, int]] = (),
+        swap_in: Sequence[tuple[int, int]] = (),
+    ) -> jax.Array:
+        """Dispatch a prepared step with its overlapped copies; returns the sampled tokens as a device array
+        (``[slots]`` int32; the first ``step.num_rows`` are the rows'). Nothing waits for the device here.
+
+        The swap-outs are gathered and their transfers started before the step, the swap-ins' transfers are
+        started before it and scattered after it, so both transfers run while the step computes (the pages
+        they move are not the batch's: the scheduler guarantees it)."""
+        kv = self.kv
+        self._swap_out(swap_out)
+        loads = self._transfer_in(swap_in)
+        tokens, kv.device = self._get((step.kind, step.size))(self._state_leaves, step.ids, step.pos, kv.device,
+                                                              step.metadata, *step.sampling)
+        self._scatter_in(loads)
+        return tokens
+
     def run(
         self,
         rows: Sequence[BatchRow],
         swap_out: Sequence[tuple[int, int]] = (),
         swap_in: Sequence[tuple[int, int]] = (),
     ) -> np.ndarray:
-        """One step over ``rows`` with overlapped copies; returns the sampled token of every row ([len(rows)]).
+        """One step over ``rows`` with overlapped copies, waited for; returns the sampled token of every row
+        (``[len(rows)]``)."""
+        return np.asarray(self.launch(self.prepare(rows), swap_out, swap_in))[: len(rows)]
 
-        The swap-outs are gathered and their transfers started before the step, the swap-ins' transfers are
-        started before it and scattered after it, so both transfers run while the step computes (the pages
-        they move are not the batch's: the scheduler guarantees it)."""
-        c = self.config
-        kv = self.kv
-        kind, size = self.step_key(rows)
-        s = size if kind == "decode" else c.max_batch_size
-        if len(rows) > s:
-            raise ValueError(f"{len(rows)} sequences exceed the step's {s} sequence slots")
-        self._swap_out(swap_out)
-        loads = self._transfer_in(swap_in)
-        ids, pos, md, samp = self._pack(rows, size, s, kind == "decode")
-        tokens, kv.device = self._get((kind, size))(self._state_leaves, ids, pos, kv.device, md, *samp)
-        self._scatter_in(loads)
-        return np.asarray(tokens)[: len(rows)]
+
+@dataclasses.dataclass
+class PreparedStep:
+    """A packed step, ready to dispatch: its compiled shape and host-side input arrays."""
+
+    kind: str  # "decode" | "mixed"
+    size: int  # the bucket: sequences (decode) or packed tokens (mixed)
+    num_rows: int
+    ids: np.ndarray  # [T] int32
+    pos: np.ndarray  # [T] int32
+    metadata: AttentionMetadata
+    sampling: tuple
+
+    def set_last_token(self, row: int, token: int) -> None:
+        """Fill in the last token of ``row`` (a placeholder at packing time)."""
+        self.ids[self.metadata.logits_indices[row]] = token

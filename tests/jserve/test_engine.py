@@ -62,7 +62,7 @@ def test_seeded_sampling_is_transparent_and_nothing_compiles_after_warmup(tiny, 
     params = [SamplingParams(max_tokens=NEW, temperature=0.9, top_k=50, top_p=0.9, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
     roomy = LLM(tiny, scheduler="fcfs", **ROOMY).generate(prompts, params)
-    llm = LLM(tiny, scheduler="fastserve", **TIGHT)
+    llm = LLM(tiny, scheduler="fastserve", async_scheduling=True, **TIGHT)  # seeds follow the pipelined loop too
     tight = llm.generate(prompts, params)
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
     greedy = LLM(tiny, scheduler="fcfs", **ROOMY).generate(prompts, SamplingParams(max_tokens=NEW, ignore_eos=True))
@@ -117,8 +117,9 @@ def test_eos_stops_unless_ignored(tiny, prompts, reference):
     assert out.token_ids == ref and out.finish_reason == "length"
 
 
-def test_streaming_yields_each_token(tiny, prompts, reference):
-    llm = LLM(tiny, scheduler="fastserve", **ROOMY)
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
+def test_streaming_yields_each_token(tiny, prompts, reference, pipelined):
+    llm = LLM(tiny, scheduler="fastserve", async_scheduling=pipelined, **ROOMY)
     seen = []
     last = None
     for out in llm.stream(prompts[3], SamplingParams(max_tokens=NEW, ignore_eos=True)):
@@ -162,8 +163,9 @@ def test_async_engine_concurrent_streams_and_abort(tiny, prompts, reference):
     assert blocks.num_free_device_blocks == blocks.num_usable_device_blocks
 
 
-def test_abort_frees_device_and_host_blocks(tiny, prompts):
-    llm = LLM(tiny, scheduler="fastserve", **TIGHT)
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
+def test_abort_frees_device_and_host_blocks(tiny, prompts, pipelined):
+    llm = LLM(tiny, scheduler="fastserve", async_scheduling=pipelined, **TIGHT)
     eng = llm.engine
     params = SamplingParams(max_tokens=NEW, ignore_eos=True)
     outs = [eng.add_request(p, params, request_id=i) for i, p in enumerate(prompts)]
@@ -198,3 +200,47 @@ def test_cost_profile_path_drives_the_policy(tiny, tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match="p.json"):
         LLM(tiny, scheduler="fastserve", cost_model=str(path), **ROOMY)
+
+
+@pytest.mark.parametrize("swap_mode", ["proactive", "recompute"])
+def test_stops_under_pressure_with_and_without_async_scheduling(tiny, prompts, reference, swap_mode):
+    """Every request stops at its own stop id (the first time the reference emits it), with a pool that forces
+    preemption: the pipelined loop (which learns of a stop one iteration late) drops the token it computed past
+    the stop, and gives exactly what the one-iteration-at-a-time loop gives."""
+    stops = [ref[12 + i % 10] for i, ref in enumerate(reference)]
+    expected = [ref[: ref.index(s) + 1] for ref, s in zip(reference, stops)]
+    params = [SamplingParams(max_tokens=NEW, stop_token_ids=[s], ignore_eos=True) for s in stops]
+    results = {}
+    for mode in (True, False):
+        llm = LLM(tiny, scheduler="fastserve", scheduler_options={"swap_mode": swap_mode}, async_scheduling=mode,
+                  **dict(TIGHT, num_device_blocks=10))
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == expected, mode
+        assert all(o.finish_reason == "stop" for o in outs)
+        st = llm.engine.stats
+        assert st["blocks_out"] + st["drops"] > 0 and st["compiles_after_warmup"] == 0, st
+        b = llm.engine.scheduler.blocks
+        assert b.num_free_device_blocks == b.num_usable_device_blocks and b.num_used_host_blocks == 0
+        assert not llm.engine.has_unfinished()
+        results[mode] = [o.token_ids for o in outs]
+    assert results[True] == results[False]
+
+
+def test_async_scheduling_dispatches_before_reading_tokens(tiny, prompts, reference):
+    """With async scheduling the next iteration is dispatched before the previous one's tokens are read;
+    without it, each iteration's tokens are read before the next dispatch."""
+    orders = {}
+    for mode in (True, False):
+        llm = LLM(tiny, scheduler="fcfs", async_scheduling=mode, **ROOMY)
+        eng, events = llm.engine, []
+        launch, collect = eng.runner.launch, eng._collect
+        eng.runner.launch = lambda *a, **k: (events.append("launch"), launch(*a, **k))[1]
+        eng._collect = lambda flight: (events.append("collect"), collect(flight))[1]
+        outs = llm.generate(prompts[:3], SamplingParams(max_tokens=8, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [r[:8] for r in reference[:3]]
+        orders[mode] = "".join("L" if e == "launch" else "C" for e in events)
+    n = len(orders[False]) // 2  # iterations
+    assert n > 8 and orders[False] == "LC" * n
+    # launch 1, then (launch k+1, collect k) for every k, then collect n: iteration k+1 was on the device
+    # while the host read and processed iteration k's tokens
+    assert orders[True] == "L" + "LC" * (n - 1) + "C"
