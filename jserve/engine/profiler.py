@@ -194,24 +194,25 @@ def _block(kv) -> None:
 
 
 def measure_overhead(engine, num_requests: int, prompt_len: int, output_len: int) -> float:
-    """Median seconds per ``engine.step()`` spent outside ``runner.run``/``runner.copy``, over a burst of
-    ``num_requests`` requests (the engine must be idle; it is idle again afterwards)."""
+    """Median seconds per ``engine.step()`` spent outside the runner's steps and copies (waited for), over a
+    burst of ``num_requests`` requests (the engine must be idle; it is idle again afterwards). This is the
+    host work of an iteration; with async scheduling the engine overlaps it with the device."""
     if engine.has_unfinished():
         raise ValueError("measure_overhead needs an idle engine (it has unfinished requests)")
     runner = engine.runner
     inside = [0.0]
-    orig_run, orig_copy = runner.run, runner.copy
+    orig_launch, orig_copy = runner.launch, runner.copy
 
     def timed(fn):
         def wrapper(*a, **k):
             t0 = time.perf_counter()
             try:
-                return fn(*a, **k)
+                return jax.block_until_ready(fn(*a, **k))
             finally:
                 inside[0] += time.perf_counter() - t0
         return wrapper
 
-    runner.run, runner.copy = timed(orig_run), timed(orig_copy)
+    runner.launch, runner.copy = timed(orig_launch), timed(orig_copy)
     vocab = engine.model.config.vocab_size
     rng = np.random.default_rng(0)
     gaps = []
@@ -225,7 +226,7 @@ def measure_overhead(engine, num_requests: int, prompt_len: int, output_len: int
             engine.step()
             gaps.append(time.perf_counter() - t0 - inside[0])
     finally:
-        del runner.run, runner.copy  # drop the instance wrappers: the class methods show through again
+        del runner.launch, runner.copy  # drop the instance wrappers: the class methods show through again
     return statistics.median(gaps) if gaps else 0.0
 
 
