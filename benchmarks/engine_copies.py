@@ -105,7 +105,6 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--copy-buckets", default=None, help="EngineConfig.copy_buckets, e.g. 0,32 (default: the engine's)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -118,8 +117,7 @@ def main(argv=None) -> int:
     cfg = EngineConfig(scheduler="fcfs", max_batch_size=a.batch, max_tokens_per_batch=max(64, a.batch),
                        max_model_len=a.context + 64, num_device_blocks=a.batch * ctx_pages + 2 * a.pages + 1,
                        num_host_blocks=2 * a.pages, decode_buckets=(a.batch,), token_buckets=(max(64, a.batch),),
-                       swap_buckets=(a.pages,), progress=False,
-                       copy_buckets=tuple(int(x) for x in a.copy_buckets.split(",")) if a.copy_buckets else None)
+                       swap_buckets=(a.pages,), progress=False)
     t0 = time.perf_counter()
     engine = LLMEngine(model, cfg)
     warm = time.perf_counter() - t0

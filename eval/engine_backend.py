@@ -67,12 +67,11 @@ class EngineOptions:
     page_size: int = 16
     decode_buckets: tuple[int, ...] = ()
     token_buckets: tuple[int, ...] = ()
-    copy_buckets: tuple[int, ...] = (0,)
     swap_buckets: tuple[int, ...] = ()
     seed: int = 0
 
     def engine_fields(self, max_batch_size: int) -> dict:
-        out = {"max_batch_size": max_batch_size, "page_size": self.page_size, "copy_buckets": self.copy_buckets,
+        out = {"max_batch_size": max_batch_size, "page_size": self.page_size,
                "decode_buckets": self.decode_buckets, "token_buckets": self.token_buckets,
                "swap_buckets": self.swap_buckets, "progress": False}
         for name in ("max_model_len", "max_tokens_per_batch", "num_device_blocks", "num_host_blocks"):

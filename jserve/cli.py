@@ -144,7 +144,7 @@ def _generate(args, parser) -> int:
     prefill = bucket(len(prompt_ids))  # the next power of two >= 16
     try:
         llm = LLM(model, scheduler=args.scheduler, max_batch_size=1, max_tokens_per_batch=prefill,
-                  token_buckets=(prefill,), decode_buckets=(1,), copy_buckets=(0,), num_host_blocks=0,
+                  token_buckets=(prefill,), decode_buckets=(1,), num_host_blocks=0,
                   max_model_len=max_len, num_device_blocks=max_len // page + 2, progress=False)
     except ValueError as e:
         parser.exit(2, f"jserve: error: {e}\n")

@@ -82,7 +82,6 @@ class EngineConfig:
     swap_space_gib: float = 4.0
     decode_buckets: tuple[int, ...] = ()
     token_buckets: tuple[int, ...] = ()
-    copy_buckets: tuple[int, ...] | None = None  # obsolete, ignored (copies no longer fuse into the step)
     swap_buckets: tuple[int, ...] = ()
     progress: bool = True  # progress bar while compiling
     # Schedule and pack iteration n+1 while the device runs iteration n (see the module docstring); False
@@ -216,7 +215,6 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 decode_buckets=cfg.decode_buckets,
                 token_buckets=cfg.token_buckets,
-                copy_buckets=cfg.copy_buckets,
                 swap_buckets=cfg.swap_buckets,
             ),
         )

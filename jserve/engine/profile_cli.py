@@ -73,7 +73,7 @@ def profile_command(args, parser) -> int:
             scheduler="fcfs", page_size=args.page_size, max_batch_size=args.max_batch_size,
             max_tokens_per_batch=tokens, max_model_len=args.max_model_len,
             num_device_blocks=args.num_device_blocks, num_host_blocks=args.num_host_blocks,
-            decode_buckets=args.decode_buckets, token_buckets=args.token_buckets, copy_buckets=(0,),
+            decode_buckets=args.decode_buckets, token_buckets=args.token_buckets,
             swap_buckets=args.swap_buckets, progress=sys.stderr.isatty())
         print(f"jserve profile: building the engine for {source} ...", file=sys.stderr)
         engine = LLMEngine(model, config)

@@ -299,7 +299,6 @@ def engine_settings(engine) -> dict:
         "num_host_blocks": engine.kv.num_host_pages,
         "decode_buckets": list(rc.decode_buckets),
         "token_buckets": list(rc.token_buckets),
-        "copy_buckets": list(rc.copy_buckets),
         "swap_buckets": list(rc.swap_buckets),
     }
 

@@ -58,9 +58,6 @@ class RunnerConfig:
     max_model_len: int
     decode_buckets: tuple[int, ...] = ()  # sequence counts of decode-only steps
     token_buckets: tuple[int, ...] = ()  # packed token counts of steps with prefill work
-    # Obsolete (accepted and ignored): copies were once fused into the step in these page counts; they are now
-    # asynchronous transfers issued beside it, with no step variants. Resolves to (0,).
-    copy_buckets: tuple[int, ...] | None = None
     # Pages per copy chunk (gather/scatter executables). Default 1, 4, 16, 64 and a request's pages (at most
     # 256): every request splits into chunks without padding slots (which would be moved and kept for nothing)
     # with ten executables to compile.
@@ -74,7 +71,7 @@ class RunnerConfig:
         if min(swap) < 1:
             raise ValueError(f"swap_buckets {swap} must be page counts >= 1")
         cfg = dataclasses.replace(self, decode_buckets=tuple(sorted(decode)), token_buckets=tuple(sorted(tokens)),
-                                  swap_buckets=tuple(sorted(set(swap))), copy_buckets=(0,))
+                                  swap_buckets=tuple(sorted(set(swap))))
         if max(cfg.decode_buckets) < cfg.max_batch_size:
             raise ValueError(f"decode_buckets {cfg.decode_buckets} do not cover max_batch_size={cfg.max_batch_size}")
         if max(cfg.token_buckets) < cfg.max_tokens_per_batch:

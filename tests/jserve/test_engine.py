@@ -16,7 +16,7 @@ from jserve.models import greedy_generate, load
 
 # Small shape buckets keep warm-up short; every engine below shares them, so they compile once per session.
 SMALL = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=128, decode_buckets=(4,),
-             token_buckets=(64,), copy_buckets=(0, 8), swap_buckets=(8,), progress=False)
+             token_buckets=(64,), swap_buckets=(8,), progress=False)
 TIGHT = dict(SMALL, num_device_blocks=14, num_host_blocks=64)  # 13 usable pages: forces preemption
 ROOMY = dict(SMALL, num_device_blocks=64, num_host_blocks=64)
 NEW = 24

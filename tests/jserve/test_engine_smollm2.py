@@ -13,7 +13,7 @@ GOLDEN = [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 3
 
 # One set of shapes for every engine in this file: the executables compile once (about 2.5 s each on 2 cores).
 SHAPES = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=96, decode_buckets=(4,), token_buckets=(64,),
-              copy_buckets=(0, 8), swap_buckets=(8,), progress=False)
+              swap_buckets=(8,), progress=False)
 TIGHT = dict(SHAPES, num_device_blocks=8, num_host_blocks=48)  # 7 usable pages for 8 requests of up to 4 pages
 
 PROMPTS = [

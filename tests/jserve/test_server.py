@@ -36,7 +36,7 @@ from jserve.tokenizer import Tokenizer
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
            "{% if add_generation_prompt %}<assistant>{% endif %}"
 TINY = dict(scheduler="fastserve", max_batch_size=4, max_tokens_per_batch=64, max_model_len=256, decode_buckets=(4,),
-            token_buckets=(64,), copy_buckets=(0,), swap_buckets=(8,), num_device_blocks=24, num_host_blocks=64,
+            token_buckets=(64,), swap_buckets=(8,), num_device_blocks=24, num_host_blocks=64,
             progress=False)  # 23 usable pages: six 64-token requests with 40 new tokens each must swap
 NEW = 40
 
@@ -370,7 +370,7 @@ GOLDEN_PROMPT = [504, 3575, 282, 4649, 314]
 GOLDEN = [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 33, 29, 34, 34, 216]
 # test_engine_smollm2.py's shapes and pools, so a full run compiles these executables once
 SMOL = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=96, decode_buckets=(4,), token_buckets=(64,),
-            copy_buckets=(0, 8), swap_buckets=(8,), progress=False, num_device_blocks=8, num_host_blocks=48)
+            swap_buckets=(8,), progress=False, num_device_blocks=8, num_host_blocks=48)
 
 
 def test_smollm2_golden_ids_and_chat(smollm2):
