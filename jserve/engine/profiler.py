@@ -194,25 +194,30 @@ def _block(kv) -> None:
 
 
 def measure_overhead(engine, num_requests: int, prompt_len: int, output_len: int) -> float:
-    """Median seconds per ``engine.step()`` spent outside the runner's steps and copies (waited for), over a
-    burst of ``num_requests`` requests (the engine must be idle; it is idle again afterwards). This is the
-    host work of an iteration; with async scheduling the engine overlaps it with the device."""
+    """Median seconds per ``engine.step()`` spent outside what the profile's step timings already hold,
+    over a burst of ``num_requests`` requests (the engine must be idle; it is idle again afterwards). A
+    profiled step is ``runner.run`` (packing the inputs, ``prepare``; the step, ``launch``; and the wait), so
+    ``prepare``, ``launch`` (waited for) and copies are all subtracted: what is left is the iteration's other
+    host work (policy, rows, tokens, bookkeeping). With async scheduling the engine overlaps host work with
+    the device."""
     if engine.has_unfinished():
         raise ValueError("measure_overhead needs an idle engine (it has unfinished requests)")
     runner = engine.runner
     inside = [0.0]
-    orig_launch, orig_copy = runner.launch, runner.copy
+    orig_prepare, orig_launch, orig_copy = runner.prepare, runner.launch, runner.copy
 
-    def timed(fn):
+    def timed(fn, wait: bool):
         def wrapper(*a, **k):
             t0 = time.perf_counter()
             try:
-                return jax.block_until_ready(fn(*a, **k))
+                out = fn(*a, **k)
+                return jax.block_until_ready(out) if wait else out
             finally:
                 inside[0] += time.perf_counter() - t0
         return wrapper
 
-    runner.launch, runner.copy = timed(orig_launch), timed(orig_copy)
+    runner.prepare = timed(orig_prepare, False)
+    runner.launch, runner.copy = timed(orig_launch, True), timed(orig_copy, True)
     vocab = engine.model.config.vocab_size
     rng = np.random.default_rng(0)
     gaps = []
@@ -226,7 +231,7 @@ def measure_overhead(engine, num_requests: int, prompt_len: int, output_len: int
             engine.step()
             gaps.append(time.perf_counter() - t0 - inside[0])
     finally:
-        del runner.launch, runner.copy  # drop the instance wrappers: the class methods show through again
+        del runner.prepare, runner.launch, runner.copy  # the instance wrappers off: the class methods show through
     return statistics.median(gaps) if gaps else 0.0
 
 
