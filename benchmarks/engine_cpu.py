@@ -183,8 +183,6 @@ class StepDecoder:
         self._argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> np.ndarray:  # [batch, new_tokens]
-        import jax.numpy as jnp
-
         ps, caches = self.page_size, self.model.allocate_kv_caches(self.num_pages, self.page_size)
         n = len(prompts[0])
         pre = self._build([self._chunk(p, 0, pg) for p, pg in zip(prompts, self.pages)], ps,
@@ -274,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
             key = path.replace("-", "_")
             llm = jserve.LLM(model, max_batch_size=b, max_model_len=args.max_model_len, progress=False,
                              async_scheduling=path == "engine-async")
-            row[f"{key}_tok_s"], toks = decode_rate(lambda p, n: engine_generate(llm, p, n), prompts, args.short,
+            row[f"{key}_tok_s"], toks = decode_rate(lambda p, n, llm=llm: engine_generate(llm, p, n), prompts, args.short,
                                                     args.long, args.reps)
             if ref is not None:
                 row[f"{key}_same_tokens"] = float(np.mean(toks == ref))

@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 from schedulers import SchedulerConfig, make_scheduler
-from schedulers.request import KVLocation, Request, RequestState
+from schedulers.request import KVLocation, Request
 
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
@@ -169,11 +169,17 @@ class _InFlight:
     start: float
     samplers: list  # per row: the _Sequence that samples a token there, or None
     tokens: object  # device array [slots] int32 (or an empty numpy array for a copies-only iteration)
-    tokens_host: np.ndarray | None = None
     sampler_index: dict = dataclasses.field(default_factory=dict)  # request id -> index into tokens
+    _host: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.sampler_index = {seq.request.request_id: i for i, seq in enumerate(self.samplers) if seq is not None}
+
+    def read(self) -> np.ndarray:
+        """The sampled tokens on the host (waits for the device the first time)."""
+        if self._host is None:
+            self._host = np.asarray(self.tokens)
+        return self._host
 
 
 def _available_memory_bytes() -> int | None:
@@ -371,7 +377,8 @@ class LLMEngine:
         if flight is not None:
             done = self._close_iteration(flight, now)
         else:
-            self._abort_stopped()
+            stopped, self._stopped = self._stopped, []
+            self._abort_stopped(stopped)
         plan = sched.schedule(now)
         self.stats["steps"] += 1
         for req, reason in plan.rejected:
@@ -385,15 +392,12 @@ class LLMEngine:
         else:
             launched = self._dispatch(plan, now, flight)
         if flight is not None:
-            if flight.tokens_host is None:
-                flight.tokens_host = np.asarray(flight.tokens)
             changed += self._collect(flight)
             self._finalize(done)
         if launched is not None:
             if self.async_scheduling:
                 self._in_flight = launched
             else:  # wait for this step and close its iteration now
-                launched.tokens_host = np.asarray(launched.tokens)
                 changed += self._collect(launched)
                 self._finalize(self._close_iteration(launched, self.now()))
         self.stats["compiles_after_warmup"] = self._watch.count
@@ -437,9 +441,9 @@ class LLMEngine:
                 seq.output.metrics.num_preemptions += 1
         prepared = self.runner.prepare(rows) if rows else None
         if fills:
-            flight.tokens_host = np.asarray(flight.tokens)
+            tokens = flight.read()
             for row, j in fills:
-                prepared.set_last_token(row, int(flight.tokens_host[j]))
+                prepared.set_last_token(row, int(tokens[j]))
         if prepared is not None:
             tokens = self.runner.launch(prepared, plan.swap_out, plan.swap_in)
             self.stats["compute_steps"] += 1
@@ -454,7 +458,7 @@ class LLMEngine:
         """Append a finished step's tokens to its sequences and check their stop conditions."""
         end = self.now()
         changed = []
-        for seq, tok in zip(flight.samplers, flight.tokens_host):
+        for seq, tok in zip(flight.samplers, flight.read()):
             if seq is None or seq.output.finished:  # no token, aborted, or stopped while this step ran
                 continue
             out = seq.output
@@ -477,13 +481,11 @@ class LLMEngine:
         stopped, self._stopped = self._stopped, []
         early = [rid for rid in stopped if rid in flight.sampler_index]
         done = self.scheduler.on_step_end(flight.plan, now, max(0.0, now - flight.start), early)
-        self._stopped = [rid for rid in stopped if rid not in flight.sampler_index]
-        self._abort_stopped()
+        self._abort_stopped([rid for rid in stopped if rid not in flight.sampler_index])
         return done
 
-    def _abort_stopped(self) -> None:
+    def _abort_stopped(self, stopped: Sequence[Hashable]) -> None:
         """Release stopped requests that no iteration in flight will report as finished."""
-        stopped, self._stopped = self._stopped, []
         for rid in stopped:
             self.scheduler.abort(rid)
             self._seqs.pop(rid, None)

@@ -6,22 +6,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jserve.cli import positive_int
+from jserve.cli import int_list, positive_int
 
 from .profiler import default_grid, profile_engine
-
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        vals = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
-    if not vals or min(vals) < 0:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 0, got {text!r}")
-    return vals
 
 
 def add_profile_arguments(p) -> None:
@@ -38,9 +25,9 @@ def add_profile_arguments(p) -> None:
     p.add_argument("--page-size", type=positive_int, default=16)
     p.add_argument("--num-device-blocks", type=positive_int, default=None)
     p.add_argument("--num-host-blocks", type=positive_int, default=64)
-    p.add_argument("--decode-buckets", type=_int_list, default=())
-    p.add_argument("--token-buckets", type=_int_list, default=())
-    p.add_argument("--swap-buckets", type=_int_list, default=(4, 16))
+    p.add_argument("--decode-buckets", type=int_list, default=())
+    p.add_argument("--token-buckets", type=int_list, default=())
+    p.add_argument("--swap-buckets", type=int_list, default=(4, 16))
     p.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per point (the mean is kept)")
 
 
@@ -58,7 +45,7 @@ def profile_command(args, parser) -> int:
         fail(f"--out {out} is a directory; give a file name")
     if not out.parent.exists():
         fail(f"--out: directory {out.parent} does not exist")
-    from jserve.models import PRESETS, ConfigError, load, smollm2_gguf_path
+    from jserve.models import ConfigError, load, smollm2_gguf_path
 
     source = args.model or smollm2_gguf_path()
     if source is None:
