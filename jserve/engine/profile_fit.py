@@ -27,9 +27,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from eval.costmodels.profile import pad_to_bucket  # the cost model's padding rule, which the fit must share
 from schedulers.cost import FittedCostModel
 
-__all__ = ["nnls_fit", "FitResult", "CostFit", "fit_cost_model", "pad_to_bucket"]
+__all__ = ["nnls_fit", "FitResult", "CostFit", "fit_cost_model"]
 
 
 def nnls_fit(
@@ -118,11 +119,6 @@ def _fit(features: np.ndarray, times: np.ndarray, labels: Sequence, groups: Sequ
 def _attention(lens_ctx: Sequence[tuple[int, int]]) -> float:
     """``sum(n^2 + 2 n c)`` of chunks (n new tokens after c cached), as ``FittedCostModel.step_time``."""
     return float(sum(n * n + 2 * n * c for n, c in lens_ctx))
-
-
-def pad_to_bucket(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= ``n`` (``n`` itself without buckets or past the largest)."""
-    return next((b for b in buckets if b >= n), n)
 
 
 class CostFit(NamedTuple):
