@@ -25,8 +25,39 @@ import numpy as np
 __all__ = ["SamplingParams", "sample_tokens", "SamplingArrays"]
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _string_tuple(stop) -> tuple[str, ...]:
+    """``SamplingParams.stop`` as a tuple: None, one string, or a list/tuple/set of non-empty strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple, set, frozenset)):
+        raise ValueError(f"SamplingParams.stop must be a string or a list of strings, got {type(stop).__name__}")
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
+    return tuple(stop)
+
+
+def _id_tuple(ids) -> tuple[int, ...]:
+    """``SamplingParams.stop_token_ids`` as a tuple of ints: None, or a list/tuple/set/1-D array of ids >= 0."""
+    if ids is None:
+        return ()
+    if isinstance(ids, np.ndarray) and ids.ndim == 1:
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple, set, frozenset)):
+        raise ValueError(f"SamplingParams.stop_token_ids must be a list of token ids, got {type(ids).__name__}")
+    for i in ids:
+        if not _is_int(i) or i < 0:
+            raise ValueError(f"SamplingParams.stop_token_ids must hold token ids >= 0, got {i!r}")
+    return tuple(int(i) for i in ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,21 +96,15 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
             raise ValueError(f"SamplingParams.seed must be None or an int in [0, 2**32), got {self.seed!r}")
-        stop = self.stop
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        stop = tuple(stop)
-        for s in stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
-        object.__setattr__(self, "stop", stop)
-        ids = tuple(self.stop_token_ids or ())
-        for i in ids:
-            if not _is_int(i) or i < 0:
-                raise ValueError(f"SamplingParams.stop_token_ids must hold token ids >= 0, got {i!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        object.__setattr__(self, "stop", _string_tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", _id_tuple(self.stop_token_ids))
+        # numpy scalars pass the checks above; store plain Python numbers (the scheduler's Request wants ints)
+        object.__setattr__(self, "max_tokens", int(self.max_tokens))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
@@ -125,7 +150,7 @@ class SamplingArrays:
         counter = np.zeros(num_rows, np.int32)
         for i, (p, s, n) in enumerate(rows):
             temp[i] = p.temperature
-            top_k[i] = max(p.top_k, 0)
+            top_k[i] = min(max(p.top_k, 0), _INT32_MAX)  # any k >= the vocabulary keeps every token
             top_p[i] = p.top_p
             seed[i] = s
             counter[i] = n

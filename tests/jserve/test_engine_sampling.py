@@ -86,6 +86,10 @@ def test_draw_depends_only_on_seed_and_progress_not_on_batch_position():
         (dict(stop=[""]), "stop"),
         (dict(stop_token_ids=[-3]), "stop_token_ids"),
         (dict(ignore_eos="yes"), "ignore_eos"),
+        (dict(stop=5), "SamplingParams.stop "),  # not iterable: was a bare TypeError
+        (dict(stop=b"x"), "SamplingParams.stop "),  # bytes iterate as ints: was "got 120"
+        (dict(stop_token_ids=5), "SamplingParams.stop_token_ids"),
+        (dict(stop_token_ids="ab"), "SamplingParams.stop_token_ids"),
     ],
 )
 def test_invalid_parameters_name_the_field(kwargs, field):
@@ -97,3 +101,22 @@ def test_coerce_from_dict_and_unknown_keys():
     assert SamplingParams.coerce({"max_tokens": 3, "stop": "x"}) == SamplingParams(max_tokens=3, stop=("x",))
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams.coerce({"max_new_tokens": 3})
+
+
+def test_numpy_scalars_become_python_numbers():
+    p = SamplingParams(max_tokens=np.int64(3), temperature=np.float32(0.5), top_k=np.int32(4),
+                       top_p=np.float64(0.25), seed=np.uint32(9), stop_token_ids=np.array([5, 6]))
+    assert (p.max_tokens, p.top_k, p.seed, p.stop_token_ids) == (3, 4, 9, (5, 6))
+    assert (p.temperature, p.top_p) == (0.5, 0.25)
+    for name in ("max_tokens", "top_k", "seed"):
+        assert type(getattr(p, name)) is int, name
+    assert type(p.temperature) is float and type(p.top_p) is float
+
+
+def test_a_top_k_beyond_int32_means_no_limit():
+    # top_k >= the vocabulary keeps every token; a value past int32 overflowed SamplingArrays (and killed the step)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 40))
+    huge = _run(logits, [SamplingParams(temperature=1.0, top_k=2**40)] * 2, counters=[0, 1])
+    off = _run(logits, [SamplingParams(temperature=1.0, top_k=0)] * 2, counters=[0, 1])
+    np.testing.assert_array_equal(huge, off)
