@@ -4,7 +4,9 @@ The engine thread owns the engine (the scheduler, the KV pools, every compiled s
 ``jserve.engine.kv_cache`` for the buffer rules). Other threads never touch it: ``generate`` and ``abort``
 put commands on a thread-safe queue that the engine thread drains between iterations, and the engine thread
 hands each changed ``RequestOutput`` (a snapshot) back to the caller's event loop with
-``call_soon_threadsafe``. When no request is live the thread sleeps on the queue.
+``call_soon_threadsafe``. When no request is live the thread sleeps on the queue. A request the engine cannot
+take (a duplicate live id, parameters that are not parameters) comes back finished with an error; when the
+thread ends (``shutdown``, or a failure) every waiting stream raises ``RuntimeError`` instead of waiting.
 
     engine = AsyncLLMEngine(LLMEngine(model, EngineConfig(...)))
     async for out in engine.generate(prompt_ids, SamplingParams(max_tokens=32), request_id="a"):
@@ -15,6 +17,7 @@ hands each changed ``RequestOutput`` (a snapshot) back to the caller's event loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -35,6 +38,7 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self._closed = False  # set by the engine thread when it ends (shutdown or failure)
         self._thread = threading.Thread(target=self._loop, name="jserve-engine", daemon=True)
         self._thread.start()
 
@@ -47,16 +51,26 @@ class AsyncLLMEngine:
         iteration (e.g. a client disconnect) aborts the request."""
         if self.error is not None:
             raise RuntimeError(f"the engine thread stopped: {self.error!r}")
+        if self._stop.is_set():
+            raise RuntimeError("the engine is shut down")
         rid = f"req-{next(self._ids)}" if request_id is None else request_id
+        if rid in self._streams:  # its stream would replace the live one's, which would then wait forever
+            raise ValueError(f"request id {rid!r} is already live")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (loop, q)
+        if self._closed:  # the engine thread ended before it could see this stream
+            self._streams.pop(rid, None)
+            raise RuntimeError("the engine is shut down" if self.error is None else
+                               f"the engine thread stopped: {self.error!r}")
         self._commands.put(("add", rid, prompt, params))
         finished = False
         try:
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
+                    if self.error is None:
+                        raise RuntimeError("the engine was shut down before the request finished")
                     raise RuntimeError(f"the engine thread stopped: {item!r}") from item
                 yield item
                 if item.finished:
@@ -71,6 +85,8 @@ class AsyncLLMEngine:
         self._commands.put(("abort", request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread. Streams still running raise ``RuntimeError``, and so does a later
+        ``generate``."""
         self._stop.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
@@ -88,8 +104,9 @@ class AsyncLLMEngine:
             _, rid, prompt, params = cmd
             try:
                 out = self.engine.add_request(prompt, params, request_id=rid)
-            except ValueError as e:  # e.g. a duplicate live id
-                out = RequestOutput(rid, None, [], finish_reason="error", error=str(e))
+            except Exception as e:  # a duplicate live id, or input add_request could not even refuse
+                msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                out = RequestOutput(rid, None, [], finish_reason="error", error=msg)
             if out.finished:
                 self._emit(out)
         elif cmd[0] == "abort":
@@ -113,5 +130,13 @@ class AsyncLLMEngine:
                         self._emit(out)
         except BaseException as e:  # surface the failure to every waiting caller
             self.error = e
-            for loop, q in list(self._streams.values()):
-                loop.call_soon_threadsafe(q.put_nowait, e)
+            self._closed = True
+            self._fail_streams(e)
+            return
+        self._closed = True  # shut down: callers still waiting would otherwise wait forever
+        self._fail_streams(RuntimeError("the engine was shut down"))
+
+    def _fail_streams(self, error: BaseException) -> None:
+        for loop, q in list(self._streams.values()):
+            with contextlib.suppress(RuntimeError):  # that caller's event loop is already closed
+                loop.call_soon_threadsafe(q.put_nowait, error)

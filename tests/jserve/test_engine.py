@@ -244,3 +244,103 @@ def test_async_scheduling_dispatches_before_reading_tokens(tiny, prompts, refere
     # launch 1, then (launch k+1, collect k) for every k, then collect n: iteration k+1 was on the device
     # while the host read and processed iteration k's tokens
     assert orders[True] == "L" + "LC" * (n - 1) + "C"
+
+
+def test_odd_but_valid_inputs_run_and_bad_ones_never_break_the_engine(tiny, prompts, reference):
+    """numpy prompts and parameters are accepted; a top_k past int32 (which overflowed the step's sampling
+    arrays and left the scheduler mid-iteration, breaking every later call) runs as "no limit"; stop strings
+    on a model without a tokenizer (which were silently ignored) are refused for that request only."""
+    llm = LLM(tiny, scheduler="fastserve", **ROOMY)
+    good = SamplingParams(max_tokens=NEW, ignore_eos=True)
+    # one prompt as a 1-D array, or as a list of numpy ints, is one prompt (was: one refused prompt per id)
+    for one in (np.array(prompts[0]), [np.int64(t) for t in prompts[0]]):
+        outs = llm.generate(one, good)
+        assert len(outs) == 1 and outs[0].token_ids == reference[0], outs[0].error
+    # a 2-D array is a batch of prompts
+    outs = llm.generate(np.array([prompts[1][:5], prompts[2][:5]]), SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [o.token_ids for o in outs] == greedy_generate(tiny, [prompts[1][:5], prompts[2][:5]], 4)
+    batch = [prompts[0], prompts[1], prompts[2]]
+    params = [dict(max_tokens=NEW, ignore_eos=True, top_k=2**40),
+              dict(max_tokens=np.int64(NEW), ignore_eos=True),
+              dict(max_tokens=NEW, ignore_eos=True, stop=["x"])]
+    outs = llm.generate(batch, params)
+    assert outs[0].token_ids == reference[0] and outs[1].token_ids == reference[1]
+    assert outs[2].finish_reason == "error" and "stop" in outs[2].error and "tokenizer" in outs[2].error
+    assert llm.generate([prompts[3]], good)[0].token_ids == reference[3]  # the engine still serves
+    for bad in (None, 5):
+        with pytest.raises(ValueError, match="prompts must be"):
+            llm.generate(bad, good)
+
+
+def test_an_abandoned_stream_aborts_its_request(tiny, prompts, reference):
+    """Leaving ``LLM.stream`` early (break, close, garbage collection) aborts the request and frees its pages;
+    before, it stayed live, holding pages, and the next ``generate`` ran it to the end."""
+    llm = LLM(tiny, scheduler="fastserve", **ROOMY)
+    eng, blocks = llm.engine, llm.engine.scheduler.blocks
+    stream = llm.stream(prompts[5], SamplingParams(max_tokens=NEW, ignore_eos=True))
+    first = next(stream)
+    assert first.token_ids == reference[5][:1] and blocks.num_free_device_blocks < blocks.num_usable_device_blocks
+    stream.close()
+    assert first.finish_reason == "abort" and not eng.has_unfinished()
+    assert blocks.num_free_device_blocks == blocks.num_usable_device_blocks
+    steps = eng.stats["steps"]
+    assert llm.generate([prompts[6]], SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids == reference[6][:2]
+    assert eng.stats["steps"] - steps == 2  # only the new request ran
+
+
+def test_async_engine_survives_bad_requests_and_refuses_after_shutdown(tiny, prompts, reference):
+    """A duplicate live request id is refused to the second caller (the first one used to hang: its stream was
+    replaced); parameters that are not even the right kind (stop=5, which raised TypeError on the engine thread
+    and killed it) fail that request only; ``generate`` after ``shutdown`` raises instead of waiting forever."""
+    llm = LLM(tiny, scheduler="fastserve", **ROOMY)
+    engine = AsyncLLMEngine(llm.engine)
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+
+    async def run(prompt, p, rid):
+        outs = [out async for out in engine.generate(prompt, p, request_id=rid)]
+        return sum((o.new_token_ids for o in outs), []), outs[-1]
+
+    async def main():
+        first = asyncio.ensure_future(run(prompts[0], params, "same"))
+        await asyncio.sleep(0)  # the first stream is registered
+        with pytest.raises(ValueError, match="'same' is already live"):
+            await run(prompts[1], params, "same")
+        bad = await run(prompts[2], {"max_tokens": 4, "stop": 5}, "bad")
+        return await asyncio.wait_for(first, 60), bad
+
+    try:
+        (toks, last), (bad_toks, bad) = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert toks == reference[0] and last.finish_reason == "length"
+    assert bad_toks == [] and bad.finish_reason == "error" and "SamplingParams.stop" in bad.error
+    assert engine.error is None
+
+    async def after():
+        async for _ in engine.generate(prompts[0], params):
+            pass
+
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(asyncio.wait_for(after(), 10))
+
+
+def test_shutdown_ends_the_streams_still_running(tiny, prompts):
+    """Streams waiting when the engine shuts down raise instead of waiting forever (they used to hang)."""
+    import time
+
+    llm = LLM(tiny, scheduler="fastserve", **ROOMY)
+    step = llm.engine.step
+    llm.engine.step = lambda: (time.sleep(0.02), step())[1]  # 100 tokens take >= 2 s: shutdown comes first
+    engine = AsyncLLMEngine(llm.engine)
+
+    async def main():
+        stream = engine.generate(prompts[0][:8], SamplingParams(max_tokens=100, ignore_eos=True))
+        first = await anext(stream)
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(RuntimeError, match="shut down before the request finished"):
+            async for _ in stream:
+                pass
+        return first
+
+    first = asyncio.run(asyncio.wait_for(main(), 30))
+    assert len(first.token_ids) == 1 and engine.error is None
