@@ -194,7 +194,10 @@ def sample_tokens(
 
     def draw(_):
         t = jnp.where(temperature > 0, temperature, 1.0)
-        scaled = _filtered_logits(logits / t[:, None], top_k, top_p)
+        # shifted so the best logit is 0 before scaling: a tiny temperature sends the others to -inf, where
+        # logits / t would overflow every positive logit to +inf and tie them
+        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+        scaled = _filtered_logits(shifted / t[:, None], top_k, top_p)
         keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seed, counter)
         drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)

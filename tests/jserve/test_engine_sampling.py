@@ -31,6 +31,15 @@ def test_top_k_1_and_tiny_top_p_are_greedy_even_when_sampling():
     np.testing.assert_array_equal(out, logits.argmax(-1))
 
 
+def test_a_tiny_temperature_is_greedy():
+    # 1.5e-38 is a normal float32; logits / 1.5e-38 overflowed every positive logit to +inf, and the draw was
+    # uniform among them (70% argmax on this batch)
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(64, 50)) * 3
+    out = _run(logits, [SamplingParams(temperature=1.5e-38, seed=1)] * 64, counters=list(range(64)))
+    np.testing.assert_array_equal(out, logits.argmax(-1))
+
+
 def _empirical(logits_row, params, n=4000):
     logits = np.tile(np.asarray(logits_row, np.float32), (n, 1))
     out = _run(logits, [params] * n, counters=list(range(n)))
