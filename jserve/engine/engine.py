@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import random
 import time
@@ -47,7 +48,7 @@ from typing import Hashable, Sequence
 import jax
 import numpy as np
 
-from schedulers import SchedulerConfig, make_scheduler
+from schedulers import POLICY_NAMES, IterationCostModel, SchedulerConfig, make_scheduler
 from schedulers.request import KVLocation, Request
 
 from .kv_cache import KVCache, KVCacheSpec
@@ -56,6 +57,14 @@ from .runner import BatchRow, ModelRunner, RunnerConfig
 from .sampling import SamplingParams
 
 __all__ = ["EngineConfig", "LLMEngine", "CompileWatch"]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +107,24 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"EngineConfig.{name} must be None or an int >= {low}, got {v!r}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if not _is_real(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         for name in ("cpu_kv_cache_gib", "swap_space_gib"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"EngineConfig.{name} must be a finite number >= 0, got {v!r}")
+        for name in ("decode_buckets", "token_buckets", "swap_buckets"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or not all(_is_int(b) and b >= 1 for b in v):
+                raise ValueError(f"EngineConfig.{name} must be a list of ints >= 1 (empty: the defaults), got {v!r}")
+            object.__setattr__(self, name, tuple(int(b) for b in v))
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"EngineConfig.async_scheduling must be None or a bool, got {self.async_scheduling!r}")
+        if self.scheduler not in POLICY_NAMES:  # before the model loads and the steps compile
+            raise ValueError(f"unknown scheduler policy {self.scheduler!r}; known policies: {', '.join(POLICY_NAMES)}")
+        if self.cost_model is not None and not isinstance(self.cost_model, IterationCostModel):
+            raise ValueError("EngineConfig.cost_model must be None, an IterationCostModel or (for LLM) the path of a "
+                             f"cost profile, got {type(self.cost_model).__name__}")
         if self.max_tokens_per_batch < self.max_batch_size:
             raise ValueError(
                 f"EngineConfig.max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= max_batch_size "

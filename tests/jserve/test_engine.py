@@ -7,6 +7,7 @@ The reference is ``jserve.models.greedy_generate`` (its own paged loop: one big 
 from __future__ import annotations
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -344,3 +345,29 @@ def test_shutdown_ends_the_streams_still_running(tiny, prompts):
 
     first = asyncio.run(asyncio.wait_for(main(), 30))
     assert len(first.token_ids) == 1 and engine.error is None
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(token_buckets=64), "EngineConfig.token_buckets must be a list of ints >= 1 (empty: the defaults), got 64"),  # was TypeError
+    (dict(decode_buckets=(0, 4)), "EngineConfig.decode_buckets must be a list of ints >= 1"),
+    (dict(swap_buckets=("8",)), "EngineConfig.swap_buckets must be a list of ints >= 1"),
+    (dict(swap_space_gib=float("inf"), num_host_blocks=None), "EngineConfig.swap_space_gib must be a finite"),
+    (dict(cpu_kv_cache_gib="1"), "EngineConfig.cpu_kv_cache_gib must be a finite"),  # was TypeError
+    (dict(gpu_memory_utilization="0.9"), "EngineConfig.gpu_memory_utilization must be in"),
+    (dict(async_scheduling="yes"), "EngineConfig.async_scheduling must be None or a bool"),  # was taken as True
+    (dict(scheduler="nope"), "unknown scheduler policy 'nope'"),
+    (dict(cost_model=5), "EngineConfig.cost_model must be"),  # was AttributeError inside the policy
+])
+def test_bad_engine_options_raise_value_errors_naming_them(tiny, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(tiny, **dict(ROOMY, **options))
+
+
+def test_bad_llm_arguments_raise_value_errors_naming_them(tiny):
+    with pytest.raises(ValueError, match="model must be"):  # was TypeError from os.fspath
+        LLM(5, **ROOMY)
+    with pytest.raises(ValueError, match="unknown scheduler option"):  # was TypeError from SchedulerConfig
+        LLM(tiny, scheduler_options={"nope": 1}, **ROOMY)
+    with pytest.raises(ValueError, match="dtype 'bfloat16'.*already loaded.*float32"):  # was silently ignored
+        LLM(tiny, dtype="bfloat16", **ROOMY)
+    assert LLM(tiny, dtype="float32", **ROOMY).model is tiny  # the model's own dtype is fine
