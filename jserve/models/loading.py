@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from pathlib import Path
@@ -27,6 +28,20 @@ def smollm2_gguf_path() -> Path | None:
         return None
     p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return p if p.is_file() else None
+
+
+@contextlib.contextmanager
+def _config_errors(source: Path, what: str):
+    """Turn the errors of reading a config of the wrong shape (``int(None)``, ``float("x")``, a number where a
+    dict belongs, bytes that are not UTF-8) into a ``ConfigError`` naming the file."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not a UTF-8 text file ({e})") from e
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise ConfigError(f"{source}: {what} has the wrong type or value ({type(e).__name__}: {e})") from e
 
 
 def from_config(cfg: ModelConfig, *, seed: int = 0, backend: str | None = None) -> Model:
@@ -65,7 +80,8 @@ def load(
     t0 = time.perf_counter()
     stats = LoadStats()
     if path.is_dir():
-        cfg = ModelConfig.from_hf_dir(path)
+        with _config_errors(path / "config.json", "a field"):
+            cfg = ModelConfig.from_hf_dir(path)
         if dtype:
             cfg = cfg.replace(dtype=dtype)
         graphdef, abstract = nnx.split(abstract_module(cfg, backend))
@@ -73,7 +89,8 @@ def load(
         tok = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     elif path.suffix == ".gguf":
         tensors = GGUFTensors(path)
-        cfg = ModelConfig.from_gguf_metadata(tensors.metadata, source=str(path))
+        with _config_errors(path, "a metadata field"):
+            cfg = ModelConfig.from_gguf_metadata(tensors.metadata, source=str(path))
         cfg = cfg.replace(tie_word_embeddings="output.weight" not in tensors, dtype=dtype or "float32")
         graphdef, abstract = nnx.split(abstract_module(cfg, backend))
         state = gguf_state(cfg, abstract, path, tensors=tensors, cache=cache, stats=stats)

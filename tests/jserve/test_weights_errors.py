@@ -173,3 +173,37 @@ def test_gguf_missing_architecture_field(tmp_path):
 def test_bad_dtype_argument(hf_checkpoints):
     with pytest.raises(ConfigError, match="dtype"):
         load(hf_checkpoints("llama").path, dtype="int8")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_position_embeddings", None),  # was TypeError from int(None) (a traceback from the jserve command)
+    ("num_key_value_heads", "two"),  # was a bare "invalid literal for int() with base 10: 'two'"
+    ("rms_norm_eps", "x"),  # was a bare "could not convert string to float: 'x'"
+    ("rope_scaling", 5),  # was AttributeError: 'int' object has no attribute 'get'
+])
+def test_config_fields_of_the_wrong_type_name_the_file(llama_dir, field, value):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg[field] = value
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: a field has the wrong type or value"):
+        load(llama_dir)
+
+
+def test_config_json_that_is_not_utf8_names_the_file(llama_dir):
+    (llama_dir / "config.json").write_bytes(b"{\xff\xfe}")
+    with pytest.raises(ConfigError, match=r"config\.json"):  # was a bare UnicodeDecodeError
+        load(llama_dir)
+
+
+def test_gguf_metadata_of_the_wrong_type_names_the_file(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("llama.embedding_length", "wide")  # a string where a count belongs
+    w.add_block_count(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConfigError, match=r"m\.gguf: a metadata field has the wrong type or value"):
+        load(path)
