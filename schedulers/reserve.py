@@ -34,7 +34,9 @@ class BurstReserve:
         """An admitted job arrived at ``now`` whose prompt needs ``blocks`` device blocks."""
         self._recent.append((now, blocks))
         self._recent_sum += blocks
-        while self._recent[0][0] <= now - self.window:
+        # Compare ages, not ``t <= now - window``: at large clocks ``now - window`` can round to ``now`` and
+        # would drop the arrival just recorded.
+        while now - self._recent[0][0] >= self.window:
             self._recent_sum -= self._recent.popleft()[1]
         burst = self._recent_sum
         while self._peaks and self._peaks[-1][1] <= burst:
@@ -43,7 +45,7 @@ class BurstReserve:
 
     def blocks(self, now: float) -> int:
         """Device blocks to keep free at ``now``."""
-        while self._peaks and self._peaks[0][0] < now - self.history:
+        while self._peaks and now - self._peaks[0][0] > self.history:
             self._peaks.popleft()
         peak = self._peaks[0][1] if self._peaks else 0
         return min(max(self.floor, peak), self.cap)

@@ -69,3 +69,14 @@ def test_burst_reserve_keeps_room_for_the_burst_that_the_fixed_reserve_does_not(
     # (48 blocks: six prompts of 8) offloads a second one and leaves that much free after the step.
     assert fixed_out == 44 and burst_out == 88
     assert burst_free >= 48 > fixed_free
+
+
+def test_reserve_survives_clocks_where_now_minus_window_rounds_to_now():
+    """At t = 1e20 s, ``t - 1.0 == t`` in floating point: the arrival just recorded must still count (it used to
+    be popped at once, and the next read of the empty window raised IndexError; a 1e-20 req/s run hit it)."""
+    r = BurstReserve(window=1.0, history=10.0, floor=0, cap=100)
+    r.record(1e20, 3)
+    r.record(1e20, 4)  # same instant: one burst of 3 + 4
+    assert r.blocks(1e20) == 7
+    r.record(2e20, 5)  # 1e20 s later: the old burst has left both the window and the history
+    assert r.blocks(2e20) == 5
