@@ -197,7 +197,9 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
     unsupported OpenAI feature raise ``ApiError(400)`` naming the problem."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_json_kind(data)}")

@@ -128,14 +128,49 @@ class _Prepared:
         self.created = int(time.time())
 
 
+def _encode(tokenizer, text: str, field: str, **kwargs) -> list[int]:
+    """``tokenizer.encode(text)``; text it refuses (a lone surrogate from a JSON escape) is a 400 naming ``field``."""
+    try:
+        return tokenizer.encode(text, **kwargs)
+    except ValueError as e:
+        raise ApiError(400, f"{field!r} cannot be tokenized: {e}", field) from None
+
+
+def default_max_body_bytes(max_model_len: int) -> int:
+    """The request body limit: 256 bytes per token of context (a token is rarely more than a few dozen bytes of
+    JSON, even escaped), at least 1 MiB."""
+    return max(1 << 20, 256 * max_model_len)
+
+
 class OpenAIServer:
     """The endpoints' logic (one instance per app)."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str):
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_body_bytes: int | None = None):
         self.engine = engine
         eng = engine.engine
         self.tokenizer = eng.tokenizer
         self.model = ServedModel(model_name, eng.max_model_len, eng.model.config.vocab_size, int(time.time()))
+        self.max_body_bytes = max_body_bytes or default_max_body_bytes(eng.max_model_len)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with a 413 past ``max_body_bytes`` (by its Content-Length before reading,
+        or while reading a chunked one): a larger body cannot hold a prompt that fits the context."""
+        limit = self.max_body_bytes
+
+        def too_large(size: str) -> ApiError:
+            return ApiError(413, f"request body of {size} bytes is over this server's limit of {limit} bytes "
+                                 f"(the model's context is {self.model.max_model_len} tokens)")
+
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(declared)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"more than {limit}")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     # ------------------------------------------------------------------ validation
 
@@ -148,7 +183,7 @@ class OpenAIServer:
         if isinstance(req.prompt, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer; send 'prompt' as a list of token ids", "prompt")
-            ids = self.tokenizer.encode(req.prompt)
+            ids = _encode(self.tokenizer, req.prompt, "prompt")
         else:
             ids = list(req.prompt)
             bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
@@ -172,7 +207,7 @@ class OpenAIServer:
             text = tok.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:  # jinja errors and the template's own raise_exception
             raise ApiError(400, f"the chat template cannot render these messages: {e}", "messages") from None
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = _encode(tok, text, "messages", add_special_tokens=False)
         if not ids:
             raise ApiError(400, "the rendered chat prompt is empty", "messages")
         return ids
@@ -229,7 +264,8 @@ class OpenAIServer:
         raise _ClientGone()
 
     async def handle(self, request: Request, kind: str) -> Response:
-        prep = self._prepare(await request.body(), kind)
+        # parsing and tokenizing a large prompt takes a while: off the event loop, which keeps serving
+        prep = await asyncio.to_thread(self._prepare, await self._body(request), kind)
         stream = self.engine.generate(prep.prompt_ids, prep.params, request_id=prep.request_id)
         try:
             first = await self._race_disconnect(anext(stream), request)
@@ -338,9 +374,10 @@ def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
-    """The FastAPI app serving ``engine`` under ``model_name`` (the only name requests may give as ``model``)."""
-    server = OpenAIServer(engine, model_name)
+def build_app(engine: AsyncLLMEngine, model_name: str, max_body_bytes: int | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``model_name`` (the only name requests may give as ``model``).
+    Request bodies over ``max_body_bytes`` get a 413 (default ``default_max_body_bytes(max_model_len)``)."""
+    server = OpenAIServer(engine, model_name, max_body_bytes)
     app = FastAPI(title="jserve", summary="OpenAI-compatible API over the jserve engine")
     app.state.server = server
 

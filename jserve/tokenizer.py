@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,9 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_from_gguf_metadata"]
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # Python str holds no surrogate pairs: any is unpaired
 
 
 class TokenizerError(ValueError):
@@ -46,6 +50,10 @@ class Tokenizer:
         Special-token strings in ``text`` (``<|im_start|>``) map to their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str text, got {type(text).__name__}")
+        bad = _LONE_SURROGATE.search(text)
+        if bad is not None:  # JSON's "\ud800" decodes to one; the backend would raise a bare TypeError
+            raise TokenizerError(f"the text is not valid Unicode: a lone surrogate U+{ord(bad.group()):04X} at "
+                                 f"character {bad.start()}")
         # tokenizer.json post-processors (Llama-2/3 templates) add BOS themselves; GGUF ones have none.
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:

@@ -240,6 +240,15 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "maximum context length",
      "messages"),
     ("/v1/embeddings", {"input": "x"}, 404, "no route '/v1/embeddings'", None),
+    # these were 500s (an unhandled RecursionError / ValueError / TypeError), each logged as a crash:
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON", None),
+    ("/v1/completions", b'{"prompt": [5], "max_tokens": 1' + b"0" * 5000 + b"}", 400, "not valid JSON", None),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400, "lone surrogate", "prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "lone surrogate",
+     "messages"),
+    ("/v1/completions", b"", 400, "not valid JSON", None),
+    # bodies past the limit (1 MiB for this context of 256) are refused before they are read, parsed or tokenized
+    ("/v1/completions", {"prompt": "x" * (2 << 20)}, 413, "request body of 2097", None),
 ]
 
 
