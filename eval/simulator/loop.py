@@ -23,6 +23,7 @@ behind other requests' compute).
 
 from __future__ import annotations
 
+import math
 import time as _time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -147,6 +148,7 @@ def simulate(
     from schedulers.cost import plan_compute_time
 
     wall0 = _time.perf_counter()
+    _check_workload(workload)
     order = sorted(range(len(workload)), key=lambda k: (workload[k].arrival_time, k))
     pending = [workload[k] for k in order]
     n_total = len(pending)
@@ -285,6 +287,25 @@ def simulate(
         timeline=timeline,
         stats=stats,
     )
+
+
+def _check_workload(workload: Sequence[WorkloadRequest]) -> None:
+    """Reject what the loop cannot run, naming the position and the field: a NaN arrival would stop time (the
+    loop would wait forever for it) and a repeated id would merge two requests' records."""
+    first_at: dict = {}
+    for k, w in enumerate(workload):
+        where = f"simulate: workload[{k}] (request {w.request_id!r})"
+        t = w.arrival_time
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"{where}: arrival_time must be a finite number >= 0 seconds, got {t!r}")
+        for name in ("prompt_len", "output_len"):
+            v = getattr(w, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{where}: {name} must be an int >= 1, got {v!r}")
+        if w.request_id in first_at:
+            raise ValueError(f"simulate: workload[{k}]: request id {w.request_id!r} repeats "
+                             f"workload[{first_at[w.request_id]}]")
+        first_at[w.request_id] = k
 
 
 def _records(workload, objs, first_token, finish, executing, swapping, end_time) -> list[RequestRecord]:

@@ -283,3 +283,26 @@ def test_request_timeline_records_levels():
 def test_workload_request_type():
     w = workload_requests([(5, 6, 0.5)])
     assert w == [WorkloadRequest(0, 5, 6, 0.5)]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("bad, match", [
+    (WorkloadRequest(0, 10, 5, math.nan), r"workload\[1\] \(request 0\): arrival_time .* got nan"),
+    (WorkloadRequest(0, 10, 5, math.inf), r"workload\[1\] \(request 0\): arrival_time .* got inf"),
+    (WorkloadRequest(0, 10, 5, -1.0), r"workload\[1\] \(request 0\): arrival_time .* got -1.0"),
+    (WorkloadRequest(0, 10, 0, 0.0), r"workload\[1\] \(request 0\): output_len .* got 0"),
+    (WorkloadRequest(0, 0, 5, 0.0), r"workload\[1\] \(request 0\): prompt_len .* got 0"),
+])
+def test_a_bad_workload_request_is_named_before_the_run(bad, match):
+    """A NaN arrival time used to spin the loop forever (``now`` became NaN and nothing ever arrived)."""
+    w = [WorkloadRequest(7, 10, 5, 0.0), bad]
+    with pytest.raises(ValueError, match=match):
+        simulate(_fcfs(), w, COST, LINK)
+
+
+def test_duplicate_request_ids_in_a_workload_are_an_error():
+    """Two requests with one id, the second arriving after the first finished, used to be accepted and both
+    records reported the second request's times."""
+    w = [WorkloadRequest(3, 10, 5, 0.0), WorkloadRequest(3, 20, 5, 100.0)]
+    with pytest.raises(ValueError, match=r"workload\[1\]: request id 3 repeats workload\[0\]"):
+        simulate(_fcfs(), w, COST, LINK)
