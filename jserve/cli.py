@@ -52,7 +52,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="preset name, Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--scheduler", default="fastserve", help="scheduling policy (default fastserve)")
+    from schedulers import POLICY_NAMES
+
+    p.add_argument("--scheduler", default="fastserve", choices=POLICY_NAMES, metavar="POLICY",
+                   help=f"scheduling policy: {', '.join(POLICY_NAMES)} (default fastserve)")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
