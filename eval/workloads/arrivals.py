@@ -26,6 +26,7 @@ import numpy as np
 
 TRACE_TIME = "arrival_time"
 TRACE_LENGTHS = ("prompt_len", "output_len")
+_MAX_LEN = 2**62  # far beyond any model length; keeps every length and sum inside int64
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,26 @@ def gamma_gaps(n: int, rate: float, cv: float, rng: np.random.Generator) -> np.n
 
 def process_arrivals(arrival: str, n: int, rate: float, cv: float, rng: np.random.Generator) -> np.ndarray:
     """Arrival times [n] float64 of a synthetic process (``poisson``, ``gamma`` or ``uniform``), first at 0."""
-    if arrival == "poisson":
-        gaps = gamma_gaps(n - 1, rate, 1.0, rng)
-    elif arrival == "gamma":
-        gaps = gamma_gaps(n - 1, rate, cv, rng)
-    elif arrival == "uniform":
-        gaps = np.full(n - 1, 1.0 / rate)
-    else:
-        raise ValueError(f"arrival process {arrival!r} has no generator (expected poisson, gamma or uniform)")
-    return np.concatenate([[0.0], np.cumsum(gaps)])
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflow is reported below
+        if arrival == "poisson":
+            gaps = gamma_gaps(n - 1, rate, 1.0, rng)
+        elif arrival == "gamma":
+            gaps = gamma_gaps(n - 1, rate, cv, rng)
+        elif arrival == "uniform":
+            gaps = np.full(n - 1, 1.0 / rate)
+        else:
+            raise ValueError(f"arrival process {arrival!r} has no generator (expected poisson, gamma or uniform)")
+        times = np.concatenate([[0.0], np.cumsum(gaps)])
+    _check_finite(times, f"the {arrival} process at rate={rate!r}, cv={cv!r}")
+    return times
+
+
+def _check_finite(times: np.ndarray,  # [n] float64
+                  source: str) -> None:
+    """Extreme rates or CVs overflow float64; NaN or inf times would stall any executor, so they are an error."""
+    if not np.isfinite(times).all():
+        raise ValueError(f"non-finite arrival times from {source}: the gaps overflow float64; use a less extreme "
+                         f"rate or cv")
 
 
 def trace_arrivals(trace: Trace, n: int, rate: float, rescale: bool) -> np.ndarray:
@@ -71,7 +83,9 @@ def trace_arrivals(trace: Trace, n: int, rate: float, rescale: bool) -> np.ndarr
         if span <= 0:
             raise ValueError(f"trace {trace.path}: the first {n} arrivals share one time, so they cannot be "
                              f"rescaled to a rate; set trace_rescale=False to replay them as-is")
-        times = times * (((n - 1) / span) / rate)
+        with np.errstate(over="ignore", invalid="ignore"):
+            times = times * (((n - 1) / span) / rate)
+        _check_finite(times, f"trace {trace.path} rescaled to rate={rate!r}")
     return times
 
 
@@ -94,6 +108,8 @@ def _parse_len(path: Path, row: int, key: str, value: object) -> int:
         raise ValueError(f"trace {path}: row {row}: {key} {value!r} is not a number") from None
     if not math.isfinite(f) or f != int(f) or f < 1:
         raise ValueError(f"trace {path}: row {row}: {key} must be an integer >= 1, got {value!r}")
+    if f >= _MAX_LEN:
+        raise ValueError(f"trace {path}: row {row}: {key} {value!r} is too large (lengths are int64 token counts)")
     return int(f)
 
 
@@ -131,22 +147,36 @@ def _rows_from_json(path: Path, text: str) -> list[dict]:
     return rows
 
 
+def _has_lengths(row: dict) -> list[bool]:
+    return [k in row and row[k] not in (None, "") for k in TRACE_LENGTHS]
+
+
 def read_trace(path: str | Path) -> Trace:
     """Parse and validate a CSV or JSON trace file (JSON if the name ends in .json, CSV otherwise)."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"trace {p} is a directory, not a trace file")
     if not p.is_file():
         raise FileNotFoundError(f"trace file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"trace {p} is not UTF-8 text: {exc}") from None
     rows = _rows_from_json(p, text) if p.suffix.lower() == ".json" else _rows_from_csv(p, text)
     if not rows:
         raise ValueError(f"trace {p} has no rows")
-    has = [k in rows[0] and rows[0][k] not in (None, "") for k in TRACE_LENGTHS]
+    has = _has_lengths(rows[0])
     if has[0] != has[1]:
         raise ValueError(f"trace {p}: give both {TRACE_LENGTHS[0]} and {TRACE_LENGTHS[1]}, or neither")
     times, prompts, outputs = [], [], []
+    names = "/".join(TRACE_LENGTHS)
     for i, row in enumerate(rows):
         if TRACE_TIME not in row:
             raise ValueError(f"trace {p}: row {i} has no {TRACE_TIME}")
+        if not has[0] and any(_has_lengths(row)):  # lengths on a later row only: they would be ignored
+            raise ValueError(f"trace {p}: row {i} gives {names} but row 0 does not; give them on every row or none")
+        if has[0] and not any(_has_lengths(row)):
+            raise ValueError(f"trace {p}: row {i} has no {names} but row 0 does; give them on every row or none")
         t = _parse_time(p, i, row[TRACE_TIME])
         if times and t < times[-1]:
             raise ValueError(f"trace {p}: row {i}: {TRACE_TIME} {t} is earlier than the previous row's "

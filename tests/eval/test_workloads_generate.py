@@ -177,3 +177,45 @@ def test_workload_stats_hand_computed():
     assert s["span_s"] == 3.0 and s["realized_rate"] == pytest.approx(2 / 3)
     assert s["gap_cv"] == pytest.approx(0.5 / 1.5)
     assert math.isinf(workload_stats(reqs[:1])["realized_rate"])
+
+
+# ------------------------------------------------------------------------------------ adversarial inputs
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # cv^2 overflows to inf and standard_gamma(shape -> 0) draws 0: 0 * inf gave NaN times (the simulator then
+    # waited forever for them).
+    ({"arrival": "gamma", "cv": 1e200, "rate": 2.0}, r"arrival times .*gamma.* rate=2\.0, cv=1e\+200"),
+    # 1 / 1e-320 overflows: every time after the first was inf.
+    ({"arrival": "uniform", "rate": 1e-320}, r"arrival times .*uniform.* rate=1e-320"),
+])
+def test_arrival_processes_that_overflow_are_an_error_not_nan_times(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_workload(WorkloadSpec(num_requests=3, **kwargs), 0)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    # Row 0 had no lengths, so the lengths of rows 1 and 2 were dropped without a word.
+    ("late.json", json.dumps([{"arrival_time": 0}, {"arrival_time": 1, "prompt_len": 5, "output_len": 6}]),
+     r"late\.json: row 1 gives prompt_len/output_len but row 0 does not"),
+    ("blank.csv", "arrival_time,prompt_len,output_len\n0,,\n1,5,6\n",
+     r"blank\.csv: row 1 gives prompt_len/output_len but row 0 does not"),
+    ("gap.json", json.dumps([{"arrival_time": 0, "prompt_len": 5, "output_len": 6}, {"arrival_time": 1}]),
+     r"gap\.json: row 1 has no prompt_len/output_len but row 0 does"),
+    # int64 overflow used to escape as a bare OverflowError.
+    ("big.csv", "arrival_time,prompt_len,output_len\n0,1e30,5\n", r"big\.csv: row 0: prompt_len .* too large"),
+])
+def test_trace_rows_must_agree_on_lengths_and_fit_int64(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_trace(path)
+
+
+def test_unreadable_trace_files_name_the_file(tmp_path):
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfearrival_time\n0\n")
+    with pytest.raises(ValueError, match=r"bin\.csv is not UTF-8 text"):
+        read_trace(binary)
+    with pytest.raises(ValueError, match=r"is a directory, not a trace file"):
+        read_trace(tmp_path)
