@@ -141,8 +141,10 @@ def _is_number(v: object) -> bool:
 
 def _read_lines(path: str | os.PathLike) -> tuple[Path, list[str]]:
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"client log {p} is a directory, not a file")
     if not p.is_file():
-        raise FileNotFoundError(f"client log {p} does not exist")
+        raise FileNotFoundError(f"client log {p} does not exist" + (" (a dangling link)" if p.is_symlink() else ""))
     try:
         return p, p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -163,6 +165,11 @@ def _result_line(p: Path, lines: list[str]) -> tuple[int, list]:
                 if not (isinstance(item[0], int) and isinstance(item[1], int) and item[1] > 0 and item[0] >= 0):
                     raise ValueError(f"{p}:{lineno}: entry {i}: prompt_len and output_len must be integers "
                                      f"(output_len > 0), got {item[:2]!r}")
+                start, end = item[3], item[4]
+                first = item[5] if len(item) == 6 else start
+                if not start <= first <= end:
+                    raise ValueError(f"{p}:{lineno}: entry {i}: the times must satisfy start_ts <= first_token_ts "
+                                     f"<= end_ts, got start {start!r}, first token {first!r}, end {end!r}")
             return lineno, value
     raise ValueError(f"{p}: no result line (a line starting with '[(' or equal to '[]')")
 
@@ -173,12 +180,43 @@ def read_client_log(path: str | os.PathLike) -> list[tuple]:
     return _result_line(p, lines)[1]
 
 
-def _keyed_line(p: Path, lines: list[str], key: str, arity: int) -> tuple[int, list] | None:
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _detail_ok(t: tuple) -> bool:
+    rid, queued, swapping, executing, preemptions = t
+    return (_is_count(rid) and all(_is_number(v) and v >= 0 for v in (queued, swapping, executing))
+            and _is_count(preemptions))
+
+
+def _unfinished_ok(t: tuple) -> bool:
+    rid, prompt_len, output_len, arrival, first, reason = t
+    return (_is_count(rid) and _is_count(prompt_len) and _is_count(output_len) and _is_number(arrival)
+            and arrival >= 0 and (first is None or (_is_number(first) and first >= arrival))
+            and (reason is None or isinstance(reason, str)))
+
+
+# key -> (arity, per-entry check, the entry's fields for error messages)
+_KEYED = {
+    DETAIL_KEY: (5, _detail_ok, "(request_id, queued_s, swapping_s, executing_s, num_preemptions): ids and counts "
+                                "integers >= 0, times finite and >= 0"),
+    UNFINISHED_KEY: (6, _unfinished_ok, "(request_id, prompt_len, output_len, arrival, first_token_or_None, "
+                                        "reason_or_None): integers >= 0, a finite arrival >= 0, a first token "
+                                        "not before it, a string reason"),
+}
+
+
+def _keyed_line(p: Path, lines: list[str], key: str) -> tuple[int, list] | None:
+    arity, ok, fields = _KEYED[key]
     for lineno, line in enumerate(lines, start=1):
         if line.startswith(key):
             value = _literal(p, lineno, line[len(key):].strip())
             if not isinstance(value, list) or any(not isinstance(t, tuple) or len(t) != arity for t in value):
                 raise ValueError(f"{p}:{lineno}: '{key.strip()}' must hold a list of {arity}-tuples")
+            for i, t in enumerate(value):
+                if not ok(t):
+                    raise ValueError(f"{p}:{lineno}: {key.strip().rstrip(':')} entry {i} must be {fields}; got {t!r}")
             return lineno, value
     return None
 
@@ -191,7 +229,7 @@ def records_from_client_log(path: str | os.PathLike) -> list[RequestRecord]:
     """
     p, lines = _read_lines(path)
     lineno, results = _result_line(p, lines)
-    detail = _keyed_line(p, lines, DETAIL_KEY, 5)
+    detail = _keyed_line(p, lines, DETAIL_KEY)
     if detail is not None and len(detail[1]) != len(results):
         raise ValueError(f"{p}:{detail[0]}: jserve-detail has {len(detail[1])} entries but the result line "
                          f"(line {lineno}) has {len(results)}")
@@ -203,7 +241,7 @@ def records_from_client_log(path: str | os.PathLike) -> list[RequestRecord]:
         out.append(RequestRecord(request_id=rid, prompt_len=prompt_len, output_len=output_len, arrival_time=start,
                                  first_token_time=first, finish_time=end, queued_time=queued,
                                  swapping_time=swapping, executing_time=executing, num_preemptions=preemptions))
-    pending = _keyed_line(p, lines, UNFINISHED_KEY, 6)
+    pending = _keyed_line(p, lines, UNFINISHED_KEY)
     for rid, prompt_len, output_len, arrival, first, reason in (pending[1] if pending else []):
         out.append(RequestRecord(request_id=rid, prompt_len=prompt_len, output_len=output_len, arrival_time=arrival,
                                  first_token_time=first, rejected_reason=reason))

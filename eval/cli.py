@@ -328,7 +328,7 @@ def cmd_plot(args) -> int:
         if path not in cache:
             try:
                 cache[path] = run_metrics(records_from_client_log(path))
-            except ValueError as exc:
+            except (OSError, ValueError) as exc:  # unreadable or malformed: skip it, as the artifact's scripts do
                 print(f"jserve-eval plot: skipping {path}: {exc}", file=sys.stderr)
                 cache[path] = None
         return cache[path]

@@ -158,6 +158,21 @@ def test_all_unfinished_run_writes_an_empty_result_line(tmp_path):
      r"jserve-detail has 2 entries"),
     ("[(1, 2, 3.0, 0.0, 3.0, 1.0)]\njserve-unfinished: [(0, 1, 1, 0.0, None, None)]\n", r"ids repeat"),
     ("[(__import__('os'), 2, 3.0, 0.0, 3.0)]\n", r":1: cannot parse"),  # never eval'd
+    # Times out of order gave negative or impossible latencies that went straight into the metrics.
+    ("[(1, 2, 0.5, 5.0, 1.0, 0.2)]\n", r":1: entry 0: the times must satisfy start_ts <= first_token_ts <= end_ts"),
+    ("[(1, 2, 1.0, 5.0, 6.0, 7.0)]\n", r":1: entry 0: the times must satisfy start_ts <= first_token_ts <= end_ts"),
+    ("[(1, 2, 1.0, 5.0, 4.0)]\n", r":1: entry 0: the times must satisfy start_ts <= first_token_ts <= end_ts"),
+    # Wrong types in the jserve lines escaped as TypeError (and crashed `jserve-eval plot`).
+    ("[(1, 2, 3.0, 0.0, 3.0, 1.0)]\njserve-detail: [('x', 'a', None, 0.4, 0)]\n",
+     r":2: jserve-detail entry 0 must be \(request_id, queued_s, swapping_s, executing_s, num_preemptions\)"),
+    ("[(1, 2, 3.0, 0.0, 3.0, 1.0)]\njserve-detail: [(0, -1.0, 0.0, 0.4, -3)]\n", r":2: jserve-detail entry 0"),
+    ("[(1, 2, 3.0, 0.0, 3.0, 1.0)]\njserve-detail: [(True, 0.0, 0.0, 0.4, 0)]\n", r":2: jserve-detail entry 0"),
+    ("[]\njserve-unfinished: [('q', 'a', 20, 0.0, None, None)]\n",
+     r":2: jserve-unfinished entry 0 must be \(request_id, prompt_len, output_len, arrival, first_token_or_None, "
+     r"reason_or_None\)"),
+    ("[]\njserve-unfinished: [(5, 10, 20, 1e999, None, None)]\n", r":2: jserve-unfinished entry 0"),
+    ("[]\njserve-unfinished: [(5, 10, 20, 0.0, None, 7)]\n", r":2: jserve-unfinished entry 0"),
+    ("[]\njserve-unfinished: [(5, 10, 20, 2.0, 1.0, None)]\n", r":2: jserve-unfinished entry 0"),
 ])
 def test_malformed_logs_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad-client-log"

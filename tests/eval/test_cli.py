@@ -115,3 +115,25 @@ def test_reproduce_and_plot_end_to_end(tmp_path, capsys):
         if row["ok"] == "True":
             for col in ("mean_norm_latency", "p95_norm_latency", "mean_ttft"):
                 assert float(second[key][col]) == pytest.approx(float(row[col]), rel=1e-9), (key, col)
+
+
+def test_plot_skips_unreadable_logs_with_a_message(capsys, tmp_path):
+    """A dangling link or a directory named like a log used to crash ``plot`` with a FileNotFoundError traceback,
+    and a log with a malformed jserve-detail line with a TypeError; each is now skipped, named on stderr."""
+    group = tmp_path / "logs" / "opt-13b"
+    group.mkdir(parents=True)
+    (group / "exp-fastserve-sharegpt-200-4-client-log").write_text("[(10, 5, 0.5, 0.0, 0.5, 0.1)]\n")
+    (group / "exp-fcfs-sharegpt-200-4-client-log").symlink_to(tmp_path / "gone")
+    (group / "exp-vllm-sharegpt-200-4-client-log").mkdir()
+    (group / "exp-static-sharegpt-200-4-client-log").write_text(
+        "[(10, 5, 0.5, 0.0, 0.5, 0.1)]\njserve-detail: [('x', 'a', None, 0.4, 0)]\n")
+    out = tmp_path / "plots"
+    assert main(["plot", "--logs", str(tmp_path / "logs"), "--out", str(out), "--figures", "11"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for name in ("exp-fcfs-sharegpt-200-4-client-log", "exp-vllm-sharegpt-200-4-client-log",
+                 "exp-static-sharegpt-200-4-client-log"):
+        assert f"skipping {group / name}" in err, (name, err)
+    assert "exp-fastserve-sharegpt-200-4-client-log" not in err
+    rows = [r for r in _csv(out / "fig11.csv") if r["ok"] == "True"]
+    assert [(r["system"], float(r["x"]), float(r["mean_norm_latency"])) for r in rows] == [("fastserve", 4.0, 0.1)]
