@@ -34,6 +34,7 @@ LOG_PREFIX = "exp-"
 LOG_SUFFIX = "-client-log"
 DETAIL_KEY = "jserve-detail: "
 UNFINISHED_KEY = "jserve-unfinished: "
+MAX_NAME_BYTES = 255  # longest file name on common file systems (ext4, xfs, APFS, NTFS)
 
 
 def format_rate(rate: float) -> str:
@@ -72,7 +73,11 @@ def log_filename(system: str, dataset: str, n: int, rate: float, batch_size: int
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"log_filename: batch_size must be an integer > 0 or None, got {batch_size!r}")
         bs = f"-bs={int(batch_size)}"
-    return f"{LOG_PREFIX}{system}-{dataset}-{int(n)}-{format_rate(rate)}{bs}{LOG_SUFFIX}"
+    name = f"{LOG_PREFIX}{system}-{dataset}-{int(n)}-{format_rate(rate)}{bs}{LOG_SUFFIX}"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"log_filename: the name would be {len(name.encode())} bytes, over the {MAX_NAME_BYTES} "
+                         f"that file systems allow (rate {rate!r} prints as {len(format_rate(rate))} digits)")
+    return name
 
 
 def parse_log_filename(name: str) -> LogName:

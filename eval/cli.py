@@ -74,6 +74,19 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _out_dir(path: Path) -> Path:
+    """Create ``--out`` (and parents) or say why not, before any work is done."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"argument --out: {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"argument --out: cannot create directory {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"argument --out: directory {path} is not writable")
+    return path
+
+
 def _figure_list(text: str) -> list[str]:
     ids = [t.strip() for t in text.split(",") if t.strip()]
     if not ids:
@@ -215,8 +228,7 @@ def cmd_reproduce(args) -> int:
         return spec
 
     specs = [on_backend(s) for f in figs for s in figure_specs(f, seed=args.seed)]
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out: Path = _out_dir(args.out)
     jobs = args.jobs or os.cpu_count() or 1
     unique = len(dict.fromkeys(specs))
     if engine is not None:
@@ -275,16 +287,23 @@ def cmd_run(args) -> int:
         backend=args.backend,
         engine=engine,
     )
+    try:
+        spec.log_name()
+    except ValueError as exc:
+        raise UsageError(f"argument --rate: {exc}") from None
     if args.dataset_path is not None:
         _check_dataset(spec)
-    res = execute_run(spec, args.out)
+    res = execute_run(spec, _out_dir(args.out))
     if not res.ok:
         print(f"jserve-eval run: the {'simulation' if args.backend == 'sim' else 'engine run'} failed: {res.error}",
               file=sys.stderr)
         return 1
     m = res.metrics
-    shown = {k: m[k] for k in ("num_finished", "num_unfinished", "mean_norm_latency", "p95_norm_latency",
-                               "mean_ttft", "mean_tpot", "throughput_rps") if k in m}
+    shown = {k: m[k] for k in ("num_finished", "num_unfinished", "num_rejected", "mean_norm_latency",
+                               "p95_norm_latency", "mean_ttft", "mean_tpot", "throughput_rps", "stop_reason")
+             if k in m}
+    # inf and nan as strings: json.dumps would write Infinity/NaN, which strict JSON readers refuse.
+    shown = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in shown.items()}
     print(json.dumps({"log": res.log_path, "wall_seconds": round(res.wall_seconds, 3), **shown}, indent=2))
     return 0
 
@@ -317,6 +336,7 @@ def cmd_plot(args) -> int:
         found[(group, name.system, name.dataset, name.num_requests, round(name.rate, 9), name.batch_size)] = path
     if not found:
         raise UsageError(f"argument --logs: no exp-*-client-log files under {root}")
+    out = _out_dir(args.out)
     cache: dict[Path, dict | None] = {}
 
     def lookup(spec):
@@ -337,7 +357,7 @@ def cmd_plot(args) -> int:
     for full, quick in zip(get_figures(args.figures), get_figures(args.figures, quick=True)):
         figs.append(full if _num_found(full, lookup) >= _num_found(quick, lookup) else quick)
     header = [f"Plotted from the client logs under `{root}` ({len(found)} logs found)."]
-    written = _write_outputs(figs, lookup, args.out, None, header)
+    written = _write_outputs(figs, lookup, out, None, header)
     print(f"jserve-eval plot: {len(cache)} logs read; wrote {len(written)} files to {args.out}", file=sys.stderr)
     return 0
 

@@ -137,3 +137,51 @@ def test_plot_skips_unreadable_logs_with_a_message(capsys, tmp_path):
     assert "exp-fastserve-sharegpt-200-4-client-log" not in err
     rows = [r for r in _csv(out / "fig11.csv") if r["ok"] == "True"]
     assert [(r["system"], float(r["x"]), float(r["mean_norm_latency"])) for r in rows] == [("fastserve", 4.0, 0.1)]
+
+
+def test_out_must_be_a_writable_directory(capsys, tmp_path):
+    """``--out`` naming a file: ``reproduce`` crashed with a FileExistsError traceback and ``run`` simulated first
+    and then failed with exit 1; both are usage errors now, before any work."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    run = ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "3"]
+    _fails(capsys, run + ["--out", str(afile)], f"argument --out: {afile} exists and is not a directory")
+    _fails(capsys, run + ["--out", str(afile / "sub")], "argument --out: cannot create", str(afile / "sub"))
+    _fails(capsys, ["reproduce", "--figures", "12", "--quick", "--out", str(afile)],
+           f"argument --out: {afile} exists and is not a directory")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "exp-fcfs-sharegpt-200-4-client-log").write_text("[(10, 5, 0.5, 0.0, 0.5, 0.1)]\n")
+    _fails(capsys, ["plot", "--logs", str(logs), "--out", str(afile)],
+           f"argument --out: {afile} exists and is not a directory")
+    assert afile.read_text() == "x"
+
+
+def test_a_rate_whose_log_name_is_too_long_is_a_usage_error(capsys, tmp_path):
+    """--rate 1e300 prints as 301 digits: the run used to simulate and then fail on 'File name too long'."""
+    _fails(capsys, ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1e300", "--num-requests", "3",
+                    "--out", str(tmp_path)], "argument --rate:", "255")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_reports_rejections_in_strict_json(capsys, tmp_path):
+    """A pool of one block rejects every request: the summary said 0 finished and 0 unfinished (the rejected
+    count was not shown) and printed NaN/Infinity, which strict JSON readers refuse."""
+    from eval.costmodels import resolve_preset
+    from eval.costmodels.profile import profile_dict
+
+    profile = profile_dict(resolve_preset("opt-13b-a100"))
+    profile.pop("model"), profile.pop("device")
+    profile["num_device_blocks"] = 1
+    path = tmp_path / "one-block.json"
+    path.write_text(json.dumps(profile))
+    code = main(["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "4",
+                 "--out", str(tmp_path / "o"), "--cost", str(path)])
+    assert code == 0
+
+    def strict(constant):
+        raise AssertionError(f"non-JSON constant {constant}")
+
+    shown = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert (shown["num_finished"], shown["num_unfinished"], shown["num_rejected"]) == (0, 0, 4)
+    assert shown["mean_norm_latency"] == "inf" and shown["throughput_rps"] == "nan"
