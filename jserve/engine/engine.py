@@ -393,7 +393,34 @@ class LLMEngine:
         """Run one iteration; returns the outputs that changed (a new token, or finished).
 
         With ``async_scheduling`` the step dispatched here is still running when this returns: its tokens
-        come back from the next call (see the module docstring)."""
+        come back from the next call (see the module docstring). An exception inside the iteration (Ctrl-C,
+        a device error) aborts every live request and gives the engine a fresh scheduler before it propagates:
+        the policy would otherwise be left mid-iteration, refusing every later call."""
+        try:
+            return self._step()
+        except BaseException as e:
+            self._reset_after(e)
+            raise
+
+    def _reset_after(self, error: BaseException) -> None:
+        """Abort every live request (``finish_reason == "abort"``, ``error`` naming ``error``), forget the
+        iteration in flight, release every host page and replace the scheduler by a fresh one of the same
+        policy, configuration and cost model. Device pages need no release: the new scheduler owns them all."""
+        now = self.now()
+        for seq in self._seqs.values():
+            out = seq.output
+            if out.finish_reason is None:
+                out.finish_reason = "abort"
+                out.metrics.finish_time = now
+            out.error = out.error or f"aborted: the engine step was interrupted by {type(error).__name__}: {error}"
+        self._seqs.clear()
+        self._in_flight = None
+        self._stopped = []
+        self.kv.retain_host(())
+        old = self.scheduler
+        self.scheduler = make_scheduler(old.name, old.config, old.cost_model)
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler
         changed: list[RequestOutput] = []
         now = self.now()

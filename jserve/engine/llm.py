@@ -107,7 +107,8 @@ class LLM:
         params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; one output per prompt, in order. A prompt or parameter set that
-        is refused gives an output with ``finish_reason == "error"`` and ``error`` set; the others run."""
+        is refused gives an output with ``finish_reason == "error"`` and ``error`` set; the others run. An
+        exception while running (Ctrl-C) aborts this call's requests before it propagates."""
         prompts = _prompt_list(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
@@ -115,8 +116,15 @@ class LLM:
             plist = list(params)
         else:
             plist = [params] * len(prompts)
-        outs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        self.engine.run_until_done()
+        outs = []
+        try:
+            outs += [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
+            self.engine.run_until_done()
+        except BaseException:  # e.g. Ctrl-C: the next call must not inherit this batch (nor its pages)
+            for out in outs:
+                if not out.finished:
+                    self.engine.abort(out.request_id)
+            raise
         return outs
 
     def stream(self, prompt, params: SamplingParams | dict | None = None) -> Iterator[RequestOutput]:

@@ -371,3 +371,34 @@ def test_bad_llm_arguments_raise_value_errors_naming_them(tiny):
     with pytest.raises(ValueError, match="dtype 'bfloat16'.*already loaded.*float32"):  # was silently ignored
         LLM(tiny, dtype="bfloat16", **ROOMY)
     assert LLM(tiny, dtype="float32", **ROOMY).model is tiny  # the model's own dtype is fine
+
+
+@pytest.mark.parametrize("where", ["inside", "between"])
+def test_an_interrupted_generate_leaves_a_usable_engine(tiny, prompts, reference, where):
+    """Ctrl-C inside a step (here: at the 5th dispatch, under memory pressure) used to leave the scheduler
+    mid-iteration: every later call raised "on_step_end was not called" and the LLM had to be rebuilt. Ctrl-C
+    between steps left the batch live, so the next generate ran all of it first. Now the interrupted requests
+    are aborted, their pages freed, and the next generate runs only its own requests."""
+    llm = LLM(tiny, scheduler="fastserve", **TIGHT)
+    eng = llm.engine
+    target = (eng.runner, "launch") if where == "inside" else (eng, "step")
+    real, calls = getattr(*target), []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    setattr(*target, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts[:6], SamplingParams(max_tokens=NEW, ignore_eos=True))
+    setattr(*target, real)
+    assert not eng.has_unfinished()
+    b = eng.scheduler.blocks
+    assert b.num_free_device_blocks == b.num_usable_device_blocks and b.num_used_host_blocks == 0
+    assert eng.kv.num_host_ids == 0
+    steps = eng.stats["steps"]
+    outs = llm.generate(prompts[6:8], SamplingParams(max_tokens=NEW, ignore_eos=True))
+    assert [o.token_ids for o in outs] == reference[6:8]
+    assert eng.stats["steps"] - steps <= NEW + 4  # only the new requests ran (about NEW decode steps)
