@@ -249,6 +249,7 @@ def preset_from_dict(data: dict, where: str = "profile") -> HardwarePreset:
                 shapes[attr] = tuple(_number({f"shape_costs_ms.{key}": v}, f"shape_costs_ms.{key}", where) / 1e3
                                      for v in vals)
         cost = MixedStepCostModel(**fields, m1=m1, m2=m2, **shapes)
+    _check_prices(cost, where)
     return HardwarePreset(
         name=name,
         cost=cost,
@@ -266,13 +267,33 @@ def preset_from_dict(data: dict, where: str = "profile") -> HardwarePreset:
     )
 
 
+def _check_prices(cost: FittedCostModel, where: str) -> None:
+    """Every coefficient may be 0 alone, but a step must take time (else the simulated clock never moves and the
+    fastserve family has no quantum), and a full-length step must not overflow to inf."""
+    one = cost.decode_time(1, 1)
+    if not (math.isfinite(one) and one > 0):
+        raise ProfileError(f"{where}: a one-request decode step costs {one!r} s; it must be finite and > 0 "
+                           f"(check 'decode_ms')")
+    for what, seconds in ((f"a {_CHECK_LEN}-token prefill", cost.prefill_time(_CHECK_LEN)),
+                          (f"a {_CHECK_BATCH}-request decode at {_CHECK_LEN} tokens each",
+                           cost.decode_time(_CHECK_BATCH, _CHECK_BATCH * _CHECK_LEN))):
+        if not math.isfinite(seconds):
+            raise ProfileError(f"{where}: {what} costs {seconds!r} s; the coefficients overflow")
+
+
+_CHECK_LEN = 2048  # the artifact's max_model_len
+_CHECK_BATCH = 256
+
+
 def load_profile(path: str | Path) -> HardwarePreset:
     """Read a ``jserve-cost-profile/1`` JSON file. Errors name the file and the field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProfileError(f"cannot read cost profile {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"cost profile {path} is not UTF-8 text: {exc}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -222,3 +222,20 @@ def test_profile_shape_costs_round_trip_and_errors(tmp_path):
     path.write_text(json.dumps(dict(data, shape_costs_ms={"tokens": [30.0, -1], "sequences": [25.0, 42.0]})))
     with pytest.raises(ProfileError, match=r"shape_costs_ms\.tokens.*>= 0"):
         load_profile(path)
+
+
+def test_profile_that_cannot_price_a_step_is_named_at_load(tmp_path):
+    """Found by probing ``jserve-eval run --cost``: a non-UTF-8 file gave a codec message without the file's name;
+    all-zero coefficients loaded and then failed inside the run (fastserve: q0 must be > 0); coefficients near
+    1e308 loaded and priced steps at inf seconds, which failed deep in the scheduler."""
+    data = profile_dict(PRESETS["opt-13b-a100"])
+    path = tmp_path / "p.json"
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ProfileError, match=r"p\.json is not UTF-8 text"):
+        load_profile(path)
+    path.write_text(json.dumps(dict(data, prefill_ms=[0, 0, 0], decode_ms=[0, 0, 0])))
+    with pytest.raises(ProfileError, match=r"p\.json: a one-request decode step costs 0\.0 s"):
+        load_profile(path)
+    path.write_text(json.dumps(dict(data, prefill_ms=[1e308, 1e308, 1e308])))
+    with pytest.raises(ProfileError, match=r"p\.json: a 2048-token prefill costs inf s"):
+        load_profile(path)
