@@ -21,6 +21,8 @@ block table, and reports back through ``Scheduler.on_step_end``.
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -95,8 +97,17 @@ class Request:
             raise ValueError(
                 f"Request {self.request_id!r}: max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
             )
-        if self.arrival_time != self.arrival_time or self.arrival_time < 0:  # NaN or negative
-            raise ValueError(f"Request {self.request_id!r}: arrival_time must be >= 0, got {self.arrival_time!r}")
+        t = self.arrival_time
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"Request {self.request_id!r}: arrival_time must be a finite number >= 0, got {t!r}")
+        o = self.oracle_output_len
+        if o is not None and (isinstance(o, bool) or not isinstance(o, int) or o < 1):
+            raise ValueError(f"Request {self.request_id!r}: oracle_output_len must be None or an int >= 1, got {o!r}")
+        try:
+            hash(self.request_id)
+        except TypeError:
+            raise TypeError(f"Request {self.request_id!r}: request_id must be hashable (it keys the scheduler's "
+                            f"tables), got {type(self.request_id).__name__}") from None
 
     @property
     def num_tokens(self) -> int:

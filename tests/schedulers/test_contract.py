@@ -124,3 +124,32 @@ def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench_main(["--sizes", "16by400"])
     assert "RUNNINGxWAITING" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    # A string or None arrival escaped as a bare "'<' not supported" TypeError; inf was accepted.
+    ({"arrival_time": "0"}, ValueError, r"Request 'r': arrival_time must be a finite number >= 0, got '0'"),
+    ({"arrival_time": None}, ValueError, r"Request 'r': arrival_time must be a finite number >= 0, got None"),
+    ({"arrival_time": float("inf")}, ValueError, r"Request 'r': arrival_time must be a finite number >= 0, got inf"),
+    ({"arrival_time": True}, ValueError, r"Request 'r': arrival_time must be a finite number >= 0, got True"),
+    # Accepted, then srpt ranked by it (a string crashed its sort key; 0 ranked as already done).
+    ({"oracle_output_len": 0}, ValueError, r"Request 'r': oracle_output_len must be None or an int >= 1, got 0"),
+    ({"oracle_output_len": "x"}, ValueError, r"Request 'r': oracle_output_len must be None or an int >= 1"),
+    ({"oracle_output_len": 2.0}, ValueError, r"Request 'r': oracle_output_len must be None or an int >= 1"),
+])
+def test_request_fields_are_validated(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Request("r", 4, 2, **kwargs)
+
+
+def test_unhashable_request_id_is_refused_at_construction():
+    with pytest.raises(TypeError, match=r"Request \['a'\]: request_id must be hashable"):
+        Request(["a"], 4, 2)
+
+
+def test_valid_request_values_still_pass():
+    import numpy as np  # the engine and tests pass numpy floats for times
+
+    r = Request(("t", 1), 4, 2, arrival_time=np.float32(0.5), oracle_output_len=2)
+    assert r.arrival_time == 0.5 and r.oracle_output_len == 2
+    assert Request("s", 1, 1, arrival_time=3).arrival_time == 3
