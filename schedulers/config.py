@@ -122,18 +122,16 @@ class SchedulerConfig:
             _check_int(self, "reserve_blocks", 0)
         if self.upload_margin_blocks is not None:
             _check_int(self, "upload_margin_blocks", 0)
-        if self.reserve_window is not None and not (
-            isinstance(self.reserve_window, (int, float)) and self.reserve_window > 0
-        ):
+        if self.reserve_window is not None and not (_is_real(self.reserve_window) and self.reserve_window > 0):
             raise ValueError(f"SchedulerConfig.reserve_window must be > 0 seconds or None, got {self.reserve_window!r}")
-        if not (isinstance(self.reserve_history, (int, float)) and self.reserve_history > 0):
+        if not (_is_real(self.reserve_history) and self.reserve_history > 0):
             raise ValueError(f"SchedulerConfig.reserve_history must be > 0 seconds, got {self.reserve_history!r}")
         if self.reserve_window is not None and self.reserve_history < self.reserve_window:
             raise ValueError(
                 f"SchedulerConfig.reserve_history ({self.reserve_history}) must be >= reserve_window "
                 f"({self.reserve_window})"
             )
-        if not (isinstance(self.reserve_cap_fraction, (int, float)) and 0 <= self.reserve_cap_fraction <= 1):
+        if not (_is_real(self.reserve_cap_fraction) and 0 <= self.reserve_cap_fraction <= 1):
             raise ValueError(
                 f"SchedulerConfig.reserve_cap_fraction must be in [0, 1], got {self.reserve_cap_fraction!r}"
             )
@@ -179,6 +177,10 @@ PRESETS: dict[str, dict] = {
         swap_overlap_factor=None,
     ),
 }
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_int(cfg: SchedulerConfig, name: str, low: int) -> None:

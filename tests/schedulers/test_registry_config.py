@@ -53,6 +53,9 @@ def test_mlfq_is_fastserve_without_skip_join():
         ("swap_overlap_factor", float("nan")),
         ("reserved_device_ids", (5000,)),
         ("skip_join", "yes"),
+        ("reserve_window", True),  # bools used to pass as 1 second / 100%
+        ("reserve_history", True),
+        ("reserve_cap_fraction", True),
     ],
 )
 def test_invalid_config_raises_naming_the_field(field, value):
