@@ -291,8 +291,7 @@ def cmd_run(args) -> int:
         spec.log_name()
     except ValueError as exc:
         raise UsageError(f"argument --rate: {exc}") from None
-    if args.dataset_path is not None:
-        _check_dataset(spec)
+    _check_workload(spec)
     res = execute_run(spec, _out_dir(args.out))
     if not res.ok:
         print(f"jserve-eval run: the {'simulation' if args.backend == 'sim' else 'engine run'} failed: {res.error}",
@@ -308,14 +307,22 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _check_dataset(spec) -> None:
-    """Load the dataset file up front so a bad file is a usage error, not a failed run."""
+def _check_workload(spec) -> None:
+    """Make the workload up front (cheap; a dataset file is tokenized once and cached) so that a bad dataset file
+    or arrival setting is a usage error, not a failed run."""
     from .workloads import make_workload
+    from .workloads.generate import dataset_pool
 
     try:
-        make_workload(spec.workload_spec(), spec.seed)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        wspec = spec.workload_spec()
+        if spec.dataset_path is not None:
+            dataset_pool(wspec)
+    except (OSError, ValueError) as exc:
         raise UsageError(f"argument --dataset-path: {exc}") from None
+    try:
+        make_workload(wspec, spec.seed)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"the workload: {exc}") from None
 
 
 def cmd_plot(args) -> int:

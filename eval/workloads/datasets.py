@@ -141,6 +141,8 @@ def load_dataset_lengths(dataset: str, path: str | os.PathLike, tokenizer: str |
     if dataset not in _EXTRACTORS:
         raise ValueError(f"unknown dataset {dataset!r} for a dataset file; expected one of {tuple(_EXTRACTORS)}")
     p = Path(path).resolve()
+    if p.is_dir():
+        raise IsADirectoryError(f"dataset file {p} is a directory, not a JSON file")
     if not p.is_file():
         raise FileNotFoundError(f"dataset file {p} does not exist")
     st = p.stat()

@@ -57,6 +57,15 @@ def test_bad_dataset_files_are_usage_errors(capsys, tmp_path):
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"not": "a list"}))
     _fails(capsys, argv + [str(wrong)], "wrong.json")
+    _fails(capsys, argv + [str(tmp_path)], "--dataset-path", f"{tmp_path} is a directory")  # said 'does not exist'
+
+
+def test_a_workload_that_cannot_be_made_is_a_usage_error(capsys, tmp_path):
+    """--cv 1e200 overflows the gamma gaps: the run used to start and fail with exit 1 ("the simulation failed")."""
+    _fails(capsys, ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "3",
+                    "--arrival", "gamma", "--cv", "1e200", "--out", str(tmp_path)],
+           "the workload:", "non-finite arrival times from the gamma process")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_writes_an_artifact_log(capsys, tmp_path):
