@@ -56,9 +56,11 @@ class WeightCache:
         return self.index.is_file()
 
     def read(self) -> dict[str, np.ndarray]:
-        """All parameters as host arrays (reads issued concurrently)."""
+        """All parameters as host arrays (reads issued concurrently). A damaged entry (index, metadata, a
+        missing or short chunk) raises; the loader then converts again and rewrites it."""
         params = json.loads(self.index.read_text())
-        stores = {p: ts.open(_spec(self.dir / p), open=True) for p in params}
+        # a missing chunk file is an error, not the fill value (zeros would load as weights)
+        stores = {p: ts.open(_spec(self.dir / p) | {"fill_missing_data_reads": False}, open=True) for p in params}
         opened = {p: f.result() for p, f in stores.items()}
         reads = {p: s.read() for p, s in opened.items()}
         out = {}

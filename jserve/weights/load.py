@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,7 +81,12 @@ def _load_via_cache(
     if cache_dir is not None:
         entry = WeightCache(cache_dir, cache_key(files, cfg.dtype, extra=repr(cfg)))
         if entry.exists():
-            host = entry.read()
+            try:
+                host = entry.read()
+            except Exception as e:  # the cache is derived data: a damaged entry is converted again
+                warnings.warn(f"weight cache entry {entry.dir} is unreadable ({type(e).__name__}: {e}); converting "
+                              "the weights again and rewriting it", stacklevel=2)
+                host = {}
             shapes = param_shapes(abstract_state)
             if set(host) == set(shapes):
                 arrays = {p: to_device(a, dtype) for p, a in host.items()}
@@ -88,8 +94,13 @@ def _load_via_cache(
                 return state_from_arrays(abstract_state, arrays)
         host = dict(convert())
         arrays = {p: to_device(a, dtype) for p, a in host.items()}
-        entry.write(host, cfg.dtype)
-        stats.update(cache="miss", seconds=time.perf_counter() - t0, cache_dir=str(entry.dir))
+        try:
+            entry.write(host, cfg.dtype)
+            stats.update(cache="miss", seconds=time.perf_counter() - t0, cache_dir=str(entry.dir))
+        except Exception as e:  # an unwritable cache costs the next load a conversion, not this load its model
+            warnings.warn(f"cannot write the weight cache {entry.dir} ({type(e).__name__}: {e}); the model is "
+                          "loaded without caching", stacklevel=2)
+            stats.update(cache="off", seconds=time.perf_counter() - t0)
         return state_from_arrays(abstract_state, arrays)
     arrays = {p: to_device(a, dtype) for p, a in convert()}
     stats.update(cache="off", seconds=time.perf_counter() - t0)

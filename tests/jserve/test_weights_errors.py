@@ -207,3 +207,46 @@ def test_gguf_metadata_of_the_wrong_type_names_the_file(tmp_path):
     w.close()
     with pytest.raises(ConfigError, match=r"m\.gguf: a metadata field has the wrong type or value"):
         load(path)
+
+
+def _leaves(model) -> list[np.ndarray]:
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(model.state)]
+
+
+def _first_chunk(entry):
+    return next(p for p in sorted(entry.rglob("*")) if p.is_file() and p.name[0].isdigit())
+
+
+@pytest.mark.parametrize("damage", ["index", "deleted chunk", "truncated chunk"])
+def test_a_damaged_weight_cache_entry_is_converted_again(llama_dir, tmp_path, damage):
+    """The cache is derived data: a damaged entry used to make the model unloadable for good (a bare
+    JSONDecodeError), and a deleted chunk was read back as zeros. Now it warns, converts and rewrites."""
+    cache = tmp_path / "cache"
+    first = load(llama_dir, cache=cache)
+    assert first.load_info["cache"] == "miss"
+    entry = next(cache.iterdir())
+    if damage == "index":
+        (entry / "params.json").write_text("{")
+    elif damage == "deleted chunk":
+        _first_chunk(entry).unlink()
+    else:
+        chunk = _first_chunk(entry)
+        chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.warns(UserWarning, match=f"weight cache entry {entry} is unreadable"):
+        again = load(llama_dir, cache=cache)
+    assert again.load_info["cache"] == "miss"
+    for a, b in zip(_leaves(first), _leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert load(llama_dir, cache=cache).load_info["cache"] == "hit"  # rewritten
+
+
+def test_an_unwritable_weight_cache_still_loads_the_model(llama_dir, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")  # the cache directory cannot be created (was NotADirectoryError: no model)
+    with pytest.warns(UserWarning, match="cannot write the weight cache"):
+        model = load(llama_dir, cache=not_a_dir)
+    assert model.load_info["cache"] == "off"
+    for a, b in zip(_leaves(model), _leaves(load(llama_dir)), strict=True):
+        np.testing.assert_array_equal(a, b)
