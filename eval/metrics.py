@@ -116,6 +116,9 @@ def _clean_curve(rates: Sequence[float], values: Sequence[float | None], fn: str
         raise ValueError(f"{fn}: rates must be finite numbers > 0, got {list(rates)}")
     if any(b <= a for a, b in zip(rates, rates[1:])):
         raise ValueError(f"{fn}: rates must be strictly increasing, got {list(rates)}")
+    for i, v in enumerate(values):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise ValueError(f"{fn}: values[{i}] must be a number or None, got {v!r}")
     kept = [(float(r), float(v)) for r, v in zip(rates, values) if v is not None and not math.isnan(v)]
     return [r for r, _ in kept], [v for _, v in kept]
 
@@ -149,6 +152,8 @@ def capacity_at_slo(rates: Sequence[float], values: Sequence[float | None], slo:
     Points with ``None``/NaN values (failed runs) are skipped; an inf value (unfinished requests) counts as over
     the SLO, and a crossing into it returns the previous rate.
     """
+    if isinstance(slo, bool) or not isinstance(slo, numbers.Real) or not slo > 0:
+        raise ValueError(f"capacity_at_slo: slo must be a number > 0 (inf: no SLO), got {slo!r}")
     xs, ys = _clean_curve(rates, values, "capacity_at_slo")
     return _crossing(xs, ys, slo, lambda y: y > slo)
 

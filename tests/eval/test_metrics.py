@@ -133,3 +133,16 @@ def test_time_breakdown_shares_and_swap_share_of_latency():
 def test_summarize_needs_records():
     with pytest.raises(ValueError, match="summarize: no records"):
         summarize([])
+
+
+def test_capacity_rejects_a_meaningless_slo_or_non_numeric_values():
+    """A NaN SLO used to return inf (capacity 'above the range'), a negative one None, and a string value raised a
+    bare TypeError from float()."""
+    for slo in (float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match=r"capacity_at_slo: slo must be a number > 0"):
+            capacity_at_slo([1, 2], [0.1, 0.5], slo)
+    with pytest.raises(ValueError, match=r"capacity_at_slo: values\[0\] must be a number or None, got 'a'"):
+        capacity_at_slo([1, 2], ["a", 0.5], 0.3)
+    with pytest.raises(ValueError, match=r"capacity_at_slo: values\[1\] must be a number or None, got True"):
+        capacity_at_slo([1, 2], [0.1, True], 0.3)
+    assert capacity_at_slo([1, 2], [0.1, 0.5], math.inf) == math.inf  # no SLO: never crossed
