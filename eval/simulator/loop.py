@@ -148,6 +148,10 @@ def simulate(
     from schedulers.cost import plan_compute_time
 
     wall0 = _time.perf_counter()
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or horizon != horizon):
+        raise ValueError(f"simulate: horizon must be None or a number, got {horizon!r}")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
+        raise ValueError(f"simulate: max_iterations must be an int >= 0, got {max_iterations!r}")
     _check_workload(workload)
     order = sorted(range(len(workload)), key=lambda k: (workload[k].arrival_time, k))
     pending = [workload[k] for k in order]

@@ -306,3 +306,14 @@ def test_duplicate_request_ids_in_a_workload_are_an_error():
     w = [WorkloadRequest(3, 10, 5, 0.0), WorkloadRequest(3, 20, 5, 100.0)]
     with pytest.raises(ValueError, match=r"workload\[1\]: request id 3 repeats workload\[0\]"):
         simulate(_fcfs(), w, COST, LINK)
+
+
+def test_bad_horizon_or_iteration_cap_is_an_error():
+    """horizon=NaN used to be ignored silently (every comparison with NaN is false: the run went to completion)."""
+    w = workload_requests([(10, 5, 0.0)])
+    for horizon in (math.nan, "10"):
+        with pytest.raises(ValueError, match=r"simulate: horizon must be None or a number, got"):
+            simulate(_fcfs(), w, COST, LINK, horizon=horizon)
+    with pytest.raises(ValueError, match=r"simulate: max_iterations must be an int >= 0, got -1"):
+        simulate(_fcfs(), w, COST, LINK, max_iterations=-1)
+    assert simulate(_fcfs(), w, COST, LINK, horizon=math.inf).stop_reason == "completed"
