@@ -8,6 +8,7 @@ spec plus a seed into requests; nothing here draws random numbers or reads files
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 DATASETS = ("sharegpt", "alpaca", "synthetic")
@@ -127,6 +128,12 @@ class WorkloadSpec:
         if self.tokenizer is not None and self.dataset_path is None:
             raise ValueError(f"{owner}.tokenizer only applies with dataset_path (the built-in profiles were "
                              f"tokenized with the embedded SmolLM2 tokenizer)")
+        for name in ("dataset_path", "tokenizer", "trace_path"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{owner}.{name} must be a path (str or os.PathLike) or None, got {value!r}")
+        if not isinstance(self.trace_rescale, bool):
+            raise ValueError(f"{owner}.trace_rescale must be True or False, got {self.trace_rescale!r}")
         if self.arrival == "trace":
             if not self.trace_path:
                 raise ValueError(f"{owner}.trace_path is required for arrival='trace'")

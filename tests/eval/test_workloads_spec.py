@@ -33,6 +33,11 @@ def test_defaults_are_the_artifacts_sharegpt_poisson_setting():
     ({"arrival": "trace"}, "trace_path"),
     ({"trace_path": "x.csv"}, "trace_path"),
     ({"tokenizer": "tokenizer.json"}, "tokenizer"),  # only with dataset_path
+    # Wrong types were accepted: "no" is truthy, so the trace was rescaled; 123 failed later inside Path().
+    ({"arrival": "trace", "trace_path": "x.csv", "trace_rescale": "no"}, "trace_rescale"),
+    ({"dataset_path": 123}, "dataset_path"),
+    ({"arrival": "trace", "trace_path": 5}, "trace_path"),
+    ({"dataset_path": "d.json", "tokenizer": 7}, "tokenizer"),
 ])
 def test_bad_spec_fields_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"WorkloadSpec\.{field}"):
