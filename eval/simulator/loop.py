@@ -36,6 +36,7 @@ from .link import CopyLink
 from .trace import IterationTrace, RequestTimeline
 
 DEFAULT_MAX_ITERATIONS = 20_000_000
+DEFAULT_LIVELOCK_ITERATIONS = 100_000
 
 
 class SimulationError(RuntimeError):
@@ -47,7 +48,7 @@ class SimResult:
     records: list[RequestRecord]  # one per workload request, in workload order
     iterations: IterationTrace
     end_time: float  # simulated seconds when the run stopped
-    stop_reason: str  # "completed" | "stalled" | "horizon" | "max_iterations"
+    stop_reason: str  # "completed" | "stalled" | "livelock" | "horizon" | "max_iterations"
     wall_seconds: float  # real time the loop took
     timeline: RequestTimeline | None = None
     stats: dict = field(default_factory=dict)
@@ -136,6 +137,7 @@ def simulate(
     *,
     horizon: float | None = None,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    livelock_iterations: int = DEFAULT_LIVELOCK_ITERATIONS,
     record_requests: bool = False,
     check: bool = False,
     on_step: Callable[[float, object, float], None] | None = None,
@@ -144,7 +146,10 @@ def simulate(
 
     ``horizon`` stops the run at that simulated time (requests still running are reported unfinished);
     ``check`` validates the plan contract every step (slow); ``on_step(now, plan, duration)`` is called after
-    each non-empty step (for tests and notebooks)."""
+    each non-empty step (for tests and notebooks). A run in which steps keep running but no request samples a
+    token for ``livelock_iterations + 4 * max_model_len * live requests`` iterations stops with ``livelock``
+    (each sample-free step computes at least one prompt token unless KV is dropped, so a live request can
+    legitimately go at most about ``max_model_len`` steps per recompute without sampling)."""
     from schedulers.cost import plan_compute_time
 
     wall0 = _time.perf_counter()
@@ -152,6 +157,9 @@ def simulate(
         raise ValueError(f"simulate: horizon must be None or a number, got {horizon!r}")
     if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
         raise ValueError(f"simulate: max_iterations must be an int >= 0, got {max_iterations!r}")
+    if isinstance(livelock_iterations, bool) or not isinstance(livelock_iterations, int) or livelock_iterations < 1:
+        raise ValueError(f"simulate: livelock_iterations must be an int >= 1, got {livelock_iterations!r}")
+    max_model_len = getattr(getattr(scheduler, "config", None), "max_model_len", 2048)
     _check_workload(workload)
     order = sorted(range(len(workload)), key=lambda k: (workload[k].arrival_time, k))
     pending = [workload[k] for k in order]
@@ -178,6 +186,7 @@ def simulate(
     i = 0
     iterations = 0
     idle_plans = 0
+    last_sample = 0  # iteration of the last step that sampled a token
     stop = "completed"
     while True:
         while i < n_total and pending[i].arrival_time <= now:
@@ -230,6 +239,8 @@ def simulate(
 
         levels = 0
         samplers = []
+        if decode:
+            last_sample = iterations
         for e in prefill:
             r = e.request
             rid = r.request_id
@@ -237,8 +248,10 @@ def simulate(
             if stall:
                 swapping[rid] = swapping.get(rid, 0.0) + stall
             levels |= 1 << r.priority_level
-            if rid not in first_token and e.samples_token:
-                samplers.append(rid)
+            if e.samples_token:
+                last_sample = iterations
+                if rid not in first_token:
+                    samplers.append(rid)
         for r in decode:
             rid = r.request_id
             executing[rid] = executing.get(rid, 0.0) + compute
@@ -279,6 +292,10 @@ def simulate(
         if on_step is not None:
             on_step(now, plan, duration)
         now = end
+        idle = iterations - last_sample
+        if idle > livelock_iterations and idle > livelock_iterations + 4 * max_model_len * len(live):
+            stop = "livelock"  # steps run, KV is dropped and recomputed, and no token is ever sampled
+            break
 
     records = _records(workload, objs, first_token, finish, executing, swapping, now)
     stats = _stats(trace, link)

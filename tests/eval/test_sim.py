@@ -317,3 +317,38 @@ def test_bad_horizon_or_iteration_cap_is_an_error():
     with pytest.raises(ValueError, match=r"simulate: max_iterations must be an int >= 0, got -1"):
         simulate(_fcfs(), w, COST, LINK, max_iterations=-1)
     assert simulate(_fcfs(), w, COST, LINK, horizon=math.inf).stop_reason == "completed"
+
+
+def _thrashing_fastserve():
+    """Found by a randomized grid over tiny pools: no host pool (every preemption drops the KV), device blocks
+    for one sequence and a 16-token budget, so recomputing a 450-token job takes 29 steps (about 0.6 s), longer
+    than the starvation threshold (0.5 s here; with the default 3 s the same happens to 2000-token jobs). Each
+    job is promoted, drops the one running and is dropped in turn before its recompute ends: no token is ever
+    sampled again."""
+    cfg = SchedulerConfig(block_size=16, max_batch_size=1, max_tokens_per_batch=16, max_model_len=600,
+                          num_device_blocks=38, num_host_blocks=0, swap_mode="recompute", starvation_threshold=0.5)
+    return make_scheduler("fastserve", cfg, cost_model=COST)
+
+
+def test_a_livelocked_scheduler_is_stopped_and_reported():
+    w = workload_requests([(300, 300, 0.0)] * 3)
+    res = simulate(_thrashing_fastserve(), w, COST, LINK, livelock_iterations=1000)
+    assert res.stop_reason == "livelock"
+    assert res.num_finished == 0 and len(res.records) == 3  # unfinished, reported, not dropped
+    assert all(r.finish_time is None and 0 < r.output_len < 300 for r in res.records)
+    # It stopped after a window of 1000 + 4 * max_model_len * live iterations with no decode (no progress) ...
+    decodes = res.iterations.decode_tokens
+    last_decode = max(i for i, d in enumerate(decodes) if d)
+    assert len(decodes) - 1 - last_decode >= 1000 + 4 * 600 * 3
+    # ... instead of spinning to max_iterations (20 million by default).
+    assert len(decodes) < 50_000
+
+
+def test_long_chunked_prefills_are_not_mistaken_for_a_livelock():
+    """One 2000-token prompt at 16 tokens a step samples nothing for 125 steps, far beyond a 10-step window,
+    yet it is progress: the window grows with the live requests' possible work (4 * max_model_len each)."""
+    cfg = SchedulerConfig(block_size=16, max_batch_size=1, max_tokens_per_batch=16, num_device_blocks=126,
+                          num_host_blocks=0)
+    res = simulate(make_scheduler("fcfs", cfg, cost_model=COST), workload_requests([(2000, 3, 0.0)]), COST, LINK,
+                   livelock_iterations=10)
+    assert res.stop_reason == "completed" and res.num_finished == 1 and len(res.iterations) == 125 + 2
