@@ -167,7 +167,7 @@ class _Sequence:
     seed: int
     prompt_ids: list[int]
     output: RequestOutput
-    stop_eos: int | None
+    stop_eos: frozenset[int]  # end-of-sequence ids that stop it (empty with ignore_eos)
 
     @property
     def num_known_tokens(self) -> int:
@@ -258,6 +258,10 @@ class LLMEngine:
         )
         self.scheduler = make_scheduler(cfg.scheduler, sched_cfg, cfg.cost_model)
         self._seqs: dict[Hashable, _Sequence] = {}
+        # the model config's end-of-sequence id and the tokenizer's: they differ in chat models whose turns end
+        # with their own token (Llama-3 Instruct: config 128001 <|end_of_text|>, tokenizer 128009 <|eot_id|>)
+        tok_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        self._eos_ids = frozenset(i for i in (mc.eos_token_id, tok_eos) if i is not None)
         self.async_scheduling = (cfg.async_scheduling if cfg.async_scheduling is not None
                                  else self.device.platform != "cpu")
         self._in_flight: _InFlight | None = None  # the dispatched iteration whose tokens are not read yet
@@ -352,10 +356,7 @@ class LLMEngine:
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
         req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
-        eos = None if sp.ignore_eos else self.model.config.eos_token_id
-        if eos is None and not sp.ignore_eos and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        seq = _Sequence(req, sp, seed, ids, out, eos)
+        seq = _Sequence(req, sp, seed, ids, out, frozenset() if sp.ignore_eos else self._eos_ids)
         if not self.scheduler.add(req, now):
             return self._refuse(out, f"the scheduler refused the request: {req.reject_reason}", now)
         self._seqs[rid] = seq
@@ -579,7 +580,7 @@ class LLMEngine:
     def _check_stop(self, seq: _Sequence, tok: int) -> bool:
         out = seq.output
         p = seq.params
-        if seq.stop_eos is not None and tok == seq.stop_eos:
+        if tok in seq.stop_eos:
             out.finish_reason, out.stop_reason = "stop", None
             return True
         if tok in p.stop_token_ids:

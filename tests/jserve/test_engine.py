@@ -402,3 +402,28 @@ def test_an_interrupted_generate_leaves_a_usable_engine(tiny, prompts, reference
     outs = llm.generate(prompts[6:8], SamplingParams(max_tokens=NEW, ignore_eos=True))
     assert [o.token_ids for o in outs] == reference[6:8]
     assert eng.stats["steps"] - steps <= NEW + 4  # only the new requests ran (about NEW decode steps)
+
+
+def test_the_tokenizers_end_of_sequence_stops_too(tiny, prompts, reference):
+    """Llama-3 Instruct's config.json lists eos ids [128001, 128008, 128009] (the model config keeps the
+    first) while its tokenizer's eos is <|eot_id|> (128009), which ends every chat turn: only the config's id
+    stopped generation, so chat answers ran on to max_tokens. Both ids stop now."""
+    import dataclasses
+
+    class Tok:  # the engine needs only these of a tokenizer here
+        def __init__(self, eos):
+            self.eos_token_id = eos
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    ref = reference[4]
+    firsts = list(dict.fromkeys(ref))  # distinct ids in order of first appearance
+    tok_eos, config_eos = firsts[2], firsts[4]  # the tokenizer's comes first in the reference
+    model = dataclasses.replace(tiny, config=tiny.config.replace(eos_token_id=config_eos), tokenizer=Tok(tok_eos))
+    llm = LLM(model, scheduler="fcfs", **ROOMY)
+    out = llm.generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
+    assert out.token_ids == ref[: ref.index(tok_eos) + 1] and out.finish_reason == "stop"
+    model = dataclasses.replace(model, tokenizer=Tok(None))
+    out = LLM(model, scheduler="fcfs", **ROOMY).generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
+    assert out.token_ids == ref[: ref.index(config_eos) + 1] and out.finish_reason == "stop"
