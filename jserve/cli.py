@@ -130,11 +130,14 @@ def _generate(args, parser) -> int:
     if tok is None:
         parser.exit(2, f"jserve: error: model {str(source)!r} has no tokenizer (presets have dummy weights "
                        "and no vocabulary); give a Hugging Face directory or a GGUF file\n")
-    if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        prompt_ids = tok.encode(text, add_special_tokens=False)
-    else:
-        prompt_ids = tok.encode(prompt)
+    try:
+        if args.chat:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            prompt_ids = tok.encode(text, add_special_tokens=False)
+        else:
+            prompt_ids = tok.encode(prompt)
+    except ValueError as e:  # TokenizerError: no or a failing chat template, text that is not Unicode
+        parser.exit(2, f"jserve: error: the prompt cannot be tokenized: {e}\n")
     if not prompt_ids:
         parser.exit(2, "jserve: error: the prompt is empty after tokenization\n")
     limit = model.config.max_position_embeddings

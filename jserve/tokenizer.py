@@ -70,9 +70,11 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
     ) -> str | list[int]:
-        """Render ``messages`` ([{"role", "content"}, ...]) with the model's chat template (jinja2)."""
+        """Render ``messages`` ([{"role", "content"}, ...]) with the model's chat template (jinja2). A template
+        that fails (its own ``raise_exception``, a jinja syntax or runtime error) raises ``TokenizerError``."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template (chat_template is empty)")
+        from jinja2 import TemplateError
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -82,12 +84,15 @@ class Tokenizer:
             raise TokenizerError(f"chat template error: {message}")
 
         env.globals["raise_exception"] = raise_exception
-        text = env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as e:
+            raise TokenizerError(f"chat template error: {type(e).__name__}: {e}") from e
         return self.encode(text) if tokenize else text
 
 

@@ -64,3 +64,41 @@ def test_a_config_field_of_the_wrong_type_exits_2_naming_the_file(command, tmp_p
         main(argv + ["--model", str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "config.json: a field has the wrong type or value" in err, err
+
+
+@pytest.fixture
+def model_with_tokenizer(hf_checkpoints, tmp_path):
+    """The tiny Llama checkpoint with a word-level tokenizer.json and a tokenizer_config.json to edit."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path / "model"
+    shutil.copytree(hf_checkpoints("llama").path, d)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 5, "there": 6}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.mark.parametrize("template, message", [
+    (None, "has no chat template"),
+    ("{{ raise_exception('no system role') }}", "chat template error: no system role"),
+    ("{% for %}", "chat template error"),  # a jinja syntax error: was a TemplateSyntaxError traceback
+])
+def test_chat_without_a_usable_template_exits_2(model_with_tokenizer, template, message, capsys):
+    # each of these was a traceback (TokenizerError / jinja2 TemplateSyntaxError) with exit status 1
+    config = {} if template is None else {"chat_template": template}
+    (model_with_tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--chat", "--model", str(model_with_tokenizer)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_prompt_that_is_not_unicode_exits_2(model_with_tokenizer, capsys):
+    # a non-UTF-8 byte in argv arrives as a lone surrogate (surrogateescape): was a TokenizerError traceback
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi \udcff", "--model", str(model_with_tokenizer)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "the prompt cannot be tokenized" in err and "U+DCFF" in err, err
