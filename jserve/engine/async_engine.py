@@ -5,8 +5,8 @@ The engine thread owns the engine (the scheduler, the KV pools, every compiled s
 put commands on a thread-safe queue that the engine thread drains between iterations, and the engine thread
 hands each changed ``RequestOutput`` (a snapshot) back to the caller's event loop with
 ``call_soon_threadsafe``. When no request is live the thread sleeps on the queue. A request the engine cannot
-take (a duplicate live id, parameters that are not parameters) comes back finished with an error; when the
-thread ends (``shutdown``, or a failure) every waiting stream raises ``RuntimeError`` instead of waiting.
+take (a duplicate live id, input that ``add_request`` could not even refuse) comes back finished with an
+error; when the thread ends (``shutdown``, or a failure) every waiting stream raises ``RuntimeError``.
 
     engine = AsyncLLMEngine(LLMEngine(model, EngineConfig(...)))
     async for out in engine.generate(prompt_ids, SamplingParams(max_tokens=32), request_id="a"):

@@ -118,7 +118,8 @@ class LLM:
             plist = [params] * len(prompts)
         outs = []
         try:
-            outs += [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
+            for p, sp in zip(prompts, plist):
+                outs.append(self.engine.add_request(p, sp))
             self.engine.run_until_done()
         except BaseException:  # e.g. Ctrl-C: the next call must not inherit this batch (nor its pages)
             for out in outs:
