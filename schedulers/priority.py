@@ -26,7 +26,10 @@ where the KV lives (none / device / host) and, every iteration:
         requests out of the batch until their blocks plus the free ones cover its need;
      b. *wanted*: host requests that would have been in this batch (priority above the batch's cutoff) are
         uploaded, highest priority first; when blocks are short, idle requests worth evicting for them are
-        offloaded (an exchange) and the upload follows next step;
+        offloaded (an exchange) and the upload follows next step. Neither b nor d uploads a request of lower
+        priority than the blocked one into the blocks that a freed for it (else two idle requests can trade
+        places every step while the blocked one waits, with no compute: a livelock that the property tests
+        found);
      c. *reserve*: offload until ``reserve_blocks`` device blocks will be free (for arrivals);
      d. *prefetch*: upload further host requests while ``reserve + upload_margin`` blocks stay free.
 
@@ -319,6 +322,12 @@ class PriorityScheduler(PolicyBase):
             state.copied += len(h.blocks)
             self._swap_in(plan, h, sync=False)
 
+        def spares_blocked(h: Request, n: int) -> bool:
+            # Blocks that (a) freed for the blocked request are its own: an upload of a lower-priority request
+            # may not take them (else the two idle requests trade places every step and nothing runs).
+            return (earmark == 0 or h.sched_key < blocked[0].sched_key
+                    or blocks.num_free_device_blocks - n + state.released >= earmark)
+
         def wanted_uploads() -> None:
             # b. Host requests that would have been in this batch, highest priority first.
             host_q = self._index[KVLocation.HOST].entries
@@ -328,6 +337,8 @@ class PriorityScheduler(PolicyBase):
                 if id(h) in moved:
                     continue
                 n = len(h.blocks)
+                if not spares_blocked(h, n):
+                    break
                 if n <= blocks.num_free_device_blocks and state.allows(n):
                     upload(h)
                     continue
@@ -345,10 +356,13 @@ class PriorityScheduler(PolicyBase):
                 offload(v)
 
         # a. The highest-priority request that lacked blocks gets them (not limited by the budget).
+        earmark = 0  # free blocks at the end of this step that belong to the blocked request
         if blocked is not None:
             r, need = blocked
             exclude.add(id(r))
             self._offload_for(r, need, now, exclude, state, offload, enst_gap=False, limited=False)
+            if blocks.num_free_device_blocks + state.released >= need:
+                earmark = need
         if artifact:  # offload first; upload only in a step that offloads nothing
             keep_reserve()
             if state.offloaded:
@@ -365,7 +379,7 @@ class PriorityScheduler(PolicyBase):
             if id(h) in exclude or id(h) in moved or h.kv_location is not KVLocation.HOST:
                 continue
             n = len(h.blocks)
-            if blocks.num_free_device_blocks - n < keep or not state.allows(n):
+            if blocks.num_free_device_blocks - n < keep or not state.allows(n) or not spares_blocked(h, n):
                 break
             upload(h)
 
