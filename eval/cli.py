@@ -111,10 +111,17 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="engine backend: preset (dummy weights), HF directory or .gguf "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=_positive_int("--max-model-len"), default=512,
-                   help="engine backend: context; workload lengths are scaled by max_model_len/2048 when shorter")
-    p.add_argument("--num-device-blocks", type=_positive_int("--num-device-blocks"), default=None)
-    p.add_argument("--num-host-blocks", type=_positive_int("--num-host-blocks"), default=None)
+    p.add_argument("--max-model-len", type=_positive_int("--max-model-len"), default=None,
+                   help=f"engine backend: context (default {ENGINE_MAX_MODEL_LEN}); workload lengths are scaled by "
+                   "max_model_len/2048 when shorter")
+    p.add_argument("--num-device-blocks", type=_positive_int("--num-device-blocks"), default=None,
+                   help="engine backend: device KV pool (default: what fits)")
+    p.add_argument("--num-host-blocks", type=_positive_int("--num-host-blocks"), default=None,
+                   help="engine backend: host KV pool")
+
+
+ENGINE_ONLY = ("model", "dtype", "max_model_len", "num_device_blocks", "num_host_blocks")
+ENGINE_MAX_MODEL_LEN = 512
 
 
 def _engine_options(args):
@@ -130,6 +137,9 @@ def _engine_options(args):
         except ValueError as exc:
             raise UsageError(f"argument --cost: {exc}") from None
     if args.backend == "sim":
+        for name in ENGINE_ONLY:  # the simulator's pools and lengths come from --hardware/--cost
+            if getattr(args, name) is not None:
+                raise UsageError(f"argument --{name.replace('_', '-')}: only applies with --backend engine")
         if args.cost is not None:
             if getattr(args, "hardware", None) not in (None, "opt-13b-a100") and args.hardware != args.cost:
                 raise UsageError("arguments --cost and --hardware: give one of them for the simulator")
@@ -138,7 +148,8 @@ def _engine_options(args):
     if args.cost is None:
         raise UsageError("argument --cost: --backend engine needs the engine's cost profile (run `jserve profile "
                          "--out P.json` with the same engine settings first)")
-    return EngineOptions(model=args.model, dtype=args.dtype, profile=str(args.cost), max_model_len=args.max_model_len,
+    max_model_len = ENGINE_MAX_MODEL_LEN if args.max_model_len is None else args.max_model_len
+    return EngineOptions(model=args.model, dtype=args.dtype, profile=str(args.cost), max_model_len=max_model_len,
                          num_device_blocks=args.num_device_blocks, num_host_blocks=args.num_host_blocks)
 
 

@@ -194,3 +194,13 @@ def test_run_reports_rejections_in_strict_json(capsys, tmp_path):
     shown = json.loads(capsys.readouterr().out, parse_constant=strict)
     assert (shown["num_finished"], shown["num_unfinished"], shown["num_rejected"]) == (0, 0, 4)
     assert shown["mean_norm_latency"] == "inf" and shown["throughput_rps"] == "nan"
+
+
+@pytest.mark.parametrize("option, value", [("--num-device-blocks", "5"), ("--num-host-blocks", "5"),
+                                           ("--max-model-len", "256"), ("--model", "tiny"), ("--dtype", "float32")])
+def test_engine_only_options_are_refused_for_the_simulator(capsys, tmp_path, option, value):
+    """``run --num-device-blocks 5`` (default backend sim) used to run with the preset's pool, silently ignoring
+    the option; a researcher would believe the pool was 5 blocks."""
+    _fails(capsys, ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "3",
+                    "--out", str(tmp_path), option, value], f"argument {option}: only applies with --backend engine")
+    assert list(tmp_path.iterdir()) == []
