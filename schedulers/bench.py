@@ -137,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    if args.seed < 0:
+        ap.error("--seed must be >= 0")
+    if not policies:
+        ap.error("--policies needs at least one policy name")
+    if not sizes:
+        ap.error("--sizes needs at least one RUNNINGxWAITING size")
     out: dict[str, dict] = {}
     for p in policies:
         out[p] = {}

@@ -124,6 +124,14 @@ def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench_main(["--sizes", "16by400"])
     assert "RUNNINGxWAITING" in capsys.readouterr().err
+    # An empty list used to print a table with no rows or no columns and exit 0.
+    for option in ("--policies", "--sizes"):
+        with pytest.raises(SystemExit) as e:
+            bench_main([option, ","])
+        assert e.value.code == 2 and f"{option} needs at least one" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_main(["--seed", "-1"])
+    assert e.value.code == 2 and "--seed must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
