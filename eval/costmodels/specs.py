@@ -114,45 +114,57 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, config: Mapping, name: str | None = None, dtype_bytes: int = 2) -> "ModelSpec":
         """Build from a Hugging Face ``config.json`` dict of the OPT or Llama family."""
-        try:
-            model_type = config.get("model_type", "")
-            if model_type == "opt":
-                hidden = int(config["hidden_size"])
-                heads = int(config["num_attention_heads"])
-                return cls(
-                    name=name or config.get("_name_or_path", "opt"),
-                    num_layers=int(config["num_hidden_layers"]),
-                    hidden_size=hidden,
-                    num_heads=heads,
-                    num_kv_heads=heads,
-                    head_dim=hidden // heads,
-                    intermediate_size=int(config["ffn_dim"]),
-                    vocab_size=int(config["vocab_size"]),
-                    max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-                    mlp="gelu",
-                    tied_embeddings=True,
-                    learned_positions=True,
-                    dtype_bytes=dtype_bytes,
-                )
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
+        if not isinstance(config, Mapping):
+            raise ValueError(f"a model config must be a JSON object (dict), got {type(config).__name__}")
+
+        def num(key: str, default: object = None) -> int:
+            if key not in config and default is None:
+                raise ValueError(f"model config is missing the field {key!r}")
+            value = config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError(f"model config field {key!r} must be an integer >= 1, got {value!r}")
+            try:
+                as_int = int(value)
+            except ValueError:
+                raise ValueError(f"model config field {key!r} must be an integer >= 1, got {value!r}") from None
+            if as_int != float(value) or as_int < 1:
+                raise ValueError(f"model config field {key!r} must be an integer >= 1, got {value!r}")
+            return as_int
+
+        model_type = config.get("model_type", "")
+        hidden = num("hidden_size")
+        heads = num("num_attention_heads")
+        if model_type == "opt":
             return cls(
-                name=name or config.get("_name_or_path", model_type or "llama"),
-                num_layers=int(config["num_hidden_layers"]),
+                name=name or config.get("_name_or_path", "opt"),
+                num_layers=num("num_hidden_layers"),
                 hidden_size=hidden,
                 num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads", heads)),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                intermediate_size=int(config["intermediate_size"]),
-                vocab_size=int(config["vocab_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-                mlp="swiglu",
-                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-                learned_positions=False,
+                num_kv_heads=heads,
+                head_dim=hidden // heads,
+                intermediate_size=num("ffn_dim"),
+                vocab_size=num("vocab_size"),
+                max_position_embeddings=num("max_position_embeddings", 2048),
+                mlp="gelu",
+                tied_embeddings=True,
+                learned_positions=True,
                 dtype_bytes=dtype_bytes,
             )
-        except KeyError as exc:
-            raise ValueError(f"model config is missing the field {exc.args[0]!r}") from None
+        return cls(
+            name=name or config.get("_name_or_path", model_type or "llama"),
+            num_layers=num("num_hidden_layers"),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=num("num_key_value_heads", heads),
+            head_dim=num("head_dim") if config.get("head_dim") else hidden // heads,
+            intermediate_size=num("intermediate_size"),
+            vocab_size=num("vocab_size"),
+            max_position_embeddings=num("max_position_embeddings", 2048),
+            mlp="swiglu",
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            learned_positions=False,
+            dtype_bytes=dtype_bytes,
+        )
 
 
 @dataclass(frozen=True)

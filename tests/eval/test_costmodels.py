@@ -239,3 +239,17 @@ def test_profile_that_cannot_price_a_step_is_named_at_load(tmp_path):
     path.write_text(json.dumps(dict(data, prefill_ms=[1e308, 1e308, 1e308])))
     with pytest.raises(ProfileError, match=r"p\.json: a 2048-token prefill costs inf s"):
         load_profile(path)
+
+
+@pytest.mark.parametrize("config, message", [
+    # Each escaped as a bare ZeroDivisionError, TypeError or AttributeError, or a message without the field.
+    (dict(model_type="llama", hidden_size=64, num_attention_heads=0, num_hidden_layers=2, intermediate_size=10,
+          vocab_size=10), r"model config field 'num_attention_heads' must be an integer >= 1, got 0"),
+    (dict(model_type="opt", hidden_size=None, num_attention_heads=2), r"field 'hidden_size' must be an integer"),
+    (dict(model_type="llama", hidden_size="x", num_attention_heads=2), r"field 'hidden_size' must be an integer"),
+    (dict(model_type="llama", hidden_size=64.5, num_attention_heads=2), r"field 'hidden_size' must be an integer"),
+    ([1], r"a model config must be a JSON object \(dict\), got list"),
+])
+def test_model_spec_from_hf_config_names_the_bad_field(config, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec.from_hf_config(config)
