@@ -98,6 +98,8 @@ def parse_log_filename(name: str) -> LogName:
     system = "-".join(parts)
     if not system or not dataset:
         raise ValueError(f"{name!r}: missing system or dataset in the name")
+    if n <= 0 or not (math.isfinite(rate) and rate > 0) or (batch_size is not None and batch_size <= 0):
+        raise ValueError(f"{name!r}: n, rate and batch size must be > 0 and finite (as log_filename writes them)")
     return LogName(system, dataset, n, rate, batch_size)
 
 

@@ -92,6 +92,12 @@ def test_bad_batch_size_and_foreign_names():
         parse_log_filename("exp-fastserve-sharegpt-1-1.log")
     with pytest.raises(ValueError, match="cannot read"):
         parse_log_filename("exp-fastserve-sharegpt-x-1-client-log")
+    # Names log_filename never writes were parsed: a NaN or inf rate, a zero batch size or request count.
+    for bad in ("exp-fastserve-sharegpt-400-nan-client-log", "exp-fastserve-sharegpt-400-inf-client-log",
+                "exp-fastserve-sharegpt-400-0-client-log", "exp-fastserve-sharegpt-0-1-client-log",
+                "exp-fastserve-sharegpt-400-1-bs=0-client-log"):
+        with pytest.raises(ValueError, match="n, rate and batch size must be > 0 and finite"):
+            parse_log_filename(bad)
 
 
 def test_round_trip_and_artifact_reader_agree_with_our_metrics(tmp_path):
