@@ -5,7 +5,8 @@
 """
 
 from .async_engine import AsyncLLMEngine
-from .engine import CompileWatch, EngineConfig, LLMEngine
+from .config import EngineConfig
+from .engine import CompileWatch, LLMEngine
 from .llm import LLM
 from .outputs import RequestMetrics, RequestOutput
 from .sampling import SamplingParams

@@ -424,6 +424,16 @@ def test_the_tokenizers_end_of_sequence_stops_too(tiny, prompts, reference):
     llm = LLM(model, scheduler="fcfs", **ROOMY)
     out = llm.generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
     assert out.token_ids == ref[: ref.index(tok_eos) + 1] and out.finish_reason == "stop"
-    model = dataclasses.replace(model, tokenizer=Tok(None))
-    out = LLM(model, scheduler="fcfs", **ROOMY).generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
+    llm.engine._eos_ids -= {tok_eos}  # the config's id alone (test_eos_stops_unless_ignored: a config eos alone)
+    out = llm.generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
     assert out.token_ids == ref[: ref.index(config_eos) + 1] and out.finish_reason == "stop"
+
+
+def test_a_device_pool_larger_than_memory_is_refused_before_allocation(tiny):
+    from jserve.engine.config import _available_memory_bytes
+
+    if _available_memory_bytes() is None:
+        pytest.skip("no /proc/meminfo: the free memory is unknown")
+    # 10**9 pages of 8 KiB: 7.5 TiB. Was allocated as asked (a CPU overcommits, then dies when pages are touched)
+    with pytest.raises(ValueError, match=r"num_device_blocks=1000000000 needs 7629\.4 GiB of KV cache .* GiB free"):
+        LLM(tiny, **dict(ROOMY, num_device_blocks=10**9))

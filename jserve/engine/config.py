@@ -1,0 +1,150 @@
+"""``EngineConfig`` (the engine's limits, shapes and memory settings, validated when built) and the size of
+the device KV pool they give on a device: an explicit ``num_device_blocks`` is checked against the free memory
+before anything is allocated; left None, it is sized from that memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from schedulers import POLICY_NAMES, IterationCostModel, SchedulerConfig
+
+from .kv_cache import KVCacheSpec
+
+__all__ = ["EngineConfig", "device_pages"]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits and memory. Block counts left None are sized from memory:
+
+    * device pages: ``gpu_memory_utilization`` of the accelerator's memory minus what is already in use
+      (weights), or ``cpu_kv_cache_gib`` on a CPU; ``num_device_blocks`` overrides (it counts the one
+      reserved padding page too);
+    * host pages: ``swap_space_gib`` of ``pinned_host`` memory; ``num_host_blocks`` overrides.
+    """
+
+    scheduler: str = "fastserve"
+    scheduler_config: SchedulerConfig | None = None  # policy fields; the limits below override its own
+    cost_model: object | None = None  # schedulers.cost.IterationCostModel for the policy's predictions
+    page_size: int = 16
+    max_batch_size: int = 32
+    max_tokens_per_batch: int = 2048
+    max_model_len: int | None = None  # default: min(model context, 4096)
+    num_device_blocks: int | None = None
+    num_host_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 1.0
+    swap_space_gib: float = 4.0
+    decode_buckets: tuple[int, ...] = ()
+    token_buckets: tuple[int, ...] = ()
+    swap_buckets: tuple[int, ...] = ()
+    progress: bool = True  # progress bar while compiling
+    # Schedule and pack iteration n+1 while the device runs iteration n (see the module docstring); False
+    # runs one iteration per step() call, start to finish. None: on for accelerators, off on a CPU (there the
+    # "device" is the host's own cores, so host work has nothing to hide behind).
+    async_scheduling: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "max_batch_size", "max_tokens_per_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
+        for name, low in (("max_model_len", 2), ("num_device_blocks", 2), ("num_host_blocks", 0)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ValueError(f"EngineConfig.{name} must be None or an int >= {low}, got {v!r}")
+        if not _is_real(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        for name in ("cpu_kv_cache_gib", "swap_space_gib"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"EngineConfig.{name} must be a finite number >= 0, got {v!r}")
+        for name in ("decode_buckets", "token_buckets", "swap_buckets"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or not all(_is_int(b) and b >= 1 for b in v):
+                raise ValueError(f"EngineConfig.{name} must be a list of ints >= 1 (empty: the defaults), got {v!r}")
+            object.__setattr__(self, name, tuple(int(b) for b in v))
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"EngineConfig.async_scheduling must be None or a bool, got {self.async_scheduling!r}")
+        if self.scheduler not in POLICY_NAMES:  # before the model loads and the steps compile
+            raise ValueError(f"unknown scheduler policy {self.scheduler!r}; known policies: {', '.join(POLICY_NAMES)}")
+        if self.cost_model is not None and not isinstance(self.cost_model, IterationCostModel):
+            raise ValueError("EngineConfig.cost_model must be None, an IterationCostModel or (for LLM) the path of a "
+                             f"cost profile, got {type(self.cost_model).__name__}")
+        if self.max_tokens_per_batch < self.max_batch_size:
+            raise ValueError(
+                f"EngineConfig.max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= max_batch_size "
+                f"({self.max_batch_size}): every decode in a full batch needs one token"
+            )
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _free_bytes(device) -> int | None:
+    """Memory a KV pool may take on ``device``: the accelerator's limit minus what is in use, or the host's
+    available memory on a CPU; None when unknown."""
+    try:
+        stats = device.memory_stats()
+    except Exception:
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return _available_memory_bytes()
+
+
+def device_pages(cfg: EngineConfig, spec: KVCacheSpec, max_model_len: int, device) -> int:
+    """The device pool's page count (the reserved padding page included). An explicit ``num_device_blocks``
+    larger than the free memory is refused before it is allocated (a CPU would otherwise overcommit and be
+    killed when warm-up touches the pages). Otherwise: ``gpu_memory_utilization`` of the accelerator's memory
+    minus what is in use, or ``cpu_kv_cache_gib`` (at most half the available memory) on a CPU."""
+    if cfg.num_device_blocks is not None:
+        free = _free_bytes(device)
+        need = cfg.num_device_blocks * spec.page_bytes
+        if free is not None and need > free:
+            raise ValueError(
+                f"num_device_blocks={cfg.num_device_blocks} needs {need / 2**30:.1f} GiB of KV cache "
+                f"({spec.page_bytes} bytes a page); the {device.platform} has {free / 2**30:.1f} GiB free"
+            )
+        return cfg.num_device_blocks
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+    else:
+        budget = cfg.cpu_kv_cache_gib * 2**30
+        avail = _available_memory_bytes()
+        if avail is not None:
+            budget = min(budget, 0.5 * avail)
+    pages = int(budget // spec.page_bytes)
+    need = -(-max_model_len // cfg.page_size) + 1
+    if pages < need:
+        raise ValueError(
+            f"KV cache budget of {budget / 2**20:.0f} MiB holds {pages} pages of {spec.page_bytes} bytes; one "
+            f"request of max_model_len={max_model_len} needs {need}. Lower max_model_len or give "
+            "num_device_blocks / more memory"
+        )
+    return pages
