@@ -279,9 +279,16 @@ def cmd_run(args) -> int:
         raise UsageError("argument --cv: only applies with --arrival gamma")
     engine = _engine_options(args)
     try:
-        resolve_preset(args.hardware)
+        preset = resolve_preset(args.hardware)
     except ValueError as exc:
         raise UsageError(f"argument --hardware: {exc}") from None
+    if engine is None:  # the simulator's scheduler configuration, built now so that it cannot fail the run
+        from .experiments.systems import scheduler_config
+
+        try:
+            scheduler_config(get_system(args.system), preset, args.dataset, batch_size=args.batch_size)
+        except ValueError as exc:
+            raise UsageError(f"the scheduler configuration (--hardware/--cost, --batch-size): {exc}") from None
     spec = RunSpec(
         system=get_system(args.system),
         dataset=args.dataset,

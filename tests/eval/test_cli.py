@@ -204,3 +204,20 @@ def test_engine_only_options_are_refused_for_the_simulator(capsys, tmp_path, opt
     _fails(capsys, ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "3",
                     "--out", str(tmp_path), option, value], f"argument {option}: only applies with --backend engine")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scheduler_configuration_that_cannot_be_built_is_a_usage_error(capsys, tmp_path):
+    """--batch-size 4096 (over the 2048-token budget) and a profile whose model leaves no KV room used to start the
+    run and fail with exit 1; the configuration is now built before the run."""
+    run = ["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "3",
+           "--out", str(tmp_path / "o")]
+    _fails(capsys, run + ["--batch-size", "4096"], "max_tokens_per_batch (2048) must be >= max_batch_size (4096)")
+    from eval.costmodels import resolve_preset
+    from eval.costmodels.profile import profile_dict
+
+    profile = profile_dict(resolve_preset("opt-13b-a100"))
+    profile["block_size"] = 100_000  # one block of OPT-13B KV is then far larger than the GPU
+    path = tmp_path / "huge-blocks.json"
+    path.write_text(json.dumps(profile))
+    _fails(capsys, run + ["--cost", str(path)], "leave no room for KV blocks")
+    assert not (tmp_path / "o").exists()
