@@ -240,8 +240,8 @@ def cmd_reproduce(args) -> int:
 
     specs = [on_backend(s) for f in figs for s in figure_specs(f, seed=args.seed)]
     out: Path = _out_dir(args.out)
-    jobs = args.jobs or os.cpu_count() or 1
     unique = len(dict.fromkeys(specs))
+    jobs = max(1, min(args.jobs or os.cpu_count() or 1, unique))  # the sweep starts at most one process per run
     if engine is not None:
         jobs = 1
     print(f"jserve-eval: {len(figs)} figures, {unique} runs ({args.backend}) on {jobs} processes -> {out}", file=sys.stderr)

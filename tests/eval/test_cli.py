@@ -221,3 +221,20 @@ def test_a_scheduler_configuration_that_cannot_be_built_is_a_usage_error(capsys,
     path.write_text(json.dumps(profile))
     _fails(capsys, run + ["--cost", str(path)], "leave no room for KV blocks")
     assert not (tmp_path / "o").exists()
+
+
+def test_reproduce_reports_the_processes_it_actually_uses(capsys, tmp_path, monkeypatch):
+    """--jobs 64 on 24 runs said 'on 64 processes' (and report.md too); the sweep only ever starts one per run."""
+    import eval.runner
+
+    seen = {}
+
+    def fake_sweep(specs, logs_root, *, jobs, progress):
+        seen["jobs"] = jobs
+        return {}
+
+    monkeypatch.setattr(eval.runner, "run_sweep", fake_sweep)
+    assert main(["reproduce", "--figures", "12", "--quick", "--jobs", "64", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "24 runs (sim) on 24 processes" in err and seen["jobs"] == 24
+    assert "24 runs on 24 processes" in (tmp_path / "report.md").read_text()
