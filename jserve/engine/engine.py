@@ -202,7 +202,12 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass the prompt as a list of token ids")
-            return prompt, self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt)
+            vocab = self.model.config.vocab_size
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:  # a tokenizer with more tokens than the model's embedding: not silently clipped
+                raise ValueError(f"the tokenizer gave token id {bad}, outside the model's vocabulary [0, {vocab})")
+            return prompt, ids
         if isinstance(prompt, (list, tuple, np.ndarray)):
             ids = []
             vocab = self.model.config.vocab_size

@@ -417,6 +417,9 @@ def test_the_tokenizers_end_of_sequence_stops_too(tiny, prompts, reference):
         def decode(self, ids, skip_special_tokens=True):
             return ""
 
+        def encode(self, text):  # "a b" -> [97, 32, 98]; characters past the tiny vocabulary (256) too
+            return [ord(c) for c in text]
+
     ref = reference[4]
     firsts = list(dict.fromkeys(ref))  # distinct ids in order of first appearance
     tok_eos, config_eos = firsts[2], firsts[4]  # the tokenizer's comes first in the reference
@@ -427,6 +430,10 @@ def test_the_tokenizers_end_of_sequence_stops_too(tiny, prompts, reference):
     llm.engine._eos_ids -= {tok_eos}  # the config's id alone (test_eos_stops_unless_ignored: a config eos alone)
     out = llm.generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
     assert out.token_ids == ref[: ref.index(config_eos) + 1] and out.finish_reason == "stop"
+    # a string prompt whose ids fall outside the model's vocabulary is refused (it was clipped silently)
+    ok, bad = llm.generate(["ab", "a\u0101"], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert ok.prompt_token_ids == [97, 98] and len(ok.token_ids) == 2
+    assert bad.finish_reason == "error" and "token id 257, outside the model's vocabulary [0, 256)" in bad.error
 
 
 def test_a_device_pool_larger_than_memory_is_refused_before_allocation(tiny):
