@@ -129,18 +129,22 @@ class LLM:
         return outs
 
     def stream(self, prompt, params: SamplingParams | dict | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's output after every step that changed it (``new_token_ids`` holds the new
-        ids); the last one yielded is finished. Other queued requests keep running alongside. Leaving the
-        iteration early (``break``, ``close()``, the iterator garbage-collected) aborts the request."""
+        """Yield a snapshot of the request's output after every step that changed it (``new_token_ids``
+        holds the ids since the previous one); the last one yielded is finished. Other queued requests keep
+        running alongside, other streams included (advance several in turn: each sees all its ids). Leaving
+        the iteration early (``break``, ``close()``, the iterator garbage-collected) aborts the request."""
         out = self.engine.add_request(prompt, params)
+        sent = 0  # ids already handed to the caller
         try:
-            if out.finished:
-                yield out
-                return
-            while not out.finished:
-                for changed in self.engine.step():
-                    if changed is out:
-                        yield out
+            while True:
+                if out.finished or len(out.token_ids) > sent:
+                    update = out.snapshot()
+                    update.new_token_ids = out.token_ids[sent:]
+                    sent = len(out.token_ids)
+                    yield update
+                    if update.finished:
+                        return
+                self.engine.step()  # may be driven by another stream too: this one catches up next time
         finally:  # the caller left early (break, close, garbage collection): free the request's pages
             if not out.finished:
                 self.engine.abort(out.request_id)
