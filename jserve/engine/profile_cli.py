@@ -45,6 +45,8 @@ def profile_command(args, parser) -> int:
         fail(f"--out {out} is a directory; give a file name")
     if not out.parent.exists():
         fail(f"--out: directory {out.parent} does not exist")
+    if not out.parent.is_dir():
+        fail(f"--out: {out.parent} is not a directory")
     from jserve.models import ConfigError, load, smollm2_gguf_path
 
     source = args.model or smollm2_gguf_path()
@@ -70,7 +72,10 @@ def profile_command(args, parser) -> int:
         result = profile_engine(engine, grid, name=args.name, progress=lambda m: print(f"  {m}", file=sys.stderr))
     except ValueError as e:
         fail(str(e))
-    result.save(out)
+    try:
+        result.save(out)
+    except OSError as e:  # e.g. no permission: say so in one line (the profile itself is lost)
+        fail(f"cannot write --out {out}: {e}")
     c = result.cost
     m1, m2 = result.mixed_decode
     print(f"wrote {out}: prefill_ms [{c.p0 * 1e3:.4g}, {c.p1 * 1e3:.4g}, {c.p2 * 1e3:.4g}], decode_ms "

@@ -186,3 +186,14 @@ def test_interleaved_means_time_every_point_in_shuffled_rounds():
     rounds = [tuple(visits[i : i + 3]) for i in range(0, 12, 3)]
     assert all(sorted(r) == [0, 1, 2] for r in rounds) and len(set(rounds)) > 1  # each round: all, reshuffled
     assert 0.002 <= means[0] < means[1] and 0.006 <= means[1] < 0.05 and means[2] < means[0]
+
+
+def test_an_out_path_under_a_file_is_reported_before_profiling(tmp_path, capsys):
+    from jserve.cli import main
+
+    (tmp_path / "file").write_text("x")  # its "directory" exists but is a file: the save failed after profiling
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--model", "tiny-llama", "--out", str(tmp_path / "file" / "p.json"), "--quick",
+              "--max-model-len", "64", "--max-batch-size", "2", "--decode-buckets", "2", "--token-buckets", "64"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is not a directory" in err and "Traceback" not in err, err
