@@ -97,7 +97,12 @@ class AsyncLLMEngine:
         target = self._streams.get(out.request_id)
         if target is not None:
             loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, out.snapshot())
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, out.snapshot())
+            except RuntimeError:  # the caller's event loop is closed: nobody will read this stream
+                self._streams.pop(out.request_id, None)
+                if not out.finished:
+                    self.engine.abort(out.request_id)
 
     def _run_command(self, cmd: tuple) -> None:
         if cmd[0] == "add":

@@ -465,3 +465,32 @@ def test_a_device_pool_larger_than_memory_is_refused_before_allocation(tiny):
     # 10**9 pages of 8 KiB: 7.5 TiB. Was allocated as asked (a CPU overcommits, then dies when pages are touched)
     with pytest.raises(ValueError, match=r"num_device_blocks=1000000000 needs 7629\.4 GiB of KV cache .* GiB free"):
         LLM(tiny, **dict(ROOMY, num_device_blocks=10**9))
+
+
+def test_a_stream_whose_event_loop_closed_does_not_kill_the_engine_thread(tiny, prompts, reference):
+    """A caller's event loop can close while its stream is still registered (``asyncio.run`` ending): handing
+    it an output raised RuntimeError on the engine thread, which stopped serving everyone. Now that request is
+    aborted and the thread carries on."""
+    import time
+
+    llm = LLM(tiny, scheduler="fastserve", **ROOMY)
+    engine = AsyncLLMEngine(llm.engine)
+    closed = asyncio.new_event_loop()
+    closed.close()
+    engine._streams["orphan"] = (closed, asyncio.Queue())
+    engine._commands.put(("add", "orphan", prompts[0], SamplingParams(max_tokens=NEW, ignore_eos=True)))
+    for _ in range(200):
+        if "orphan" not in engine._streams:
+            break
+        time.sleep(0.01)
+
+    async def collect():
+        return [t async for out in engine.generate(prompts[1], SamplingParams(max_tokens=NEW, ignore_eos=True))
+                for t in out.new_token_ids]
+
+    try:
+        toks = asyncio.run(asyncio.wait_for(collect(), 60))
+    finally:
+        engine.shutdown()
+    assert engine.error is None and toks == reference[1]
+    assert not llm.engine.has_unfinished()  # the orphan was aborted, not run to the end for nobody
