@@ -239,15 +239,18 @@ def _serve(args, parser) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        return _generate(args, parser)
-    if args.command == "serve":
-        return _serve(args, parser)
-    if args.command == "profile":
-        from jserve.engine.profile_cli import profile_command
+    try:
+        if args.command == "generate":
+            return _generate(args, parser)
+        if args.command == "serve":
+            return _serve(args, parser)
+        if args.command == "profile":
+            from jserve.engine.profile_cli import profile_command
 
-        return profile_command(args, parser)
-    return _presets()
+            return profile_command(args, parser)
+        return _presets()
+    except KeyboardInterrupt:  # Ctrl-C while loading or compiling: one line, the shell's status for SIGINT
+        parser.exit(130, f"jserve {args.command}: interrupted\n")
 
 
 if __name__ == "__main__":

@@ -102,3 +102,18 @@ def test_a_prompt_that_is_not_unicode_exits_2(model_with_tokenizer, capsys):
         main(["generate", "hi \udcff", "--model", str(model_with_tokenizer)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "the prompt cannot be tokenized" in err and "U+DCFF" in err, err
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["serve", "--port", "0"], ["profile", "--out", "p.json"]])
+def test_ctrl_c_while_loading_exits_130_in_one_line(command, monkeypatch, capsys, tmp_path):
+    import jserve.models
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jserve.models, "load", interrupted)  # Ctrl-C during the minutes of loading / compiling
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:  # was a KeyboardInterrupt traceback
+        main(command + ["--model", "tiny-llama"] if command[0] != "generate" else command + ["--model", "x.gguf"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and f"jserve {command[0]}: interrupted" in err and "Traceback" not in err, err
