@@ -122,6 +122,16 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _chat_template(value: Any, config_path: Path) -> str | None:
+    """``chat_template`` of a tokenizer_config.json: a string, or named templates (the "default" one)."""
+    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
+        value = next((t.get("template") for t in value if t.get("name") == "default"), None)
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{config_path}: chat_template must be a string or a list of "
+                             f"{{\"name\", \"template\"}} objects, got {json.dumps(value)[:60]}")
+    return value
+
+
 def _from_tokenizer_json(path: Path, config_path: Path) -> Tokenizer:
     try:
         backend = tokenizers.Tokenizer.from_file(str(path))
@@ -131,16 +141,19 @@ def _from_tokenizer_json(path: Path, config_path: Path) -> Tokenizer:
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise TokenizerError(f"cannot parse {config_path}: {e}") from e
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_path}: expected a JSON object")
     bos = _token_content(config.get("bos_token"))
     eos = _token_content(config.get("eos_token"))
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: take "default"
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    template = _chat_template(config.get("chat_template"), config_path)
     chat_file = config_path.with_name("chat_template.jinja")
     if template is None and chat_file.is_file():
-        template = chat_file.read_text()
+        try:
+            template = chat_file.read_text()
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"cannot read {chat_file}: {e}") from e
     return Tokenizer(
         backend=backend,
         bos_token_id=backend.token_to_id(bos) if bos else None,

@@ -132,3 +132,34 @@ def test_add_special_tokens_prepends_bos_only_when_the_model_uses_it(tok, tmp_pa
     with_bos = load_tokenizer(tmp_path)
     assert with_bos.encode("hi there", add_special_tokens=True) == [1] + tok.encode("hi there")
     assert with_bos.encode("<|im_start|>hi", add_special_tokens=True) == [1] + tok.encode("hi")  # no double BOS
+
+
+def _word_level_dir(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 5, "</s>": 7}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("config, message", [
+    ("[1]", r"tokenizer_config\.json: expected a JSON object"),  # was AttributeError: 'list' has no 'get'
+    (b"\xff\xfe{", r"cannot parse .*tokenizer_config\.json"),  # was a bare UnicodeDecodeError
+    ('{"chat_template": 5}', r"tokenizer_config\.json: chat_template must be"),  # was accepted, failing at chat
+    ('{"chat_template": [5]}', r"tokenizer_config\.json: chat_template must be"),  # was AttributeError
+])
+def test_a_malformed_tokenizer_config_names_the_file(tmp_path, config, message):
+    d = _word_level_dir(tmp_path)
+    f = d / "tokenizer_config.json"
+    f.write_bytes(config) if isinstance(config, bytes) else f.write_text(config)
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(d)
+
+
+def test_a_well_formed_tokenizer_config_still_loads(tmp_path):
+    d = _word_level_dir(tmp_path)
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": {"content": "</s>"}, "chat_template": [{"name": "default", "template": "{{ 1 }}"}]}))
+    tok = load_tokenizer(d)
+    assert tok.eos_token_id == 7 and tok.chat_template == "{{ 1 }}" and tok.encode("hi") == [5]
