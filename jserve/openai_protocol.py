@@ -83,7 +83,18 @@ class _GenerationFields(_Strict):
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]  # a list of prompts is served when it holds one
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt: ``prompt`` itself, or the only element of a batch of one (LangChain and other
+        clients send ``[text]``). A batch of several raises ``ApiError(400)``."""
+        p = self.prompt
+        if isinstance(p, list) and p and not isinstance(p[0], int):
+            if len(p) > 1:
+                raise ApiError(400, f"a batch of {len(p)} prompts is not supported by jserve; send one prompt per "
+                                    "request (concurrent requests are batched by the engine)", param="prompt")
+            return p[0]
+        return p
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -140,7 +151,7 @@ for _m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, Stre
     _FIELD_NAMES |= set(_m.model_fields)
 
 _EXPECTED = {  # how a union-typed field is described in a type error
-    "prompt": "a string or a list of token ids (integers); batches of prompts are not supported",
+    "prompt": "a string or a list of token ids (integers), or a list holding one of them",
     "stop": "a string or a list of strings",
     "content": "a string, a list of text parts ({\"type\": \"text\", \"text\": ...}) or null",
 }

@@ -180,12 +180,13 @@ class OpenAIServer:
                            param="model", code="model_not_found")
 
     def _completion_prompt(self, req: CompletionRequest) -> list[int]:
-        if isinstance(req.prompt, str):
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer; send 'prompt' as a list of token ids", "prompt")
-            ids = _encode(self.tokenizer, req.prompt, "prompt")
+            ids = _encode(self.tokenizer, prompt, "prompt")
         else:
-            ids = list(req.prompt)
+            ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
             if bad:
                 raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})",

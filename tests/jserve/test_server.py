@@ -105,7 +105,7 @@ def test_health_and_models(tiny):
 
 
 def test_completion_matches_the_reference_decode(tiny):
-    _, url, prompts, reference = tiny
+    llm, url, prompts, reference = tiny
     with httpx.Client(base_url=url, timeout=60) as c:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompts[0], "max_tokens": NEW,
                                             "temperature": 0, "ignore_eos": True, "return_token_ids": True})
@@ -127,6 +127,14 @@ def test_completion_matches_the_reference_decode(tiny):
                    "logit_bias": {}, "suffix": None, "user": "someone", "n": 1, "top_k": -1, "seed": 7}
         r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2} | neutral)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+        # a batch of one prompt (what LangChain's OpenAI wrapper and others send) is that prompt; it was a 400
+        for one in ([prompts[0]], [as_text(prompts[0][:5])]):
+            r = c.post("/v1/completions", json={"prompt": one, "max_tokens": 3, "temperature": 0,
+                                                "ignore_eos": True, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            ids = one[0] if isinstance(one[0], list) else list(one[0].encode())
+            assert r.json()["prompt_token_ids"] == ids
+        assert r.json()["choices"][0]["token_ids"] == greedy_generate(llm.model, ids, 3)
 
 
 def test_concurrent_requests_all_complete(tiny):
@@ -213,6 +221,8 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", {"prompt": [5], "temperature": "hot"}, 400, "valid number", "temperature"),
     ("/v1/completions", {"prompt": [5], "stop": 7}, 400, "a string or a list of strings", "stop"),
     ("/v1/completions", {"prompt": [5.5]}, 400, "list of token ids", "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "a batch of 2 prompts is not supported", "prompt"),
+    ("/v1/completions", {"prompt": [[5], [6], [7]]}, 400, "a batch of 3 prompts is not supported", "prompt"),
     ("/v1/completions", {"max_tokens": 4}, 400, "missing required field 'prompt'", "prompt"),
     ("/v1/completions", {"prompt": [5], "temprature": 0.5}, 400, "unknown field 'temprature'", "temprature"),
     ("/v1/completions", {"prompt": [5], "temperature": -1}, 400, "SamplingParams.temperature", "temperature"),
