@@ -105,7 +105,7 @@ def test_health_and_models(tiny):
 
 
 def test_completion_matches_the_reference_decode(tiny):
-    llm, url, prompts, reference = tiny
+    _, url, prompts, reference = tiny
     with httpx.Client(base_url=url, timeout=60) as c:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompts[0], "max_tokens": NEW,
                                             "temperature": 0, "ignore_eos": True, "return_token_ids": True})
@@ -128,13 +128,14 @@ def test_completion_matches_the_reference_decode(tiny):
         r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2} | neutral)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
         # a batch of one prompt (what LangChain's OpenAI wrapper and others send) is that prompt; it was a 400
-        for one in ([prompts[0]], [as_text(prompts[0][:5])]):
+        text_ids = c.post("/v1/completions", json={"prompt": "héllo", "max_tokens": 3, "temperature": 0,
+                                                   "ignore_eos": True, "return_token_ids": True}).json()
+        for one, expected in (([prompts[0]], reference[0][:3]), (["héllo"], text_ids["choices"][0]["token_ids"])):
             r = c.post("/v1/completions", json={"prompt": one, "max_tokens": 3, "temperature": 0,
                                                 "ignore_eos": True, "return_token_ids": True})
             assert r.status_code == 200, r.text
-            ids = one[0] if isinstance(one[0], list) else list(one[0].encode())
-            assert r.json()["prompt_token_ids"] == ids
-        assert r.json()["choices"][0]["token_ids"] == greedy_generate(llm.model, ids, 3)
+            assert r.json()["prompt_token_ids"] == (one[0] if isinstance(one[0], list) else list(b"h\xc3\xa9llo"))
+            assert r.json()["choices"][0]["token_ids"] == expected
 
 
 def test_concurrent_requests_all_complete(tiny):
