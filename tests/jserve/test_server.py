@@ -29,7 +29,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from jserve.cli import main
 from jserve.engine import LLM, AsyncLLMEngine
-from jserve.models import greedy_generate, load, smollm2_gguf_path
+from jserve.models import greedy_generate, load
 from jserve.server import build_app, serve_in_thread
 from jserve.tokenizer import Tokenizer
 
