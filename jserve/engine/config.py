@@ -1,6 +1,7 @@
-"""``EngineConfig`` (the engine's limits, shapes and memory settings, validated when built) and the size of
-the device KV pool they give on a device: an explicit ``num_device_blocks`` is checked against the free memory
-before anything is allocated; left None, it is sized from that memory.
+"""``EngineConfig`` (the engine's limits, shapes and memory settings, validated when built) and the sizes of
+the KV pools they give: the device pool (an explicit ``num_device_blocks`` is checked against the free memory
+before anything is allocated; left None, it is sized from that memory) and the host pool (checked against
+the machine's memory).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from schedulers import POLICY_NAMES, IterationCostModel, SchedulerConfig
 
 from .kv_cache import KVCacheSpec
 
-__all__ = ["EngineConfig", "device_pages"]
+__all__ = ["EngineConfig", "device_pages", "host_pages"]
 
 
 def _is_int(v) -> bool:
@@ -90,15 +91,35 @@ class EngineConfig:
             )
 
 
-def _available_memory_bytes() -> int | None:
+def _meminfo_bytes(field: str) -> int | None:
+    """A ``/proc/meminfo`` field (``MemAvailable``, ``MemTotal``) in bytes; None where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _available_memory_bytes() -> int | None:
+    return _meminfo_bytes("MemAvailable")
+
+
+def host_pages(cfg: EngineConfig, spec: KVCacheSpec) -> int:
+    """The host pool's page count: ``num_host_blocks``, or ``swap_space_gib`` of pages. One larger than the
+    machine's memory is refused: it could never be filled (host pages are allocated as swap-outs need them),
+    and the scheduler's bookkeeping of that many pages alone can exhaust the memory."""
+    if cfg.num_host_blocks is not None:
+        pages, asked = cfg.num_host_blocks, f"num_host_blocks={cfg.num_host_blocks}"
+    else:
+        pages, asked = int(cfg.swap_space_gib * 2**30 // spec.page_bytes), f"swap_space_gib={cfg.swap_space_gib}"
+    total = _meminfo_bytes("MemTotal")
+    if total is not None and pages * spec.page_bytes > total:
+        raise ValueError(f"{asked} asks for {pages * spec.page_bytes / 2**30:.1f} GiB of host memory; this machine "
+                         f"has {total / 2**30:.1f} GiB")
+    return pages
 
 
 def _free_bytes(device) -> int | None:

@@ -50,7 +50,7 @@ import numpy as np
 from schedulers import SchedulerConfig, make_scheduler
 from schedulers.request import KVLocation, Request
 
-from .config import EngineConfig, device_pages
+from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
 from .runner import BatchRow, ModelRunner, RunnerConfig
@@ -147,7 +147,7 @@ class LLMEngine:
         spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, mc.dtype)
         self.device = jax.devices()[0]
         num_device = device_pages(cfg, spec, self.max_model_len, self.device)
-        num_host = cfg.num_host_blocks if cfg.num_host_blocks is not None else int(cfg.swap_space_gib * 2**30 // spec.page_bytes)
+        num_host = host_pages(cfg, spec)
         self.kv = KVCache(spec, num_device, num_host, self.device)
         self.runner = ModelRunner(
             model,

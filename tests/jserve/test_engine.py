@@ -494,3 +494,17 @@ def test_a_stream_whose_event_loop_closed_does_not_kill_the_engine_thread(tiny, 
         engine.shutdown()
     assert engine.error is None and toks == reference[1]
     assert not llm.engine.has_unfinished()  # the orphan was aborted, not run to the end for nobody
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_host_blocks=None, swap_space_gib=1e6), r"swap_space_gib=1000000\.0 asks for 1000000\.0 GiB"),
+    (dict(num_host_blocks=10**9), r"num_host_blocks=1000000000 asks for 7629\.4 GiB"),
+])
+def test_a_host_pool_larger_than_the_machine_is_refused(tiny, options, message):
+    # was built as asked: the scheduler's host free list alone (one entry a page) got the process OOM-killed
+    from jserve.engine.config import _meminfo_bytes
+
+    if _meminfo_bytes("MemTotal") is None:
+        pytest.skip("no /proc/meminfo")
+    with pytest.raises(ValueError, match=message + r" of host memory; this machine has [\d.]+ GiB"):
+        LLM(tiny, **dict(ROOMY, **options))
