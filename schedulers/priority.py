@@ -7,7 +7,9 @@ where the KV lives (none / device / host) and, every iteration:
 
 1. **Batch** (rebuilt from scratch): scan requests in priority order (a merge of the indexes) and take each
    one that can run now while the batch has fewer than ``max_batch_size`` requests and the token budget
-   lasts. A prefill is whole (a prompt longer than the whole budget is chunked); a prefill that does not fit
+   lasts. A prefill is whole (a prompt longer than the whole budget is chunked: its first chunk takes the
+   blocks of all its known tokens, and it is never evicted until it samples, so a drop cannot throw its chunks
+   away over and over); a prefill that does not fit
    the remaining budget or the free blocks stops the admission of further prefills in this step (no
    overtaking); decodes of started requests keep joining. A request whose KV is on the host cannot run in
    this step (proactive mode) unless ``swap_mode`` is ``reactive``, where it is swapped in on the critical
@@ -97,6 +99,9 @@ class PriorityScheduler(PolicyBase):
         }
         self._deferring = False
         self._deferred: dict[int, tuple[Request, KVLocation]] = {}
+        # id(request) -> its generated-token count when a prefill or recompute spanning several steps started:
+        # until it samples again it is never evicted (``_catching_up``).
+        self._catching: dict[int, int] = {}
         self._burst = None  # BurstReserve when the reserve is sized from arrival bursts (proactive mode)
         if config.swap_mode == "proactive" and config.reserve_window is not None:
             cap = int(config.reserve_cap_fraction * self.blocks.num_usable_device_blocks)
@@ -141,6 +146,21 @@ class PriorityScheduler(PolicyBase):
 
     def _on_remove(self, r: Request) -> None:
         self._index[r.kv_location].remove(r)
+        self._catching.pop(id(r), None)
+
+    def _catching_up(self, r: Request) -> bool:
+        """``r`` is partway through a prefill or recompute that spans several steps and has not sampled since it
+        began. Such a request is never evicted: with promotion flipping priorities every
+        ``starvation_threshold`` seconds and no host room (every eviction a drop), two requests whose recompute
+        took longer than that dropped each other forever and sampled nothing (a livelock the property tests
+        found). It holds the blocks of all its tokens from its first chunk, so it is never short of blocks."""
+        started = self._catching.get(id(r))
+        if started is None:
+            return False
+        if r.num_generated_tokens != started or r.kv_location is not KVLocation.DEVICE:
+            del self._catching[id(r)]
+            return False
+        return True
 
     def _on_location_change(self, r: Request, old: KVLocation) -> None:
         if self._deferring:
@@ -229,13 +249,18 @@ class PriorityScheduler(PolicyBase):
                 if loc is KVLocation.NONE:
                     admit_open = False
                 continue
-            need = blocks.blocks_for_tokens(r.num_computed_tokens + n)
+            # A prefill that spans several steps (only when it exceeds the whole token budget) takes the blocks
+            # of every token it knows at its first chunk: it is then never short of blocks, and is never
+            # evicted, until it samples (``_catching_up``). Evicting it midway would throw its chunks away.
+            alloc = r.num_tokens if (r.num_computed_tokens == 0 and n < r.num_uncomputed_tokens) else 0
+            need = blocks.blocks_for_tokens(max(r.num_computed_tokens + n, alloc))
             if loc is KVLocation.DEVICE:
                 need -= len(r.blocks)
             if blocked is not None and mode == "proactive":
                 # The free blocks are earmarked for the blocked higher-priority request, and lower-priority
                 # device requests sit out until enough of them are idle to be offloaded for it.
-                if loc is KVLocation.DEVICE and blocks.num_free_device_blocks + held < blocked[1]:
+                if (loc is KVLocation.DEVICE and not self._catching_up(r)
+                        and blocks.num_free_device_blocks + held < blocked[1]):
                     held += len(r.blocks)
                     continue
                 if need > 0:
@@ -253,7 +278,9 @@ class PriorityScheduler(PolicyBase):
                     continue
             if loc is KVLocation.HOST:
                 self._swap_in(plan, r, sync=True)
-            self._take(plan, r, n)
+            self._take(plan, r, n, alloc)
+            if alloc:
+                self._catching[id(r)] = r.num_generated_tokens
             budget -= n
             count += 1
             in_batch.add(id(r))
@@ -286,7 +313,7 @@ class PriorityScheduler(PolicyBase):
         enst_r = self._enst(r, now) if (r is not None and enst_gap) else None
         cost = self.cost_model
         for v in self._victim_order(now, exclude):
-            if id(v) in moved or id(v) in exclude or v.kv_location is not KVLocation.DEVICE:
+            if id(v) in moved or id(v) in exclude or v.kv_location is not KVLocation.DEVICE or self._catching_up(v):
                 continue
             if r is not None:
                 if v.sched_key <= r.sched_key:

@@ -135,3 +135,27 @@ def test_uploads_do_not_take_the_blocks_freed_for_a_blocked_request(policy, cfg_
     res = run_workload(sched, arrivals, max_steps=iteration_bound(requests))
     assert sorted(res.finished) == [r.request_id for r in requests if r.state is not RequestState.REJECTED]
     assert all(r.num_generated_tokens == r.max_new_tokens for r in res.finished.values())
+
+
+# Found by hypothesis (seed 5, tiny pools): with no host room every eviction drops the KV, and with a one-token
+# budget a recompute takes one step per token. Starvation promotion lifted the idle request above the running one
+# every 2 ms, it dropped the running one mid-recompute, and was dropped in turn before its own recompute ended:
+# no token was ever sampled again. A prefill or recompute that spans several steps now takes the blocks of all
+# its tokens at its first chunk and is never evicted until it samples.
+PROMOTION_DROP = [
+    ("fastserve", "recompute", dict(block_size=16, num_device_blocks=2), [(0, 1, 21), (1, 1, 21)]),
+    ("fastserve", "proactive", dict(block_size=4, num_device_blocks=6), [(0, 1, 21), (1, 1, 21)]),
+    ("mlfq", "recompute", dict(block_size=16, num_device_blocks=2), [(0, 1, 21), (1, 1, 1), (2, 1, 21)]),
+]
+
+
+@pytest.mark.parametrize("policy, mode, cfg_kw, reqs", PROMOTION_DROP, ids=[f"{c[0]}-{c[1]}" for c in PROMOTION_DROP])
+def test_a_multi_step_recompute_is_not_dropped_before_it_samples(policy, mode, cfg_kw, reqs):
+    cfg = SchedulerConfig(swap_mode=mode, max_batch_size=1, max_tokens_per_batch=1, max_model_len=22,
+                          num_host_blocks=0, starvation_threshold=0.002, **cfg_kw)
+    sched = make_scheduler(policy, cfg)
+    arrivals = [(0.0, Request(i, p, m, arrival_time=0.0, oracle_output_len=1)) for i, p, m in reqs]
+    requests = [r for _, r in arrivals]
+    res = run_workload(sched, arrivals, max_steps=iteration_bound(requests))
+    assert sorted(res.finished) == [i for i, _, _ in reqs]
+    assert all(r.num_generated_tokens == r.max_new_tokens for r in requests)
