@@ -174,10 +174,11 @@ class LLMEngine:
         )
         self.scheduler = make_scheduler(cfg.scheduler, sched_cfg, cfg.cost_model)
         self._seqs: dict[Hashable, _Sequence] = {}
-        # the model config's end-of-sequence id and the tokenizer's: they differ in chat models whose turns end
-        # with their own token (Llama-3 Instruct: config 128001 <|end_of_text|>, tokenizer 128009 <|eot_id|>)
+        # every end-of-sequence id of the model config (config.json's list, generation_config.json) and the
+        # tokenizer's: chat models end turns with their own token (Llama-3 Instruct: config 128001
+        # <|end_of_text|>, also 128008 <|eom_id|> and 128009 <|eot_id|>, the tokenizer's eos)
         tok_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        self._eos_ids = frozenset(i for i in (mc.eos_token_id, tok_eos) if i is not None)
+        self._eos_ids = mc.eos_token_ids | ({tok_eos} if tok_eos is not None else set())
         self.async_scheduling = (cfg.async_scheduling if cfg.async_scheduling is not None
                                  else self.device.platform != "cpu")
         self._in_flight: _InFlight | None = None  # the dispatched iteration whose tokens are not read yet

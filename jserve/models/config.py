@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ class ModelConfig:
     # tokens
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # further end-of-sequence ids: the rest of a config.json ``eos_token_id`` list and generation_config.json's
+    # (Llama-3 Instruct ends a turn with <|eot_id|> and a tool call with <|eom_id|>, not with eos_token_id)
+    extra_eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -82,6 +86,18 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.hidden_act not in ("silu", "relu", "gelu", "gelu_new"):
             raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}")
+        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < 2:
+            raise ConfigError(
+                f"ModelConfig.max_position_embeddings must be an int >= 2 (a prompt token and one generated token), "
+                f"got {self.max_position_embeddings!r}"
+            )
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ConfigError(f"ModelConfig.rope_theta must be a finite number > 0, got {self.rope_theta!r}")
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every id that ends a sequence: ``eos_token_id`` and ``extra_eos_token_ids``."""
+        return frozenset(i for i in (self.eos_token_id, *self.extra_eos_token_ids) if i is not None)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -153,6 +169,7 @@ class ModelConfig:
                 dtype=dtype,
                 bos_token_id=_first_id(cfg.get("bos_token_id")),
                 eos_token_id=_first_id(cfg.get("eos_token_id")),
+                extra_eos_token_ids=_rest_ids(cfg.get("eos_token_id")),
             )
         if model_type == "opt":
             hidden = int(need("hidden_size"))
@@ -179,6 +196,7 @@ class ModelConfig:
                 dtype=dtype,
                 bos_token_id=_first_id(cfg.get("bos_token_id")),
                 eos_token_id=_first_id(cfg.get("eos_token_id")),
+                extra_eos_token_ids=_rest_ids(cfg.get("eos_token_id")),
             )
         raise ConfigError(
             f"{source}: unsupported model_type {model_type!r} (architectures {archs}); "
@@ -199,7 +217,10 @@ class ModelConfig:
             raise ConfigError(f"cannot parse {cfg_path}: {e}") from e
         if not isinstance(cfg, dict):
             raise ConfigError(f"{cfg_path}: expected a JSON object")
-        return cls.from_hf_dict(cfg, source=str(cfg_path))
+        out = cls.from_hf_dict(cfg, source=str(cfg_path))
+        gen = _generation_eos_ids(path / "generation_config.json")
+        extra = tuple(dict.fromkeys(i for i in (*out.extra_eos_token_ids, *gen) if i != out.eos_token_id))
+        return out.replace(extra_eos_token_ids=extra) if extra != out.extra_eos_token_ids else out
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "gguf") -> "ModelConfig":
@@ -250,6 +271,26 @@ def _first_id(v: Any) -> int | None:
     if isinstance(v, list):
         return int(v[0]) if v else None
     return int(v) if v is not None else None
+
+
+def _rest_ids(v: Any) -> tuple[int, ...]:
+    """The ids after the first of a config's id list (``eos_token_id: [128001, 128008, 128009]``)."""
+    return tuple(int(i) for i in v[1:]) if isinstance(v, list) else ()
+
+
+def _generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """``eos_token_id`` (an id or a list) of a Hugging Face ``generation_config.json``; () when absent."""
+    if not path.is_file():
+        return ()
+    try:
+        gen = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from e
+    v = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    ids = v if isinstance(v, list) else [] if v is None else [v]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{path}: eos_token_id must be a non-negative id or a list of them, got {v!r}")
+    return tuple(ids)
 
 
 def _hf_dtype(v: Any) -> str:

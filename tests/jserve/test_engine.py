@@ -508,3 +508,8 @@ def test_a_host_pool_larger_than_the_machine_is_refused(tiny, options, message):
         pytest.skip("no /proc/meminfo")
     with pytest.raises(ValueError, match=message + r" of host memory; this machine has [\d.]+ GiB"):
         LLM(tiny, **dict(ROOMY, **options))
+    # a further id from the config (config.json's eos list beyond the first, or generation_config.json)
+    extra_eos = firsts[3]
+    model = dataclasses.replace(model, config=model.config.replace(extra_eos_token_ids=(extra_eos,)))
+    out = LLM(model, scheduler="fcfs", **ROOMY).generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
+    assert out.token_ids == ref[: ref.index(extra_eos) + 1] and out.finish_reason == "stop"

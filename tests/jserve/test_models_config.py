@@ -89,3 +89,31 @@ def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="unknown model preset"):
         get_preset("gpt-5")
     assert set(PUBLISHED) <= set(PRESETS)
+    with pytest.raises(ConfigError, match="max_position_embeddings must be an int >= 2"):
+        get_preset("tiny-llama").replace(max_position_embeddings=0)
+    with pytest.raises(ConfigError, match="rope_theta must be a finite number > 0"):
+        get_preset("tiny-llama").replace(rope_theta=-10000.0)
+
+
+def test_every_end_of_sequence_id_is_kept(tmp_path):
+    """Llama-3 Instruct's config.json lists three eos ids and its generation_config.json names them too: all
+    of them end a sequence (the first stays ``eos_token_id``)."""
+    import json
+
+    base = dict(model_type="llama", vocab_size=200, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=2)
+    (tmp_path / "config.json").write_text(json.dumps(base | dict(eos_token_id=[128, 129, 130])))
+    cfg = ModelConfig.from_hf_dir(tmp_path)
+    assert cfg.eos_token_id == 128 and cfg.extra_eos_token_ids == (129, 130)
+    assert cfg.eos_token_ids == {128, 129, 130}
+    (tmp_path / "config.json").write_text(json.dumps(base | dict(eos_token_id=128)))
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[128, 131])))
+    cfg = ModelConfig.from_hf_dir(tmp_path)
+    assert cfg.eos_token_id == 128 and cfg.extra_eos_token_ids == (131,)
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(eos_token_id="eot")))
+    with pytest.raises(ConfigError, match="generation_config.json: eos_token_id must be"):
+        ModelConfig.from_hf_dir(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot parse .*generation_config.json"):
+        ModelConfig.from_hf_dir(tmp_path)
+    assert get_preset("tiny-llama").eos_token_ids == {2}
