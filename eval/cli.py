@@ -240,6 +240,7 @@ def cmd_reproduce(args) -> int:
 
     specs = [on_backend(s) for f in figs for s in figure_specs(f, seed=args.seed)]
     out: Path = _out_dir(args.out)
+    _out_dir(out / "logs")
     unique = len(dict.fromkeys(specs))
     jobs = max(1, min(args.jobs or os.cpu_count() or 1, unique))  # the sweep starts at most one process per run
     if engine is not None:

@@ -158,6 +158,11 @@ def test_out_must_be_a_writable_directory(capsys, tmp_path):
     _fails(capsys, run + ["--out", str(afile / "sub")], "argument --out: cannot create", str(afile / "sub"))
     _fails(capsys, ["reproduce", "--figures", "12", "--quick", "--out", str(afile)],
            f"argument --out: {afile} exists and is not a directory")
+    blocked = tmp_path / "res"
+    blocked.mkdir()
+    (blocked / "logs").write_text("x")  # every run failed on it, after simulating
+    _fails(capsys, ["reproduce", "--figures", "12", "--quick", "--out", str(blocked)],
+           f"argument --out: {blocked / 'logs'} exists and is not a directory")
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "exp-fcfs-sharegpt-200-4-client-log").write_text("[(10, 5, 0.5, 0.0, 0.5, 0.1)]\n")
