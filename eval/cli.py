@@ -13,8 +13,10 @@ arrival rates from ``--hardware`` (the figure's preset) to the device (``eval.en
 ``reproduce`` writes ``DIR/logs/<group>/exp-*-client-log`` (artifact format), ``DIR/summary.csv`` (one row per
 run), ``DIR/fig<ID>.csv``, ``DIR/fig<ID>.pdf``/``.png`` and ``DIR/report.md``. Bad input (unknown figure,
 system, dataset or preset, unreadable or malformed dataset file or cost profile, non-positive rate or count, an
-unavailable backend, an ``--out`` that is a file or cannot be created) is reported argparse-style on stderr with exit status 2, never a traceback. A run that fails inside a
-sweep is reported and the sweep finishes; the exit status is then 1.
+unavailable backend, an ``--out`` that is a file or cannot be created, engine-only options with the simulator, a
+workload or scheduler configuration that cannot be built) is reported argparse-style on stderr with exit status
+2, never a traceback. A run that fails inside a sweep is reported and the sweep finishes; the exit status is
+then 1.
 """
 
 from __future__ import annotations

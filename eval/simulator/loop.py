@@ -153,7 +153,8 @@ def simulate(
     from schedulers.cost import plan_compute_time
 
     wall0 = _time.perf_counter()
-    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or horizon != horizon):
+    bad_horizon = isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or horizon != horizon
+    if horizon is not None and bad_horizon:
         raise ValueError(f"simulate: horizon must be None or a number, got {horizon!r}")
     if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
         raise ValueError(f"simulate: max_iterations must be an int >= 0, got {max_iterations!r}")
