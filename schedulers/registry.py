@@ -27,6 +27,7 @@ _POLICIES: dict[str, tuple[str, str, dict]] = {
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
+_COST_METHODS = ("prefill_time", "decode_time", "step_time", "swap_time")  # the IterationCostModel protocol
 
 
 def available_policies() -> list[str]:
@@ -51,6 +52,11 @@ def make_scheduler(
         config = SchedulerConfig()
     if not isinstance(config, SchedulerConfig):
         raise TypeError(f"make_scheduler: config must be a SchedulerConfig, got {type(config).__name__}")
+    if cost_model is not None:
+        missing = [m for m in _COST_METHODS if not callable(getattr(cost_model, m, None))]
+        if missing:
+            raise TypeError(f"make_scheduler: cost_model must be None or an IterationCostModel (schedulers.cost); "
+                            f"missing {', '.join(missing)}; got {type(cost_model).__name__}")
     module, cls_name, forced = _POLICIES[name]
     cls = getattr(importlib.import_module(module), cls_name)
     if forced:

@@ -18,6 +18,15 @@ def test_unknown_policy_names_the_known_ones():
         make_scheduler("fifo", SchedulerConfig())
 
 
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_a_cost_model_without_the_protocol_is_refused(policy):
+    """cost_model=5 was accepted by fcfs/srpt/vllm (and would fail at the first priced step) and raised a bare
+    AttributeError inside fastserve's constructor."""
+    with pytest.raises(TypeError, match=r"make_scheduler: cost_model must be None or an IterationCostModel .*"
+                                        r"missing prefill_time, decode_time, step_time, swap_time; got int"):
+        make_scheduler(policy, SchedulerConfig(), cost_model=5)
+
+
 def test_every_registered_policy_builds_and_carries_its_name():
     assert available_policies() == list(POLICY_NAMES)
     for name in POLICY_NAMES:
