@@ -451,6 +451,13 @@ def test_the_tokenizers_end_of_sequence_stops_too(tiny, prompts, reference):
     llm.engine._eos_ids -= {tok_eos}  # the config's id alone (test_eos_stops_unless_ignored: a config eos alone)
     out = llm.generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
     assert out.token_ids == ref[: ref.index(config_eos) + 1] and out.finish_reason == "stop"
+    # a further id from the config (config.json's eos list beyond the first, or generation_config.json); a
+    # tokenizer without an eos id, so that the earlier tokenizer id does not stop it first
+    extra_eos = firsts[3]
+    extra = dataclasses.replace(model, config=model.config.replace(extra_eos_token_ids=(extra_eos,)),
+                                tokenizer=Tok(None))
+    out = LLM(extra, scheduler="fcfs", **ROOMY).generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
+    assert out.token_ids == ref[: ref.index(extra_eos) + 1] and out.finish_reason == "stop"
     # a string prompt whose ids fall outside the model's vocabulary is refused (it was clipped silently)
     ok, bad = llm.generate(["ab", "a\u0101"], SamplingParams(max_tokens=2, ignore_eos=True))
     assert ok.prompt_token_ids == [97, 98] and len(ok.token_ids) == 2
@@ -508,8 +515,3 @@ def test_a_host_pool_larger_than_the_machine_is_refused(tiny, options, message):
         pytest.skip("no /proc/meminfo")
     with pytest.raises(ValueError, match=message + r" of host memory; this machine has [\d.]+ GiB"):
         LLM(tiny, **dict(ROOMY, **options))
-    # a further id from the config (config.json's eos list beyond the first, or generation_config.json)
-    extra_eos = firsts[3]
-    model = dataclasses.replace(model, config=model.config.replace(extra_eos_token_ids=(extra_eos,)))
-    out = LLM(model, scheduler="fcfs", **ROOMY).generate([prompts[4]], SamplingParams(max_tokens=NEW))[0]
-    assert out.token_ids == ref[: ref.index(extra_eos) + 1] and out.finish_reason == "stop"
