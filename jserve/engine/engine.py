@@ -53,7 +53,7 @@ from schedulers.request import KVLocation, Request
 from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
-from .runner import BatchRow, ModelRunner, RunnerConfig
+from .runner import BatchRow, ModelRunner, RunnerConfig, StepOutputs
 from .sampling import SamplingParams
 
 __all__ = ["EngineConfig", "LLMEngine", "CompileWatch"]
@@ -117,9 +117,10 @@ class _InFlight:
     plan: object  # schedulers.plan.StepPlan
     start: float
     samplers: list  # per row: the _Sequence that samples a token there, or None
-    tokens: object  # device array [slots] int32 (or an empty numpy array for a copies-only iteration)
+    outputs: StepOutputs | None  # the step's device arrays (None for a copies-only iteration)
     sampler_index: dict = dataclasses.field(default_factory=dict)  # request id -> index into tokens
     _host: np.ndarray | None = None
+    _host_logprobs: tuple | None = None
 
     def __post_init__(self) -> None:
         self.sampler_index = {seq.request.request_id: i for i, seq in enumerate(self.samplers) if seq is not None}
@@ -127,8 +128,26 @@ class _InFlight:
     def read(self) -> np.ndarray:
         """The sampled tokens on the host (waits for the device the first time)."""
         if self._host is None:
-            self._host = np.asarray(self.tokens)
+            self._host = np.zeros(0, np.int32) if self.outputs is None else np.asarray(self.outputs.tokens)
         return self._host
+
+    def read_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sampled tokens' log-probabilities ``[slots]`` and the top ids / log-probabilities ``[slots, K]``
+        on the host (read only when some row asked for them)."""
+        if self._host_logprobs is None:
+            o = self.outputs
+            self._host_logprobs = tuple(np.asarray(a) for a in (o.logprob, o.top_ids, o.top_logprobs))
+        return self._host_logprobs
+
+
+def _logprob_dict(tok: int, k: int, logprobs: tuple[np.ndarray, np.ndarray, np.ndarray], row: int) -> dict[int, float]:
+    """``{id: logprob}`` of one generated token: the sampled id first, then the ``k`` most likely ids (most
+    likely first; the sampled id is not repeated). ``logprobs``: ``flight.read_logprobs()``."""
+    chosen, top_ids, top_lps = logprobs
+    d = {tok: float(chosen[row])}
+    for i, lp in zip(top_ids[row, :k].tolist(), top_lps[row, :k].tolist()):
+        d.setdefault(int(i), float(lp))
+    return d
 
 
 class LLMEngine:
@@ -237,6 +256,8 @@ class LLMEngine:
         out = RequestOutput(rid, prompt if isinstance(prompt, str) else None, [], metrics=RequestMetrics(arrival))
         try:
             sp = SamplingParams.coerce(params)
+            if sp.logprobs is not None:
+                out.logprobs = []
             text, ids = self._tokenize(prompt)
             out.prompt_token_ids = ids
             if not ids:
@@ -395,27 +416,32 @@ class LLMEngine:
             tokens = flight.read()
             for row, j in fills:
                 prepared.set_last_token(row, int(tokens[j]))
+        outputs = None
         if prepared is not None:
-            tokens = self.runner.launch(prepared, plan.swap_out, plan.swap_in)
+            outputs = self.runner.launch(prepared, plan.swap_out, plan.swap_in)
             self.stats["compute_steps"] += 1
         else:
             self.runner.copy("out", plan.swap_out)
             self.runner.copy("in", plan.swap_in)
-            tokens = np.zeros(0, np.int32)
         self._release_host_pages(plan)
-        return _InFlight(plan, now, samplers, tokens)
+        return _InFlight(plan, now, samplers, outputs)
 
     def _collect(self, flight: "_InFlight") -> list[RequestOutput]:
         """Append a finished step's tokens to its sequences and check their stop conditions."""
         end = self.now()
         changed = []
-        for seq, tok in zip(flight.samplers, flight.read()):
+        tokens = flight.read()
+        want = any(seq is not None and seq.params.logprobs is not None for seq in flight.samplers)
+        logprobs = flight.read_logprobs() if want else None
+        for row, (seq, tok) in enumerate(zip(flight.samplers, tokens)):
             if seq is None or seq.output.finished:  # no token, aborted, or stopped while this step ran
                 continue
             out = seq.output
             tok = int(tok)
             out.token_ids.append(tok)
             out.new_token_ids = [tok]
+            if seq.params.logprobs is not None:
+                out.logprobs.append(_logprob_dict(tok, seq.params.logprobs, logprobs, row))
             self.stats["tokens"] += 1
             if out.metrics.first_token_time is None:
                 out.metrics.first_token_time = end

@@ -31,7 +31,10 @@ class RequestOutput:
     decoding (stop strings cut off). ``finish_reason``: None while running, then "stop" (end-of-sequence, a
     stop id or a stop string), "length" (max_tokens or the model's context), "abort", or "error" (the
     request was refused; ``error`` says why). ``new_token_ids`` holds the ids added by the last step (for
-    streaming)."""
+    streaming). ``logprobs`` (when ``SamplingParams.logprobs`` is set, else None): one ``{token id:
+    log-probability}`` dict per generated token, aligned with ``token_ids``; each holds the sampled id first,
+    then the k most likely ids in descending order (k + 1 entries, or k when the sampled id is among them).
+    The log-probabilities are the model's: log-softmax of the raw logits at temperature 1, before top-k/top-p."""
 
     request_id: Hashable
     prompt: str | None
@@ -43,6 +46,7 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or stop id that ended it, if any
     metrics: RequestMetrics | None = None
     new_token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -55,5 +59,6 @@ class RequestOutput:
             prompt_token_ids=list(self.prompt_token_ids),
             token_ids=list(self.token_ids),
             new_token_ids=list(self.new_token_ids),
+            logprobs=None if self.logprobs is None else list(self.logprobs),  # the dicts are never changed
             metrics=dataclasses.replace(self.metrics) if self.metrics else None,
         )

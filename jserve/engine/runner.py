@@ -13,8 +13,9 @@ not compiled is a bug and raises). The executables:
   and its ordering rules).
 
 Block tables always have ``ceil(max_model_len / page_size)`` columns, padded with the reserved padding
-page. The device pool is donated to every step and every scatter; sampled token ids (``[S]`` int32) are the
-only output the host reads.
+page. The device pool is donated to every step and every scatter. A step returns the sampled token ids
+(``[S]`` int32) and their log-probabilities (``StepOutputs``; computed only when a row asked, and read by the
+host only then).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from flax import nnx
 from kernels_pallas import AttentionMetadata
 
 from .kv_cache import KVCache, bucket_pairs, gather_pages, scatter_pages
-from .sampling import SamplingArrays, sample_tokens
+from .sampling import SamplingArrays, sample_tokens, token_logprobs
 
-__all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "PreparedStep", "powers_of_two"]
+__all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "PreparedStep", "StepOutputs", "powers_of_two"]
 
 
 def powers_of_two(low: int, high: int) -> tuple[int, ...]:
@@ -94,10 +95,20 @@ class BatchRow:
     sampling: tuple  # (SamplingParams, seed, generated-so-far)
 
 
+class StepOutputs(NamedTuple):
+    """What a compiled step returns besides the pool (device arrays; rows past the batch are padding).
+    The log-probability arrays are zeros unless some row of the step asked for them."""
+
+    tokens: jax.Array  # [S] int32, the sampled token of every row
+    logprob: jax.Array  # [S] float32, log-probability of the sampled token (unfiltered, temperature 1)
+    top_ids: jax.Array  # [S, K] int32, the K = min(20, vocab) most likely ids, most likely first
+    top_logprobs: jax.Array  # [S, K] float32, their log-probabilities
+
+
 class TracedFunctions(NamedTuple):
     """The jitted (not yet compiled) functions of one model on one device; executables are lowered from them."""
 
-    step: Callable  # (state leaves, ids, pos, pool, metadata, *sampling) -> (tokens, pool)
+    step: Callable  # (state leaves, ids, pos, pool, metadata, *sampling) -> (StepOutputs, pool)
     gather: Callable  # (pool, src) -> staged
     scatter: Callable  # (pool, staged, dst) -> pool
 
@@ -110,10 +121,11 @@ def traced_functions(model, device) -> TracedFunctions:
     graphdef = model.graphdef
     state_tree = jax.tree.structure(model.state)
 
-    def step(state_leaves, ids, pos, pool, md, temp, top_k, top_p, seed, counter):
+    def step(state_leaves, ids, pos, pool, md, temp, top_k, top_p, seed, counter, want_logprobs):
         module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
         logits, pool = module(ids, pos, pool, md)
-        return sample_tokens(logits, temp, top_k, top_p, seed, counter), pool
+        tokens = sample_tokens(logits, temp, top_k, top_p, seed, counter)
+        return StepOutputs(tokens, *token_logprobs(logits, tokens, want_logprobs)), pool
 
     fns = cache[device] = TracedFunctions(
         step=jax.jit(step, donate_argnums=(3,)),
@@ -237,7 +249,7 @@ class ModelRunner:
             logits_idx[:r_count] = ends - 1
         md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
                                logits_indices=logits_idx, decode_only=decode_only)
-        samp = SamplingArrays.build([r.sampling for r in rows], s).as_tuple()
+        samp = SamplingArrays.build([r.sampling for r in rows], s).step_inputs()
         return ids, pos, md, samp
 
     def step_key(self, rows: Sequence[BatchRow]) -> tuple[str, int]:
@@ -313,9 +325,9 @@ class ModelRunner:
         step: "PreparedStep",
         swap_out: Sequence[tuple[int, int]] = (),
         swap_in: Sequence[tuple[int, int]] = (),
-    ) -> jax.Array:
-        """Dispatch a prepared step with its overlapped copies; returns the sampled tokens as a device array
-        (``[slots]`` int32; the first ``step.num_rows`` are the rows'). Nothing waits for the device here.
+    ) -> StepOutputs:
+        """Dispatch a prepared step with its overlapped copies; returns its outputs as device arrays
+        (``[slots, ...]``; the first ``step.num_rows`` rows are the batch's). Nothing waits for the device here.
 
         The swap-outs are gathered and their transfers started before the step, the swap-ins' transfers are
         started before it and scattered after it, so both transfers run while the step computes (the pages
@@ -323,10 +335,10 @@ class ModelRunner:
         kv = self.kv
         self._swap_out(swap_out)
         loads = self._transfer_in(swap_in)
-        tokens, kv.device = self._get((step.kind, step.size))(self._state_leaves, step.ids, step.pos, kv.device,
-                                                              step.metadata, *step.sampling)
+        outputs, kv.device = self._get((step.kind, step.size))(self._state_leaves, step.ids, step.pos, kv.device,
+                                                               step.metadata, *step.sampling)
         self._scatter_in(loads)
-        return tokens
+        return outputs
 
     def run(
         self,
@@ -336,7 +348,7 @@ class ModelRunner:
     ) -> np.ndarray:
         """One step over ``rows`` with overlapped copies, waited for; returns the sampled token of every row
         (``[len(rows)]``)."""
-        return np.asarray(self.launch(self.prepare(rows), swap_out, swap_in))[: len(rows)]
+        return np.asarray(self.launch(self.prepare(rows), swap_out, swap_in).tokens)[: len(rows)]
 
 
 @dataclasses.dataclass

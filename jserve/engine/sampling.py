@@ -10,6 +10,12 @@ Filtering order (per row): scale by 1/temperature, keep the ``top_k`` highest lo
 set of those whose probabilities (after the top-k cut) sum to at least ``top_p``, then draw. Ties at a cut
 keep every tied token. When no row of a batch samples (all greedy), the sort and the draw are skipped at run
 time (``lax.cond``), so greedy batches pay only for the argmax.
+
+Log-probabilities (``SamplingParams.logprobs``) are those of the model's own distribution: the log-softmax
+of the row's unfiltered logits at temperature 1, before top-k / top-p (what vLLM returns by default), at the
+sampled token and for the ``MAX_LOGPROBS`` most likely tokens. ``token_logprobs`` computes them inside the
+same compiled step; when no row of the batch asked, the log-softmax and the top-k are skipped at run time
+(``lax.cond``).
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SamplingParams", "sample_tokens", "SamplingArrays"]
+__all__ = ["SamplingParams", "sample_tokens", "SamplingArrays", "token_logprobs", "MAX_LOGPROBS"]
 
 
 _INT32_MAX = 2**31 - 1
+MAX_LOGPROBS = 20  # top log-probabilities the step returns per row (the most a request may ask for)
 
 
 def _is_int(x) -> bool:
@@ -70,7 +77,9 @@ class SamplingParams:
     ``seed``: the request's PRNG seed (None: the engine draws one). ``stop``: strings that end the output
     (not included in ``text``). ``stop_token_ids``: ids that end the output (included in ``token_ids``).
     ``ignore_eos``: keep generating past the end-of-sequence token (benchmarks). ``skip_special_tokens``:
-    drop special tokens from ``text``.
+    drop special tokens from ``text``. ``logprobs``: None (off), or k in 0..20: return, per generated token,
+    its log-probability and those of the k most likely tokens (the model's distribution: log-softmax of the
+    raw logits at temperature 1, before top-k / top-p; see ``RequestOutput.logprobs``).
     """
 
     max_tokens: int = 16
@@ -82,6 +91,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -96,6 +106,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
             raise ValueError(f"SamplingParams.seed must be None or an int in [0, 2**32), got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"SamplingParams.logprobs must be None or an int in 0..{MAX_LOGPROBS}, "
+                             f"got {self.logprobs!r}")
         object.__setattr__(self, "stop", _string_tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", _id_tuple(self.stop_token_ids))
         # numpy scalars pass the checks above; store plain Python numbers (the scheduler's Request wants ints)
@@ -105,6 +118,8 @@ class SamplingParams:
         object.__setattr__(self, "top_p", float(self.top_p))
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
+        if self.logprobs is not None:
+            object.__setattr__(self, "logprobs", int(self.logprobs))
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
@@ -139,6 +154,7 @@ class SamplingArrays:
     top_p: np.ndarray  # [S] float32
     seed: np.ndarray  # [S] uint32
     counter: np.ndarray  # [S] int32, tokens the request generated before this step
+    logprobs: np.ndarray  # [S] bool; the row wants log-probabilities (False for padded rows)
 
     @classmethod
     def build(cls, rows: Sequence[tuple[SamplingParams, int, int]], num_rows: int) -> "SamplingArrays":
@@ -148,16 +164,23 @@ class SamplingArrays:
         top_p = np.ones(num_rows, np.float32)
         seed = np.zeros(num_rows, np.uint32)
         counter = np.zeros(num_rows, np.int32)
+        logprobs = np.zeros(num_rows, np.bool_)
         for i, (p, s, n) in enumerate(rows):
             temp[i] = p.temperature
             top_k[i] = min(max(p.top_k, 0), _INT32_MAX)  # any k >= the vocabulary keeps every token
             top_p[i] = p.top_p
             seed[i] = s
             counter[i] = n
-        return cls(temp, top_k, top_p, seed, counter)
+            logprobs[i] = p.logprobs is not None
+        return cls(temp, top_k, top_p, seed, counter, logprobs)
 
     def as_tuple(self) -> tuple[np.ndarray, ...]:
+        """The per-row arrays of ``sample_tokens``."""
         return (self.temperature, self.top_k, self.top_p, self.seed, self.counter)
+
+    def step_inputs(self) -> tuple[np.ndarray, ...]:
+        """The compiled step's sampling inputs: ``as_tuple()`` then the ``logprobs`` flags."""
+        return self.as_tuple() + (self.logprobs,)
 
 
 def _filtered_logits(
@@ -203,3 +226,26 @@ def sample_tokens(
         return jnp.where(temperature > 0, drawn, greedy)
 
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
+
+
+def token_logprobs(
+    logits: jax.Array,  # [S, V] float32, the unfiltered logits
+    tokens: jax.Array,  # [S] int32, the sampled tokens
+    wanted: jax.Array,  # [S] bool, rows that asked for log-probabilities
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # [S] float32, [S, K] int32, [S, K] float32
+    """The log-probability of each row's sampled token under log_softmax(logits) (temperature 1, no
+    filtering), and the ``K = min(MAX_LOGPROBS, V)`` most likely ids and their log-probabilities, most likely
+    first (traceable). When no row is ``wanted`` the work is skipped at run time and zeros come back."""
+    s, vocab = logits.shape
+    k = min(MAX_LOGPROBS, vocab)
+
+    def compute(_):
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [S, V]
+        chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(lp, k)
+        return chosen, top_ids.astype(jnp.int32), top_lp
+
+    def skip(_):
+        return jnp.zeros((s,), jnp.float32), jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), jnp.float32)
+
+    return jax.lax.cond(jnp.any(wanted), compute, skip, None)
