@@ -2,9 +2,11 @@
 
 ``CompletionRequest`` and ``ChatCompletionRequest`` are strict pydantic models: a field of the wrong JSON type
 or a field the API does not have is refused, never coerced or ignored. OpenAI fields that jserve does not
-implement (``logprobs``, penalties, ``logit_bias``, tools...) are accepted only at their neutral value (absent,
+implement (``echo``, penalties, ``logit_bias``, tools...) are accepted only at their neutral value (absent,
 null, 0, false), so a client that sends its defaults works and one that asks for the feature learns it is
-missing. ``ApiError`` is an error with its HTTP status, rendered as the OpenAI error body
+missing. Log-probabilities: ``logprobs`` (completions: an int 0..5) and ``logprobs`` + ``top_logprobs`` (chat:
+true and 0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer`` renders the engine's log-probabilities
+as the two APIs' response objects. ``ApiError`` is an error with its HTTP status, rendered as the OpenAI error body
 ``{"error": {"message", "type", "param", "code"}}``; ``validation_error`` turns a pydantic ``ValidationError``
 into one that names the offending field. Sampling values are checked by ``SamplingParams`` itself
 (``sampling_params``), so the server and the Python API give the same messages.
@@ -25,6 +27,7 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "LogprobRenderer",
     "parse_body",
     "sampling_params",
     "validation_error",
@@ -135,8 +138,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "echo": (False,),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -223,7 +224,37 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
             raise ApiError(400, f"{name!r} is not supported by jserve (only {neutral[0]!r} or absent)", param=name)
     if req.n != 1:
         raise ApiError(400, f"'n' must be 1: jserve returns one choice per request, got {req.n}", param="n")
+    _check_logprobs(req)
     return req
+
+
+MAX_COMPLETION_LOGPROBS = 5  # the OpenAI completions API's limit
+MAX_TOP_LOGPROBS = 20  # the chat API's limit (and the engine's)
+
+
+def _check_logprobs(req: _Strict) -> None:
+    """Completions: ``logprobs`` in 0..5. Chat: ``top_logprobs`` in 0..20, and above 0 only with
+    ``logprobs: true``. Otherwise ``ApiError(400)`` naming the field."""
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise ApiError(400, f"'logprobs' must be an integer in 0..{MAX_COMPLETION_LOGPROBS}, got {req.logprobs}",
+                           param="logprobs")
+    elif isinstance(req, ChatCompletionRequest):
+        k = req.top_logprobs
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"'top_logprobs' must be an integer in 0..{MAX_TOP_LOGPROBS}, got {k}",
+                           param="top_logprobs")
+        if k and not req.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+
+
+def logprobs_asked(req: _GenerationFields) -> int | None:
+    """``SamplingParams.logprobs`` for ``req``: None when the request does not ask for log-probabilities."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    if isinstance(req, ChatCompletionRequest) and req.logprobs:
+        return req.top_logprobs or 0
+    return None
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -244,6 +275,7 @@ def sampling_params(req: _GenerationFields, max_tokens: int) -> SamplingParams:
             stop=req.stop or (),
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
+            logprobs=logprobs_asked(req),
         )
     except ValueError as e:
         m = _SP_FIELD.search(str(e))
@@ -251,3 +283,88 @@ def sampling_params(req: _GenerationFields, max_tokens: int) -> SamplingParams:
         if field == "max_tokens" and isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
             field = "max_completion_tokens"
         raise ApiError(400, str(e), param=field) from None
+
+
+# ------------------------------------------------------------------------------------------ logprobs objects
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable character -> byte table (GPT-2's, used by SmolLM2, Llama-3, Qwen...)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table.values():
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
+
+
+class LogprobRenderer:
+    """``RequestOutput.logprobs`` as OpenAI response objects: the completions API's legacy ``logprobs``
+    (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``) and the chat API's ``{"content": [...]}``.
+
+    A token's text is its own decoding; a token that is only part of a UTF-8 character (it decodes to U+FFFD)
+    is written ``"bytes:\\xe2\\x80"`` as OpenAI does, with its raw bytes (byte-level BPE and byte-fallback
+    vocabularies) in ``bytes``. A model without a tokenizer names tokens ``"token_id:<id>"``. ``text_offset``
+    is the length of the text decoded from the tokens before it (so ``text[text_offset[i]:]`` starts with
+    token i when it is a whole character)."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.k = params.logprobs or 0
+        self.skip_special_tokens = params.skip_special_tokens
+
+    def _token(self, tid: int) -> tuple[str, list[int]]:
+        """(text, UTF-8 bytes) of one token."""
+        if self.tokenizer is None:
+            text = f"token_id:{tid}"
+            return text, list(text.encode())
+        text = self.tokenizer.decode([tid])
+        if "\ufffd" not in text:
+            return text, list(text.encode())
+        raw = text.encode()
+        piece = self.tokenizer.backend.id_to_token(tid)
+        if piece is not None:
+            m = _BYTE_PIECE.fullmatch(piece)
+            if m:
+                raw = bytes([int(m.group(1), 16)])
+            elif piece and all(c in _BYTE_DECODER for c in piece):
+                raw = bytes(_BYTE_DECODER[c] for c in piece)
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+    def _offset(self, ids: list[int], i: int) -> int:
+        if self.tokenizer is None or i == 0:
+            return 0
+        return len(self.tokenizer.decode(ids[:i], skip_special_tokens=self.skip_special_tokens).rstrip("\ufffd"))
+
+    def _top(self, d: dict[int, float]) -> list[tuple[int, float]]:
+        """The k most likely of one token's entries, most likely first (the sampled id leads the dict)."""
+        return sorted(d.items(), key=lambda kv: -kv[1])[: self.k]
+
+    def completion(self, ids: list[int], logprobs: list[dict[int, float]], start: int = 0) -> dict:
+        """The legacy object for tokens ``start ..`` of ``ids`` (a streamed chunk passes where it starts)."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for i in range(start, len(ids)):
+            d = logprobs[i]
+            tokens.append(self._token(ids[i])[0])
+            token_lps.append(d[ids[i]])
+            tops.append({self._token(t)[0]: lp for t, lp in d.items()})
+            offsets.append(self._offset(ids, i))
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat(self, ids: list[int], logprobs: list[dict[int, float]], start: int = 0) -> dict:
+        """The chat object (``{"content": [...], "refusal": None}``) for tokens ``start ..`` of ``ids``."""
+        content = []
+        for i in range(start, len(ids)):
+            text, raw = self._token(ids[i])
+            top = []
+            for t, lp in self._top(logprobs[i]):
+                t_text, t_raw = self._token(t)
+                top.append({"token": t_text, "logprob": lp, "bytes": t_raw})
+            content.append({"token": text, "logprob": logprobs[i][ids[i]], "bytes": raw, "top_logprobs": top})
+        return {"content": content, "refusal": None}

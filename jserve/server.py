@@ -41,6 +41,7 @@ from jserve.openai_protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    LogprobRenderer,
     parse_body,
     sampling_params,
 )
@@ -312,11 +313,20 @@ class OpenAIServer:
             obj = "chat.completion.chunk" if chunk else "chat.completion"
         return {"id": prep.request_id, "object": obj, "created": prep.created, "model": self.model.name}
 
+    def _logprobs(self, prep: _Prepared, out: RequestOutput, start: int = 0) -> dict | None:
+        """The choice's ``logprobs`` object for tokens ``start ..`` (None when the request did not ask)."""
+        if out.logprobs is None:
+            return None
+        render = LogprobRenderer(self.tokenizer, prep.params)
+        ids = out.token_ids[: len(out.logprobs)]  # aligned: one dict per token
+        return (render.completion if prep.kind == "completion" else render.chat)(ids, out.logprobs, start)
+
     def _response(self, prep: _Prepared, out: RequestOutput) -> dict:
+        lp = self._logprobs(prep, out)
         if prep.kind == "completion":
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            choice = {"index": 0, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                       "finish_reason": out.finish_reason}
         body = self._head(prep, chunk=False) | {"choices": [choice], "usage": self._usage(prep, out)}
         if prep.return_token_ids:
@@ -325,12 +335,12 @@ class OpenAIServer:
         return body
 
     def _chunk(self, prep: _Prepared, text: str | None, new_ids: list[int], finish: str | None,
-               role: bool = False) -> dict:
+               role: bool = False, logprobs: dict | None = None) -> dict:
         if prep.kind == "completion":
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         else:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if prep.return_token_ids:
             choice["token_ids"] = list(new_ids)
         body = self._head(prep, chunk=True) | {"choices": [choice]}
@@ -342,8 +352,10 @@ class OpenAIServer:
                       first: RequestOutput) -> AsyncIterator[str]:
         """The SSE body: a role chunk (chat), one chunk per engine output that adds text (or ids, with
         ``return_token_ids``; the last one carries ``finish_reason``), a usage chunk if asked, ``[DONE]``.
+        With logprobs, a chunk carries those of every token not reported by an earlier chunk.
         Cancelled when the client disconnects; closing ``stream`` then aborts the request."""
         deltas = _TextDeltas(self.tokenizer, prep.params)
+        reported = 0  # tokens whose logprobs earlier chunks carried
         try:
             if prep.kind == "chat":
                 yield _sse(self._chunk(prep, None, [], None, role=True))
@@ -351,7 +363,9 @@ class OpenAIServer:
             while True:
                 text = deltas.next(out)
                 if text or out.finished or prep.return_token_ids:  # no empty chunks for held-back text
-                    yield _sse(self._chunk(prep, text, out.new_token_ids, out.finish_reason))
+                    lp = self._logprobs(prep, out, reported)
+                    reported = len(out.token_ids)
+                    yield _sse(self._chunk(prep, text, out.new_token_ids, out.finish_reason, logprobs=lp))
                 if out.finished:
                     break
                 out = await anext(stream)

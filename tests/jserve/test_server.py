@@ -215,6 +215,77 @@ def test_chat_completion_uses_the_chat_template(tiny):
         assert evs[-2]["choices"][0]["finish_reason"] == "length"
 
 
+def reference_logprobs(model, prompt: list[int], generated: list[int]) -> np.ndarray:
+    """``[len(generated), V]``: log_softmax (float32) of the model's logits after each ``prompt + generated[:j]``,
+    every prefix a sequence of one packed step of ``jserve.models`` on a fresh cache (no engine, no sampler)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jserve.models.paged import PageAllocator, SeqChunk, build_step, pages_needed
+
+    seqs = [prompt + generated[:j] for j in range(len(generated))]
+    need = [pages_needed(len(q), 16) for q in seqs]
+    alloc = PageAllocator(sum(need))
+    chunks = [SeqChunk(q, 0, alloc.allocate(n)) for q, n in zip(seqs, need)]
+    assert len(seqs) <= 8 and sum(map(len, seqs)) <= 1024 and max(need) <= 16  # one padded shape: one compile
+    step = build_step(chunks, 16, num_tokens=1024, num_seqs=8, pages_per_seq=16)
+    logits, _ = model.step(step.input_ids, step.positions, model.allocate_kv_caches(alloc.num_pages, 16),
+                           step.metadata)
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[: len(seqs)], axis=-1))
+
+
+def byte_token(b: int) -> str:
+    """OpenAI's name of a byte token: its character, or ``bytes:\\xNN`` when it is not a whole UTF-8 character."""
+    return chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"
+
+
+def test_completion_logprobs_match_the_reference(tiny):
+    llm, url, prompts, reference = tiny
+    n, k = 6, 3
+    ref = reference_logprobs(llm.model, prompts[0], reference[0][:n])
+    body = {"prompt": prompts[0], "max_tokens": n, "temperature": 0, "ignore_eos": True, "logprobs": k}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    ids = reference[0][:n]
+    lp = choice["logprobs"]
+    assert choice["text"] == as_text(ids)
+    assert lp["tokens"] == [byte_token(b) for b in ids]
+    np.testing.assert_allclose(lp["token_logprobs"], ref[np.arange(n), ids], atol=1e-5, rtol=0)
+    assert lp["text_offset"] == [len(as_text(ids[:i]).rstrip("\ufffd")) for i in range(n)]
+    for j, top in enumerate(lp["top_logprobs"]):
+        best = np.argsort(-ref[j])[:k]  # greedy: the sampled token is the most likely, so k entries
+        assert list(top) == [byte_token(int(b)) for b in best]
+        np.testing.assert_allclose(list(top.values()), ref[j, best], atol=1e-5, rtol=0)
+
+
+def test_chat_logprobs_streamed_equal_the_whole_answer(tiny):
+    llm, url, _, _ = tiny
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "logprobs": True, "top_logprobs": 2}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        whole = c.post("/v1/chat/completions", json=body).json()
+        with c.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            evs = events(s)
+        plain = c.post("/v1/chat/completions", json=body | {"logprobs": False, "top_logprobs": 0}).json()
+    assert plain["choices"][0]["logprobs"] is None
+    choice = whole["choices"][0]
+    ids = choice["token_ids"]
+    content = choice["logprobs"]["content"]
+    ref = reference_logprobs(llm.model, whole["prompt_token_ids"], ids)
+    assert [e["token"] for e in content] == [byte_token(b) for b in ids]
+    assert [e["bytes"] for e in content] == [[b] for b in ids]  # the raw byte, even when not a whole character
+    np.testing.assert_allclose([e["logprob"] for e in content], ref[np.arange(len(ids)), ids], atol=1e-5, rtol=0)
+    for j, e in enumerate(content):
+        best = np.argsort(-ref[j])[:2]
+        assert [t["bytes"] for t in e["top_logprobs"]] == [[int(b)] for b in best]
+        np.testing.assert_allclose([t["logprob"] for t in e["top_logprobs"]], ref[j, best], atol=1e-5, rtol=0)
+    assert evs[0]["choices"][0]["logprobs"] is None  # the role chunk
+    streamed = sum((e["choices"][0]["logprobs"]["content"] for e in evs[1:-1]), [])
+    assert streamed == content
+
+
 BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", b'{"prompt": [1, 2', 400, "not valid JSON", None),
     ("/v1/completions", [1, 2], 400, "must be a JSON object", None),
@@ -233,7 +304,16 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", {"prompt": [5], "max_tokens": 0}, 400, "SamplingParams.max_tokens", "max_tokens"),
     ("/v1/completions", {"prompt": [5], "stop": [""]}, 400, "SamplingParams.stop", "stop"),
     ("/v1/completions", {"prompt": [5], "n": 3}, 400, "'n' must be 1", "n"),
-    ("/v1/completions", {"prompt": [5], "logprobs": 2}, 400, "'logprobs' is not supported", "logprobs"),
+    ("/v1/completions", {"prompt": [5], "logprobs": 6}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
+    ("/v1/completions", {"prompt": [5], "logprobs": -1}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
+    ("/v1/completions", {"prompt": [5], "logprobs": True}, 400, "valid integer", "logprobs"),
+    ("/v1/completions", {"prompt": [5], "logprobs": 1, "echo": True}, 400, "'echo' is not supported", "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     400, "'top_logprobs' must be an integer in 0..20", "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "'top_logprobs' needs 'logprobs': true", "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400,
+     "valid boolean", "logprobs"),
     ("/v1/completions", {"prompt": [5] * 256}, 400, "the prompt has 256 tokens", "prompt"),
     ("/v1/completions", {"prompt": [5] * 200, "max_tokens": 100}, 400, "maximum context length is 256", "max_tokens"),
     ("/v1/completions", {"prompt": [5, 300]}, 400, "token id 300 is outside the vocabulary", "prompt"),
