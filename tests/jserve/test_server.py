@@ -225,9 +225,9 @@ def reference_logprobs(model, prompt: list[int], generated: list[int]) -> np.nda
 
     seqs = [prompt + generated[:j] for j in range(len(generated))]
     need = [pages_needed(len(q), 16) for q in seqs]
-    alloc = PageAllocator(sum(need))
+    alloc = PageAllocator(8 * 16)
     chunks = [SeqChunk(q, 0, alloc.allocate(n)) for q, n in zip(seqs, need)]
-    assert len(seqs) <= 8 and sum(map(len, seqs)) <= 1024 and max(need) <= 16  # one padded shape: one compile
+    assert len(seqs) <= 8 and sum(map(len, seqs)) <= 1024 and max(need) <= 16  # fixed shapes: one compilation
     step = build_step(chunks, 16, num_tokens=1024, num_seqs=8, pages_per_seq=16)
     logits, _ = model.step(step.input_ids, step.positions, model.allocate_kv_caches(alloc.num_pages, 16),
                            step.metadata)
