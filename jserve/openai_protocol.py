@@ -311,16 +311,28 @@ class LogprobRenderer:
     A token's text is its own decoding; a token that is only part of a UTF-8 character (it decodes to U+FFFD)
     is written ``"bytes:\\xe2\\x80"`` as OpenAI does, with its raw bytes (byte-level BPE and byte-fallback
     vocabularies) in ``bytes``. A model without a tokenizer names tokens ``"token_id:<id>"``. ``text_offset``
-    is the length of the text decoded from the tokens before it (so ``text[text_offset[i]:]`` starts with
-    token i when it is a whole character)."""
+    is the length of the text decoded from the tokens before it, without a trailing incomplete character (so
+    ``text[text_offset[i]:]`` starts with token i when it begins a character).
+
+    One renderer serves one request: a stream reuses it, and the offsets are computed incrementally (two
+    decodes of a short window per token, as streaming detokenizers do), linear in the output length."""
 
     def __init__(self, tokenizer, params: SamplingParams):
         self.tokenizer = tokenizer
         self.k = params.logprobs or 0
         self.skip_special_tokens = params.skip_special_tokens
+        self._names: dict[int, tuple[str, list[int]]] = {}
+        self._offsets: list[int] = []  # text_offset of the tokens seen so far
+        self._text_len = 0  # characters of text completed by those tokens
+        self._window = (0, 0)  # (prefix, read): ids[prefix:read] decode to text already counted
 
     def _token(self, tid: int) -> tuple[str, list[int]]:
         """(text, UTF-8 bytes) of one token."""
+        if tid not in self._names:
+            self._names[tid] = self._name(tid)
+        return self._names[tid]
+
+    def _name(self, tid: int) -> tuple[str, list[int]]:
         if self.tokenizer is None:
             text = f"token_id:{tid}"
             return text, list(text.encode())
@@ -338,9 +350,20 @@ class LogprobRenderer:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
     def _offset(self, ids: list[int], i: int) -> int:
-        if self.tokenizer is None or i == 0:
+        """``text_offset`` of token ``i`` (``ids``: the request's tokens so far; later calls extend them)."""
+        if self.tokenizer is None:
             return 0
-        return len(self.tokenizer.decode(ids[:i], skip_special_tokens=self.skip_special_tokens).rstrip("\ufffd"))
+        decode = self.tokenizer.decode
+        while len(self._offsets) <= i:
+            j = len(self._offsets)
+            self._offsets.append(self._text_len)
+            prefix, read = self._window
+            before = decode(ids[prefix:read], skip_special_tokens=self.skip_special_tokens)
+            after = decode(ids[prefix : j + 1], skip_special_tokens=self.skip_special_tokens)
+            if len(after) > len(before) and not after.endswith("\ufffd"):  # token j completed some text
+                self._text_len += len(after) - len(before)
+                self._window = (read, j + 1)
+        return self._offsets[i]
 
     def _top(self, d: dict[int, float]) -> list[tuple[int, float]]:
         """The k most likely of one token's entries, most likely first (the sampled id leads the dict)."""

@@ -313,11 +313,13 @@ class OpenAIServer:
             obj = "chat.completion.chunk" if chunk else "chat.completion"
         return {"id": prep.request_id, "object": obj, "created": prep.created, "model": self.model.name}
 
-    def _logprobs(self, prep: _Prepared, out: RequestOutput, start: int = 0) -> dict | None:
-        """The choice's ``logprobs`` object for tokens ``start ..`` (None when the request did not ask)."""
+    def _logprobs(self, prep: _Prepared, out: RequestOutput, start: int = 0,
+                  render: LogprobRenderer | None = None) -> dict | None:
+        """The choice's ``logprobs`` object for tokens ``start ..`` (None when the request did not ask);
+        a stream passes its own ``render`` (it keeps the text offsets of earlier chunks)."""
         if out.logprobs is None:
             return None
-        render = LogprobRenderer(self.tokenizer, prep.params)
+        render = render or LogprobRenderer(self.tokenizer, prep.params)
         ids = out.token_ids[: len(out.logprobs)]  # aligned: one dict per token
         return (render.completion if prep.kind == "completion" else render.chat)(ids, out.logprobs, start)
 
@@ -356,6 +358,7 @@ class OpenAIServer:
         Cancelled when the client disconnects; closing ``stream`` then aborts the request."""
         deltas = _TextDeltas(self.tokenizer, prep.params)
         reported = 0  # tokens whose logprobs earlier chunks carried
+        render = LogprobRenderer(self.tokenizer, prep.params)
         try:
             if prep.kind == "chat":
                 yield _sse(self._chunk(prep, None, [], None, role=True))
@@ -363,7 +366,7 @@ class OpenAIServer:
             while True:
                 text = deltas.next(out)
                 if text or out.finished or prep.return_token_ids:  # no empty chunks for held-back text
-                    lp = self._logprobs(prep, out, reported)
+                    lp = self._logprobs(prep, out, reported, render)
                     reported = len(out.token_ids)
                     yield _sse(self._chunk(prep, text, out.new_token_ids, out.finish_reason, logprobs=lp))
                 if out.finished:

@@ -260,6 +260,25 @@ def test_completion_logprobs_match_the_reference(tiny):
         np.testing.assert_allclose(list(top.values()), ref[j, best], atol=1e-5, rtol=0)
 
 
+def test_text_offsets_are_the_lengths_of_the_text_before_each_token():
+    """The renderer's incremental offsets against decoding every prefix (trailing incomplete character
+    dropped), over ASCII, multi-byte characters split across tokens, and invalid bytes; a stream's renderer
+    asked chunk by chunk gives the same."""
+    from jserve.engine import SamplingParams
+    from jserve.openai_protocol import LogprobRenderer
+
+    rng = np.random.default_rng(0)
+    ids = list("a€b é\n".encode()) + rng.integers(3, 256, 300).tolist() + list("日本x".encode())
+    lps = [{t: -1.0} for t in ids]
+    want = [len(as_text(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+    whole = LogprobRenderer(byte_tokenizer(), SamplingParams(logprobs=0)).completion(ids, lps)
+    assert whole["text_offset"] == want
+    render, streamed = LogprobRenderer(byte_tokenizer(), SamplingParams(logprobs=0)), []
+    for end in range(3, len(ids) + 3, 7):
+        streamed += render.completion(ids[:end], lps, start=len(streamed))["text_offset"]
+    assert streamed == want
+
+
 def test_chat_logprobs_streamed_equal_the_whole_answer(tiny):
     llm, url, _, _ = tiny
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 0,
