@@ -17,24 +17,24 @@ that bound apart from the engine, on the same shapes, so the figures in the docs
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jserve.engine.profiler import median_time  # noqa: E402
 
 LAYERS = 30
 HIDDEN, FFN = 576, 1536
 
 
 def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    """Median milliseconds of ``reps`` calls after one untimed call (``fn`` must block)."""
+    return median_time(fn, reps, warmup=1) * 1e3
 
 
 def memory_bandwidth(reps: int) -> tuple[float, float]:

@@ -143,6 +143,15 @@ def test_json_trace_with_lengths_replays_them(tmp_path):
     ("h.json", "{\"arrival_time\": 1}", r"h\.json: expected a JSON list"),
     ("i.json", "[0, \"x\"]", r"i\.json: row 1 must be a number or an object"),
     ("j.csv", "arrival_time\ninf\n", r"j\.csv: row 0: arrival_time must be finite"),
+    # Row 0 had no lengths, so the lengths of rows 1 and 2 were dropped without a word.
+    ("late.json", json.dumps([{"arrival_time": 0}, {"arrival_time": 1, "prompt_len": 5, "output_len": 6}]),
+     r"late\.json: row 1 gives prompt_len/output_len but row 0 does not"),
+    ("blank.csv", "arrival_time,prompt_len,output_len\n0,,\n1,5,6\n",
+     r"blank\.csv: row 1 gives prompt_len/output_len but row 0 does not"),
+    ("gap.json", json.dumps([{"arrival_time": 0, "prompt_len": 5, "output_len": 6}, {"arrival_time": 1}]),
+     r"gap\.json: row 1 has no prompt_len/output_len but row 0 does"),
+    # int64 overflow used to escape as a bare OverflowError.
+    ("big.csv", "arrival_time,prompt_len,output_len\n0,1e30,5\n", r"big\.csv: row 0: prompt_len .* too large"),
 ])
 def test_malformed_traces_name_the_file_and_row(tmp_path, name, content, message):
     path = tmp_path / name
@@ -192,24 +201,6 @@ def test_workload_stats_hand_computed():
 def test_arrival_processes_that_overflow_are_an_error_not_nan_times(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_workload(WorkloadSpec(num_requests=3, **kwargs), 0)
-
-
-@pytest.mark.parametrize("name, content, message", [
-    # Row 0 had no lengths, so the lengths of rows 1 and 2 were dropped without a word.
-    ("late.json", json.dumps([{"arrival_time": 0}, {"arrival_time": 1, "prompt_len": 5, "output_len": 6}]),
-     r"late\.json: row 1 gives prompt_len/output_len but row 0 does not"),
-    ("blank.csv", "arrival_time,prompt_len,output_len\n0,,\n1,5,6\n",
-     r"blank\.csv: row 1 gives prompt_len/output_len but row 0 does not"),
-    ("gap.json", json.dumps([{"arrival_time": 0, "prompt_len": 5, "output_len": 6}, {"arrival_time": 1}]),
-     r"gap\.json: row 1 has no prompt_len/output_len but row 0 does"),
-    # int64 overflow used to escape as a bare OverflowError.
-    ("big.csv", "arrival_time,prompt_len,output_len\n0,1e30,5\n", r"big\.csv: row 0: prompt_len .* too large"),
-])
-def test_trace_rows_must_agree_on_lengths_and_fit_int64(tmp_path, name, content, message):
-    path = tmp_path / name
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message):
-        read_trace(path)
 
 
 def test_unreadable_trace_files_name_the_file(tmp_path):

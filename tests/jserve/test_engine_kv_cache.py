@@ -15,13 +15,8 @@ from jserve.engine import LLM, SamplingParams
 from jserve.engine.engine import CompileWatch
 from jserve.engine.kv_cache import KVCache, KVCacheSpec, bucket_pairs
 from jserve.engine.runner import BatchRow, ModelRunner, RunnerConfig
-from jserve.models import greedy_generate, load
+from jserve.models import greedy_generate
 from schedulers.request import KVLocation
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load("tiny-llama")
 
 
 def _runner(model, num_device=24, num_host=20, swap_buckets=(2, 4)):

@@ -29,11 +29,6 @@ K = 5
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load("tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def prompts():
     rng = np.random.default_rng(3)
     return [list(map(int, rng.integers(3, 256, size=int(n)))) for n in rng.integers(5, 50, size=8)]
