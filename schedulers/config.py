@@ -157,6 +157,10 @@ class SchedulerConfig:
         """A named configuration, with ``overrides`` applied: ``"paper"`` (the defaults) or ``"artifact"``."""
         if name not in PRESETS:
             raise ValueError(f"unknown SchedulerConfig preset {name!r}; known: {sorted(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown scheduler option(s) {unknown}; SchedulerConfig fields: {sorted(fields)}")
         return cls(**{**PRESETS[name], **overrides})
 
 

@@ -294,7 +294,7 @@ def simulate(
             on_step(now, plan, duration)
         now = end
         idle = iterations - last_sample
-        if idle > livelock_iterations and idle > livelock_iterations + 4 * max_model_len * len(live):
+        if idle > livelock_iterations + 4 * max_model_len * len(live):
             stop = "livelock"  # steps run, KV is dropped and recomputed, and no token is ever sampled
             break
 

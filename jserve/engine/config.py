@@ -122,16 +122,22 @@ def host_pages(cfg: EngineConfig, spec: KVCacheSpec) -> int:
     return pages
 
 
-def _free_bytes(device) -> int | None:
-    """Memory a KV pool may take on ``device``: the accelerator's limit minus what is in use, or the host's
-    available memory on a CPU; None when unknown."""
+def _accelerator_memory(device) -> tuple[int, int] | None:
+    """(bytes limit, bytes in use) of an accelerator's memory; None where the device reports none (a CPU)."""
     try:
         stats = device.memory_stats()
     except Exception:
         stats = None
     if stats and stats.get("bytes_limit"):
-        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return _available_memory_bytes()
+        return stats["bytes_limit"], stats.get("bytes_in_use", 0)
+    return None
+
+
+def _free_bytes(device) -> int | None:
+    """Memory a KV pool may take on ``device``: the accelerator's limit minus what is in use, or the host's
+    available memory on a CPU; None when unknown."""
+    acc = _accelerator_memory(device)
+    return acc[0] - acc[1] if acc else _available_memory_bytes()
 
 
 def device_pages(cfg: EngineConfig, spec: KVCacheSpec, max_model_len: int, device) -> int:
@@ -148,13 +154,9 @@ def device_pages(cfg: EngineConfig, spec: KVCacheSpec, max_model_len: int, devic
                 f"({spec.page_bytes} bytes a page); the {device.platform} has {free / 2**30:.1f} GiB free"
             )
         return cfg.num_device_blocks
-    stats = None
-    try:
-        stats = device.memory_stats()
-    except Exception:
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+    acc = _accelerator_memory(device)
+    if acc:
+        budget = acc[0] * cfg.gpu_memory_utilization - acc[1]
     else:
         budget = cfg.cpu_kv_cache_gib * 2**30
         avail = _available_memory_bytes()

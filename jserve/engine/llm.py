@@ -90,12 +90,7 @@ class LLM:
 
             engine_options["cost_model"] = load_profile(cost).cost
         if "scheduler_config" not in engine_options:
-            options = scheduler_options or {}
-            fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
-            unknown = sorted(set(options) - fields)
-            if unknown:
-                raise ValueError(f"unknown scheduler option(s) {unknown}; SchedulerConfig fields: {sorted(fields)}")
-            engine_options["scheduler_config"] = SchedulerConfig.preset(scheduler_preset, **options)
+            engine_options["scheduler_config"] = SchedulerConfig.preset(scheduler_preset, **(scheduler_options or {}))
         config = EngineConfig(**engine_options)
         self.model = _load_model(model, dtype)
         self.engine = LLMEngine(self.model, config)
