@@ -4,9 +4,11 @@
 or a field the API does not have is refused, never coerced or ignored. OpenAI fields that jserve does not
 implement (``echo``, penalties, ``logit_bias``, tools...) are accepted only at their neutral value (absent,
 null, 0, false), so a client that sends its defaults works and one that asks for the feature learns it is
-missing. Log-probabilities: ``logprobs`` (completions: an int 0..5) and ``logprobs`` + ``top_logprobs`` (chat:
-true and 0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer`` renders the engine's log-probabilities
-as the two APIs' response objects. ``ApiError`` is an error with its HTTP status, rendered as the OpenAI error body
+missing. ``n`` (1..128) and, for completions, ``best_of`` (n..128, not above n when streaming) and a list of
+prompts are checked here (``MAX_CHOICES``, ``MAX_SEQUENCES``); ``jserve.server_requests`` fans them out.
+Log-probabilities: ``logprobs`` (completions: an int 0..5) and ``logprobs`` + ``top_logprobs`` (chat: true and
+0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer`` renders the engine's log-probabilities as the
+two APIs' response objects. ``ApiError`` is an error with its HTTP status, rendered as the OpenAI error body
 ``{"error": {"message", "type", "param", "code"}}``; ``validation_error`` turns a pydantic ``ValidationError``
 into one that names the offending field. Sampling values are checked by ``SamplingParams`` itself
 (``sampling_params``), so the server and the Python API give the same messages.
@@ -86,22 +88,23 @@ class _GenerationFields(_Strict):
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: str | list[int] | list[str] | list[list[int]]  # a list of prompts is served when it holds one
-
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt: ``prompt`` itself, or the only element of a batch of one (LangChain and other
-        clients send ``[text]``). A batch of several raises ``ApiError(400)``."""
-        p = self.prompt
-        if isinstance(p, list) and p and not isinstance(p[0], int):
-            if len(p) > 1:
-                raise ApiError(400, f"a batch of {len(p)} prompts is not supported by jserve; send one prompt per "
-                                    "request (concurrent requests are batched by the engine)", param="prompt")
-            return p[0]
-        return p
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt, or a list of prompts
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    def prompt_list(self) -> tuple[list[str | list[int]], bool]:
+        """(the prompts, whether ``prompt`` was a list of prompts): a string or a list of token ids is one
+        prompt; a list of strings or of token-id lists holds several (LangChain sends a batch of one,
+        lm-eval-harness whole batches). An empty list raises ``ApiError(400)``."""
+        p = self.prompt
+        if isinstance(p, list) and not p:
+            raise ApiError(400, "'prompt' is an empty list (give a string, token ids, or a list of prompts)",
+                           param="prompt")
+        if isinstance(p, list) and not isinstance(p[0], int):
+            return list(p), True
+        return [p], False
 
 
 class TextPart(_Strict):
@@ -139,7 +142,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "echo": (False,),
-    "best_of": (None, 1),
     "suffix": (None, ""),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -152,7 +154,7 @@ for _m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, Stre
     _FIELD_NAMES |= set(_m.model_fields)
 
 _EXPECTED = {  # how a union-typed field is described in a type error
-    "prompt": "a string or a list of token ids (integers), or a list holding one of them",
+    "prompt": "a string, a list of token ids (integers), or a list of prompts (strings or token-id lists)",
     "stop": "a string or a list of strings",
     "content": "a string, a list of text parts ({\"type\": \"text\", \"text\": ...}) or null",
 }
@@ -222,10 +224,35 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
     for name, neutral in UNSUPPORTED.items():
         if name in req.model_fields_set and getattr(req, name) not in neutral:
             raise ApiError(400, f"{name!r} is not supported by jserve (only {neutral[0]!r} or absent)", param=name)
-    if req.n != 1:
-        raise ApiError(400, f"'n' must be 1: jserve returns one choice per request, got {req.n}", param="n")
+    _check_choices(req)
     _check_logprobs(req)
     return req
+
+
+MAX_CHOICES = 128  # the most choices (n) or candidates (best_of) one request may ask for
+MAX_SEQUENCES = 1024  # the most engine requests one HTTP request may start (prompts x best_of)
+
+
+def _check_choices(req: _Strict) -> None:
+    """``n`` in 1..MAX_CHOICES; completions: ``best_of`` in n..MAX_CHOICES and not above ``n`` when
+    streaming (as OpenAI), and prompts x best_of at most MAX_SEQUENCES. Otherwise ``ApiError(400)``."""
+    if not 1 <= req.n <= MAX_CHOICES:
+        raise ApiError(400, f"'n' must be an integer in 1..{MAX_CHOICES}, got {req.n}", param="n")
+    if not isinstance(req, CompletionRequest):
+        return
+    best_of = req.n if req.best_of is None else req.best_of
+    if not req.n <= best_of <= MAX_CHOICES:
+        raise ApiError(400, f"'best_of' must be an integer in n..{MAX_CHOICES} (n is {req.n}), got {best_of}",
+                       param="best_of")
+    if req.stream and best_of > req.n:
+        raise ApiError(400, f"'best_of' ({best_of}) above 'n' ({req.n}) cannot be streamed: the best choices are "
+                            "known only when every candidate has finished", param="best_of")
+    prompts = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and not isinstance(
+        req.prompt[0], int) else 1
+    if prompts * best_of > MAX_SEQUENCES:
+        raise ApiError(400, f"the request asks for {prompts * best_of} sequences ({prompts} prompts x "
+                            f"{'best_of' if req.best_of is not None else 'n'} {best_of}); at most "
+                            f"{MAX_SEQUENCES} per request: split the batch", param="prompt")
 
 
 MAX_COMPLETION_LOGPROBS = 5  # the OpenAI completions API's limit

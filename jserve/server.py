@@ -5,29 +5,30 @@
     run_server(app, listen("127.0.0.1", 8000))              # or: with serve_in_thread(app) as url: ...
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(request fields in ``jserve.openai_protocol``; user guide in docs/server.md).
+(request fields in ``jserve.openai_protocol``; user guide in docs/server.md). This module holds the endpoints,
+the request's life cycle and the uvicorn runners; ``jserve.server_requests`` checks bodies and plans the
+engine requests, ``jserve.server_fanout`` runs them, ``jserve.server_responses`` writes the answers.
 
 Threads: the engine runs on its own thread (it owns the scheduler, the KV pools and every compiled step);
 the server's event loop only tokenizes, validates and awaits the engine's streams, so a slow step never
 blocks accepting or refusing other requests. Each request is checked in full (JSON, types, model name,
-prompt, context length, sampling values) before it reaches the engine; the engine's own refusals (a request
-the scheduler can never fit) are awaited before any response starts, so every refused request gets a 400
-with an OpenAI error body, streaming or not. A client that disconnects aborts its request: a streaming
-response is cancelled by Starlette when the client goes, a non-streaming one races the engine against a
-disconnect watch; either way the engine frees the request's pages.
+every prompt, context length, sampling values) before it reaches the engine. A request becomes one engine
+request per prompt and sample (``n``, ``best_of``, prompt lists); the engine's own refusals (a request the
+scheduler can never fit) are awaited, for the first sample of every prompt, before any response starts, so a
+refused request gets a 400 with an OpenAI error body, streaming or not, and its other engine requests are
+aborted. A client that disconnects aborts all of them: a streaming response is cancelled by Starlette when
+the client goes, a non-streaming one races the engine against a disconnect watch; either way the engine
+frees their pages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import threading
 import time
-import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
+from typing import Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,106 +36,16 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jserve.engine.async_engine import AsyncLLMEngine
-from jserve.engine.outputs import RequestOutput
-from jserve.engine.sampling import SamplingParams
-from jserve.openai_protocol import (
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    LogprobRenderer,
-    parse_body,
-    sampling_params,
-)
+from jserve.openai_protocol import ApiError
+from jserve.server_fanout import FanOut
+from jserve.server_requests import Prepared, RequestPreparer, ServedModel
+from jserve.server_responses import ResponseWriter
 
 __all__ = ["build_app", "listen", "run_server", "serve_in_thread", "server_url", "ServedModel"]
-
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What the server tells clients about the model, and the limits it checks requests against."""
-
-    name: str
-    max_model_len: int
-    vocab_size: int
-    created: int
 
 
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
-
-
-# ------------------------------------------------------------------------------------------ streaming text
-
-
-class _TextDeltas:
-    """Turns a request's successive outputs into text increments whose concatenation is the final text.
-
-    While the request runs, the visible text is the decoding of the ids so far minus a trailing incomplete
-    UTF-8 sequence (decoded as U+FFFD) and minus the longest tail that could still grow into a stop string
-    (the engine cuts stop strings from the final text; text already sent cannot be taken back). When the
-    request finishes, the engine's final ``text`` is what remains to send."""
-
-    def __init__(self, tokenizer, params: SamplingParams):
-        self.tokenizer = tokenizer
-        self.params = params
-        self.sent = ""
-
-    def _visible(self, out: RequestOutput) -> str:
-        if out.finished:
-            return out.text
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(out.token_ids, skip_special_tokens=self.params.skip_special_tokens)
-        text = text.rstrip("\ufffd")
-        for start in range(max(0, len(text) - max((len(s) for s in self.params.stop), default=0)), len(text)):
-            tail = text[start:]
-            if any(s.startswith(tail) for s in self.params.stop):
-                return text[:start]
-        return text
-
-    def next(self, out: RequestOutput) -> str:
-        text = self._visible(out)
-        if len(text) <= len(self.sent):
-            return ""
-        delta = text[len(self.sent):]
-        self.sent = text
-        return delta
-
-
-def _sse(payload: dict | str) -> str:
-    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n"
-
-
-# ------------------------------------------------------------------------------------------ the server
-
-
-@dataclass
-class _Prepared:
-    """A validated request, ready for the engine."""
-
-    kind: str  # "completion" | "chat"
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
-    return_token_ids: bool
-    request_id: str = ""
-    created: int = 0
-
-    def __post_init__(self) -> None:
-        self.request_id = ("cmpl-" if self.kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-
-def _encode(tokenizer, text: str, field: str, **kwargs) -> list[int]:
-    """``tokenizer.encode(text)``; text it refuses (a lone surrogate from a JSON escape) is a 400 naming ``field``."""
-    try:
-        return tokenizer.encode(text, **kwargs)
-    except ValueError as e:
-        raise ApiError(400, f"{field!r} cannot be tokenized: {e}", field) from None
 
 
 def default_max_body_bytes(max_model_len: int) -> int:
@@ -152,6 +63,8 @@ class OpenAIServer:
         self.tokenizer = eng.tokenizer
         self.model = ServedModel(model_name, eng.max_model_len, eng.model.config.vocab_size, int(time.time()))
         self.max_body_bytes = max_body_bytes or default_max_body_bytes(eng.max_model_len)
+        self.preparer = RequestPreparer(self.model, self.tokenizer)
+        self.writer = ResponseWriter(self.tokenizer, model_name)
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused with a 413 past ``max_body_bytes`` (by its Content-Length before reading,
@@ -173,72 +86,8 @@ class OpenAIServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    # ------------------------------------------------------------------ validation
-
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model.name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model.name!r}",
-                           param="model", code="model_not_found")
-
-    def _completion_prompt(self, req: CompletionRequest) -> list[int]:
-        prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ApiError(400, "this model has no tokenizer; send 'prompt' as a list of token ids", "prompt")
-            ids = _encode(self.tokenizer, prompt, "prompt")
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
-            if bad:
-                raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})",
-                               "prompt")
-        if not ids:
-            raise ApiError(400, "the prompt is empty", "prompt")
-        return ids
-
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        tok = self.tokenizer
-        if tok is None or not tok.chat_template:
-            raise ApiError(400, f"the model {self.model.name!r} has no chat template; use /v1/completions",
-                           "messages", code="chat_template_missing")
-        if not req.messages:
-            raise ApiError(400, "'messages' is empty", "messages")
-        messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
-                    for m in req.messages]
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # jinja errors and the template's own raise_exception
-            raise ApiError(400, f"the chat template cannot render these messages: {e}", "messages") from None
-        ids = _encode(tok, text, "messages", add_special_tokens=False)
-        if not ids:
-            raise ApiError(400, "the rendered chat prompt is empty", "messages")
-        return ids
-
-    def _prepare(self, raw: bytes, kind: str) -> _Prepared:
-        model = CompletionRequest if kind == "completion" else ChatCompletionRequest
-        req = parse_body(raw, model)
-        self._check_model(req.model)
-        ids = self._completion_prompt(req) if kind == "completion" else self._chat_prompt(req)
-        limit = self.model.max_model_len
-        field = "prompt" if kind == "completion" else "messages"
-        if len(ids) >= limit:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's maximum context length is {limit} "
-                                "tokens (prompt plus at least one new token)", field, code="context_length_exceeded")
-        max_tokens, max_field = req.max_tokens, "max_tokens"
-        if kind == "chat" and req.max_completion_tokens is not None:
-            max_tokens, max_field = req.max_completion_tokens, "max_completion_tokens"
-        if max_tokens is None:
-            max_tokens = DEFAULT_COMPLETION_TOKENS if kind == "completion" else limit - len(ids)
-            max_tokens = min(max_tokens, limit - len(ids))
-        params = sampling_params(req, max_tokens)
-        if len(ids) + max_tokens > limit:
-            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the request asks for "
-                                f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} in {max_field!r})",
-                           max_field, code="context_length_exceeded")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        if req.stream_options is not None and not req.stream:
-            raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
-        return _Prepared(kind, ids, params, req.stream, include_usage, req.return_token_ids)
+    def check_model(self, name: str | None) -> None:
+        self.preparer.check_model(name)
 
     # ------------------------------------------------------------------ running
 
@@ -265,120 +114,45 @@ class OpenAIServer:
             await task
         raise _ClientGone()
 
-    async def handle(self, request: Request, kind: str) -> Response:
-        # parsing and tokenizing a large prompt takes a while: off the event loop, which keeps serving
-        prep = await asyncio.to_thread(self._prepare, await self._body(request), kind)
-        stream = self.engine.generate(prep.prompt_ids, prep.params, request_id=prep.request_id)
+    @staticmethod
+    def _check_refusals(prep: Prepared, fan: FanOut, outs) -> None:
+        """A 400 naming the prompt if the engine refused one of ``outs`` (``(k, output)`` pairs)."""
+        for k, out in outs:
+            if out.finish_reason == "error":
+                i = fan.subs[k].prompt
+                msg = out.error or "the engine refused the request"
+                raise ApiError(400, f"{prep.prompt_field(i)}: {msg}" if prep.batched else msg, prep.prompt_field(i))
+
+    async def _await(self, prep: Prepared, fan: FanOut, awaitable, request: Request):
+        """``awaitable`` raced against a disconnect; on any failure every sub-request is aborted."""
         try:
-            first = await self._race_disconnect(anext(stream), request)
-        except _ClientGone:
-            self.engine.abort(prep.request_id)
-            return Response(status_code=499)
+            return await self._race_disconnect(awaitable, request)
         except RuntimeError as e:  # the engine thread stopped
+            fan.abort()
             raise ApiError(500, str(e)) from None
-        if first.finish_reason == "error":
-            raise ApiError(400, first.error or "the engine refused the request", "prompt" if kind == "completion"
-                           else "messages")
-        if prep.stream:
-            return StreamingResponse(self._chunks(prep, stream, first), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(self.engine.abort, prep.request_id))
+        except BaseException:  # _ClientGone, cancellation
+            fan.abort()
+            raise
 
-        async def last() -> RequestOutput:
-            out = first
-            while not out.finished:
-                out = await anext(stream)
-            return out
-
+    async def handle(self, request: Request, kind: str) -> Response:
+        # parsing and tokenizing large prompts takes a while: off the event loop, which keeps serving
+        prep = await asyncio.to_thread(self.preparer.prepare, await self._body(request), kind)
+        fan = FanOut(self.engine, prep.sub_requests())
+        leaders = [k for k, s in enumerate(fan.subs) if s.sample == 0]  # a refusal is the same for every sample
         try:
-            final = await self._race_disconnect(last(), request)
+            seen = await self._await(prep, fan, fan.wait_started(leaders), request)
+            self._check_refusals(prep, fan, seen)
+            if prep.stream:
+                return StreamingResponse(self.writer.chunks(prep, fan), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"}, background=BackgroundTask(fan.abort))
+            finals = await self._await(prep, fan, fan.all_finals(), request)
+            self._check_refusals(prep, fan, enumerate(finals))
         except _ClientGone:
-            self.engine.abort(prep.request_id)
             return Response(status_code=499)
-        except RuntimeError as e:
-            raise ApiError(500, str(e)) from None
-        return JSONResponse(self._response(prep, final))
-
-    # ------------------------------------------------------------------ response bodies
-
-    def _usage(self, prep: _Prepared, out: RequestOutput) -> dict:
-        n = len(out.token_ids)
-        return {"prompt_tokens": len(prep.prompt_ids), "completion_tokens": n,
-                "total_tokens": len(prep.prompt_ids) + n}
-
-    def _head(self, prep: _Prepared, chunk: bool) -> dict:
-        if prep.kind == "completion":
-            obj = "text_completion"  # OpenAI names completion chunks the same
-        else:
-            obj = "chat.completion.chunk" if chunk else "chat.completion"
-        return {"id": prep.request_id, "object": obj, "created": prep.created, "model": self.model.name}
-
-    def _logprobs(self, prep: _Prepared, out: RequestOutput, start: int = 0,
-                  render: LogprobRenderer | None = None) -> dict | None:
-        """The choice's ``logprobs`` object for tokens ``start ..`` (None when the request did not ask);
-        a stream passes its own ``render`` (it keeps the text offsets of earlier chunks)."""
-        if out.logprobs is None:
-            return None
-        render = render or LogprobRenderer(self.tokenizer, prep.params)
-        ids = out.token_ids[: len(out.logprobs)]  # aligned: one dict per token
-        return (render.completion if prep.kind == "completion" else render.chat)(ids, out.logprobs, start)
-
-    def _response(self, prep: _Prepared, out: RequestOutput) -> dict:
-        lp = self._logprobs(prep, out)
-        if prep.kind == "completion":
-            choice = {"index": 0, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
-                      "finish_reason": out.finish_reason}
-        body = self._head(prep, chunk=False) | {"choices": [choice], "usage": self._usage(prep, out)}
-        if prep.return_token_ids:
-            choice["token_ids"] = list(out.token_ids)
-            body["prompt_token_ids"] = list(prep.prompt_ids)
-        return body
-
-    def _chunk(self, prep: _Prepared, text: str | None, new_ids: list[int], finish: str | None,
-               role: bool = False, logprobs: dict | None = None) -> dict:
-        if prep.kind == "completion":
-            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-        else:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        if prep.return_token_ids:
-            choice["token_ids"] = list(new_ids)
-        body = self._head(prep, chunk=True) | {"choices": [choice]}
-        if prep.include_usage:
-            body["usage"] = None
-        return body
-
-    async def _chunks(self, prep: _Prepared, stream: AsyncIterator[RequestOutput],
-                      first: RequestOutput) -> AsyncIterator[str]:
-        """The SSE body: a role chunk (chat), one chunk per engine output that adds text (or ids, with
-        ``return_token_ids``; the last one carries ``finish_reason``), a usage chunk if asked, ``[DONE]``.
-        With logprobs, a chunk carries those of every token not reported by an earlier chunk.
-        Cancelled when the client disconnects; closing ``stream`` then aborts the request."""
-        deltas = _TextDeltas(self.tokenizer, prep.params)
-        reported = 0  # tokens whose logprobs earlier chunks carried
-        render = LogprobRenderer(self.tokenizer, prep.params)
-        try:
-            if prep.kind == "chat":
-                yield _sse(self._chunk(prep, None, [], None, role=True))
-            out = first
-            while True:
-                text = deltas.next(out)
-                if text or out.finished or prep.return_token_ids:  # no empty chunks for held-back text
-                    lp = self._logprobs(prep, out, reported, render)
-                    reported = len(out.token_ids)
-                    yield _sse(self._chunk(prep, text, out.new_token_ids, out.finish_reason, logprobs=lp))
-                if out.finished:
-                    break
-                out = await anext(stream)
-            if prep.include_usage:
-                yield _sse(self._head(prep, chunk=True) | {"choices": [], "usage": self._usage(prep, out)})
-        except RuntimeError as e:  # the engine thread stopped mid-stream: say so in the stream
-            yield _sse(ApiError(500, str(e)).body())
-        finally:
-            await stream.aclose()
-        yield _sse("[DONE]")
+        except ApiError:
+            fan.abort()
+            raise
+        return JSONResponse(self.writer.response(prep, finals))
 
     # ------------------------------------------------------------------ small endpoints
 
@@ -425,7 +199,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, max_body_bytes: int | Non
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> JSONResponse:
-        server._check_model(name)
+        server.check_model(name)
         return JSONResponse(server.models_body()["data"][0])
 
     @app.post("/v1/completions")

@@ -312,8 +312,13 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", {"prompt": [5], "temperature": "hot"}, 400, "valid number", "temperature"),
     ("/v1/completions", {"prompt": [5], "stop": 7}, 400, "a string or a list of strings", "stop"),
     ("/v1/completions", {"prompt": [5.5]}, 400, "list of token ids", "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "a batch of 2 prompts is not supported", "prompt"),
-    ("/v1/completions", {"prompt": [[5], [6], [7]]}, 400, "a batch of 3 prompts is not supported", "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "'prompt' is an empty list", "prompt"),
+    ("/v1/completions", {"prompt": [[5], [6, 300]]}, 400, "prompt[1] token id 300 is outside", "prompt[1]"),
+    ("/v1/completions", {"prompt": ["ab", ""]}, 400, "prompt[1] is empty", "prompt[1]"),
+    ("/v1/completions", {"prompt": [[5], [5] * 256]}, 400, "prompt[1] has 256 tokens", "prompt[1]"),
+    ("/v1/completions", {"prompt": [[5] * 10, [5] * 200], "max_tokens": 100}, 400,
+     "prompt[1] asks for 300 (200 in the prompt", "max_tokens"),
+    ("/v1/completions", {"prompt": [[5]] * 9, "best_of": 128}, 400, "asks for 1152 sequences", "prompt"),
     ("/v1/completions", {"max_tokens": 4}, 400, "missing required field 'prompt'", "prompt"),
     ("/v1/completions", {"prompt": [5], "temprature": 0.5}, 400, "unknown field 'temprature'", "temprature"),
     ("/v1/completions", {"prompt": [5], "temperature": -1}, 400, "SamplingParams.temperature", "temperature"),
@@ -322,7 +327,14 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", {"prompt": [5], "seed": -1}, 400, "SamplingParams.seed", "seed"),
     ("/v1/completions", {"prompt": [5], "max_tokens": 0}, 400, "SamplingParams.max_tokens", "max_tokens"),
     ("/v1/completions", {"prompt": [5], "stop": [""]}, 400, "SamplingParams.stop", "stop"),
-    ("/v1/completions", {"prompt": [5], "n": 3}, 400, "'n' must be 1", "n"),
+    ("/v1/completions", {"prompt": [5], "n": 0}, 400, "'n' must be an integer in 1..128", "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 129}, 400,
+     "'n' must be an integer in 1..128, got 129", "n"),
+    ("/v1/completions", {"prompt": [5], "n": 3, "best_of": 2}, 400, "'best_of' must be an integer in n..128",
+     "best_of"),
+    ("/v1/completions", {"prompt": [5], "best_of": 2, "stream": True}, 400, "cannot be streamed", "best_of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400,
+     "unknown field 'best_of'", "best_of"),
     ("/v1/completions", {"prompt": [5], "logprobs": 6}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": -1}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": True}, 400, "valid integer", "logprobs"),
@@ -437,7 +449,9 @@ def test_a_failed_engine_thread_is_reported_not_hung(tiny):
 def test_a_request_the_scheduler_refuses_gets_a_400(tiny):
     llm, _, prompts, _ = tiny
     picky = LLM(llm.model, **TINY)  # same model and shapes: no new compilation
-    picky.engine.scheduler._reject_reason = lambda req: "it needs 999 pages; the device pool holds 23"
+    assert len(prompts[0]) >= 16
+    picky.engine.scheduler._reject_reason = \
+        lambda req: "it needs 999 pages; the device pool holds 23" if req.prompt_len >= 16 else None
     engine = AsyncLLMEngine(picky.engine)
     try:
         with serve_in_thread(build_app(engine, "tiny")) as url, httpx.Client(base_url=url, timeout=60) as c:
@@ -445,6 +459,13 @@ def test_a_request_the_scheduler_refuses_gets_a_400(tiny):
                 r = c.post("/v1/completions", json={"prompt": prompts[0], "stream": stream})
                 assert r.status_code == 400 and r.headers["content-type"] == "application/json"
                 assert "the scheduler refused the request: it needs 999 pages" in r.json()["error"]["message"]
+                # one refused prompt of a batch (n samples each) fails the request, naming it; the others are aborted
+                tokens0 = picky.engine.stats["tokens"]
+                r = c.post("/v1/completions", json={"prompt": [[5] * 4, prompts[0]], "n": 2, "max_tokens": 200,
+                                                    "ignore_eos": True, "stream": stream})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]"
+                assert r.json()["error"]["message"].startswith("prompt[1]: the scheduler refused the request")
+                assert _wait_idle(picky) and picky.engine.stats["tokens"] - tokens0 < 400
     finally:
         engine.shutdown()
 
@@ -481,6 +502,136 @@ def test_client_disconnect_aborts_the_request(tiny, monkeypatch):
     assert _wait_idle(llm)
     assert llm.engine.stats["tokens"] - tokens0 < 240
     assert [live for rid, live in aborted][:1] == [True]
+
+
+# ------------------------------------------------------------------------------------------ n, best_of, batches
+
+
+def _post(c, body: dict, path: str = "/v1/completions") -> dict:
+    r = c.post(path, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_n_samples_greedy_identical_and_seeded_reproducible(tiny):
+    _, url, prompts, reference = tiny
+    base = {"prompt": prompts[0], "max_tokens": 8, "ignore_eos": True, "return_token_ids": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        body = _post(c, base | {"n": 3, "temperature": 0})
+        assert [ch["index"] for ch in body["choices"]] == [0, 1, 2]
+        assert [ch["token_ids"] for ch in body["choices"]] == [reference[0][:8]] * 3  # greedy: all the n=1 answer
+        assert body["usage"] == {"prompt_tokens": len(prompts[0]), "completion_tokens": 24,
+                                 "total_tokens": len(prompts[0]) + 24}  # the prompt is counted once
+        seeded = base | {"n": 3, "temperature": 1.0, "seed": 123}
+        first, again = _post(c, seeded), _post(c, seeded)
+        ids = [ch["token_ids"] for ch in first["choices"]]
+        assert ids == [ch["token_ids"] for ch in again["choices"]]  # reproducible
+        assert len({tuple(x) for x in ids}) == 3  # the samples differ
+        # sample j is the n=1 request seeded seed + j (vLLM's rule), so sample 0 is the plain seeded answer
+        singles = [_post(c, seeded | {"n": 1, "seed": 123 + j})["choices"][0]["token_ids"] for j in range(3)]
+        assert ids == singles
+        chat = _post(c, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+                         "ignore_eos": True, "n": 2}, "/v1/chat/completions")
+        assert [ch["index"] for ch in chat["choices"]] == [0, 1]
+        assert chat["choices"][0]["message"] == chat["choices"][1]["message"]
+        assert chat["usage"]["completion_tokens"] == 10
+
+
+def test_a_list_of_prompts_times_n_is_prompt_major(tiny):
+    _, url, prompts, reference = tiny
+    with httpx.Client(base_url=url, timeout=60) as c:
+        body = _post(c, {"prompt": prompts[:2], "n": 2, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                         "return_token_ids": True})
+        choices = body["choices"]
+        assert [ch["index"] for ch in choices] == [0, 1, 2, 3]
+        assert [ch["token_ids"] for ch in choices] == [reference[k // 2][:8] for k in range(4)]
+        assert [ch["prompt_token_ids"] for ch in choices] == [prompts[k // 2] for k in range(4)]
+        assert "prompt_token_ids" not in body  # several prompts: each choice carries its own
+        assert body["usage"] == {"prompt_tokens": len(prompts[0]) + len(prompts[1]), "completion_tokens": 32,
+                                 "total_tokens": len(prompts[0]) + len(prompts[1]) + 32}
+        # text prompts, as lm-eval-harness' local-completions sends them: each its single-prompt answer
+        texts = ["héllo", "ab", "héllo"]
+        single = {t: _post(c, {"prompt": t, "max_tokens": 4, "temperature": 0, "ignore_eos": True})["choices"][0]
+                  for t in set(texts)}
+        batch = _post(c, {"prompt": texts, "max_tokens": 4, "temperature": 0, "ignore_eos": True})["choices"]
+        assert [(ch["text"], ch["finish_reason"]) for ch in batch] == \
+               [(single[t]["text"], single[t]["finish_reason"]) for t in texts]
+
+
+def test_best_of_returns_the_candidates_of_highest_cumulative_logprob(tiny):
+    llm, url, prompts, _ = tiny
+    from jserve.engine import SamplingParams
+
+    ref_llm = LLM(llm.model, **TINY)  # the Python API on the same model and shapes: no new compilation
+    prompt, k = prompts[3], 3
+
+    def candidates(seed: int) -> list[tuple[float, list[int]]]:
+        params = [SamplingParams(max_tokens=6, temperature=1.0, seed=seed + j, ignore_eos=True, logprobs=0)
+                  for j in range(k)]
+        outs = ref_llm.generate([prompt] * k, params)
+        return [(sum(d[t] for t, d in zip(o.token_ids, o.logprobs)), o.token_ids) for o in outs]
+
+    # a seed whose best candidate is not the first sample, so returning sample 0 would fail
+    seed = next(s for s in range(100, 120) if max(range(k), key=lambda j: candidates(s)[j][0]) != 0)
+    cands = candidates(seed)
+    ranked = sorted(range(k), key=lambda j: -cands[j][0])
+    assert len({c for c, _ in cands}) == k
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": seed, "ignore_eos": True,
+            "return_token_ids": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        one = _post(c, body | {"best_of": k})
+        two = _post(c, body | {"best_of": k, "n": 2, "logprobs": 1})
+    assert [ch["token_ids"] for ch in one["choices"]] == [cands[ranked[0]][1]]
+    assert one["choices"][0]["logprobs"] is None  # asked internally only
+    assert one["usage"]["completion_tokens"] == 6  # the returned choice's tokens
+    assert [ch["index"] for ch in two["choices"]] == [0, 1]
+    assert [ch["token_ids"] for ch in two["choices"]] == [cands[j][1] for j in ranked[:2]]
+    np.testing.assert_allclose([sum(ch["logprobs"]["token_logprobs"]) for ch in two["choices"]],
+                               [cands[j][0] for j in ranked[:2]], atol=1e-4, rtol=0)
+
+
+def test_streamed_choices_reassemble_into_the_whole_answer(tiny):
+    _, url, prompts, _ = tiny
+    body = {"prompt": prompts[:2], "n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 5, "ignore_eos": True,
+            "return_token_ids": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        whole = _post(c, body)
+        with c.stream("POST", "/v1/completions",
+                      json=body | {"stream": True, "stream_options": {"include_usage": True}}) as r:
+            assert r.status_code == 200
+            evs = events(r)
+        with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "n": 2,
+                                                            "max_tokens": 4, "stream": True}) as r:
+            chat = events(r)
+    assert evs.count("[DONE]") == 1 and evs[-1] == "[DONE]"
+    usage, chunks = evs[-2], evs[:-2]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    for choice in whole["choices"]:
+        mine = [ch["choices"][0] for ch in chunks if ch["choices"][0]["index"] == choice["index"]]
+        assert "".join(m["text"] for m in mine) == choice["text"]
+        assert sum((m["token_ids"] for m in mine), []) == choice["token_ids"]
+        assert [m["finish_reason"] for m in mine] == [None] * (len(mine) - 1) + ["length"]  # finishes once, last
+    assert {ch["choices"][0]["index"] for ch in chunks} == {0, 1, 2, 3}
+    assert [e["choices"][0]["delta"] for e in chat[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert [e["choices"][0]["index"] for e in chat[:2]] == [0, 1] and chat.count("[DONE]") == 1
+    assert sorted(e["choices"][0]["index"] for e in chat[2:-1] if e["choices"][0]["finish_reason"]) == [0, 1]
+
+
+def test_a_cancelled_stream_of_n_choices_leaves_nothing_running(tiny):
+    llm, url, _, _ = tiny
+    long = {"prompt": [5] * 10, "max_tokens": 240, "temperature": 0, "ignore_eos": True, "n": 3}
+    for stream in (True, False):
+        tokens0 = llm.engine.stats["tokens"]
+        if stream:  # read the first chunk, hang up
+            with httpx.Client(base_url=url, timeout=60) as c:
+                with c.stream("POST", "/v1/completions", json=long | {"stream": True}) as r:
+                    assert next(r.iter_lines()).startswith("data: {")
+        else:  # the client gives up waiting
+            with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=0.05)) as c:
+                with pytest.raises(httpx.ReadTimeout):
+                    c.post("/v1/completions", json=long)
+        assert _wait_idle(llm)  # no request left in the engine, every page free
+        assert llm.engine.stats["tokens"] - tokens0 < 240  # all three stopped early
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2

@@ -1,0 +1,184 @@
+"""OpenAI response bodies from engine outputs (used by ``jserve.server``): the whole-answer JSON and the
+Server-Sent Events stream, for completions and chat.
+
+Choices are prompt-major: choice ``index = prompt_index * n + j``. A whole answer returns, per prompt, its
+``n`` samples, or with ``best_of > n`` the ``n`` candidates of highest cumulative log-probability, best first
+(``jserve.server_fanout.best_choices``). ``usage`` counts each prompt's tokens once (however many choices it
+has, as OpenAI and vLLM report) and every returned choice's tokens. A stream interleaves the choices' chunks
+as the engine produces them, each chunk naming its ``index``; each choice ends with its own
+``finish_reason`` chunk, then one usage chunk (``stream_options.include_usage``) and ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator
+
+from jserve.engine.outputs import RequestOutput
+from jserve.engine.sampling import SamplingParams
+from jserve.openai_protocol import ApiError, LogprobRenderer
+from jserve.server_fanout import FanOut, best_choices
+from jserve.server_requests import Prepared
+
+__all__ = ["ResponseWriter", "sse"]
+
+
+class _TextDeltas:
+    """Turns a request's successive outputs into text increments whose concatenation is the final text.
+
+    While the request runs, the visible text is the decoding of the ids so far minus a trailing incomplete
+    UTF-8 sequence (decoded as U+FFFD) and minus the longest tail that could still grow into a stop string
+    (the engine cuts stop strings from the final text; text already sent cannot be taken back). When the
+    request finishes, the engine's final ``text`` is what remains to send."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.sent = ""
+
+    def _visible(self, out: RequestOutput) -> str:
+        if out.finished:
+            return out.text
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(out.token_ids, skip_special_tokens=self.params.skip_special_tokens)
+        text = text.rstrip("\ufffd")
+        for start in range(max(0, len(text) - max((len(s) for s in self.params.stop), default=0)), len(text)):
+            tail = text[start:]
+            if any(s.startswith(tail) for s in self.params.stop):
+                return text[:start]
+        return text
+
+    def next(self, out: RequestOutput) -> str:
+        text = self._visible(out)
+        if len(text) <= len(self.sent):
+            return ""
+        delta = text[len(self.sent):]
+        self.sent = text
+        return delta
+
+
+class _ChoiceStream:
+    """One streamed choice's state: the text sent so far, and the tokens whose logprobs were reported."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.deltas = _TextDeltas(tokenizer, params)
+        self.render = LogprobRenderer(tokenizer, params)
+        self.reported = 0
+
+
+def sse(payload: dict | str) -> str:
+    """One Server-Sent Events ``data:`` line."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+class ResponseWriter:
+    """Builds the bodies of one served model's responses."""
+
+    def __init__(self, tokenizer, model_name: str):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+
+    def _head(self, prep: Prepared, chunk: bool) -> dict:
+        if prep.kind == "completion":
+            obj = "text_completion"  # OpenAI names completion chunks the same
+        else:
+            obj = "chat.completion.chunk" if chunk else "chat.completion"
+        return {"id": prep.request_id, "object": obj, "created": prep.created, "model": self.model_name}
+
+    @staticmethod
+    def _usage(prep: Prepared, outs: list[RequestOutput]) -> dict:
+        """Each prompt counted once, every returned choice's tokens."""
+        prompt = sum(map(len, prep.prompts))
+        completion = sum(len(o.token_ids) for o in outs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _logprobs(self, prep: Prepared, params: SamplingParams, out: RequestOutput, start: int = 0,
+                  render: LogprobRenderer | None = None) -> dict | None:
+        """The choice's ``logprobs`` object for tokens ``start ..`` (None when the client did not ask); a
+        stream passes its own ``render`` (it keeps the text offsets of earlier chunks)."""
+        if not prep.logprobs or out.logprobs is None:
+            return None
+        render = render or LogprobRenderer(self.tokenizer, params)
+        ids = out.token_ids[: len(out.logprobs)]  # aligned: one dict per token
+        return (render.completion if prep.kind == "completion" else render.chat)(ids, out.logprobs, start)
+
+    # ------------------------------------------------------------------ the whole answer
+
+    def response(self, prep: Prepared, finals: list[RequestOutput]) -> dict:
+        """The body for every sub-request's final output (``finals[k]``, sub-request order)."""
+        choices, returned = [], []
+        for i, params in enumerate(prep.params):
+            candidates = finals[i * prep.best_of:(i + 1) * prep.best_of]
+            chosen = best_choices(candidates, prep.n) if prep.best_of > prep.n else candidates
+            for j, out in enumerate(chosen):
+                choices.append(self._choice(prep, params, i * prep.n + j, out, i))
+                returned.append(out)
+        body = self._head(prep, chunk=False) | {"choices": choices, "usage": self._usage(prep, returned)}
+        if prep.return_token_ids and len(prep.prompts) == 1:
+            body["prompt_token_ids"] = list(prep.prompts[0])
+        return body
+
+    def _choice(self, prep: Prepared, params: SamplingParams, index: int, out: RequestOutput, prompt: int) -> dict:
+        lp = self._logprobs(prep, params, out)
+        if prep.kind == "completion":
+            choice = {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+        else:
+            choice = {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
+                      "finish_reason": out.finish_reason}
+        if prep.return_token_ids:
+            choice["token_ids"] = list(out.token_ids)
+            if len(prep.prompts) > 1:  # several prompts: each choice carries its prompt's ids
+                choice["prompt_token_ids"] = list(prep.prompts[prompt])
+        return choice
+
+    # ------------------------------------------------------------------ the stream
+
+    def _chunk(self, prep: Prepared, index: int, text: str | None, new_ids: list[int], finish: str | None,
+               role: bool = False, logprobs: dict | None = None) -> dict:
+        if prep.kind == "completion":
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        else:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if prep.return_token_ids:
+            choice["token_ids"] = list(new_ids)
+        body = self._head(prep, chunk=True) | {"choices": [choice]}
+        if prep.include_usage:
+            body["usage"] = None
+        return body
+
+    async def chunks(self, prep: Prepared, fan: FanOut) -> AsyncIterator[str]:
+        """The SSE body: a role chunk per choice (chat), one chunk per engine output that adds text to a choice
+        (or ids, with ``return_token_ids``; a choice's last chunk carries its ``finish_reason``), a usage chunk
+        if asked, ``[DONE]``. With logprobs, a chunk carries those of every token of its choice not reported
+        by an earlier chunk. Streams have ``best_of == n``, so sub-request ``k`` is choice ``k``. A failure
+        mid-stream (the engine thread stopped, a sub-request refused) is an ``error`` event before ``[DONE]``.
+        Cancelled when the client disconnects; every sub-request still running is then aborted."""
+        subs = fan.subs
+        states = [_ChoiceStream(self.tokenizer, s.params) for s in subs]
+        try:
+            if prep.kind == "chat":
+                for k in range(len(subs)):
+                    yield sse(self._chunk(prep, k, None, [], None, role=True))
+            while not fan.done:
+                k, out = await fan.next()
+                if out.finish_reason == "error":
+                    raise ApiError(400, f"{prep.prompt_field(subs[k].prompt)}: {out.error}")
+                st = states[k]
+                text = st.deltas.next(out)
+                if text or out.finished or prep.return_token_ids:  # no empty chunks for held-back text
+                    lp = self._logprobs(prep, subs[k].params, out, st.reported, st.render)
+                    st.reported = len(out.token_ids)
+                    yield sse(self._chunk(prep, k, text, out.new_token_ids, out.finish_reason, logprobs=lp))
+            if prep.include_usage:
+                finals = [fan.finals[k] for k in range(len(subs))]
+                yield sse(self._head(prep, chunk=True) | {"choices": [], "usage": self._usage(prep, finals)})
+        except RuntimeError as e:  # the engine thread stopped mid-stream: say so in the stream
+            yield sse(ApiError(500, str(e)).body())
+        except ApiError as e:
+            yield sse(e.body())
+        finally:
+            fan.abort()
+        yield sse("[DONE]")
