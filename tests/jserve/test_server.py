@@ -7,8 +7,11 @@ the fastserve policy swap. SmolLM2 reproduces the golden ids from Hugging Face t
 ``/v1/completions`` (compared with the ``return_token_ids`` extension) and answers a chat request with its own
 template. Bad input gets its status and message while a concurrent good request completes; a request the
 scheduler refuses is a 400, streaming or not; a failed engine thread gives 500s and a 503 health, not a hang; a
-client that disconnects aborts its request and the engine frees its pages. ``jserve serve`` starts, prints its
-URL, serves and stops on SIGINT.
+client that disconnects aborts its request and the engine frees its pages. Several choices (``n``), ``best_of``
+and lists of prompts: greedy choices equal the single answer, seeded ones are each the n=1 answer of seed + j,
+a batch is prompt-major, ``best_of``'s pick is checked against the Python API's log-probabilities, streamed
+choices reassemble into the whole answer, and a refusal or a disconnect leaves nothing running. ``jserve serve``
+starts, prints its URL, serves and stops on SIGINT.
 """
 
 from __future__ import annotations
