@@ -56,13 +56,18 @@ class EngineConfig:
     # runs one iteration per step() call, start to finish. None: on for accelerators, off on a CPU (there the
     # "device" is the host's own cores, so host work has nothing to hide behind).
     async_scheduling: bool | None = None
+    # Requests with penalties (SamplingParams.presence/frequency/repetition_penalty) queued to the scheduler at
+    # once: each holds a row of the device's penalty tables (vocab_size * 5 bytes). More wait in the engine for
+    # a row. None: max_batch_size.
+    max_penalty_requests: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_batch_size", "max_tokens_per_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
-        for name, low in (("max_model_len", 2), ("num_device_blocks", 2), ("num_host_blocks", 0)):
+        for name, low in (("max_model_len", 2), ("num_device_blocks", 2), ("num_host_blocks", 0),
+                          ("max_penalty_requests", 1)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"EngineConfig.{name} must be None or an int >= {low}, got {v!r}")
@@ -140,13 +145,16 @@ def _free_bytes(device) -> int | None:
     return acc[0] - acc[1] if acc else _available_memory_bytes()
 
 
-def device_pages(cfg: EngineConfig, spec: KVCacheSpec, max_model_len: int, device) -> int:
+def device_pages(cfg: EngineConfig, spec: KVCacheSpec, max_model_len: int, device, reserved_bytes: int = 0) -> int:
     """The device pool's page count (the reserved padding page included). An explicit ``num_device_blocks``
     larger than the free memory is refused before it is allocated (a CPU would otherwise overcommit and be
     killed when warm-up touches the pages). Otherwise: ``gpu_memory_utilization`` of the accelerator's memory
-    minus what is in use, or ``cpu_kv_cache_gib`` (at most half the available memory) on a CPU."""
+    minus what is in use, or ``cpu_kv_cache_gib`` (at most half the available memory) on a CPU.
+    ``reserved_bytes``: other device state the engine allocates after the pool (the penalty tables), taken
+    from the free memory / the accelerator's budget first."""
     if cfg.num_device_blocks is not None:
         free = _free_bytes(device)
+        free = None if free is None else free - reserved_bytes
         need = cfg.num_device_blocks * spec.page_bytes
         if free is not None and need > free:
             raise ValueError(
@@ -156,7 +164,7 @@ def device_pages(cfg: EngineConfig, spec: KVCacheSpec, max_model_len: int, devic
         return cfg.num_device_blocks
     acc = _accelerator_memory(device)
     if acc:
-        budget = acc[0] * cfg.gpu_memory_utilization - acc[1]
+        budget = acc[0] * cfg.gpu_memory_utilization - acc[1] - reserved_bytes
     else:
         budget = cfg.cpu_kv_cache_gib * 2**30
         avail = _available_memory_bytes()

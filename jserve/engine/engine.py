@@ -53,6 +53,7 @@ from schedulers.request import KVLocation, Request
 from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
+from .penalties import PenaltyRow, PenaltySlots, table_bytes
 from .runner import BatchRow, ModelRunner, RunnerConfig, StepOutputs
 from .sampling import SamplingParams
 
@@ -95,6 +96,8 @@ class _Sequence:
     prompt_ids: list[int]
     output: RequestOutput
     stop_eos: frozenset[int]  # end-of-sequence ids that stop it (empty with ignore_eos)
+    penalty_slot: int | None = None  # its row of the penalty tables (requests with penalties, once queued)
+    penalty_reset: bool = False  # the slot is to be zeroed by the request's first step
 
     @property
     def num_known_tokens(self) -> int:
@@ -165,7 +168,9 @@ class LLMEngine:
             )
         spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, mc.dtype)
         self.device = jax.devices()[0]
-        num_device = device_pages(cfg, spec, self.max_model_len, self.device)
+        num_penalty = cfg.max_penalty_requests or cfg.max_batch_size
+        num_device = device_pages(cfg, spec, self.max_model_len, self.device,
+                                  reserved_bytes=table_bytes(num_penalty, mc.vocab_size))
         num_host = host_pages(cfg, spec)
         self.kv = KVCache(spec, num_device, num_host, self.device)
         self.runner = ModelRunner(
@@ -179,8 +184,10 @@ class LLMEngine:
                 decode_buckets=cfg.decode_buckets,
                 token_buckets=cfg.token_buckets,
                 swap_buckets=cfg.swap_buckets,
+                penalty_slots=num_penalty,
             ),
         )
+        self._penalty_slots = PenaltySlots(num_penalty)  # its .waiting: requests with penalties, not yet queued
         base = cfg.scheduler_config or SchedulerConfig()
         sched_cfg = base.replace(
             block_size=cfg.page_size,
@@ -270,16 +277,52 @@ class LLMEngine:
             if sp.stop and self.tokenizer is None:
                 raise ValueError("SamplingParams.stop needs a tokenizer to match text; this model has none "
                                  "(use stop_token_ids)")
+            vocab = self.model.config.vocab_size
+            bad = next((t for t in sp.stop_token_ids if t >= vocab), None)
+            if bad is not None:  # it could never be generated, so never stop anything
+                raise ValueError(f"SamplingParams.stop_token_ids holds {bad}, outside the model's vocabulary "
+                                 f"[0, {vocab})")
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
         req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
         seq = _Sequence(req, sp, seed, ids, out, frozenset() if sp.ignore_eos else self._eos_ids)
+        if sp.has_penalties:  # queued to the scheduler once it holds a penalty slot (now, if one is free)
+            self._seqs[rid] = seq
+            self._penalty_slots.waiting.append(seq)
+            self._admit_penalty_requests(now)
+            return out
         if not self.scheduler.add(req, now):
             return self._refuse(out, f"the scheduler refused the request: {req.reject_reason}", now)
         self._seqs[rid] = seq
         return out
+
+    def _admit_penalty_requests(self, now: float) -> list[RequestOutput]:
+        """Give free penalty slots to the requests waiting for one, in order, and queue them to the scheduler
+        (with their original arrival time). Returns the outputs of those the scheduler refused."""
+        slots = self._penalty_slots
+        refused = []
+        while slots.waiting and slots.num_free:
+            seq = slots.waiting.popleft()
+            rid = seq.request.request_id
+            seq.penalty_slot, seq.penalty_reset = slots.acquire(rid), True
+            if not self.scheduler.add(seq.request, now):
+                self._retire(rid)
+                reason = f"the scheduler refused the request: {seq.request.reject_reason}"
+                refused.append(self._refuse(seq.output, reason, now))
+        return refused
+
+    def _retire(self, request_id: Hashable) -> "_Sequence | None":
+        """Forget a live request (its output is final, or about to be): its penalty slot goes back, or it
+        leaves the queue for one."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None and seq.params.has_penalties:
+            if seq.penalty_slot is None:
+                self._penalty_slots.waiting.remove(seq)
+            else:
+                self._penalty_slots.release(request_id)
+        return seq
 
     def _refuse(self, out: RequestOutput, reason: str, now: float) -> RequestOutput:
         out.finish_reason = "error"
@@ -289,10 +332,10 @@ class LLMEngine:
 
     def abort(self, request_id: Hashable) -> bool:
         """Cancel a live request; its pages are freed at once. Returns False if it is not live."""
-        seq = self._seqs.pop(request_id, None)
+        seq = self._retire(request_id)
         if seq is None:
             return False
-        self.scheduler.abort(request_id)
+        self.scheduler.abort(request_id)  # False for a request still waiting for a penalty slot
         self._release_host_pages()
         seq.output.finish_reason = "abort"
         seq.output.metrics.finish_time = self.now()
@@ -334,6 +377,7 @@ class LLMEngine:
                 out.metrics.finish_time = now
             out.error = out.error or f"aborted: the engine step was interrupted by {type(error).__name__}: {error}"
         self._seqs.clear()
+        self._penalty_slots.clear()
         self._in_flight = None
         self._stopped = []
         self.kv.retain_host(())
@@ -351,10 +395,11 @@ class LLMEngine:
         else:
             stopped, self._stopped = self._stopped, []
             self._abort_stopped(stopped)
+        changed += self._admit_penalty_requests(now)  # slots freed by the last iteration
         plan = sched.schedule(now)
         self.stats["steps"] += 1
         for req, reason in plan.rejected:
-            seq = self._seqs.pop(req.request_id, None)
+            seq = self._retire(req.request_id)
             if seq is not None:
                 changed.append(self._refuse(seq.output, f"the scheduler refused the request: {reason}", now))
         launched = None
@@ -403,7 +448,11 @@ class LLMEngine:
             else:
                 tokens = seq.token_slice(c, n)
             drawn = len(seq.output.token_ids) + (waiting is not None)
-            rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn)))
+            pen = None
+            if seq.penalty_slot is not None:
+                pen = PenaltyRow(seq.penalty_slot, seq.penalty_reset, samples)
+                seq.penalty_reset = False
+            rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn), pen))
             samplers.append(seq if samples else None)
             if seq.output.metrics.first_scheduled_time is None:
                 seq.output.metrics.first_scheduled_time = now
@@ -465,13 +514,13 @@ class LLMEngine:
         """Release stopped requests that no iteration in flight will report as finished."""
         for rid in stopped:
             self.scheduler.abort(rid)
-            self._seqs.pop(rid, None)
+            self._retire(rid)
 
     def _finalize(self, done: Sequence[Request]) -> None:
         """Retire requests the scheduler finished (their outputs already hold every token)."""
         end = self.now()
         for req in done:
-            seq = self._seqs.pop(req.request_id, None)
+            seq = self._retire(req.request_id)
             if seq is None:
                 continue
             out = seq.output

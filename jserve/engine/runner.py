@@ -13,7 +13,8 @@ not compiled is a bug and raises). The executables:
   and its ordering rules).
 
 Block tables always have ``ceil(max_model_len / page_size)`` columns, padded with the reserved padding
-page. The device pool is donated to every step and every scatter. A step returns the sampled token ids
+page. The device pool is donated to every step and every scatter; so are the penalty tables
+(``jserve.engine.penalties``: per-request token counts, kept on the device beside the pool) to every step. A step returns the sampled token ids
 (``[S]`` int32) and their log-probabilities (``StepOutputs``; computed only when a row asked, and read by the
 host only then).
 """
@@ -32,6 +33,7 @@ from flax import nnx
 from kernels_pallas import AttentionMetadata
 
 from .kv_cache import KVCache, bucket_pairs, gather_pages, scatter_pages
+from .penalties import PenaltyArrays, PenaltyRow, apply_penalties, init_tables, record_tokens
 from .sampling import SamplingArrays, sample_tokens, token_logprobs
 
 __all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "PreparedStep", "StepOutputs", "powers_of_two"]
@@ -62,6 +64,7 @@ class RunnerConfig:
     # 256): every request splits into chunks without padding slots (which would be moved and kept for nothing)
     # with ten executables to compile.
     swap_buckets: tuple[int, ...] = ()
+    penalty_slots: int = 0  # requests with penalties at once (rows of the penalty tables); 0: max_batch_size
 
     def resolved(self) -> "RunnerConfig":
         decode = self.decode_buckets or powers_of_two(1, self.max_batch_size)
@@ -71,7 +74,8 @@ class RunnerConfig:
         if min(swap) < 1:
             raise ValueError(f"swap_buckets {swap} must be page counts >= 1")
         cfg = dataclasses.replace(self, decode_buckets=tuple(sorted(decode)), token_buckets=tuple(sorted(tokens)),
-                                  swap_buckets=tuple(sorted(set(swap))))
+                                  swap_buckets=tuple(sorted(set(swap))),
+                                  penalty_slots=self.penalty_slots or self.max_batch_size)
         if max(cfg.decode_buckets) < cfg.max_batch_size:
             raise ValueError(f"decode_buckets {cfg.decode_buckets} do not cover max_batch_size={cfg.max_batch_size}")
         if max(cfg.token_buckets) < cfg.max_tokens_per_batch:
@@ -93,6 +97,7 @@ class BatchRow:
     start: int
     pages: Sequence[int]
     sampling: tuple  # (SamplingParams, seed, generated-so-far)
+    penalty: PenaltyRow | None = None  # the request's penalty slot (None: no penalties)
 
 
 class StepOutputs(NamedTuple):
@@ -108,7 +113,8 @@ class StepOutputs(NamedTuple):
 class TracedFunctions(NamedTuple):
     """The jitted (not yet compiled) functions of one model on one device; executables are lowered from them."""
 
-    step: Callable  # (state leaves, ids, pos, pool, metadata, *sampling) -> (StepOutputs, pool)
+    step: Callable  # (state leaves, ids, pos, pool, tables, metadata, *sampling, penalties)
+    #                 -> (StepOutputs, pool, tables)
     gather: Callable  # (pool, src) -> staged
     scatter: Callable  # (pool, staged, dst) -> pool
 
@@ -121,14 +127,17 @@ def traced_functions(model, device) -> TracedFunctions:
     graphdef = model.graphdef
     state_tree = jax.tree.structure(model.state)
 
-    def step(state_leaves, ids, pos, pool, md, temp, top_k, top_p, seed, counter, want_logprobs):
+    def step(state_leaves, ids, pos, pool, tables, md, temp, top_k, top_p, seed, counter, want_logprobs, pen):
         module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
         logits, pool = module(ids, pos, pool, md)
-        tokens = sample_tokens(logits, temp, top_k, top_p, seed, counter)
-        return StepOutputs(tokens, *token_logprobs(logits, tokens, want_logprobs)), pool
+        tables, penalized = apply_penalties(tables, logits, ids, pen)
+        tokens = sample_tokens(penalized, temp, top_k, top_p, seed, counter)
+        tables = record_tokens(tables, tokens, pen)
+        # log-probabilities of the unpenalized distribution (vLLM's default)
+        return StepOutputs(tokens, *token_logprobs(logits, tokens, want_logprobs)), pool, tables
 
     fns = cache[device] = TracedFunctions(
-        step=jax.jit(step, donate_argnums=(3,)),
+        step=jax.jit(step, donate_argnums=(3, 4)),
         gather=jax.jit(gather_pages),
         scatter=jax.jit(scatter_pages, donate_argnums=(0,)),
     )
@@ -143,10 +152,14 @@ class ModelRunner:
         self.kv = kv
         self.config = config.resolved()
         self.width = self.config.pages_per_seq
+        self.num_penalty_slots = self.config.penalty_slots
+        # (counts [N, V] int32, seen [N, V] bool): donated to every step like the pool
+        self.penalty_tables = init_tables(self.num_penalty_slots, model.config.vocab_size, kv.device_sharding)
         # Compiled executables depend only on the model and on shapes, so engines over the same model with the
         # same pool sizes and buckets share them (kept on the model object).
         shared = model.__dict__.setdefault("_runner_executables", {})
-        signature = (kv.num_device_pages, kv.spec, self.width, self.config.max_batch_size, str(kv.device_id))
+        signature = (kv.num_device_pages, kv.spec, self.width, self.config.max_batch_size, self.num_penalty_slots,
+                     str(kv.device_id))
         self._executables: dict[tuple, Callable] = shared.setdefault(signature, {})
         self.warmed_up = False
         self.compile_seconds = 0.0
@@ -204,8 +217,9 @@ class ModelRunner:
             return self.fns.scatter.lower(kv.device, staged, idx).compile()
         kind, size = key
         s = size if kind == "decode" else self.config.max_batch_size
-        ids, pos, md, samp = self._pack([], size, s, kind == "decode")  # an all-padding step of the shape
-        return self.fns.step.lower(self._state_leaves, ids, pos, kv.device, md, *samp).compile()
+        ids, pos, md, samp, pen = self._pack([], size, s, kind == "decode")  # an all-padding step of the shape
+        return self.fns.step.lower(self._state_leaves, ids, pos, kv.device, self.penalty_tables, md, *samp,
+                                   pen).compile()
 
     def _get(self, key: tuple) -> Callable:
         exe = self._executables.get(key)
@@ -231,6 +245,7 @@ class ModelRunner:
         seq_lens = np.zeros(s, np.int32)
         qsl = np.zeros(s + 1, np.int32)
         logits_idx = np.zeros(s, np.int32)
+        lens = np.zeros(0, np.int32)
         if r_count:
             lens = np.fromiter((len(r.tokens) for r in rows), np.int32, r_count)
             starts = np.fromiter((r.start for r in rows), np.int32, r_count)
@@ -250,7 +265,8 @@ class ModelRunner:
         md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
                                logits_indices=logits_idx, decode_only=decode_only)
         samp = SamplingArrays.build([r.sampling for r in rows], s).step_inputs()
-        return ids, pos, md, samp
+        pen = PenaltyArrays.build([(r.penalty, r.sampling[0]) for r in rows], lens, t, s, self.num_penalty_slots)
+        return ids, pos, md, samp, pen
 
     def step_key(self, rows: Sequence[BatchRow]) -> tuple[str, int]:
         """The compiled shape a batch runs in: ("decode", S) or ("mixed", T)."""
@@ -317,8 +333,8 @@ class ModelRunner:
         s = size if kind == "decode" else c.max_batch_size
         if len(rows) > s:
             raise ValueError(f"{len(rows)} sequences exceed the step's {s} sequence slots")
-        ids, pos, md, samp = self._pack(rows, size, s, kind == "decode")
-        return PreparedStep(kind, size, len(rows), ids, pos, md, samp)
+        ids, pos, md, samp, pen = self._pack(rows, size, s, kind == "decode")
+        return PreparedStep(kind, size, len(rows), ids, pos, md, samp, pen)
 
     def launch(
         self,
@@ -335,8 +351,9 @@ class ModelRunner:
         kv = self.kv
         self._swap_out(swap_out)
         loads = self._transfer_in(swap_in)
-        outputs, kv.device = self._get((step.kind, step.size))(self._state_leaves, step.ids, step.pos, kv.device,
-                                                               step.metadata, *step.sampling)
+        outputs, kv.device, self.penalty_tables = self._get((step.kind, step.size))(
+            self._state_leaves, step.ids, step.pos, kv.device, self.penalty_tables, step.metadata, *step.sampling,
+            step.penalties)
         self._scatter_in(loads)
         return outputs
 
@@ -362,6 +379,7 @@ class PreparedStep:
     pos: np.ndarray  # [T] int32
     metadata: AttentionMetadata
     sampling: tuple
+    penalties: PenaltyArrays
 
     def set_last_token(self, row: int, token: int) -> None:
         """Fill in the last token of ``row`` (a placeholder at packing time)."""

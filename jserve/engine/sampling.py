@@ -39,6 +39,10 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 def _string_tuple(stop) -> tuple[str, ...]:
     """``SamplingParams.stop`` as a tuple: None, one string, or a list/tuple/set of non-empty strings."""
     if stop is None:
@@ -80,6 +84,11 @@ class SamplingParams:
     drop special tokens from ``text``. ``logprobs``: None (off), or k in 0..20: return, per generated token,
     its log-probability and those of the k most likely tokens (the model's distribution: log-softmax of the
     raw logits at temperature 1, before top-k / top-p; see ``RequestOutput.logprobs``).
+    Penalties (vLLM's), applied to the raw logits before temperature / top-k / top-p / greedy argmax:
+    ``repetition_penalty`` r > 0 (1 = off): every id in the prompt or the output so far has its logit divided
+    by r when positive, multiplied by r otherwise; ``frequency_penalty`` f in [-2, 2] (0 = off): minus f times
+    the id's count in the output; ``presence_penalty`` p in [-2, 2] (0 = off): minus p for every id in the
+    output. ``logprobs`` stay those of the unpenalized distribution (vLLM's default, ``raw_logprobs``).
     """
 
     max_tokens: int = 16
@@ -92,6 +101,9 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -109,6 +121,15 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"SamplingParams.logprobs must be None or an int in 0..{MAX_LOGPROBS}, "
                              f"got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"SamplingParams.{name} must be a number in [-2, 2], got {v!r}")
+            object.__setattr__(self, name, float(v))
+        r = self.repetition_penalty
+        if not _is_real(r) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0 (1 = off), got {r!r}")
+        object.__setattr__(self, "repetition_penalty", float(r))
         object.__setattr__(self, "stop", _string_tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", _id_tuple(self.stop_token_ids))
         # numpy scalars pass the checks above; store plain Python numbers (the scheduler's Request wants ints)
@@ -127,6 +148,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Some penalty is on (the request needs a penalty slot in the engine)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @classmethod
     def coerce(cls, params: "SamplingParams | dict | None") -> "SamplingParams":

@@ -165,10 +165,10 @@ def test_host_pages_stay_within_the_schedulers_accounting(tiny):
 def test_no_whole_pool_copies_and_no_compiles_with_copies_in_flight(tiny):
     r = _runner(tiny, num_device=40, num_host=33)
     kv = r.kv
-    ids, pos, md, samp = r._pack([], 2, 2, True)
+    ids, pos, md, samp, pen = r._pack([], 2, 2, True)
     idx = np.zeros(4, np.int32)
     staged = jax.eval_shape(r.fns.gather, kv.device, idx)
-    lowered = {"step": r.fns.step.lower(r._state_leaves, ids, pos, kv.device, md, *samp),
+    lowered = {"step": r.fns.step.lower(r._state_leaves, ids, pos, kv.device, r.penalty_tables, md, *samp, pen),
                "gather": r.fns.gather.lower(kv.device, idx), "scatter": r.fns.scatter.lower(kv.device, staged, idx)}
     shape = ",".join(str(d) for d in kv.device[0][0].shape)
     for name, low in lowered.items():

@@ -1,0 +1,168 @@
+"""Repetition, frequency and presence penalties inside the compiled step: the device-resident per-request
+tables, the per-step inputs that address them, and the host bookkeeping of which request holds which slot.
+
+Semantics (vLLM's), per row, on the raw logits before temperature / top-k / top-p / greedy argmax:
+
+* ``repetition_penalty`` r: every id in the prompt or the output so far: ``logit / r`` if ``logit > 0``,
+  else ``logit * r`` (transformers' ``RepetitionPenaltyLogitsProcessor``);
+* ``frequency_penalty`` f: ``logit -= f * count(id in the output so far)``;
+* ``presence_penalty`` p: ``logit -= p * (count(id in the output so far) > 0)``.
+
+State. A request with any penalty holds one of ``N`` slots (``EngineConfig.max_penalty_requests``) from
+when it is queued to the scheduler until it finishes, is aborted or refused. The runner keeps two tables on
+the device beside the KV pool, donated to every step and updated in place: ``counts [N, V] int32`` (times
+each id was generated) and ``seen [N, V] bool`` (ids fed to the model: the prompt and every generated
+token, since each generated token is the input of the request's next step). A step takes, per row, the slot
+whose tables penalize its logits, the slot to zero first (the request's first dispatch) and the slot whose
+``counts`` take its sampled token (rows that really sample); per packed token, the slot whose ``seen`` it
+marks. "No slot" is ``N`` (out of range: gathers fill, scatters drop). All of it runs under ``lax.cond``,
+skipped at run time when no row or token names a slot, so batches without penalties pay two predicates.
+
+Because the tables are threaded through the steps on the device, async scheduling (a row whose newest
+token is still being sampled by the step in flight) sees that token's update in dispatch order, with no
+host round trip. A recompute after preemption re-marks ``seen`` (idempotent) and only the one new token it
+samples adds to ``counts``; swaps leave the slot alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Hashable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "init_tables", "table_bytes", "apply_penalties",
+           "record_tokens"]
+
+Tables = tuple  # (counts [N, V] int32, seen [N, V] bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class PenaltyRow:
+    """A step row's penalty slot and what the step does with it."""
+
+    slot: int
+    reset: bool  # zero the slot before anything else (the request's first dispatch)
+    samples: bool  # the row's sampled token is the request's next token: count it
+
+
+class PenaltyArrays(NamedTuple):
+    """The step's penalty inputs (numpy, host side); ``N`` (the slot count) means "no slot"."""
+
+    slot: np.ndarray  # [S] int32, the slot whose tables penalize the row's logits
+    reset: np.ndarray  # [S] int32, the slot to zero before the step
+    record: np.ndarray  # [S] int32, the slot whose counts take the row's sampled token
+    token_slot: np.ndarray  # [T] int32, the slot whose ``seen`` each packed token marks
+    repetition: np.ndarray  # [S] float32, 1 = off
+    frequency: np.ndarray  # [S] float32, 0 = off
+    presence: np.ndarray  # [S] float32, 0 = off
+
+    @classmethod
+    def build(cls, rows: Sequence[tuple[PenaltyRow | None, object]], lens: np.ndarray, t: int, s: int,
+              num_slots: int) -> "PenaltyArrays":
+        """``rows``: (penalty row or None, SamplingParams) per batch row; ``lens`` ``[len(rows)]``: the row's
+        packed token count (rows are packed in order from token 0)."""
+        none = np.int32(num_slots)
+        slot, reset, record = (np.full(s, none, np.int32) for _ in range(3))
+        token_slot = np.full(t, none, np.int32)
+        rep = np.ones(s, np.float32)
+        freq = np.zeros(s, np.float32)
+        pres = np.zeros(s, np.float32)
+        if any(pr is not None for pr, _ in rows):
+            for i, (pr, p) in enumerate(rows):
+                if pr is None:
+                    continue
+                slot[i] = pr.slot
+                reset[i] = pr.slot if pr.reset else none
+                record[i] = pr.slot if pr.samples else none
+                rep[i], freq[i], pres[i] = p.repetition_penalty, p.frequency_penalty, p.presence_penalty
+            total = int(lens.sum())
+            token_slot[:total] = np.repeat(slot[: len(rows)], lens)
+        return cls(slot, reset, record, token_slot, rep, freq, pres)
+
+
+def table_bytes(num_slots: int, vocab: int) -> int:
+    """Device bytes of the two tables: ``N * V * 5``."""
+    return num_slots * vocab * (4 + 1)
+
+
+def init_tables(num_slots: int, vocab: int, device) -> Tables:
+    """Zeroed ``(counts [N, V] int32, seen [N, V] bool)`` on ``device``."""
+    counts = jax.device_put(np.zeros((num_slots, vocab), np.int32), device)
+    seen = jax.device_put(np.zeros((num_slots, vocab), np.bool_), device)
+    return counts, seen
+
+
+def apply_penalties(
+    tables: Tables,  # (counts [N, V] int32, seen [N, V] bool)
+    logits: jax.Array,  # [S, V] float32, raw
+    ids: jax.Array,  # [T] int32, the step's packed input tokens
+    pen: PenaltyArrays,
+) -> tuple[Tables, jax.Array]:  # updated tables, [S, V] float32 penalized logits
+    """Zero the reset slots, mark the packed tokens in ``seen``, then penalize each row from its slot
+    (traceable; skipped at run time when nothing names a slot)."""
+    n = tables[0].shape[0]
+    active = jnp.any(pen.slot < n) | jnp.any(pen.reset < n) | jnp.any(pen.token_slot < n)
+
+    def on(operands):
+        (counts, seen), x = operands
+        counts = counts.at[pen.reset].set(0, mode="drop")
+        seen = seen.at[pen.reset].set(False, mode="drop")
+        seen = seen.at[pen.token_slot, ids].set(True, mode="drop")
+        c = jnp.take(counts, pen.slot, axis=0, mode="fill", fill_value=0)  # [S, V]
+        s = jnp.take(seen, pen.slot, axis=0, mode="fill", fill_value=False)  # [S, V]
+        r = pen.repetition[:, None]
+        x = jnp.where(s, jnp.where(x > 0, x / r, x * r), x)
+        x = x - pen.frequency[:, None] * c.astype(x.dtype) - pen.presence[:, None] * (c > 0).astype(x.dtype)
+        return (counts, seen), x
+
+    return jax.lax.cond(active, on, lambda operands: operands, (tables, logits))
+
+
+def record_tokens(
+    tables: Tables,  # (counts [N, V] int32, seen [N, V] bool)
+    tokens: jax.Array,  # [S] int32, the sampled tokens
+    pen: PenaltyArrays,
+) -> Tables:
+    """``counts[record[i], tokens[i]] += 1`` for the rows that sample into a slot (traceable). ``seen`` needs
+    no update here: a generated token is the input of the request's next step, which marks it."""
+    counts, seen = tables
+    n = counts.shape[0]
+
+    def on(c):
+        return c.at[pen.record, tokens].add(1, mode="drop")
+
+    return jax.lax.cond(jnp.any(pen.record < n), on, lambda c: c, counts), seen
+
+
+class PenaltySlots:
+    """Host bookkeeping: which request holds which slot, and the requests waiting for one (in order)."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._held: dict[Hashable, int] = {}
+        self.waiting: collections.deque = collections.deque()  # whatever the engine queues, in order
+
+    def acquire(self, owner: Hashable) -> int | None:
+        """A free slot for ``owner`` (None when all are held)."""
+        if not self._free:
+            return None
+        slot = self._held[owner] = self._free.pop()
+        return slot
+
+    def release(self, owner: Hashable) -> None:
+        """Give back ``owner``'s slot, if it holds one."""
+        slot = self._held.pop(owner, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def clear(self) -> None:
+        self.__init__(self.num_slots)

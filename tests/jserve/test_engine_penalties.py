@@ -1,0 +1,221 @@
+"""Repetition / frequency / presence penalties (``SamplingParams``) on the tiny random Llama.
+
+References, independent of the engine: a numpy implementation of vLLM's three penalties applied to the
+last-token logits of a plain ``jserve.models`` forward (every sequence's whole prefix, one packed step on a
+fresh cache, no scheduler, no sampler, no penalty tables) in a greedy loop; and Hugging Face transformers'
+``generate(repetition_penalty=...)`` on a tiny random Llama it wrote. Checked: greedy outputs token for
+token (r < 1 and r > 1, negative presence / frequency, all three at once) beside plain rows, more penalty
+requests than slots, seeded sampling, equality under memory pressure (swaps, recompute) and async
+scheduling, the on-device table updates against numpy, validation, and the stop-id vocabulary refusal."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jserve.engine import LLM, SamplingParams
+from jserve.engine.penalties import PenaltyArrays, PenaltyRow, apply_penalties, record_tokens
+from jserve.models import load
+from jserve.models.paged import PageAllocator, SeqChunk, build_step, pages_needed
+
+SLOTS = 3
+SMALL = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=128, decode_buckets=(4,),
+             token_buckets=(64,), swap_buckets=(8,), progress=False, max_penalty_requests=SLOTS)
+TIGHT = dict(SMALL, num_device_blocks=14, num_host_blocks=64, max_penalty_requests=8)  # forces preemption
+ROOMY = dict(SMALL, num_device_blocks=64, num_host_blocks=64)
+NEW = 12
+
+PENALTIES = [  # (repetition, frequency, presence) per prompt
+    (1.0, 0.0, 0.0),
+    (1.3, 0.0, 0.0),
+    (0.7, 0.0, 0.0),
+    (1.0, 0.8, 0.0),
+    (1.0, -0.5, 0.0),
+    (1.0, 0.0, 1.2),
+    (1.0, 0.0, -1.0),
+    (1.2, 0.4, -0.3),
+]
+
+
+def params_of(pen, **kw) -> SamplingParams:
+    r, f, p = pen
+    return SamplingParams(repetition_penalty=r, frequency_penalty=f, presence_penalty=p, **kw)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(11)
+    return [list(map(int, rng.integers(3, 256, size=int(n)))) for n in rng.integers(5, 50, size=len(PENALTIES))]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return LLM(tiny, scheduler="fcfs", **ROOMY)
+
+
+def penalize(logits: np.ndarray, prompt: list[int], out: list[int], pen) -> np.ndarray:
+    """vLLM's penalties on one row's ``[V]`` float32 logits (numpy)."""
+    r, f, p = (np.float32(v) for v in pen)
+    vocab = logits.shape[-1]
+    seen = np.zeros(vocab, bool)
+    seen[prompt + out] = True
+    count = np.bincount(np.asarray(out, np.int64), minlength=vocab).astype(np.float32)
+    x = np.where(seen, np.where(logits > 0, logits / r, logits * r), logits)
+    return x - f * count - p * (count > 0).astype(np.float32)
+
+
+def last_logits(model, seqs: list[list[int]]) -> np.ndarray:
+    """``[len(seqs), V]`` float32: the logits after each whole sequence (one packed step, fresh cache)."""
+    page, width = 16, 8
+    alloc = PageAllocator(width * 8)  # fixed pool and padded shapes: one compilation
+    chunks = [SeqChunk(s, 0, alloc.allocate(pages_needed(len(s), page))) for s in seqs]
+    step = build_step(chunks, page, num_tokens=1024, num_seqs=8, pages_per_seq=width)
+    logits, _ = model.step(step.input_ids, step.positions, model.allocate_kv_caches(alloc.num_pages, page),
+                           step.metadata)
+    return np.asarray(logits, np.float32)[: len(seqs)]
+
+
+def reference_greedy(model, prompts, pens, new: int) -> list[list[int]]:
+    outs: list[list[int]] = [[] for _ in prompts]
+    for _ in range(new):
+        logits = last_logits(model, [p + o for p, o in zip(prompts, outs)])
+        for i, (p, o, pen) in enumerate(zip(prompts, outs, pens)):
+            o.append(int(np.argmax(penalize(logits[i], p, o, pen))))
+    return outs
+
+
+def test_sampling_params_penalty_validation():
+    sp = SamplingParams(presence_penalty=-2, frequency_penalty=np.float32(2.0), repetition_penalty=3)
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty) == (-2.0, 2.0, 3.0)
+    assert isinstance(sp.presence_penalty, float) and sp.has_penalties
+    assert not SamplingParams().has_penalties
+    for name in ("presence_penalty", "frequency_penalty"):
+        for bad in (2.01, -2.5, float("nan"), float("inf"), "1", True, None):
+            with pytest.raises(ValueError, match=f"SamplingParams.{name}"):
+                SamplingParams(**{name: bad})
+    for bad in (0, -1.0, float("nan"), float("inf"), "1.1", True, None):
+        with pytest.raises(ValueError, match="SamplingParams.repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+
+
+def test_table_updates_against_numpy():
+    """One step's table work on hand-made inputs: reset, marking packed tokens (out-of-range slots dropped),
+    penalizing from the slot, counting the sampled tokens; and nothing at all when no slot is named."""
+    n, vocab = 3, 10
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 3, (n, vocab)).astype(np.int32)
+    seen = rng.random((n, vocab)) < 0.3
+    logits = rng.normal(size=(3, vocab)).astype(np.float32) * 3
+    ids = np.array([4, 5, 6, 7, 8, 9], np.int32)
+    lens = np.array([2, 3, 1])
+    rows = [(PenaltyRow(1, True, True), params_of((1.5, 0.5, 0.25))),
+            (None, SamplingParams()),
+            (PenaltyRow(2, False, False), params_of((0.8, -1.0, 0.0)))]
+    pen = PenaltyArrays.build(rows, lens, 6, 3, n)
+    assert pen.token_slot.tolist() == [1, 1, n, n, n, 2] and pen.reset.tolist() == [1, n, n]
+    tables, out = jax.jit(apply_penalties)((counts, seen), logits, ids, pen)
+    want_c, want_s = counts.copy(), seen.copy()
+    want_c[1], want_s[1] = 0, False
+    want_s[1, [4, 5]] = True
+    want_s[2, 9] = True
+    np.testing.assert_array_equal(np.asarray(tables[0]), want_c)
+    np.testing.assert_array_equal(np.asarray(tables[1]), want_s)
+    for i, s, pv in ((0, 1, (1.5, 0.5, 0.25)), (2, 2, (0.8, -1.0, 0.0))):
+        r, f, p = (np.float32(v) for v in pv)
+        x = np.where(want_s[s], np.where(logits[i] > 0, logits[i] / r, logits[i] * r), logits[i])
+        np.testing.assert_allclose(np.asarray(out[i]), x - f * want_c[s] - p * (want_c[s] > 0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out[1]), logits[1])  # no slot: untouched
+    tokens = np.array([3, 3, 3], np.int32)
+    after = jax.jit(record_tokens)(tables, tokens, pen)
+    want_c[1, 3] += 1  # only the row that samples into a slot (row 2 does not sample)
+    np.testing.assert_array_equal(np.asarray(after[0]), want_c)
+    off = PenaltyArrays.build([(None, SamplingParams())] * 3, lens, 6, 3, n)
+    tables2, out2 = jax.jit(apply_penalties)((counts, seen), logits, ids, off)
+    np.testing.assert_array_equal(np.asarray(out2), logits)
+    np.testing.assert_array_equal(np.asarray(tables2[0]), counts)
+    np.testing.assert_array_equal(np.asarray(tables2[1]), seen)
+
+
+def test_greedy_penalties_match_the_reference_with_more_requests_than_slots(tiny, llm, prompts):
+    eng = llm.engine
+    params = [params_of(pen, max_tokens=NEW, ignore_eos=True) for pen in PENALTIES]
+    outs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+    assert len(eng._penalty_slots.waiting) == len(PENALTIES) - 1 - SLOTS  # the rest wait for a slot
+    waiting = eng._penalty_slots.waiting[-1].request.request_id
+    assert eng.abort(waiting) and outs[-1].finish_reason == "abort"  # leaves the queue
+    eng.run_until_done()
+    ref = reference_greedy(tiny, prompts, PENALTIES, NEW)
+    plain = reference_greedy(tiny, prompts, [PENALTIES[0]] * len(prompts), NEW)
+    for i, (out, r) in enumerate(zip(outs[:-1], ref)):
+        assert out.finish_reason == "length" and out.token_ids == r, (i, PENALTIES[i])
+        if i:
+            assert r != plain[i], PENALTIES[i]  # the penalty changed the output (the test can fail)
+    assert eng._penalty_slots.num_free == SLOTS and not eng._penalty_slots.waiting
+    assert eng.stats["compiles_after_warmup"] == 0
+
+
+def test_seeded_sampling_with_penalties_is_reproducible(llm, prompts):
+    # the tiny random model's logits are flat at this temperature: penalties that favour repeats show
+    pens = [(1.0, 0.0, -2.0), (1.0, -2.0, 0.0), (2.0, -2.0, 0.0), (1.0, -1.0, -1.0)]
+    params = [params_of(pen, max_tokens=NEW, temperature=0.9, seed=7, ignore_eos=True) for pen in pens]
+    a = llm.generate(prompts[4:], params)
+    b = llm.generate(prompts[4:], params)
+    off = llm.generate(prompts[4:], SamplingParams(max_tokens=NEW, temperature=0.9, seed=7, ignore_eos=True))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert all(x.token_ids != y.token_ids for x, y in zip(a, off))
+
+
+def test_penalties_survive_preemption_and_async_scheduling(tiny, llm, prompts):
+    params = [params_of(pen, max_tokens=2 * NEW, ignore_eos=True, temperature=0.8 * (i % 2), seed=i)
+              for i, pen in enumerate(PENALTIES)]
+    roomy = [o.token_ids for o in llm.generate(prompts, params)]  # 3 slots: requests wait for one
+    for policy, options, async_ in (("fastserve", {"swap_mode": "recompute"}, False),
+                                    ("fastserve", {"swap_mode": "proactive"}, True)):
+        tight = LLM(tiny, scheduler=policy, scheduler_options=options, async_scheduling=async_, **TIGHT)
+        outs = tight.generate(prompts, params)
+        st = tight.engine.stats
+        assert st["drops"] + st["blocks_out"] > 0, st  # it was preempted
+        assert st["compiles_after_warmup"] == 0
+        assert [o.token_ids for o in outs] == roomy, (policy, options)
+
+
+def test_penalties_match_hugging_face_transformers(hf_checkpoints):
+    import torch
+
+    ckpt = hf_checkpoints("llama")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 128, n).tolist() for n in (9, 30)]
+    outs = LLM(load(ckpt.path), scheduler="fcfs", **ROOMY).generate(
+        prompts, SamplingParams(max_tokens=NEW, repetition_penalty=1.3))
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            x = torch.tensor([p])
+            gen = lambda **kw: ckpt.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
+                                                   do_sample=False, pad_token_id=0, **kw)[0, len(p):].tolist()
+            ref, plain = gen(repetition_penalty=1.3), gen()
+        assert out.token_ids == ref and ref != plain
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(llm, prompts):
+    out = llm.generate([prompts[0]], SamplingParams(max_tokens=2, stop_token_ids=[5, 256]))[0]
+    assert out.finish_reason == "error" and "stop_token_ids" in out.error and "256" in out.error
+    assert llm.generate([prompts[0]], SamplingParams(max_tokens=2, stop_token_ids=[255]))[0].finish_reason != "error"
+    bad = llm.generate([prompts[0]], {"presence_penalty": 3})[0]  # a dict is validated per request
+    assert bad.finish_reason == "error" and "presence_penalty" in bad.error
+
+
+def test_an_interrupted_step_frees_every_slot(tiny, llm, prompts):
+    eng = llm.engine
+    for p in prompts[:5]:
+        eng.add_request(p, SamplingParams(max_tokens=4, repetition_penalty=1.2))
+    launch = eng.runner.launch
+    eng.runner.launch = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            eng.step()
+    finally:
+        del eng.runner.launch  # the instance attribute off: the method shows through
+    assert eng._penalty_slots.num_free == SLOTS and not eng._penalty_slots.waiting and not eng.has_unfinished()
+    again = llm.generate([prompts[1]], params_of(PENALTIES[1], max_tokens=NEW, ignore_eos=True))[0]
+    assert again.token_ids == reference_greedy(tiny, [prompts[1]], [PENALTIES[1]], NEW)[0]  # a reused slot is reset
