@@ -373,6 +373,7 @@ def test_shutdown_ends_the_streams_still_running(tiny, prompts):
     (dict(async_scheduling="yes"), "EngineConfig.async_scheduling must be None or a bool"),  # was taken as True
     (dict(scheduler="nope"), "unknown scheduler policy 'nope'"),
     (dict(cost_model=5), "EngineConfig.cost_model must be"),  # was AttributeError inside the policy
+    (dict(max_penalty_requests=0), "EngineConfig.max_penalty_requests must be None or an int >= 1, got 0"),
 ])
 def test_bad_engine_options_raise_value_errors_naming_them(tiny, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
