@@ -247,8 +247,7 @@ def _check_choices(req: _Strict) -> None:
     if req.stream and best_of > req.n:
         raise ApiError(400, f"'best_of' ({best_of}) above 'n' ({req.n}) cannot be streamed: the best choices are "
                             "known only when every candidate has finished", param="best_of")
-    prompts = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and not isinstance(
-        req.prompt[0], int) else 1
+    prompts = len(req.prompt_list()[0])
     if prompts * best_of > MAX_SEQUENCES:
         raise ApiError(400, f"the request asks for {prompts * best_of} sequences ({prompts} prompts x "
                             f"{'best_of' if req.best_of is not None else 'n'} {best_of}); at most "

@@ -123,33 +123,26 @@ class OpenAIServer:
                 msg = out.error or "the engine refused the request"
                 raise ApiError(400, f"{prep.prompt_field(i)}: {msg}" if prep.batched else msg, prep.prompt_field(i))
 
-    async def _await(self, prep: Prepared, fan: FanOut, awaitable, request: Request):
-        """``awaitable`` raced against a disconnect; on any failure every sub-request is aborted."""
-        try:
-            return await self._race_disconnect(awaitable, request)
-        except RuntimeError as e:  # the engine thread stopped
-            fan.abort()
-            raise ApiError(500, str(e)) from None
-        except BaseException:  # _ClientGone, cancellation
-            fan.abort()
-            raise
-
     async def handle(self, request: Request, kind: str) -> Response:
         # parsing and tokenizing large prompts takes a while: off the event loop, which keeps serving
         prep = await asyncio.to_thread(self.preparer.prepare, await self._body(request), kind)
         fan = FanOut(self.engine, prep.sub_requests())
         leaders = [k for k, s in enumerate(fan.subs) if s.sample == 0]  # a refusal is the same for every sample
         try:
-            seen = await self._await(prep, fan, fan.wait_started(leaders), request)
+            seen = await self._race_disconnect(fan.wait_started(leaders), request)
             self._check_refusals(prep, fan, seen)
             if prep.stream:
                 return StreamingResponse(self.writer.chunks(prep, fan), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"}, background=BackgroundTask(fan.abort))
-            finals = await self._await(prep, fan, fan.all_finals(), request)
+            finals = await self._race_disconnect(fan.all_finals(), request)
             self._check_refusals(prep, fan, enumerate(finals))
         except _ClientGone:
+            fan.abort()
             return Response(status_code=499)
-        except ApiError:
+        except RuntimeError as e:  # the engine thread stopped
+            fan.abort()
+            raise ApiError(500, str(e)) from None
+        except BaseException:  # a refusal (ApiError), a cancelled handler
             fan.abort()
             raise
         return JSONResponse(self.writer.response(prep, finals))
