@@ -533,6 +533,8 @@ def test_n_samples_greedy_identical_and_seeded_reproducible(tiny):
         # sample j is the n=1 request seeded seed + j (vLLM's rule), so sample 0 is the plain seeded answer
         singles = [_post(c, seeded | {"n": 1, "seed": 123 + j})["choices"][0]["token_ids"] for j in range(3)]
         assert ids == singles
+        top = _post(c, seeded | {"n": 2, "seed": 2**32 - 1})["choices"]  # seeds wrap around (the engine's range)
+        assert top[1]["token_ids"] == _post(c, seeded | {"n": 1, "seed": 0})["choices"][0]["token_ids"]
         chat = _post(c, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
                          "ignore_eos": True, "n": 2}, "/v1/chat/completions")
         assert [ch["index"] for ch in chat["choices"]] == [0, 1]
