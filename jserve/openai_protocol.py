@@ -2,11 +2,12 @@
 
 ``CompletionRequest`` and ``ChatCompletionRequest`` are strict pydantic models: a field of the wrong JSON type
 or a field the API does not have is refused, never coerced or ignored. OpenAI fields that jserve does not
-implement (``echo``, penalties, ``logit_bias``, tools...) are accepted only at their neutral value (absent,
+implement (``echo``, ``logit_bias``, tools...) are accepted only at their neutral value (absent,
 null, 0, false), so a client that sends its defaults works and one that asks for the feature learns it is
 missing. ``n`` (1..128) and, for completions, ``best_of`` (n..128, not above n when streaming) and a list of
 prompts are checked here (``MAX_CHOICES``, ``MAX_SEQUENCES``); ``jserve.server_requests`` fans them out.
-Log-probabilities: ``logprobs`` (completions: an int 0..5) and ``logprobs`` + ``top_logprobs`` (chat: true and
+``presence_penalty``, ``frequency_penalty`` (OpenAI's) and ``repetition_penalty`` (vLLM's) are the
+``SamplingParams`` fields of the same names. Log-probabilities: ``logprobs`` (completions: an int 0..5) and ``logprobs`` + ``top_logprobs`` (chat: true and
 0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer`` renders the engine's log-probabilities as the
 two APIs' response objects. ``ApiError`` is an error with its HTTP status, rendered as the OpenAI error body
 ``{"error": {"message", "type", "param", "code"}}``; ``validation_error`` turns a pydantic ``ValidationError``
@@ -64,8 +65,8 @@ class StreamOptions(_Strict):
 
 
 class _GenerationFields(_Strict):
-    """Fields common to both endpoints. ``top_k``, ``ignore_eos``, ``stop_token_ids`` and
-    ``return_token_ids`` are jserve extensions (vLLM has the same names)."""
+    """Fields common to both endpoints. ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``
+    and ``return_token_ids`` are jserve extensions (vLLM has the same names)."""
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = None
@@ -81,9 +82,10 @@ class _GenerationFields(_Strict):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
     user: str | None = None  # accepted and ignored
+    presence_penalty: float | None = None  # OpenAI's, in [-2, 2]
+    frequency_penalty: float | None = None  # OpenAI's, in [-2, 2]
+    repetition_penalty: float | None = None  # vLLM's extension, > 0 (1: off)
     # OpenAI fields accepted only at their neutral values (see UNSUPPORTED)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
 
@@ -138,8 +140,6 @@ class ChatCompletionRequest(_GenerationFields):
 
 # field -> values that mean "not used"; anything else is refused as unsupported
 UNSUPPORTED: dict[str, tuple] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "echo": (False,),
     "suffix": (None, ""),
@@ -302,6 +302,9 @@ def sampling_params(req: _GenerationFields, max_tokens: int) -> SamplingParams:
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs_asked(req),
+            presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
+            frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         )
     except ValueError as e:
         m = _SP_FIELD.search(str(e))

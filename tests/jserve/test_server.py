@@ -338,6 +338,11 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", {"prompt": [5], "best_of": 2, "stream": True}, 400, "cannot be streamed", "best_of"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400,
      "unknown field 'best_of'", "best_of"),
+    ("/v1/completions", {"prompt": [5], "presence_penalty": 2.5}, 400, "SamplingParams.presence_penalty must be",
+     "presence_penalty"),
+    ("/v1/completions", {"prompt": [5], "frequency_penalty": "x"}, 400, "valid number", "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, 400,
+     "SamplingParams.repetition_penalty must be", "repetition_penalty"),
     ("/v1/completions", {"prompt": [5], "logprobs": 6}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": -1}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": True}, 400, "valid integer", "logprobs"),
@@ -563,17 +568,22 @@ def test_a_list_of_prompts_times_n_is_prompt_major(tiny):
                [(single[t]["text"], single[t]["finish_reason"]) for t in texts]
 
 
-def test_best_of_returns_the_candidates_of_highest_cumulative_logprob(tiny):
-    llm, url, prompts, _ = tiny
+@pytest.fixture(scope="module")
+def python_api(tiny):
+    """The Python API (``LLM``) on the served model, same shapes (no new compilation): the reference."""
+    return LLM(tiny[0].model, **TINY)
+
+
+def test_best_of_returns_the_candidates_of_highest_cumulative_logprob(tiny, python_api):
+    _, url, prompts, _ = tiny
     from jserve.engine import SamplingParams
 
-    ref_llm = LLM(llm.model, **TINY)  # the Python API on the same model and shapes: no new compilation
     prompt, k = prompts[3], 3
 
     def candidates(seed: int) -> list[tuple[float, list[int]]]:
         params = [SamplingParams(max_tokens=6, temperature=1.0, seed=seed + j, ignore_eos=True, logprobs=0)
                   for j in range(k)]
-        outs = ref_llm.generate([prompt] * k, params)
+        outs = python_api.generate([prompt] * k, params)
         return [(sum(d[t] for t, d in zip(o.token_ids, o.logprobs)), o.token_ids) for o in outs]
 
     # a seed whose best candidate is not the first sample, so returning sample 0 would fail
@@ -593,6 +603,31 @@ def test_best_of_returns_the_candidates_of_highest_cumulative_logprob(tiny):
     assert [ch["token_ids"] for ch in two["choices"]] == [cands[j][1] for j in ranked[:2]]
     np.testing.assert_allclose([sum(ch["logprobs"]["token_logprobs"]) for ch in two["choices"]],
                                [cands[j][0] for j in ranked[:2]], atol=1e-4, rtol=0)
+
+
+def test_penalties_reach_the_engine(tiny, python_api):
+    """OpenAI's presence / frequency penalties and vLLM's repetition penalty are the engine's fields: each
+    request's greedy ids are those of the Python API with that one field set, and differ from the plain ones
+    (values where presence and frequency give different ids too, so a swap of the two would show)."""
+    _, url, prompts, reference = tiny
+    from jserve.engine import SamplingParams
+
+    cases = {"presence_penalty": 0.05, "frequency_penalty": -0.3, "repetition_penalty": 1.3}
+    body = {"prompt": prompts[5], "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        got = {f: _post(c, body | {f: v})["choices"][0]["token_ids"] for f, v in cases.items()}
+        chat = _post(c, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+                         "ignore_eos": True, "return_token_ids": True, "repetition_penalty": 1.3},
+                     "/v1/chat/completions")
+    swapped = {"presence_penalty": "frequency_penalty", "frequency_penalty": "presence_penalty"}
+    params = [SamplingParams(max_tokens=NEW, ignore_eos=True, **{f: v}) for f, v in cases.items()]
+    params += [SamplingParams(max_tokens=NEW, ignore_eos=True, **{swapped[f]: cases[f]}) for f in swapped]
+    params += [SamplingParams(max_tokens=6, ignore_eos=True, repetition_penalty=1.3)]
+    want = [o.token_ids for o in python_api.generate([prompts[5]] * 5 + [chat["prompt_token_ids"]], params)]
+    assert got == dict(zip(cases, want[:3]))
+    assert all(ids != reference[5] for ids in got.values())
+    assert want[3] != got["presence_penalty"] and want[4] != got["frequency_penalty"]
+    assert chat["choices"][0]["token_ids"] == want[5]
 
 
 def test_streamed_choices_reassemble_into_the_whole_answer(tiny):
