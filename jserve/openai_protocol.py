@@ -2,17 +2,18 @@
 
 ``CompletionRequest`` and ``ChatCompletionRequest`` are strict pydantic models: a field of the wrong JSON type
 or a field the API does not have is refused, never coerced or ignored. OpenAI fields that jserve does not
-implement (``echo``, ``logit_bias``, tools...) are accepted only at their neutral value (absent,
-null, 0, false), so a client that sends its defaults works and one that asks for the feature learns it is
-missing. ``n`` (1..128) and, for completions, ``best_of`` (n..128, not above n when streaming) and a list of
-prompts are checked here (``MAX_CHOICES``, ``MAX_SEQUENCES``); ``jserve.server_requests`` fans them out.
+implement (``echo``, ``logit_bias``, tools...) are accepted only at their neutral value (absent, null, empty,
+false), so a client that sends its defaults works and one that asks for the feature learns it is missing.
+``n`` (1..128) and, for completions, ``best_of`` (n..128, not above n when streaming) and a list of prompts
+are checked here (``MAX_CHOICES``, ``MAX_SEQUENCES``); ``jserve.server_requests`` fans them out.
 ``presence_penalty``, ``frequency_penalty`` (OpenAI's) and ``repetition_penalty`` (vLLM's) are the
-``SamplingParams`` fields of the same names. Log-probabilities: ``logprobs`` (completions: an int 0..5) and ``logprobs`` + ``top_logprobs`` (chat: true and
-0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer`` renders the engine's log-probabilities as the
-two APIs' response objects. ``ApiError`` is an error with its HTTP status, rendered as the OpenAI error body
-``{"error": {"message", "type", "param", "code"}}``; ``validation_error`` turns a pydantic ``ValidationError``
-into one that names the offending field. Sampling values are checked by ``SamplingParams`` itself
-(``sampling_params``), so the server and the Python API give the same messages.
+``SamplingParams`` fields of the same names. Log-probabilities: ``logprobs`` (completions: an int 0..5) and
+``logprobs`` + ``top_logprobs`` (chat: true and 0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer``
+renders the engine's log-probabilities as the two APIs' response objects. ``ApiError`` is an error with its
+HTTP status, rendered as the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``;
+``validation_error`` turns a pydantic ``ValidationError`` into one that names the offending field. Sampling
+values are checked by ``SamplingParams`` itself (``sampling_params``), so the server and the Python API give
+the same messages.
 """
 
 from __future__ import annotations
