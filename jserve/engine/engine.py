@@ -53,7 +53,7 @@ from schedulers.request import KVLocation, Request
 from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
-from .penalties import PenaltyRow, PenaltySlots, table_bytes
+from .penalties import MAX_BANNED_IDS, PenaltyRow, PenaltySlots, table_bytes
 from .runner import BatchRow, ModelRunner, RunnerConfig, StepOutputs
 from .sampling import SamplingParams
 
@@ -98,6 +98,7 @@ class _Sequence:
     stop_eos: frozenset[int]  # end-of-sequence ids that stop it (empty with ignore_eos)
     penalty_slot: int | None = None  # its row of the penalty tables (requests with penalties, once queued)
     penalty_reset: bool = False  # the slot is to be zeroed by the request's first step
+    banned: tuple[int, ...] = ()  # ids masked while fewer than min_tokens are generated (eos and stop ids)
 
     @property
     def num_known_tokens(self) -> int:
@@ -282,12 +283,17 @@ class LLMEngine:
             if bad is not None:  # it could never be generated, so never stop anything
                 raise ValueError(f"SamplingParams.stop_token_ids holds {bad}, outside the model's vocabulary "
                                  f"[0, {vocab})")
+            eos = frozenset() if sp.ignore_eos else self._eos_ids
+            banned = tuple(sorted(eos | set(sp.stop_token_ids))) if sp.min_tokens else ()
+            if len(banned) > MAX_BANNED_IDS:
+                raise ValueError(f"SamplingParams.min_tokens masks the end-of-sequence and stop ids, at most "
+                                 f"{MAX_BANNED_IDS}; this request has {len(banned)}")
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
         req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
-        seq = _Sequence(req, sp, seed, ids, out, frozenset() if sp.ignore_eos else self._eos_ids)
+        seq = _Sequence(req, sp, seed, ids, out, eos, banned=banned)
         if sp.has_penalties:  # queued to the scheduler once it holds a penalty slot (now, if one is free)
             self._seqs[rid] = seq
             self._penalty_slots.waiting.append(seq)
@@ -452,7 +458,8 @@ class LLMEngine:
             if seq.penalty_slot is not None:
                 pen = PenaltyRow(seq.penalty_slot, seq.penalty_reset, samples)
                 seq.penalty_reset = False
-            rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn), pen))
+            banned = seq.banned if samples and drawn < seq.params.min_tokens else ()
+            rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn), pen, banned))
             samplers.append(seq if samples else None)
             if seq.output.metrics.first_scheduled_time is None:
                 seq.output.metrics.first_scheduled_time = now
@@ -553,6 +560,8 @@ class LLMEngine:
     def _check_stop(self, seq: _Sequence, tok: int) -> bool:
         out = seq.output
         p = seq.params
+        if len(out.token_ids) <= p.min_tokens:  # eos and stop ids were masked; stop strings wait too
+            return False
         if tok in seq.stop_eos:
             out.finish_reason, out.stop_reason = "stop", None
             return True

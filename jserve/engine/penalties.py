@@ -1,5 +1,6 @@
-"""Repetition, frequency and presence penalties inside the compiled step: the device-resident per-request
-tables, the per-step inputs that address them, and the host bookkeeping of which request holds which slot.
+"""Logit processing inside the compiled step: repetition, frequency and presence penalties (the
+device-resident per-request tables, the per-step inputs that address them, the host bookkeeping of which
+request holds which slot) and the ``min_tokens`` mask.
 
 Semantics (vLLM's), per row, on the raw logits before temperature / top-k / top-p / greedy argmax:
 
@@ -22,6 +23,10 @@ Because the tables are threaded through the steps on the device, async schedulin
 token is still being sampled by the step in flight) sees that token's update in dispatch order, with no
 host round trip. A recompute after preemption re-marks ``seen`` (idempotent) and only the one new token it
 samples adds to ``counts``; swaps leave the slot alone.
+
+``min_tokens``: while a request has generated fewer tokens, its rows name up to ``MAX_BANNED_IDS`` ids (its
+end-of-sequence and stop ids) whose logits are set to ``-inf`` after the penalties (a scatter of ``[S, K]``
+entries, unused ones out of range and dropped).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "init_tables", "table_bytes", "apply_penalties",
-           "record_tokens"]
+           "record_tokens", "MAX_BANNED_IDS"]
+
+MAX_BANNED_IDS = 32  # ids a row may mask for min_tokens (its end-of-sequence ids and stop_token_ids)
 
 Tables = tuple  # (counts [N, V] int32, seen [N, V] bool)
 
@@ -59,20 +66,27 @@ class PenaltyArrays(NamedTuple):
     repetition: np.ndarray  # [S] float32, 1 = off
     frequency: np.ndarray  # [S] float32, 0 = off
     presence: np.ndarray  # [S] float32, 0 = off
+    banned: np.ndarray  # [S, MAX_BANNED_IDS] int32, ids whose logits are masked (min_tokens); >= V: unused
 
     @classmethod
-    def build(cls, rows: Sequence[tuple[PenaltyRow | None, object]], lens: np.ndarray, t: int, s: int,
-              num_slots: int) -> "PenaltyArrays":
-        """``rows``: (penalty row or None, SamplingParams) per batch row; ``lens`` ``[len(rows)]``: the row's
-        packed token count (rows are packed in order from token 0)."""
+    def build(cls, rows: Sequence[tuple[PenaltyRow | None, object, Sequence[int]]], lens: np.ndarray, t: int,
+              s: int, num_slots: int, vocab: int) -> "PenaltyArrays":
+        """``rows``: (penalty row or None, SamplingParams, ids to mask) per batch row; ``lens``
+        ``[len(rows)]``: the row's packed token count (rows are packed in order from token 0)."""
+        banned = np.full((s, MAX_BANNED_IDS), vocab, np.int32)
+        for i, (_, _, ban) in enumerate(rows):
+            if ban:
+                if len(ban) > MAX_BANNED_IDS:
+                    raise ValueError(f"{len(ban)} ids to mask in one row; at most {MAX_BANNED_IDS}")
+                banned[i, : len(ban)] = ban
         none = np.int32(num_slots)
         slot, reset, record = (np.full(s, none, np.int32) for _ in range(3))
         token_slot = np.full(t, none, np.int32)
         rep = np.ones(s, np.float32)
         freq = np.zeros(s, np.float32)
         pres = np.zeros(s, np.float32)
-        if any(pr is not None for pr, _ in rows):
-            for i, (pr, p) in enumerate(rows):
+        if any(pr is not None for pr, _, _ in rows):
+            for i, (pr, p, _) in enumerate(rows):
                 if pr is None:
                     continue
                 slot[i] = pr.slot
@@ -81,7 +95,7 @@ class PenaltyArrays(NamedTuple):
                 rep[i], freq[i], pres[i] = p.repetition_penalty, p.frequency_penalty, p.presence_penalty
             total = int(lens.sum())
             token_slot[:total] = np.repeat(slot[: len(rows)], lens)
-        return cls(slot, reset, record, token_slot, rep, freq, pres)
+        return cls(slot, reset, record, token_slot, rep, freq, pres, banned)
 
 
 def table_bytes(num_slots: int, vocab: int) -> int:
@@ -103,7 +117,7 @@ def apply_penalties(
     pen: PenaltyArrays,
 ) -> tuple[Tables, jax.Array]:  # updated tables, [S, V] float32 penalized logits
     """Zero the reset slots, mark the packed tokens in ``seen``, then penalize each row from its slot
-    (traceable; skipped at run time when nothing names a slot)."""
+    (traceable; skipped at run time when nothing names a slot); then mask the rows' ``banned`` ids."""
     n = tables[0].shape[0]
     active = jnp.any(pen.slot < n) | jnp.any(pen.reset < n) | jnp.any(pen.token_slot < n)
 
@@ -119,7 +133,9 @@ def apply_penalties(
         x = x - pen.frequency[:, None] * c.astype(x.dtype) - pen.presence[:, None] * (c > 0).astype(x.dtype)
         return (counts, seen), x
 
-    return jax.lax.cond(active, on, lambda operands: operands, (tables, logits))
+    tables, logits = jax.lax.cond(active, on, lambda operands: operands, (tables, logits))
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return tables, logits.at[rows, pen.banned].set(-jnp.inf, mode="drop")
 
 
 def record_tokens(

@@ -89,6 +89,8 @@ class SamplingParams:
     by r when positive, multiplied by r otherwise; ``frequency_penalty`` f in [-2, 2] (0 = off): minus f times
     the id's count in the output; ``presence_penalty`` p in [-2, 2] (0 = off): minus p for every id in the
     output. ``logprobs`` stay those of the unpenalized distribution (vLLM's default, ``raw_logprobs``).
+    ``min_tokens``: end-of-sequence ids and ``stop_token_ids`` cannot be generated (their logits are masked)
+    and stop strings are not looked for before this many new tokens (0..``max_tokens``).
     """
 
     max_tokens: int = 16
@@ -104,6 +106,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -130,6 +133,10 @@ class SamplingParams:
         if not _is_real(r) or not math.isfinite(r) or r <= 0:
             raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0 (1 = off), got {r!r}")
         object.__setattr__(self, "repetition_penalty", float(r))
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"SamplingParams.min_tokens must be an int in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        object.__setattr__(self, "min_tokens", int(self.min_tokens))
         object.__setattr__(self, "stop", _string_tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", _id_tuple(self.stop_token_ids))
         # numpy scalars pass the checks above; store plain Python numbers (the scheduler's Request wants ints)

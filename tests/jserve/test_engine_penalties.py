@@ -109,10 +109,10 @@ def test_table_updates_against_numpy():
     logits = rng.normal(size=(3, vocab)).astype(np.float32) * 3
     ids = np.array([4, 5, 6, 7, 8, 9], np.int32)
     lens = np.array([2, 3, 1])
-    rows = [(PenaltyRow(1, True, True), params_of((1.5, 0.5, 0.25))),
-            (None, SamplingParams()),
-            (PenaltyRow(2, False, False), params_of((0.8, -1.0, 0.0)))]
-    pen = PenaltyArrays.build(rows, lens, 6, 3, n)
+    rows = [(PenaltyRow(1, True, True), params_of((1.5, 0.5, 0.25)), ()),
+            (None, SamplingParams(), (2, 7)),
+            (PenaltyRow(2, False, False), params_of((0.8, -1.0, 0.0)), ())]
+    pen = PenaltyArrays.build(rows, lens, 6, 3, n, vocab)
     assert pen.token_slot.tolist() == [1, 1, n, n, n, 2] and pen.reset.tolist() == [1, n, n]
     tables, out = jax.jit(apply_penalties)((counts, seen), logits, ids, pen)
     want_c, want_s = counts.copy(), seen.copy()
@@ -125,12 +125,14 @@ def test_table_updates_against_numpy():
         r, f, p = (np.float32(v) for v in pv)
         x = np.where(want_s[s], np.where(logits[i] > 0, logits[i] / r, logits[i] * r), logits[i])
         np.testing.assert_allclose(np.asarray(out[i]), x - f * want_c[s] - p * (want_c[s] > 0), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(out[1]), logits[1])  # no slot: untouched
+    masked = logits[1].copy()
+    masked[[2, 7]] = -np.inf  # no slot: untouched but for the banned ids
+    np.testing.assert_array_equal(np.asarray(out[1]), masked)
     tokens = np.array([3, 3, 3], np.int32)
     after = jax.jit(record_tokens)(tables, tokens, pen)
     want_c[1, 3] += 1  # only the row that samples into a slot (row 2 does not sample)
     np.testing.assert_array_equal(np.asarray(after[0]), want_c)
-    off = PenaltyArrays.build([(None, SamplingParams())] * 3, lens, 6, 3, n)
+    off = PenaltyArrays.build([(None, SamplingParams(), ())] * 3, lens, 6, 3, n, vocab)
     tables2, out2 = jax.jit(apply_penalties)((counts, seen), logits, ids, off)
     np.testing.assert_array_equal(np.asarray(out2), logits)
     np.testing.assert_array_equal(np.asarray(tables2[0]), counts)
@@ -166,10 +168,14 @@ def test_seeded_sampling_with_penalties_is_reproducible(llm, prompts):
     assert all(x.token_ids != y.token_ids for x, y in zip(a, off))
 
 
-def test_penalties_survive_preemption_and_async_scheduling(tiny, llm, prompts):
-    params = [params_of(pen, max_tokens=2 * NEW, ignore_eos=True, temperature=0.8 * (i % 2), seed=i)
+def test_penalties_and_min_tokens_survive_preemption_and_async_scheduling(tiny, llm, prompts):
+    first = np.argmax(last_logits(tiny, prompts), axis=-1)  # each plain greedy run's first token
+    # rows 2, 5: min_tokens masks that token for 6 draws, then stops on it
+    params = [params_of(pen, max_tokens=2 * NEW, ignore_eos=True, temperature=0.8 * (i % 2), seed=i,
+                        **(dict(min_tokens=6, stop_token_ids=[int(first[i])]) if i % 3 == 2 else {}))
               for i, pen in enumerate(PENALTIES)]
     roomy = [o.token_ids for o in llm.generate(prompts, params)]  # 3 slots: requests wait for one
+    assert all(int(first[i]) not in roomy[i][:6] for i in (2, 5))
     for policy, options, async_ in (("fastserve", {"swap_mode": "recompute"}, False),
                                     ("fastserve", {"swap_mode": "proactive"}, True)):
         tight = LLM(tiny, scheduler=policy, scheduler_options=options, async_scheduling=async_, **TIGHT)
@@ -219,3 +225,33 @@ def test_an_interrupted_step_frees_every_slot(tiny, llm, prompts):
     assert eng._penalty_slots.num_free == SLOTS and not eng._penalty_slots.waiting and not eng.has_unfinished()
     again = llm.generate([prompts[1]], params_of(PENALTIES[1], max_tokens=NEW, ignore_eos=True))[0]
     assert again.token_ids == reference_greedy(tiny, [prompts[1]], [PENALTIES[1]], NEW)[0]  # a reused slot is reset
+
+
+def test_min_tokens_masks_stop_and_eos_ids_until_reached(tiny, llm, prompts):
+    p = prompts[0]
+    plain = reference_greedy(tiny, [p], [PENALTIES[0]], NEW)[0]
+    stop = plain[1]  # the plain greedy run would stop at its second token
+    assert plain[0] != stop
+    short = llm.generate([p], SamplingParams(max_tokens=NEW, stop_token_ids=[stop]))[0]
+    assert short.token_ids == plain[:2] and short.stop_reason == stop
+    k = 5
+    out: list[int] = []  # the reference: stop id and eos (2) masked for the first k tokens, then stops
+    for j in range(NEW):
+        logits = last_logits(tiny, [p + out])[0].copy()
+        if j < k:
+            logits[[2, stop]] = -np.inf
+        out.append(int(np.argmax(logits)))
+        if j >= k and out[-1] in (2, stop):
+            break
+    got = llm.generate([p], SamplingParams(max_tokens=NEW, stop_token_ids=[stop], min_tokens=k))[0]
+    assert got.token_ids == out and len(out) > 2 and stop not in out[:k]
+    assert got.finish_reason == ("stop" if out[-1] in (2, stop) else "length")
+
+
+def test_min_tokens_validation_and_refusal(llm, prompts):
+    for bad in (-1, 1.5, True, "2", 17):
+        with pytest.raises(ValueError, match="SamplingParams.min_tokens"):
+            SamplingParams(max_tokens=16, min_tokens=bad)
+    assert SamplingParams(max_tokens=4, min_tokens=np.int32(4)).min_tokens == 4
+    many = llm.generate([prompts[0]], SamplingParams(max_tokens=4, min_tokens=1, stop_token_ids=list(range(3, 43))))[0]
+    assert many.finish_reason == "error" and "min_tokens" in many.error and "41" in many.error  # + eos
