@@ -37,7 +37,6 @@ owns an engine (``jserve.engine.async_engine`` runs it on a background thread fo
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import random
@@ -54,7 +53,8 @@ from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
 from .penalties import MAX_BANNED_IDS, PenaltyRow, PenaltySlots, table_bytes
-from .runner import BatchRow, ModelRunner, RunnerConfig, StepOutputs
+from .records import InFlight, SequenceState, logprob_dict
+from .runner import BatchRow, ModelRunner, RunnerConfig
 from .sampling import SamplingParams
 
 __all__ = ["EngineConfig", "LLMEngine", "CompileWatch"]
@@ -84,74 +84,6 @@ class CompileWatch:
             jax.monitoring.unregister_event_duration_listener(self._listener)
         except Exception:  # older jax without unregister: the inactive listener stays harmless
             pass
-
-
-@dataclasses.dataclass
-class _Sequence:
-    """The engine's side of a request: its tokens and output (the scheduler's side is ``Request``)."""
-
-    request: Request
-    params: SamplingParams
-    seed: int
-    prompt_ids: list[int]
-    output: RequestOutput
-    stop_eos: frozenset[int]  # end-of-sequence ids that stop it (empty with ignore_eos)
-    penalty_slot: int | None = None  # its row of the penalty tables (requests with penalties, once queued)
-    penalty_reset: bool = False  # the slot is to be zeroed by the request's first step
-    banned: tuple[int, ...] = ()  # ids masked while fewer than min_tokens are generated (eos and stop ids)
-
-    @property
-    def num_known_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output.token_ids)
-
-    def token_slice(self, start: int, n: int) -> list[int]:
-        """Known tokens ``start .. start+n-1`` (prompt, then generated) without building the whole list."""
-        p = len(self.prompt_ids)
-        if start + n <= p:
-            return self.prompt_ids[start : start + n]
-        if start >= p:
-            return self.output.token_ids[start - p : start - p + n]
-        return self.prompt_ids[start:] + self.output.token_ids[: start + n - p]
-
-
-@dataclasses.dataclass
-class _InFlight:
-    """A dispatched iteration: its plan, when it was planned, who samples in it, and its sampled tokens."""
-
-    plan: object  # schedulers.plan.StepPlan
-    start: float
-    samplers: list  # per row: the _Sequence that samples a token there, or None
-    outputs: StepOutputs | None  # the step's device arrays (None for a copies-only iteration)
-    sampler_index: dict = dataclasses.field(default_factory=dict)  # request id -> index into tokens
-    _host: np.ndarray | None = None
-    _host_logprobs: tuple | None = None
-
-    def __post_init__(self) -> None:
-        self.sampler_index = {seq.request.request_id: i for i, seq in enumerate(self.samplers) if seq is not None}
-
-    def read(self) -> np.ndarray:
-        """The sampled tokens on the host (waits for the device the first time)."""
-        if self._host is None:
-            self._host = np.zeros(0, np.int32) if self.outputs is None else np.asarray(self.outputs.tokens)
-        return self._host
-
-    def read_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The sampled tokens' log-probabilities ``[slots]`` and the top ids / log-probabilities ``[slots, K]``
-        on the host (read only when some row asked for them)."""
-        if self._host_logprobs is None:
-            o = self.outputs
-            self._host_logprobs = tuple(np.asarray(a) for a in (o.logprob, o.top_ids, o.top_logprobs))
-        return self._host_logprobs
-
-
-def _logprob_dict(tok: int, k: int, logprobs: tuple[np.ndarray, np.ndarray, np.ndarray], row: int) -> dict[int, float]:
-    """``{id: logprob}`` of one generated token: the sampled id first, then the ``k`` most likely ids (most
-    likely first; the sampled id is not repeated). ``logprobs``: ``flight.read_logprobs()``."""
-    chosen, top_ids, top_lps = logprobs
-    d = {tok: float(chosen[row])}
-    for i, lp in zip(top_ids[row, :k].tolist(), top_lps[row, :k].tolist()):
-        d.setdefault(int(i), float(lp))
-    return d
 
 
 class LLMEngine:
@@ -200,7 +132,7 @@ class LLMEngine:
             reserved_device_ids=(self.kv.pad_device_page,),
         )
         self.scheduler = make_scheduler(cfg.scheduler, sched_cfg, cfg.cost_model)
-        self._seqs: dict[Hashable, _Sequence] = {}
+        self._seqs: dict[Hashable, SequenceState] = {}
         # every end-of-sequence id of the model config (config.json's list, generation_config.json) and the
         # tokenizer's: chat models end turns with their own token (Llama-3 Instruct: config 128001
         # <|end_of_text|>, also 128008 <|eom_id|> and 128009 <|eot_id|>, the tokenizer's eos)
@@ -208,7 +140,7 @@ class LLMEngine:
         self._eos_ids = mc.eos_token_ids | ({tok_eos} if tok_eos is not None else set())
         self.async_scheduling = (cfg.async_scheduling if cfg.async_scheduling is not None
                                  else self.device.platform != "cpu")
-        self._in_flight: _InFlight | None = None  # the dispatched iteration whose tokens are not read yet
+        self._in_flight: InFlight | None = None  # the dispatched iteration whose tokens are not read yet
         self._stopped: list[Hashable] = []  # requests that hit a stop condition, not yet finished by the scheduler
         self._ids = itertools.count()
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
@@ -218,8 +150,6 @@ class LLMEngine:
         self.compile_seconds = self.runner.warmup(progress=cfg.progress)
         self._watch = CompileWatch().__enter__()  # counts any compilation from here on
         self._t0 = time.perf_counter()  # the engine clock starts when it can serve
-
-    # ----------------------------------------------------------------------------------------- sizing
 
     # ----------------------------------------------------------------------------------------- requests
 
@@ -293,7 +223,7 @@ class LLMEngine:
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
         req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
-        seq = _Sequence(req, sp, seed, ids, out, eos, banned=banned)
+        seq = SequenceState(req, sp, seed, ids, out, eos, banned=banned)
         if sp.has_penalties:  # queued to the scheduler once it holds a penalty slot (now, if one is free)
             self._seqs[rid] = seq
             self._penalty_slots.waiting.append(seq)
@@ -319,7 +249,7 @@ class LLMEngine:
                 refused.append(self._refuse(seq.output, reason, now))
         return refused
 
-    def _retire(self, request_id: Hashable) -> "_Sequence | None":
+    def _retire(self, request_id: Hashable) -> "SequenceState | None":
         """Forget a live request (its output is final, or about to be): its penalty slot goes back, or it
         leaves the queue for one."""
         seq = self._seqs.pop(request_id, None)
@@ -426,7 +356,7 @@ class LLMEngine:
         self.stats["compiles_after_warmup"] = self._watch.count
         return changed
 
-    def _dispatch(self, plan, now: float, flight: "_InFlight | None") -> "_InFlight":
+    def _dispatch(self, plan, now: float, flight: "InFlight | None") -> "InFlight":
         """Run the plan's critical-path copies and dispatch its step (or its copies alone). Rows whose newest
         token is the one ``flight`` is sampling get a placeholder, filled from ``flight``'s tokens (the one
         wait for the device) right before the dispatch."""
@@ -438,7 +368,7 @@ class LLMEngine:
         st["drops"] += len(plan.dropped)
         pending = flight.sampler_index if flight is not None else {}
         rows: list[BatchRow] = []
-        samplers: list[_Sequence | None] = []  # per row: the sequence that samples a token, or None
+        samplers: list[SequenceState | None] = []  # per row: the sequence that samples a token, or None
         fills: list[tuple[int, int]] = []  # (row, index in flight's tokens) of placeholder tokens
         work = [(e.request, e.num_tokens, e.samples_token) for e in plan.prefill] + [(r, 1, True) for r in plan.decode]
         for r, n, samples in work:
@@ -480,9 +410,9 @@ class LLMEngine:
             self.runner.copy("out", plan.swap_out)
             self.runner.copy("in", plan.swap_in)
         self._release_host_pages(plan)
-        return _InFlight(plan, now, samplers, outputs)
+        return InFlight(plan, now, samplers, outputs)
 
-    def _collect(self, flight: "_InFlight") -> list[RequestOutput]:
+    def _collect(self, flight: "InFlight") -> list[RequestOutput]:
         """Append a finished step's tokens to its sequences and check their stop conditions."""
         end = self.now()
         changed = []
@@ -497,7 +427,7 @@ class LLMEngine:
             out.token_ids.append(tok)
             out.new_token_ids = [tok]
             if seq.params.logprobs is not None:
-                out.logprobs.append(_logprob_dict(tok, seq.params.logprobs, logprobs, row))
+                out.logprobs.append(logprob_dict(tok, seq.params.logprobs, logprobs, row))
             self.stats["tokens"] += 1
             if out.metrics.first_token_time is None:
                 out.metrics.first_token_time = end
@@ -507,7 +437,7 @@ class LLMEngine:
             changed.append(out)
         return changed
 
-    def _close_iteration(self, flight: "_InFlight", now: float) -> list[Request]:
+    def _close_iteration(self, flight: "InFlight", now: float) -> list[Request]:
         """``scheduler.on_step_end`` for ``flight``'s plan. Requests that hit a stop condition are reported
         as finished in the first iteration that sampled for them after the stop was seen; the others the
         scheduler finishes itself (``max_tokens``, context). Stopped requests outside this plan are aborted."""
@@ -552,12 +482,12 @@ class LLMEngine:
             kv.retain_host(h for r in self.scheduler.requests.values() if r.kv_location is KVLocation.HOST
                            for h in r.blocks)
 
-    def _detokenize(self, seq: _Sequence) -> str:
+    def _detokenize(self, seq: SequenceState) -> str:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(seq.output.token_ids, skip_special_tokens=seq.params.skip_special_tokens)
 
-    def _check_stop(self, seq: _Sequence, tok: int) -> bool:
+    def _check_stop(self, seq: SequenceState, tok: int) -> bool:
         out = seq.output
         p = seq.params
         if len(out.token_ids) <= p.min_tokens:  # eos and stop ids were masked; stop strings wait too

@@ -215,16 +215,25 @@ def test_an_interrupted_step_frees_every_slot(tiny, llm, prompts):
     eng = llm.engine
     for p in prompts[:5]:
         eng.add_request(p, SamplingParams(max_tokens=4, repetition_penalty=1.2))
-    launch = eng.runner.launch
-    eng.runner.launch = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+    launch, calls = eng.runner.launch, []
+
+    def interrupted(*a, **k):  # two steps run (the slots hold their state), the third is interrupted
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return launch(*a, **k)
+
+    eng.runner.launch = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
-            eng.step()
+            for _ in range(3):
+                eng.step()
     finally:
         del eng.runner.launch  # the instance attribute off: the method shows through
     assert eng._penalty_slots.num_free == SLOTS and not eng._penalty_slots.waiting and not eng.has_unfinished()
-    again = llm.generate([prompts[1]], params_of(PENALTIES[1], max_tokens=NEW, ignore_eos=True))[0]
-    assert again.token_ids == reference_greedy(tiny, [prompts[1]], [PENALTIES[1]], NEW)[0]  # a reused slot is reset
+    # a reused slot is reset: r < 1 favours seen ids, so stale marks of another prompt would show
+    again = llm.generate([prompts[6]], params_of((0.2, 0.0, 0.0), max_tokens=NEW, ignore_eos=True))[0]
+    assert again.token_ids == reference_greedy(tiny, [prompts[6]], [(0.2, 0.0, 0.0)], NEW)[0]
 
 
 def test_min_tokens_masks_stop_and_eos_ids_until_reached(tiny, llm, prompts):
