@@ -6,8 +6,8 @@ implement (``echo``, ``logit_bias``, tools...) are accepted only at their neutra
 false), so a client that sends its defaults works and one that asks for the feature learns it is missing.
 ``n`` (1..128) and, for completions, ``best_of`` (n..128, not above n when streaming) and a list of prompts
 are checked here (``MAX_CHOICES``, ``MAX_SEQUENCES``); ``jserve.server_requests`` fans them out.
-``presence_penalty``, ``frequency_penalty`` (OpenAI's) and ``repetition_penalty`` (vLLM's) are the
-``SamplingParams`` fields of the same names. Log-probabilities: ``logprobs`` (completions: an int 0..5) and
+``presence_penalty``, ``frequency_penalty`` (OpenAI's), ``repetition_penalty`` and ``min_tokens`` (vLLM's) are
+the ``SamplingParams`` fields of the same names. Log-probabilities: ``logprobs`` (completions: an int 0..5) and
 ``logprobs`` + ``top_logprobs`` (chat: true and 0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer``
 renders the engine's log-probabilities as the two APIs' response objects. ``ApiError`` is an error with its
 HTTP status, rendered as the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``;
@@ -66,8 +66,8 @@ class StreamOptions(_Strict):
 
 
 class _GenerationFields(_Strict):
-    """Fields common to both endpoints. ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``
-    and ``return_token_ids`` are jserve extensions (vLLM has the same names)."""
+    """Fields common to both endpoints. ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``,
+    ``min_tokens`` and ``return_token_ids`` are jserve extensions (vLLM has the same names)."""
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = None
@@ -86,6 +86,7 @@ class _GenerationFields(_Strict):
     presence_penalty: float | None = None  # OpenAI's, in [-2, 2]
     frequency_penalty: float | None = None  # OpenAI's, in [-2, 2]
     repetition_penalty: float | None = None  # vLLM's extension, > 0 (1: off)
+    min_tokens: int | None = None  # vLLM's extension: no end-of-sequence or stop id before this many tokens
     # OpenAI fields accepted only at their neutral values (see UNSUPPORTED)
     logit_bias: dict[str, float] | None = None
 
@@ -306,6 +307,7 @@ def sampling_params(req: _GenerationFields, max_tokens: int) -> SamplingParams:
             presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
             frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            min_tokens=req.min_tokens or 0,
         )
     except ValueError as e:
         m = _SP_FIELD.search(str(e))

@@ -760,3 +760,25 @@ def test_jserve_serve_starts_prints_its_url_and_stops_on_sigint():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_min_tokens_holds_back_a_stop_id(tiny, python_api):
+    """vLLM's ``min_tokens``: a stop id the greedy answer reaches early cannot end it before ``min_tokens`` new
+    tokens; the ids are the Python API's with the same parameters."""
+    _, url, prompts, reference = tiny
+    from jserve.engine import SamplingParams
+
+    stop_id = reference[3][2]
+    first = reference[3].index(stop_id)  # where the plain answer stops on it
+    body = {"prompt": prompts[3], "max_tokens": NEW, "temperature": 0, "stop_token_ids": [stop_id],
+            "return_token_ids": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        plain = _post(c, body)["choices"][0]
+        held = _post(c, body | {"min_tokens": first + 3})["choices"][0]
+        bad = c.post("/v1/completions", json=body | {"min_tokens": NEW + 1})
+    want = python_api.generate([prompts[3]], SamplingParams(max_tokens=NEW, stop_token_ids=[stop_id],
+                                                            min_tokens=first + 3))[0]
+    assert plain["token_ids"] == reference[3][: first + 1] and plain["finish_reason"] == "stop"
+    assert held["token_ids"] == want.token_ids
+    assert stop_id not in held["token_ids"][: first + 3] and len(held["token_ids"]) > first + 3
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "min_tokens"
