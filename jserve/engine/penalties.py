@@ -16,8 +16,9 @@ each id was generated) and ``seen [N, V] bool`` (ids fed to the model: the promp
 token, since each generated token is the input of the request's next step). A step takes, per row, the slot
 whose tables penalize its logits, the slot to zero first (the request's first dispatch) and the slot whose
 ``counts`` take its sampled token (rows that really sample); per packed token, the slot whose ``seen`` it
-marks. "No slot" is ``N`` (out of range: gathers fill, scatters drop). All of it runs under ``lax.cond``,
-skipped at run time when no row or token names a slot, so batches without penalties pay two predicates.
+marks. "No slot" is ``N`` (out of range: gathers fill, scatters drop). All of it (and the sampler after
+it) runs under ``lax.cond``, skipped at run time when no row or token names a slot or a banned id, so
+batches without penalties or ``min_tokens`` pay four predicates.
 
 Because the tables are threaded through the steps on the device, async scheduling (a row whose newest
 token is still being sampled by the step in flight) sees that token's update in dispatch order, with no
@@ -33,14 +34,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Hashable, NamedTuple, Sequence
+from typing import Callable, Hashable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "init_tables", "table_bytes", "apply_penalties",
-           "record_tokens", "MAX_BANNED_IDS"]
+           "sample_processed", "record_tokens", "MAX_BANNED_IDS"]
 
 MAX_BANNED_IDS = 32  # ids a row may mask for min_tokens (its end-of-sequence ids and stop_token_ids)
 
@@ -115,27 +116,42 @@ def apply_penalties(
     logits: jax.Array,  # [S, V] float32, raw
     ids: jax.Array,  # [T] int32, the step's packed input tokens
     pen: PenaltyArrays,
-) -> tuple[Tables, jax.Array]:  # updated tables, [S, V] float32 penalized logits
-    """Zero the reset slots, mark the packed tokens in ``seen``, then penalize each row from its slot
-    (traceable; skipped at run time when nothing names a slot); then mask the rows' ``banned`` ids."""
-    n = tables[0].shape[0]
-    active = jnp.any(pen.slot < n) | jnp.any(pen.reset < n) | jnp.any(pen.token_slot < n)
+) -> tuple[Tables, jax.Array]:  # updated tables, [S, V] float32 processed logits
+    """Zero the reset slots, mark the packed tokens in ``seen``, penalize each row from its slot, then mask
+    the rows' ``banned`` ids (traceable; unconditional: ``sample_processed`` skips it when idle)."""
+    counts, seen = tables
+    counts = counts.at[pen.reset].set(0, mode="drop")
+    seen = seen.at[pen.reset].set(False, mode="drop")
+    seen = seen.at[pen.token_slot, ids].set(True, mode="drop")
+    c = jnp.take(counts, pen.slot, axis=0, mode="fill", fill_value=0)  # [S, V]
+    s = jnp.take(seen, pen.slot, axis=0, mode="fill", fill_value=False)  # [S, V]
+    r = pen.repetition[:, None]
+    x = jnp.where(s, jnp.where(logits > 0, logits / r, logits * r), logits)
+    x = x - pen.frequency[:, None] * c.astype(x.dtype) - pen.presence[:, None] * (c > 0).astype(x.dtype)
+    rows = jnp.arange(x.shape[0])[:, None]
+    return (counts, seen), x.at[rows, pen.banned].set(-jnp.inf, mode="drop")
 
-    def on(operands):
-        (counts, seen), x = operands
-        counts = counts.at[pen.reset].set(0, mode="drop")
-        seen = seen.at[pen.reset].set(False, mode="drop")
-        seen = seen.at[pen.token_slot, ids].set(True, mode="drop")
-        c = jnp.take(counts, pen.slot, axis=0, mode="fill", fill_value=0)  # [S, V]
-        s = jnp.take(seen, pen.slot, axis=0, mode="fill", fill_value=False)  # [S, V]
-        r = pen.repetition[:, None]
-        x = jnp.where(s, jnp.where(x > 0, x / r, x * r), x)
-        x = x - pen.frequency[:, None] * c.astype(x.dtype) - pen.presence[:, None] * (c > 0).astype(x.dtype)
-        return (counts, seen), x
 
-    tables, logits = jax.lax.cond(active, on, lambda operands: operands, (tables, logits))
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return tables, logits.at[rows, pen.banned].set(-jnp.inf, mode="drop")
+def sample_processed(
+    tables: Tables,  # (counts [N, V] int32, seen [N, V] bool)
+    logits: jax.Array,  # [S, V] float32, raw (left unchanged: the log-probabilities read it afterwards)
+    ids: jax.Array,  # [T] int32, the step's packed input tokens
+    pen: PenaltyArrays,
+    sample: Callable[[jax.Array], jax.Array],  # [S, V] logits -> [S] int32 tokens
+) -> tuple[Tables, jax.Array]:  # updated tables, [S] int32 tokens
+    """``sample(logits)`` after ``apply_penalties`` when some row or token names a slot or a banned id, else
+    on the raw logits (a ``lax.cond``: batches without penalties or ``min_tokens`` pay four predicates).
+    The sampler sits inside both branches so that neither returns an ``[S, V]`` array: an untouched
+    ``logits`` passed through a branch would be copied, since it stays live for the log-probabilities."""
+    n, vocab = tables[0].shape
+    active = (jnp.any(pen.slot < n) | jnp.any(pen.reset < n) | jnp.any(pen.token_slot < n)
+              | jnp.any(pen.banned < vocab))
+
+    def on(tables):
+        tables, x = apply_penalties(tables, logits, ids, pen)
+        return tables, sample(x)
+
+    return jax.lax.cond(active, on, lambda tables: (tables, sample(logits)), tables)
 
 
 def record_tokens(

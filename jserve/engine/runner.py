@@ -33,7 +33,7 @@ from flax import nnx
 from kernels_pallas import AttentionMetadata
 
 from .kv_cache import KVCache, bucket_pairs, gather_pages, scatter_pages
-from .penalties import PenaltyArrays, PenaltyRow, apply_penalties, init_tables, record_tokens
+from .penalties import PenaltyArrays, PenaltyRow, init_tables, record_tokens, sample_processed
 from .sampling import SamplingArrays, sample_tokens, token_logprobs
 
 __all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "PreparedStep", "StepOutputs", "powers_of_two"]
@@ -131,8 +131,8 @@ def traced_functions(model, device) -> TracedFunctions:
     def step(state_leaves, ids, pos, pool, tables, md, temp, top_k, top_p, seed, counter, want_logprobs, pen):
         module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
         logits, pool = module(ids, pos, pool, md)
-        tables, penalized = apply_penalties(tables, logits, ids, pen)
-        tokens = sample_tokens(penalized, temp, top_k, top_p, seed, counter)
+        tables, tokens = sample_processed(tables, logits, ids, pen,
+                                          lambda x: sample_tokens(x, temp, top_k, top_p, seed, counter))
         tables = record_tokens(tables, tokens, pen)
         # log-probabilities of the unpenalized distribution (vLLM's default)
         return StepOutputs(tokens, *token_logprobs(logits, tokens, want_logprobs)), pool, tables

@@ -11,11 +11,12 @@ scheduling, the on-device table updates against numpy, validation, and the stop-
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jserve.engine import LLM, SamplingParams
-from jserve.engine.penalties import PenaltyArrays, PenaltyRow, apply_penalties, record_tokens
+from jserve.engine.penalties import PenaltyArrays, PenaltyRow, apply_penalties, record_tokens, sample_processed
 from jserve.models import load
 from jserve.models.paged import PageAllocator, SeqChunk, build_step, pages_needed
 
@@ -101,7 +102,8 @@ def test_sampling_params_penalty_validation():
 
 def test_table_updates_against_numpy():
     """One step's table work on hand-made inputs: reset, marking packed tokens (out-of-range slots dropped),
-    penalizing from the slot, counting the sampled tokens; and nothing at all when no slot is named."""
+    penalizing from the slot, masking banned ids, counting the sampled tokens; the sampler sees the processed
+    logits, or the raw ones and untouched tables when nothing names a slot or a banned id."""
     n, vocab = 3, 10
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 3, (n, vocab)).astype(np.int32)
@@ -132,9 +134,13 @@ def test_table_updates_against_numpy():
     after = jax.jit(record_tokens)(tables, tokens, pen)
     want_c[1, 3] += 1  # only the row that samples into a slot (row 2 does not sample)
     np.testing.assert_array_equal(np.asarray(after[0]), want_c)
+    argmax = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
+    sample = jax.jit(lambda t, x, i, p: sample_processed(t, x, i, p, argmax))
+    _, toks = sample((counts, seen), logits, ids, pen)
+    np.testing.assert_array_equal(np.asarray(toks), np.argmax(np.asarray(out), axis=-1))  # processed logits
     off = PenaltyArrays.build([(None, SamplingParams(), ())] * 3, lens, 6, 3, n, vocab)
-    tables2, out2 = jax.jit(apply_penalties)((counts, seen), logits, ids, off)
-    np.testing.assert_array_equal(np.asarray(out2), logits)
+    tables2, toks2 = sample((counts, seen), logits, ids, off)  # skipped: raw logits, tables untouched
+    np.testing.assert_array_equal(np.asarray(toks2), np.argmax(logits, axis=-1))
     np.testing.assert_array_equal(np.asarray(tables2[0]), counts)
     np.testing.assert_array_equal(np.asarray(tables2[1]), seen)
 
