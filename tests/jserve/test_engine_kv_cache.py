@@ -177,6 +177,8 @@ def test_no_whole_pool_copies_and_no_compiles_with_copies_in_flight(tiny):
         hlo = low.compile().as_text()
         copies = [ln for ln in hlo.splitlines() if re.search(rf"\[({shape}|{tables})\]\S* copy\(", ln)]
         assert not copies, f"{name}: {len(copies)} whole-pool or whole-table copies, e.g. {copies[0].strip()[:160]}"
+        logits = [ln for ln in hlo.splitlines() if re.search(rf"f32\[2,{tiny.config.vocab_size}\]\S* copy\(", ln)]
+        assert not logits, f"{name}: the logits are copied (a lax.cond passing them through?): {logits[0].strip()[:160]}"
     rows = [BatchRow([5], 3, [0], (SamplingParams(), 0, 0)), BatchRow([6], 7, [1], (SamplingParams(), 0, 0))]
     with CompileWatch() as watch:
         r.copy("out", [(p, p) for p in range(2, 9)])  # 7 pages: chunks of 4 and 3 (padded to 4)
