@@ -270,3 +270,20 @@ def test_min_tokens_validation_and_refusal(llm, prompts):
     assert SamplingParams(max_tokens=4, min_tokens=np.int32(4)).min_tokens == 4
     many = llm.generate([prompts[0]], SamplingParams(max_tokens=4, min_tokens=1, stop_token_ids=list(range(3, 43))))[0]
     assert many.finish_reason == "error" and "min_tokens" in many.error and "41" in many.error  # + eos
+
+
+def test_the_penalty_tables_come_off_the_accelerator_budget(monkeypatch):
+    from jserve.engine import config as config_mod
+    from jserve.engine.config import EngineConfig, device_pages
+    from jserve.engine.kv_cache import KVCacheSpec
+    from jserve.engine.penalties import table_bytes
+
+    spec = KVCacheSpec(2, 2, 32, 16, "float32")  # 16 KiB a page
+    monkeypatch.setattr(config_mod, "_accelerator_memory", lambda device: (10 * 2**20, 2**20))  # 10 MiB, 1 used
+    cfg = EngineConfig(gpu_memory_utilization=0.5)
+    assert device_pages(cfg, spec, 64, None) == (5 * 2**20 - 2**20) // spec.page_bytes  # 256 pages
+    reserved = table_bytes(32, 32_768)  # 5 MiB
+    assert reserved == 5 * 2**20
+    with pytest.raises(ValueError, match="KV cache budget"):  # nothing left for the pool
+        device_pages(cfg, spec, 64, None, reserved_bytes=reserved)
+    assert device_pages(cfg, spec, 64, None, reserved_bytes=2**20) == 192
