@@ -9,6 +9,9 @@ Semantics (vLLM's), per row, on the raw logits before temperature / top-k / top-
 * ``frequency_penalty`` f: ``logit -= f * count(id in the output so far)``;
 * ``presence_penalty`` p: ``logit -= p * (count(id in the output so far) > 0)``.
 
+The results are clamped to float32's finite range: an extreme r overflows ``logit / r`` (or ``logit * r``),
+and an infinite logit would turn the sampler's ``logits - max`` into NaN.
+
 State. A request with any penalty holds one of ``N`` slots (``EngineConfig.max_penalty_requests``) from
 when it is queued to the scheduler until it finishes, is aborted or refused. The runner keeps two tables on
 the device beside the KV pool, donated to every step and updated in place: ``counts [N, V] int32`` (times
@@ -128,6 +131,10 @@ def apply_penalties(
     r = pen.repetition[:, None]
     x = jnp.where(s, jnp.where(logits > 0, logits / r, logits * r), logits)
     x = x - pen.frequency[:, None] * c.astype(x.dtype) - pen.presence[:, None] * (c > 0).astype(x.dtype)
+    # an extreme r overflows logit / r or logit * r; an infinite logit would make the sampler's
+    # ``logits - max`` NaN, so the processed logits stay finite (ties at the top are then sampled evenly)
+    top = jnp.finfo(x.dtype).max
+    x = jnp.clip(x, -top, top)
     rows = jnp.arange(x.shape[0])[:, None]
     return (counts, seen), x.at[rows, pen.banned].set(-jnp.inf, mode="drop")
 

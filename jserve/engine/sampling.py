@@ -33,6 +33,9 @@ __all__ = ["SamplingParams", "sample_tokens", "SamplingArrays", "token_logprobs"
 
 _INT32_MAX = 2**31 - 1
 MAX_LOGPROBS = 20  # top log-probabilities the step returns per row (the most a request may ask for)
+# repetition_penalty's range: float32's normal numbers (the step divides and multiplies float32 logits by it;
+# past them it would round to 0 or inf, and 0 / 0 or 0 * inf is NaN)
+_R_MIN, _R_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
 def _is_int(x) -> bool:
@@ -85,7 +88,7 @@ class SamplingParams:
     its log-probability and those of the k most likely tokens (the model's distribution: log-softmax of the
     raw logits at temperature 1, before top-k / top-p; see ``RequestOutput.logprobs``).
     Penalties (vLLM's), applied to the raw logits before temperature / top-k / top-p / greedy argmax:
-    ``repetition_penalty`` r > 0 (1 = off): every id in the prompt or the output so far has its logit divided
+    ``repetition_penalty`` r > 0, a normal float32 (about 1.2e-38 .. 3.4e38; 1 = off): every id in the prompt or the output so far has its logit divided
     by r when positive, multiplied by r otherwise; ``frequency_penalty`` f in [-2, 2] (0 = off): minus f times
     the id's count in the output; ``presence_penalty`` p in [-2, 2] (0 = off): minus p for every id in the
     output. ``logprobs`` stay those of the unpenalized distribution (vLLM's default, ``raw_logprobs``).
@@ -130,8 +133,9 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{name} must be a number in [-2, 2], got {v!r}")
             object.__setattr__(self, name, float(v))
         r = self.repetition_penalty
-        if not _is_real(r) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0 (1 = off), got {r!r}")
+        if not _is_real(r) or not _R_MIN <= r <= _R_MAX:  # NaN fails too
+            raise ValueError(f"SamplingParams.repetition_penalty must be a number in [{_R_MIN:.4g}, {_R_MAX:.4g}] "
+                             f"(> 0 and a normal float32, the step's precision; 1 = off), got {r!r}")
         object.__setattr__(self, "repetition_penalty", float(r))
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"SamplingParams.min_tokens must be an int in [0, max_tokens={self.max_tokens}], "

@@ -287,3 +287,37 @@ def test_the_penalty_tables_come_off_the_accelerator_budget(monkeypatch):
     with pytest.raises(ValueError, match="KV cache budget"):  # nothing left for the pool
         device_pages(cfg, spec, 64, None, reserved_bytes=reserved)
     assert device_pages(cfg, spec, 64, None, reserved_bytes=2**20) == 192
+
+
+def test_extreme_repetition_penalties_keep_the_logits_finite(tiny, llm, prompts):
+    """r near float32's limits: ``logit / r`` and ``logit * r`` overflow to +-inf, and a row holding +inf
+    made the sampler's ``logits - max`` NaN (it drew id 0 every time, whatever the logits). The processed
+    logits are clamped to float32's finite range, and r outside its normal range is refused."""
+    big = float(np.finfo(np.float32).max)
+    for bad in (1e-39, 1e-300, 1e39, 1e300):
+        with pytest.raises(ValueError, match="SamplingParams.repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+    n, vocab = 2, 6
+    logits = np.array([[0.5, 60.0, 60.0, -3.0, 0.0, 2.0], [0.5, 60.0, 1.0, -3.0, 0.0, 2.0]], np.float32)
+    seen = np.array([[0, 1, 1, 1, 1, 0], [0, 1, 0, 1, 1, 0]], bool)
+    rows = [(PenaltyRow(0, False, True), params_of((1.2e-38, 0.0, 0.0)), ()),
+            (PenaltyRow(1, False, True), params_of((3e38, 0.0, 0.0)), ())]
+    pen = PenaltyArrays.build(rows, np.array([1, 1]), 2, 2, n, vocab)
+    _, out = jax.jit(apply_penalties)((np.zeros((n, vocab), np.int32), seen), logits, np.array([6, 6], np.int32), pen)
+    np.testing.assert_array_equal(np.asarray(out[0]), [0.5, big, big, -3.0 * np.float32(1.2e-38), 0.0, 2.0])
+    # 60 / 3e38 is 2e-37, or 0 where XLA multiplies by 1 / r (subnormal, flushed)
+    np.testing.assert_allclose(np.asarray(out[1]), [0.5, 2e-37, 1.0, -big, 0.0, 2.0], rtol=1e-6, atol=1e-36)
+    from jserve.engine.sampling import sample_tokens
+
+    for seed in range(8):  # temperature 1: row 0 draws one of its two tied ids (1, 2), row 1 anything but 3
+        toks = np.asarray(sample_tokens(out, jnp.ones(2), jnp.zeros(2, jnp.int32), jnp.ones(2),
+                                        jnp.full(2, seed, jnp.uint32), jnp.zeros(2, jnp.int32)))
+        assert toks[0] in (1, 2) and toks[1] != 3, toks
+    # end to end: each token sampled at r = 1.2e-38 is one of the ids the float32 reference ties at the top
+    p = prompts[0]
+    got = llm.generate([p], params_of((1.2e-38, 0.0, 0.0), max_tokens=6, temperature=1.0, seed=3,
+                                      ignore_eos=True))[0].token_ids
+    for j, tok in enumerate(got):
+        x = penalize(last_logits(tiny, [p + got[:j]])[0], p, got[:j], (1.2e-38, 0.0, 0.0))
+        x = np.clip(x, -big, big)
+        assert x[tok] == x.max(), (j, tok, got)
