@@ -142,6 +142,7 @@ class LLMEngine:
                                  else self.device.platform != "cpu")
         self._in_flight: InFlight | None = None  # the dispatched iteration whose tokens are not read yet
         self._stopped: list[Hashable] = []  # requests that hit a stop condition, not yet finished by the scheduler
+        self._refused: list[RequestOutput] = []  # refused outside a step (see add_request), for the next step
         self._ids = itertools.count()
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._t0 = time.perf_counter()
@@ -227,7 +228,9 @@ class LLMEngine:
         if sp.has_penalties:  # queued to the scheduler once it holds a penalty slot (now, if one is free)
             self._seqs[rid] = seq
             self._penalty_slots.waiting.append(seq)
-            self._admit_penalty_requests(now)
+            # earlier waiting requests may get a slot here (freed since the last step) and be refused: the
+            # next step reports them (this one's own refusal is returned now)
+            self._refused += [o for o in self._admit_penalty_requests(now) if o is not out]
             return out
         if not self.scheduler.add(req, now):
             return self._refuse(out, f"the scheduler refused the request: {req.reject_reason}", now)
@@ -279,8 +282,9 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        """True while a request is live or an iteration's tokens are still to be read."""
-        return bool(self._seqs) or self._in_flight is not None
+        """True while a request is live, an iteration's tokens are still to be read, or a refusal is still to
+        be reported by ``step``."""
+        return bool(self._seqs) or self._in_flight is not None or bool(self._refused)
 
     def get_output(self, request_id: Hashable) -> RequestOutput | None:
         seq = self._seqs.get(request_id)
@@ -322,7 +326,7 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         sched = self.scheduler
-        changed: list[RequestOutput] = []
+        changed, self._refused = self._refused, []
         now = self.now()
         flight, self._in_flight = self._in_flight, None
         done: list[Request] = []

@@ -321,3 +321,28 @@ def test_extreme_repetition_penalties_keep_the_logits_finite(tiny, llm, prompts)
         x = penalize(last_logits(tiny, [p + got[:j]])[0], p, got[:j], (1.2e-38, 0.0, 0.0))
         x = np.clip(x, -big, big)
         assert x[tok] == x.max(), (j, tok, got)
+
+
+def test_a_waiting_request_refused_when_another_request_frees_its_way_is_reported(tiny, prompts):
+    """A penalty request waiting for a slot that the scheduler refuses once it gets one: when the slot is
+    handed over inside ``add_request`` (a new penalty request arriving after a step freed slots, as the async
+    engine does between steps), its refusal must still come back from a ``step`` (it was dropped: an
+    ``AsyncLLMEngine`` stream, or a server request, waited for it forever)."""
+    # vllm admits at most 14 - 1 - 7 = 6 blocks (watermark), so 127 tokens (8 blocks) are refused
+    llm = LLM(tiny, scheduler="vllm", scheduler_options={"watermark": 0.5}, **TIGHT)
+    eng = llm.engine
+    pen = dict(repetition_penalty=1.2, ignore_eos=True)
+    holders = [eng.add_request(p[:8], SamplingParams(max_tokens=2, **pen)) for p in prompts[:8]]  # every slot
+    big = eng.add_request(prompts[0][:10], SamplingParams(max_tokens=117, **pen))
+    assert not big.finished and len(eng._penalty_slots.waiting) == 1
+    changed = []
+    while not any(h.finished for h in holders):  # a batch of 4 finishes: 4 slots free after the step
+        changed += eng.step()
+    assert not big.finished
+    late = eng.add_request(prompts[1][:8], SamplingParams(max_tokens=2, **pen))  # hands big a slot first
+    assert big.finish_reason == "error" and "watermark" in big.error
+    while eng.has_unfinished():
+        changed += eng.step()
+    assert any(o is big for o in changed), "the refusal was never reported"
+    assert late.finish_reason == "length" and all(h.finish_reason == "length" for h in holders)
+    assert eng._penalty_slots.num_free == 8 and not eng.has_unfinished()
