@@ -492,9 +492,14 @@ class LLMEngine:
         return self.tokenizer.decode(seq.output.token_ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _check_stop(self, seq: SequenceState, tok: int) -> bool:
+        """Whether ``tok`` (just appended) ends the request. Before ``min_tokens`` new tokens nothing does (eos
+        and stop ids are masked then). A stop string counts only where it ends in text the searches have not
+        covered yet, so one completed before ``min_tokens`` is kept in the text (vLLM's rule: it searches
+        the new text only; the ``min_tokens``-th token itself may complete a stop string)."""
         out = seq.output
         p = seq.params
-        if len(out.token_ids) <= p.min_tokens:  # eos and stop ids were masked; stop strings wait too
+        n = len(out.token_ids)
+        if n < p.min_tokens:
             return False
         if tok in seq.stop_eos:
             out.finish_reason, out.stop_reason = "stop", None
@@ -503,8 +508,14 @@ class LLMEngine:
             out.finish_reason, out.stop_reason = "stop", tok
             return True
         if p.stop and self.tokenizer is not None:
+            searched = seq.stop_searched
+            if searched is None:  # the first search: what the earlier tokens decoded to was never searched
+                searched = 0 if n == 1 else len(self.tokenizer.decode(
+                    out.token_ids[:-1], skip_special_tokens=p.skip_special_tokens).rstrip("\ufffd"))
             text = self._detokenize(seq)
-            hits = [(text.find(s), s) for s in p.stop if s in text]
+            # a trailing U+FFFD is an incomplete character that the next token may complete: searched again
+            seq.stop_searched = len(text.rstrip("\ufffd"))
+            hits = [(at, s) for s in p.stop if (at := text.find(s, max(0, searched - len(s) + 1))) >= 0]
             if hits:
                 at, s = min(hits)
                 out.text = text[:at]

@@ -30,6 +30,7 @@ class SequenceState:
     penalty_slot: int | None = None  # its row of the penalty tables (requests with penalties, once queued)
     penalty_reset: bool = False  # the slot is to be zeroed by the request's first step
     banned: tuple[int, ...] = ()  # ids masked while fewer than min_tokens are generated (eos and stop ids)
+    stop_searched: int | None = None  # characters of the output text already searched for stop strings
 
     @property
     def num_known_tokens(self) -> int:

@@ -782,3 +782,33 @@ def test_min_tokens_holds_back_a_stop_id(tiny, python_api):
     assert held["token_ids"] == want.token_ids
     assert stop_id not in held["token_ids"][: first + 3] and len(held["token_ids"]) > first + 3
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "min_tokens"
+
+
+def test_min_tokens_ignores_stop_strings_completed_before_it(tiny, python_api):
+    """vLLM's ``min_tokens`` with stop strings: a stop string counts only when it ends in the text of the
+    ``min_tokens``-th token or a later one (an occurrence completed before is kept in the text, not cut
+    later), and the ``min_tokens``-th token itself may end the request. Prompt 3's greedy answer is hand-read:
+    ``e`` is token 5 and 14 (0-based), ``f`` only token 7. A stream's chunks concatenate to the same text (the
+    engine used to cut the text at an early occurrence that the stream had already sent)."""
+    _, url, prompts, reference = tiny
+    from jserve.engine import SamplingParams
+
+    ids = reference[3]
+    assert [i for i, t in enumerate(ids) if t == ord("e")] == [5, 14] and ids.count(ord("f")) == 1
+    cases = [  # (stop, min_tokens, tokens returned, text, finish_reason)
+        ("e", 0, 6, as_text(ids[:5]), "stop"),
+        ("e", 6, 6, as_text(ids[:5]), "stop"),  # the 6th token completes it: it counts
+        ("e", 7, 15, as_text(ids[:14]), "stop"),  # completed by the 6th token, before min_tokens: kept
+        ("f", 9, NEW, as_text(ids), "length"),
+    ]
+    outs = python_api.generate([prompts[3]] * len(cases), [
+        SamplingParams(max_tokens=NEW, ignore_eos=True, stop=[s], min_tokens=m) for s, m, _, _, _ in cases])
+    for (s, m, n, text, finish), out in zip(cases, outs):
+        assert (out.token_ids, out.text, out.finish_reason) == (ids[:n], text, finish), (s, m)
+    body = {"prompt": prompts[3], "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "stop": "e",
+            "min_tokens": 7}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        whole = _post(c, body)["choices"][0]
+        with c.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            streamed = "".join(e["choices"][0]["text"] for e in events(r) if e != "[DONE]")
+    assert whole["text"] == streamed == as_text(ids[:14])
