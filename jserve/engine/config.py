@@ -145,15 +145,20 @@ def _free_bytes(device) -> int | None:
     return acc[0] - acc[1] if acc else _available_memory_bytes()
 
 
-def device_pages(cfg: EngineConfig, spec: KVCacheSpec, max_model_len: int, device, reserved_bytes: int = 0) -> int:
+def device_pages(cfg: EngineConfig, spec: KVCacheSpec, max_model_len: int, device, reserved_bytes: int = 0,
+                 reserved_by: str = "other device state") -> int:
     """The device pool's page count (the reserved padding page included). An explicit ``num_device_blocks``
     larger than the free memory is refused before it is allocated (a CPU would otherwise overcommit and be
     killed when warm-up touches the pages). Otherwise: ``gpu_memory_utilization`` of the accelerator's memory
     minus what is in use, or ``cpu_kv_cache_gib`` (at most half the available memory) on a CPU.
     ``reserved_bytes``: other device state the engine allocates after the pool (the penalty tables), taken
-    from the free memory / the accelerator's budget first."""
+    from the free memory / the accelerator's budget first; more than the free memory is refused naming
+    ``reserved_by`` (what asked for it)."""
+    free = _free_bytes(device)
+    if free is not None and reserved_bytes > free:
+        raise ValueError(f"{reserved_by} needs {reserved_bytes / 2**30:.1f} GiB of device memory; the "
+                         f"{device.platform} has {free / 2**30:.1f} GiB free")
     if cfg.num_device_blocks is not None:
-        free = _free_bytes(device)
         free = None if free is None else free - reserved_bytes
         need = cfg.num_device_blocks * spec.page_bytes
         if free is not None and need > free:

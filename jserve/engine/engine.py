@@ -103,7 +103,9 @@ class LLMEngine:
         self.device = jax.devices()[0]
         num_penalty = cfg.max_penalty_requests or cfg.max_batch_size
         num_device = device_pages(cfg, spec, self.max_model_len, self.device,
-                                  reserved_bytes=table_bytes(num_penalty, mc.vocab_size))
+                                  reserved_bytes=table_bytes(num_penalty, mc.vocab_size),
+                                  reserved_by=f"max_penalty_requests={num_penalty} (penalty tables of "
+                                              f"{num_penalty} x vocab {mc.vocab_size} x 5 bytes)")
         num_host = host_pages(cfg, spec)
         self.kv = KVCache(spec, num_device, num_host, self.device)
         self.runner = ModelRunner(

@@ -346,3 +346,16 @@ def test_a_waiting_request_refused_when_another_request_frees_its_way_is_reporte
     assert any(o is big for o in changed), "the refusal was never reported"
     assert late.finish_reason == "length" and all(h.finish_reason == "length" for h in holders)
     assert eng._penalty_slots.num_free == 8 and not eng.has_unfinished()
+
+
+def test_penalty_tables_larger_than_the_free_memory_are_refused_naming_the_option(tiny, monkeypatch):
+    """On a CPU the tables' size was not checked (only subtracted from an explicit pool's check, whose error
+    then blamed ``num_device_blocks``): a large ``max_penalty_requests`` allocated them until the process was
+    killed. 1000 slots of the 256-id vocabulary are 1.28 MB; with 1 MiB free it is refused, naming it."""
+    from jserve.engine import config as config_mod
+
+    monkeypatch.setattr(config_mod, "_accelerator_memory", lambda device: None)
+    monkeypatch.setattr(config_mod, "_available_memory_bytes", lambda: 2**20)
+    for blocks in (None, 4):
+        with pytest.raises(ValueError, match=r"max_penalty_requests=1000 \(penalty tables of 1000 x vocab 256"):
+            LLM(tiny, **dict(SMALL, max_penalty_requests=1000, num_device_blocks=blocks))
