@@ -64,6 +64,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     for flag in ("--max-batch-size", "--max-tokens-per-batch", "--max-model-len", "--page-size",
                  "--num-device-blocks"):
         e.add_argument(flag, type=positive_int, default=None)
+    e.add_argument("--max-penalty-requests", type=positive_int, default=None,
+                   help="requests with penalties at once (slots of the penalty tables; default max batch size)")
     e.add_argument("--num-host-blocks", type=int, default=None, help="host (swap) pages; 0 disables offload")
     e.add_argument("--swap-space-gib", type=float, default=None)
     e.add_argument("--decode-buckets", type=int_list, default=None, help="comma list, e.g. 1,4,16")
@@ -74,7 +76,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def engine_options(args) -> dict:
     """The ``EngineConfig`` keyword arguments given on the command line (see ``add_engine_arguments``)."""
     names = ("max_batch_size", "max_tokens_per_batch", "max_model_len", "page_size", "num_device_blocks",
-             "num_host_blocks", "swap_space_gib", "decode_buckets", "token_buckets", "cost_model")
+             "num_host_blocks", "swap_space_gib", "decode_buckets", "token_buckets", "cost_model",
+             "max_penalty_requests")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -131,3 +131,16 @@ def test_ctrl_c_while_loading_exits_130_in_one_line(command, monkeypatch, capsys
         main(command + ["--model", "tiny-llama"] if command[0] != "generate" else command + ["--model", "x.gguf"])
     err = capsys.readouterr().err
     assert exc.value.code == 130 and f"jserve {command[0]}: interrupted" in err and "Traceback" not in err, err
+
+
+def test_max_penalty_requests_is_an_engine_option(capsys):
+    """``jserve serve`` sizes the penalty slots (``EngineConfig.max_penalty_requests``); 0 exits 2
+    naming the flag."""
+    from jserve.cli import build_parser, engine_options
+
+    args = build_parser().parse_args(["serve", "--max-penalty-requests", "3", "--max-batch-size", "8"])
+    assert engine_options(args) == {"max_penalty_requests": 3, "max_batch_size": 8}
+    assert "max_penalty_requests" not in engine_options(build_parser().parse_args(["serve"]))
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--max-penalty-requests", "0"])
+    assert exc.value.code == 2 and "--max-penalty-requests" in capsys.readouterr().err
