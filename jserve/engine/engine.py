@@ -9,7 +9,7 @@ An iteration:
    it computes; ``jserve.engine.kv_cache`` has the ordering rules); host pages the scheduler no longer needs
    are released;
 4. the sampled tokens are appended and stop conditions checked (end-of-sequence unless ``ignore_eos``, stop
-   ids, stop strings); ``scheduler.on_step_end(plan, now, elapsed, finished_ids)`` closes the iteration
+   ids, stop strings, ``min_tokens``: ``jserve.engine.stopping``); ``scheduler.on_step_end(plan, now, elapsed, finished_ids)`` closes the iteration
    (the scheduler itself finishes requests at ``max_tokens`` or the model's context).
 
 **Async scheduling** (``EngineConfig.async_scheduling``; on by default for accelerators). The host work of an
@@ -56,6 +56,7 @@ from .penalties import MAX_BANNED_IDS, PenaltyRow, PenaltySlots, table_bytes
 from .records import InFlight, SequenceState, logprob_dict
 from .runner import BatchRow, ModelRunner, RunnerConfig
 from .sampling import SamplingParams
+from .stopping import check_stop, detokenize
 
 __all__ = ["EngineConfig", "LLMEngine", "CompileWatch"]
 
@@ -280,7 +281,7 @@ class LLMEngine:
         self._release_host_pages()
         seq.output.finish_reason = "abort"
         seq.output.metrics.finish_time = self.now()
-        seq.output.text = self._detokenize(seq)
+        seq.output.text = detokenize(self.tokenizer, seq)
         return True
 
     def has_unfinished(self) -> bool:
@@ -437,7 +438,7 @@ class LLMEngine:
             self.stats["tokens"] += 1
             if out.metrics.first_token_time is None:
                 out.metrics.first_token_time = end
-            if self._check_stop(seq, tok):
+            if check_stop(self.tokenizer, seq, tok):
                 out.metrics.finish_time = end
                 self._stopped.append(seq.request.request_id)
             changed.append(out)
@@ -472,7 +473,7 @@ class LLMEngine:
             if out.metrics.finish_time is None:
                 out.metrics.finish_time = end
             if not isinstance(out.stop_reason, str):  # a stop string already cut the text
-                out.text = self._detokenize(seq)
+                out.text = detokenize(self.tokenizer, seq)
 
     def _release_host_pages(self, plan=None) -> None:
         """Give back the host buffers of pages the scheduler no longer needs: the sources of ``plan``'s
@@ -487,43 +488,6 @@ class LLMEngine:
         if kv.num_host_ids > blocks.num_used_host_blocks - blocks.num_pending_host_blocks:
             kv.retain_host(h for r in self.scheduler.requests.values() if r.kv_location is KVLocation.HOST
                            for h in r.blocks)
-
-    def _detokenize(self, seq: SequenceState) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(seq.output.token_ids, skip_special_tokens=seq.params.skip_special_tokens)
-
-    def _check_stop(self, seq: SequenceState, tok: int) -> bool:
-        """Whether ``tok`` (just appended) ends the request. Before ``min_tokens`` new tokens nothing does (eos
-        and stop ids are masked then). A stop string counts only where it ends in text the searches have not
-        covered yet, so one completed before ``min_tokens`` is kept in the text (vLLM's rule: it searches
-        the new text only; the ``min_tokens``-th token itself may complete a stop string)."""
-        out = seq.output
-        p = seq.params
-        n = len(out.token_ids)
-        if n < p.min_tokens:
-            return False
-        if tok in seq.stop_eos:
-            out.finish_reason, out.stop_reason = "stop", None
-            return True
-        if tok in p.stop_token_ids:
-            out.finish_reason, out.stop_reason = "stop", tok
-            return True
-        if p.stop and self.tokenizer is not None:
-            searched = seq.stop_searched
-            if searched is None:  # the first search: what the earlier tokens decoded to was never searched
-                searched = 0 if n == 1 else len(self.tokenizer.decode(
-                    out.token_ids[:-1], skip_special_tokens=p.skip_special_tokens).rstrip("\ufffd"))
-            text = self._detokenize(seq)
-            # a trailing U+FFFD is an incomplete character that the next token may complete: searched again
-            seq.stop_searched = len(text.rstrip("\ufffd"))
-            hits = [(at, s) for s in p.stop if (at := text.find(s, max(0, searched - len(s) + 1))) >= 0]
-            if hits:
-                at, s = min(hits)
-                out.text = text[:at]
-                out.finish_reason, out.stop_reason = "stop", s
-                return True
-        return False
 
     # ----------------------------------------------------------------------------------------- driving
 
