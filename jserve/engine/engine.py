@@ -38,6 +38,7 @@ owns an engine (``jserve.engine.async_engine`` runs it on a background thread fo
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import time
@@ -218,16 +219,21 @@ class LLMEngine:
                 raise ValueError(f"SamplingParams.stop_token_ids holds {bad}, outside the model's vocabulary "
                                  f"[0, {vocab})")
             eos = frozenset() if sp.ignore_eos else self._eos_ids
+            bias = sp.logit_bias or ()
+            if bias and bias[-1][0] >= vocab:  # sorted by id
+                raise ValueError(f"SamplingParams.logit_bias names id {bias[-1][0]}, outside the model's "
+                                 f"vocabulary [0, {vocab})")
             banned = tuple(sorted(eos | set(sp.stop_token_ids))) if sp.min_tokens else ()
             if len(banned) > MAX_BANNED_IDS:
                 raise ValueError(f"SamplingParams.min_tokens masks the end-of-sequence and stop ids, at most "
                                  f"{MAX_BANNED_IDS}; this request has {len(banned)}")
+            adjust = (bias + tuple((t, -math.inf) for t in banned), bias)
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
         req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
-        seq = SequenceState(req, sp, seed, ids, out, eos, banned=banned)
+        seq = SequenceState(req, sp, seed, ids, out, eos, adjust=adjust)
         if sp.has_penalties:  # queued to the scheduler once it holds a penalty slot (now, if one is free)
             self._seqs[rid] = seq
             self._penalty_slots.waiting.append(seq)
@@ -395,8 +401,8 @@ class LLMEngine:
             if seq.penalty_slot is not None:
                 pen = PenaltyRow(seq.penalty_slot, seq.penalty_reset, samples)
                 seq.penalty_reset = False
-            banned = seq.banned if samples and drawn < seq.params.min_tokens else ()
-            rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn), pen, banned))
+            adjust = seq.adjust[drawn >= seq.params.min_tokens] if samples else ()
+            rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn), pen, adjust))
             samplers.append(seq if samples else None)
             if seq.output.metrics.first_scheduled_time is None:
                 seq.output.metrics.first_scheduled_time = now

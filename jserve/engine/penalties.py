@@ -1,6 +1,7 @@
 """Logit processing inside the compiled step: repetition, frequency and presence penalties (the
 device-resident per-request tables, the per-step inputs that address them, the host bookkeeping of which
-request holds which slot) and the ``min_tokens`` mask.
+request holds which slot) and the per-row sparse logit adjustments (``logit_bias`` and the ``min_tokens``
+mask).
 
 Semantics (vLLM's), per row, on the raw logits before temperature / top-k / top-p / greedy argmax:
 
@@ -20,17 +21,20 @@ token, since each generated token is the input of the request's next step). A st
 whose tables penalize its logits, the slot to zero first (the request's first dispatch) and the slot whose
 ``counts`` take its sampled token (rows that really sample); per packed token, the slot whose ``seen`` it
 marks. "No slot" is ``N`` (out of range: gathers fill, scatters drop). All of it (and the sampler after
-it) runs under ``lax.cond``, skipped at run time when no row or token names a slot or a banned id, so
-batches without penalties or ``min_tokens`` pay four predicates.
+it) runs under ``lax.cond``, skipped at run time when no row or token names a slot or an adjusted id, so
+batches without penalties, ``logit_bias`` or ``min_tokens`` pay four predicates.
 
 Because the tables are threaded through the steps on the device, async scheduling (a row whose newest
 token is still being sampled by the step in flight) sees that token's update in dispatch order, with no
 host round trip. A recompute after preemption re-marks ``seen`` (idempotent) and only the one new token it
 samples adds to ``counts``; swaps leave the slot alone.
 
-``min_tokens``: while a request has generated fewer tokens, its rows name up to ``MAX_BANNED_IDS`` ids (its
-end-of-sequence and stop ids) whose logits are set to ``-inf`` after the penalties (a scatter of ``[S, K]``
-entries, unused ones out of range and dropped).
+Adjustments: after the penalties (and the clamp), each row adds up to ``MAX_ADJUSTMENTS`` sparse values to
+its logits, ``adjust_ids [S, K]`` / ``adjust_values [S, K]`` (a scatter-add; unused entries name id ``V``,
+out of range, and are dropped). A row that samples carries its request's ``logit_bias`` (at most
+``MAX_LOGIT_BIAS`` entries, every step) and, while the request has generated fewer than ``min_tokens``, its
+end-of-sequence and stop ids (at most ``MAX_BANNED_IDS``) with value ``-inf``; an id both biased and banned
+stays ``-inf``.
 """
 
 from __future__ import annotations
@@ -43,10 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .sampling import MAX_LOGIT_BIAS
+
 __all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "init_tables", "table_bytes", "apply_penalties",
-           "sample_processed", "record_tokens", "MAX_BANNED_IDS"]
+           "sample_processed", "record_tokens", "MAX_BANNED_IDS", "MAX_ADJUSTMENTS"]
 
 MAX_BANNED_IDS = 32  # ids a row may mask for min_tokens (its end-of-sequence ids and stop_token_ids)
+MAX_ADJUSTMENTS = MAX_BANNED_IDS + MAX_LOGIT_BIAS  # K: sparse logit adjustments per row (64)
 
 Tables = tuple  # (counts [N, V] int32, seen [N, V] bool)
 
@@ -70,19 +77,22 @@ class PenaltyArrays(NamedTuple):
     repetition: np.ndarray  # [S] float32, 1 = off
     frequency: np.ndarray  # [S] float32, 0 = off
     presence: np.ndarray  # [S] float32, 0 = off
-    banned: np.ndarray  # [S, MAX_BANNED_IDS] int32, ids whose logits are masked (min_tokens); >= V: unused
+    adjust_ids: np.ndarray  # [S, MAX_ADJUSTMENTS] int32, ids whose logits get a value added; >= V: unused
+    adjust_values: np.ndarray  # [S, MAX_ADJUSTMENTS] float32, the values (logit_bias; -inf: min_tokens mask)
 
     @classmethod
-    def build(cls, rows: Sequence[tuple[PenaltyRow | None, object, Sequence[int]]], lens: np.ndarray, t: int,
-              s: int, num_slots: int, vocab: int) -> "PenaltyArrays":
-        """``rows``: (penalty row or None, SamplingParams, ids to mask) per batch row; ``lens``
-        ``[len(rows)]``: the row's packed token count (rows are packed in order from token 0)."""
-        banned = np.full((s, MAX_BANNED_IDS), vocab, np.int32)
-        for i, (_, _, ban) in enumerate(rows):
-            if ban:
-                if len(ban) > MAX_BANNED_IDS:
-                    raise ValueError(f"{len(ban)} ids to mask in one row; at most {MAX_BANNED_IDS}")
-                banned[i, : len(ban)] = ban
+    def build(cls, rows: Sequence[tuple[PenaltyRow | None, object, Sequence[tuple[int, float]]]],
+              lens: np.ndarray, t: int, s: int, num_slots: int, vocab: int) -> "PenaltyArrays":
+        """``rows``: (penalty row or None, SamplingParams, (id, value) pairs to add to the logits) per batch
+        row; ``lens`` ``[len(rows)]``: the row's packed token count (rows are packed in order from token 0)."""
+        adjust_ids = np.full((s, MAX_ADJUSTMENTS), vocab, np.int32)
+        adjust_values = np.zeros((s, MAX_ADJUSTMENTS), np.float32)
+        for i, (_, _, adj) in enumerate(rows):
+            if adj:
+                if len(adj) > MAX_ADJUSTMENTS:
+                    raise ValueError(f"{len(adj)} logit adjustments in one row; at most {MAX_ADJUSTMENTS}")
+                adjust_ids[i, : len(adj)] = [a for a, _ in adj]
+                adjust_values[i, : len(adj)] = [v for _, v in adj]
         none = np.int32(num_slots)
         slot, reset, record = (np.full(s, none, np.int32) for _ in range(3))
         token_slot = np.full(t, none, np.int32)
@@ -99,7 +109,7 @@ class PenaltyArrays(NamedTuple):
                 rep[i], freq[i], pres[i] = p.repetition_penalty, p.frequency_penalty, p.presence_penalty
             total = int(lens.sum())
             token_slot[:total] = np.repeat(slot[: len(rows)], lens)
-        return cls(slot, reset, record, token_slot, rep, freq, pres, banned)
+        return cls(slot, reset, record, token_slot, rep, freq, pres, adjust_ids, adjust_values)
 
 
 def table_bytes(num_slots: int, vocab: int) -> int:
@@ -120,8 +130,8 @@ def apply_penalties(
     ids: jax.Array,  # [T] int32, the step's packed input tokens
     pen: PenaltyArrays,
 ) -> tuple[Tables, jax.Array]:  # updated tables, [S, V] float32 processed logits
-    """Zero the reset slots, mark the packed tokens in ``seen``, penalize each row from its slot, then mask
-    the rows' ``banned`` ids (traceable; unconditional: ``sample_processed`` skips it when idle)."""
+    """Zero the reset slots, mark the packed tokens in ``seen``, penalize each row from its slot, then add the
+    rows' sparse adjustments (traceable; unconditional: ``sample_processed`` skips it when idle)."""
     counts, seen = tables
     counts = counts.at[pen.reset].set(0, mode="drop")
     seen = seen.at[pen.reset].set(False, mode="drop")
@@ -136,7 +146,7 @@ def apply_penalties(
     top = jnp.finfo(x.dtype).max
     x = jnp.clip(x, -top, top)
     rows = jnp.arange(x.shape[0])[:, None]
-    return (counts, seen), x.at[rows, pen.banned].set(-jnp.inf, mode="drop")
+    return (counts, seen), x.at[rows, pen.adjust_ids].add(pen.adjust_values, mode="drop")
 
 
 def sample_processed(
@@ -146,13 +156,13 @@ def sample_processed(
     pen: PenaltyArrays,
     sample: Callable[[jax.Array], jax.Array],  # [S, V] logits -> [S] int32 tokens
 ) -> tuple[Tables, jax.Array]:  # updated tables, [S] int32 tokens
-    """``sample(logits)`` after ``apply_penalties`` when some row or token names a slot or a banned id, else
-    on the raw logits (a ``lax.cond``: batches without penalties or ``min_tokens`` pay four predicates).
+    """``sample(logits)`` after ``apply_penalties`` when some row or token names a slot or an adjusted id,
+    else on the raw logits (a ``lax.cond``: batches without penalties or adjustments pay four predicates).
     The sampler sits inside both branches so that neither returns an ``[S, V]`` array: an untouched
     ``logits`` passed through a branch would be copied, since it stays live for the log-probabilities."""
     n, vocab = tables[0].shape
     active = (jnp.any(pen.slot < n) | jnp.any(pen.reset < n) | jnp.any(pen.token_slot < n)
-              | jnp.any(pen.banned < vocab))
+              | jnp.any(pen.adjust_ids < vocab))
 
     def on(tables):
         tables, x = apply_penalties(tables, logits, ids, pen)

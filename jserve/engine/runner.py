@@ -98,7 +98,8 @@ class BatchRow:
     pages: Sequence[int]
     sampling: tuple  # (SamplingParams, seed, generated-so-far)
     penalty: PenaltyRow | None = None  # the request's penalty slot (None: no penalties)
-    banned: Sequence[int] = ()  # ids the row must not sample (min_tokens: end-of-sequence and stop ids)
+    # (id, value) pairs added to the row's logits: logit_bias, and -inf for ids it must not sample (min_tokens)
+    adjust: Sequence[tuple[int, float]] = ()
 
 
 class StepOutputs(NamedTuple):
@@ -266,7 +267,7 @@ class ModelRunner:
         md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
                                logits_indices=logits_idx, decode_only=decode_only)
         samp = SamplingArrays.build([r.sampling for r in rows], s).step_inputs()
-        pen = PenaltyArrays.build([(r.penalty, r.sampling[0], r.banned) for r in rows], lens, t, s,
+        pen = PenaltyArrays.build([(r.penalty, r.sampling[0], r.adjust) for r in rows], lens, t, s,
                                   self.num_penalty_slots, self.model.config.vocab_size)
         return ids, pos, md, samp, pen
 

@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SamplingParams", "sample_tokens", "SamplingArrays", "token_logprobs", "MAX_LOGPROBS"]
+__all__ = ["SamplingParams", "sample_tokens", "SamplingArrays", "token_logprobs", "MAX_LOGPROBS", "MAX_LOGIT_BIAS"]
 
 
 _INT32_MAX = 2**31 - 1
 MAX_LOGPROBS = 20  # top log-probabilities the step returns per row (the most a request may ask for)
+MAX_LOGIT_BIAS = 32  # logit_bias entries a request may give (the step's row holds them beside 32 min_tokens ids)
+LOGIT_BIAS_RANGE = 100.0  # a bias is in [-100, 100] (OpenAI's range)
 # repetition_penalty's range: float32's normal numbers (the step divides and multiplies float32 logits by it;
 # past them it would round to 0 or inf, and 0 / 0 or 0 * inf is NaN)
 _R_MIN, _R_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
@@ -74,6 +76,33 @@ def _id_tuple(ids) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+def _bias_pairs(bias) -> tuple[tuple[int, float], ...] | None:
+    """``SamplingParams.logit_bias`` frozen: None or a mapping {id >= 0: finite bias in [-100, 100]} (or its
+    items) becomes sorted ``(id, bias)`` pairs, None when empty."""
+    if bias is None:
+        return None
+    if isinstance(bias, dict):
+        bias = bias.items()
+    elif not isinstance(bias, (tuple, list)):
+        raise ValueError(f"SamplingParams.logit_bias must be a dict {{token id: bias}}, got {type(bias).__name__}")
+    pairs: dict[int, float] = {}
+    for item in bias:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"SamplingParams.logit_bias must map token ids to biases, got the entry {item!r}")
+        i, v = item
+        if not _is_int(i) or i < 0:
+            raise ValueError(f"SamplingParams.logit_bias keys must be token ids (ints >= 0), got {i!r}")
+        if not _is_real(v) or not -LOGIT_BIAS_RANGE <= v <= LOGIT_BIAS_RANGE:  # NaN and inf fail too
+            raise ValueError(f"SamplingParams.logit_bias values must be numbers in [-{LOGIT_BIAS_RANGE:g}, "
+                             f"{LOGIT_BIAS_RANGE:g}], got {v!r} for id {i}")
+        if int(i) in pairs:
+            raise ValueError(f"SamplingParams.logit_bias names id {i} twice")
+        pairs[int(i)] = float(v)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"SamplingParams.logit_bias has {len(pairs)} entries; at most {MAX_LOGIT_BIAS}")
+    return tuple(sorted(pairs.items())) or None
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to pick each new token, and when to stop.
@@ -94,6 +123,10 @@ class SamplingParams:
     output. ``logprobs`` stay those of the unpenalized distribution (vLLM's default, ``raw_logprobs``).
     ``min_tokens``: end-of-sequence ids and ``stop_token_ids`` cannot be generated (their logits are masked)
     and stop strings are not looked for before this many new tokens (0..``max_tokens``).
+    ``logit_bias`` (OpenAI's and vLLM's): {token id: bias in [-100, 100]}, at most ``MAX_LOGIT_BIAS`` ids,
+    added to the logits at every step after the penalties, before temperature / top-k / top-p / greedy
+    (``logprobs`` stay the raw model's). Stored frozen as sorted ``(id, bias)`` pairs (``dict(...)`` gives the
+    mapping back), None when empty; ids are checked against the vocabulary when the engine takes the request.
     """
 
     max_tokens: int = 16
@@ -110,6 +143,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -141,6 +175,7 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.min_tokens must be an int in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
         object.__setattr__(self, "min_tokens", int(self.min_tokens))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         object.__setattr__(self, "stop", _string_tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", _id_tuple(self.stop_token_ids))
         # numpy scalars pass the checks above; store plain Python numbers (the scheduler's Request wants ints)

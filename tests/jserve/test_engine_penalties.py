@@ -6,7 +6,9 @@ fresh cache, no scheduler, no sampler, no penalty tables) in a greedy loop; and 
 ``generate(repetition_penalty=...)`` on a tiny random Llama it wrote. Checked: greedy outputs token for
 token (r < 1 and r > 1, negative presence / frequency, all three at once) beside plain rows, more penalty
 requests than slots, seeded sampling, equality under memory pressure (swaps, recompute) and async
-scheduling, the on-device table updates against numpy, validation, and the stop-id vocabulary refusal."""
+scheduling, the on-device table updates against numpy, validation, and the stop-id vocabulary refusal.
+``logit_bias`` (the same sparse adjustments as the ``min_tokens`` mask) is checked against the same
+references: forced and removed greedy tokens, raw log-probabilities, with penalties and ``min_tokens``."""
 
 from __future__ import annotations
 
@@ -102,8 +104,8 @@ def test_sampling_params_penalty_validation():
 
 def test_table_updates_against_numpy():
     """One step's table work on hand-made inputs: reset, marking packed tokens (out-of-range slots dropped),
-    penalizing from the slot, masking banned ids, counting the sampled tokens; the sampler sees the processed
-    logits, or the raw ones and untouched tables when nothing names a slot or a banned id."""
+    penalizing from the slot, adding the sparse adjustments (bias, -inf bans), counting the sampled tokens; the sampler sees the processed
+    logits, or the raw ones and untouched tables when nothing names a slot or an adjusted id."""
     n, vocab = 3, 10
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 3, (n, vocab)).astype(np.int32)
@@ -111,8 +113,8 @@ def test_table_updates_against_numpy():
     logits = rng.normal(size=(3, vocab)).astype(np.float32) * 3
     ids = np.array([4, 5, 6, 7, 8, 9], np.int32)
     lens = np.array([2, 3, 1])
-    rows = [(PenaltyRow(1, True, True), params_of((1.5, 0.5, 0.25)), ()),
-            (None, SamplingParams(), (2, 7)),
+    rows = [(PenaltyRow(1, True, True), params_of((1.5, 0.5, 0.25)), ((3, 2.5), (6, -100.0))),
+            (None, SamplingParams(), ((2, -np.inf), (7, -np.inf), (4, 50.0))),
             (PenaltyRow(2, False, False), params_of((0.8, -1.0, 0.0)), ())]
     pen = PenaltyArrays.build(rows, lens, 6, 3, n, vocab)
     assert pen.token_slot.tolist() == [1, 1, n, n, n, 2] and pen.reset.tolist() == [1, n, n]
@@ -126,9 +128,13 @@ def test_table_updates_against_numpy():
     for i, s, pv in ((0, 1, (1.5, 0.5, 0.25)), (2, 2, (0.8, -1.0, 0.0))):
         r, f, p = (np.float32(v) for v in pv)
         x = np.where(want_s[s], np.where(logits[i] > 0, logits[i] / r, logits[i] * r), logits[i])
-        np.testing.assert_allclose(np.asarray(out[i]), x - f * want_c[s] - p * (want_c[s] > 0), rtol=1e-6)
+        x = x - f * want_c[s] - p * (want_c[s] > 0)
+        if i == 0:  # the bias is added after the penalties
+            x[[3, 6]] += np.float32([2.5, -100.0])
+        np.testing.assert_allclose(np.asarray(out[i]), x, rtol=1e-6)
     masked = logits[1].copy()
-    masked[[2, 7]] = -np.inf  # no slot: untouched but for the banned ids
+    masked[[2, 7]] = -np.inf  # no slot: untouched but for the banned ids and the bias
+    masked[4] += np.float32(50.0)
     np.testing.assert_array_equal(np.asarray(out[1]), masked)
     tokens = np.array([3, 3, 3], np.int32)
     after = jax.jit(record_tokens)(tables, tokens, pen)
@@ -177,11 +183,14 @@ def test_seeded_sampling_with_penalties_is_reproducible(llm, prompts):
 def test_penalties_and_min_tokens_survive_preemption_and_async_scheduling(tiny, llm, prompts):
     first = np.argmax(last_logits(tiny, prompts), axis=-1)  # each plain greedy run's first token
     # rows 2, 5: min_tokens masks that token for 6 draws, then stops on it
+    # rows 0, 4: logit_bias pushes that token down and id 7 up (row 0 has no penalty slot)
     params = [params_of(pen, max_tokens=2 * NEW, ignore_eos=True, temperature=0.8 * (i % 2), seed=i,
-                        **(dict(min_tokens=6, stop_token_ids=[int(first[i])]) if i % 3 == 2 else {}))
+                        **(dict(min_tokens=6, stop_token_ids=[int(first[i])]) if i % 3 == 2 else {}),
+                        **(dict(logit_bias={int(first[i]): -100, 7: 3.0}) if i % 4 == 0 else {}))
               for i, pen in enumerate(PENALTIES)]
     roomy = [o.token_ids for o in llm.generate(prompts, params)]  # 3 slots: requests wait for one
     assert all(int(first[i]) not in roomy[i][:6] for i in (2, 5))
+    assert all(int(first[i]) not in roomy[i] and 7 in roomy[i] for i in (0, 4))
     for policy, options, async_ in (("fastserve", {"swap_mode": "recompute"}, False),
                                     ("fastserve", {"swap_mode": "proactive"}, True)):
         tight = LLM(tiny, scheduler=policy, scheduler_options=options, async_scheduling=async_, **TIGHT)
@@ -359,3 +368,66 @@ def test_penalty_tables_larger_than_the_free_memory_are_refused_naming_the_optio
     for blocks in (None, 4):
         with pytest.raises(ValueError, match=r"max_penalty_requests=1000 \(penalty tables of 1000 x vocab 256"):
             LLM(tiny, **dict(SMALL, max_penalty_requests=1000, num_device_blocks=blocks))
+
+
+def test_logit_bias_forces_or_removes_a_greedy_token_and_leaves_logprobs_raw(tiny, llm, prompts):
+    """OpenAI's ``logit_bias``: +100 on one id makes greedy pick it every step; -100 on the plain greedy run's
+    first token makes the first token the raw logits' second best (an independent ``jserve.models`` forward).
+    The returned log-probabilities stay the raw model's."""
+    p = prompts[1]
+    raw = last_logits(tiny, [p])[0]
+    order = np.argsort(-raw)
+    assert raw[order[1]] > raw[order[2]] and raw[order[0]] - raw[order[1]] < 100  # the test can tell
+    forced = 17 if order[0] != 17 else 18
+    llm.generate([p], SamplingParams(max_tokens=1))  # the count catches up with the forward's compilations
+    compiled = llm.engine.stats["compiles_after_warmup"]
+    out = llm.generate([p], SamplingParams(max_tokens=6, ignore_eos=True, logit_bias={forced: 100}, logprobs=0))[0]
+    assert out.token_ids == [forced] * 6
+    want = raw[forced] - np.log(np.sum(np.exp(raw - raw.max()))) - raw.max()  # log-softmax of the raw logits
+    assert abs(out.logprobs[0][forced] - want) < 1e-4
+    out = llm.generate([p], SamplingParams(max_tokens=3, ignore_eos=True, logit_bias={int(order[0]): -100}))[0]
+    assert out.token_ids[0] == int(order[1])
+    assert llm.engine.stats["compiles_after_warmup"] == compiled  # the bias compiled nothing new
+
+
+def test_logit_bias_with_min_tokens_and_penalties_matches_the_reference(tiny, llm, prompts):
+    """All three at once, greedy: penalties, then the bias (every step), then -inf on the eos (2) and stop id
+    for the first ``k`` tokens; the request then stops on either. The reference is a numpy loop."""
+    p, pen, k = prompts[2], (1.2, 0.4, -0.3), 4
+    plain = reference_greedy(tiny, [p], [pen], NEW)[0]
+    stop = plain[1]
+    bias = {int(plain[0]): -3.0, int(plain[2]): 2.5, 2: 4.0, 40: 1.5}
+    out: list[int] = []
+    for j in range(NEW):
+        x = penalize(last_logits(tiny, [p + out])[0], p, out, pen)
+        for t, b in bias.items():
+            x[t] += np.float32(b)
+        if j < k:
+            x[[2, stop]] = -np.inf
+        out.append(int(np.argmax(x)))
+        if j >= k and out[-1] in (2, stop):
+            break
+    got = llm.generate([p], params_of(pen, max_tokens=NEW, stop_token_ids=[stop], min_tokens=k, logit_bias=bias))[0]
+    assert got.token_ids == out and out != plain[: len(out)]
+    assert got.finish_reason == ("stop" if out[-1] in (2, stop) else "length")
+
+
+def test_logit_bias_validation_and_refusal(llm, prompts):
+    from jserve.engine.sampling import MAX_LOGIT_BIAS
+
+    sp = SamplingParams(logit_bias={np.int64(9): np.float32(1.5), 3: -100})
+    assert sp.logit_bias == ((3, -100.0), (9, 1.5)) and hash(sp) == hash(SamplingParams(logit_bias={9: 1.5, 3: -100}))
+    assert SamplingParams(logit_bias={}).logit_bias is None and not SamplingParams(logit_bias={1: 1}).has_penalties
+    for bad, what in (({"5": 1.0}, "keys"), ({-1: 1.0}, "keys"), ({True: 1.0}, "keys"), ({5: 100.5}, "values"),
+                      ({5: float("nan")}, "values"), ({5: float("inf")}, "values"), ({5: "1"}, "values"),
+                      ([5, 6], "map"), ("x", "dict"),
+                      ({i: 1.0 for i in range(MAX_LOGIT_BIAS + 1)}, f"at most {MAX_LOGIT_BIAS}")):
+        with pytest.raises(ValueError, match=f"SamplingParams.logit_bias.*{what}"):
+            SamplingParams(logit_bias=bad)
+    out = llm.generate([prompts[0]], SamplingParams(max_tokens=2, logit_bias={5: 1.0, 256: 1.0}))[0]
+    assert out.finish_reason == "error" and "logit_bias" in out.error and "256" in out.error
+    # a full bias and the most min_tokens ids fit one row
+    full = {i: 0.5 for i in range(100, 100 + MAX_LOGIT_BIAS)}
+    ok = llm.generate([prompts[0]], SamplingParams(max_tokens=3, min_tokens=2, logit_bias=full,
+                                                   stop_token_ids=list(range(3, 34))))[0]
+    assert ok.finish_reason != "error" and len(ok.token_ids) >= 2
