@@ -2,12 +2,13 @@
 
 ``CompletionRequest`` and ``ChatCompletionRequest`` are strict pydantic models: a field of the wrong JSON type
 or a field the API does not have is refused, never coerced or ignored. OpenAI fields that jserve does not
-implement (``echo``, ``logit_bias``, tools...) are accepted only at their neutral value (absent, null, empty,
+implement (``echo``, ``suffix``, tools...) are accepted only at their neutral value (absent, null, empty,
 false), so a client that sends its defaults works and one that asks for the feature learns it is missing.
 ``n`` (1..128) and, for completions, ``best_of`` (n..128, not above n when streaming) and a list of prompts
 are checked here (``MAX_CHOICES``, ``MAX_SEQUENCES``); ``jserve.server_requests`` fans them out.
-``presence_penalty``, ``frequency_penalty`` (OpenAI's), ``repetition_penalty`` and ``min_tokens`` (vLLM's) are
-the ``SamplingParams`` fields of the same names. Log-probabilities: ``logprobs`` (completions: an int 0..5) and
+``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (OpenAI's), ``repetition_penalty`` and
+``min_tokens`` (vLLM's) are the ``SamplingParams`` fields of the same names (``logit_bias``'s keys, strings of
+token ids in JSON, become ints here). Log-probabilities: ``logprobs`` (completions: an int 0..5) and
 ``logprobs`` + ``top_logprobs`` (chat: true and 0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer``
 renders the engine's log-probabilities as the two APIs' response objects. ``ApiError`` is an error with its
 HTTP status, rendered as the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``;
@@ -87,8 +88,7 @@ class _GenerationFields(_Strict):
     frequency_penalty: float | None = None  # OpenAI's, in [-2, 2]
     repetition_penalty: float | None = None  # vLLM's extension, > 0 (1: off)
     min_tokens: int | None = None  # vLLM's extension: no end-of-sequence or stop id before this many tokens
-    # OpenAI fields accepted only at their neutral values (see UNSUPPORTED)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: {"token id": bias in [-100, 100]}
 
 
 class CompletionRequest(_GenerationFields):
@@ -142,7 +142,6 @@ class ChatCompletionRequest(_GenerationFields):
 
 # field -> values that mean "not used"; anything else is refused as unsupported
 UNSUPPORTED: dict[str, tuple] = {
-    "logit_bias": (None, {}),
     "echo": (False,),
     "suffix": (None, ""),
     "tools": (None, []),
@@ -308,6 +307,7 @@ def sampling_params(req: _GenerationFields, max_tokens: int) -> SamplingParams:
             frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             min_tokens=req.min_tokens or 0,
+            logit_bias=_bias_ids(req.logit_bias),
         )
     except ValueError as e:
         m = _SP_FIELD.search(str(e))
@@ -315,6 +315,23 @@ def sampling_params(req: _GenerationFields, max_tokens: int) -> SamplingParams:
         if field == "max_tokens" and isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
             field = "max_completion_tokens"
         raise ApiError(400, str(e), param=field) from None
+
+
+def _bias_ids(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """``logit_bias`` with its JSON keys (strings) as token ids; a key that is not a decimal integer raises
+    ``ApiError(400)`` naming the field (values are checked by ``SamplingParams``)."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        k = key.strip()
+        if not k.isascii() or not k.isdigit():
+            raise ApiError(400, f"'logit_bias' keys must be token ids (decimal integers >= 0 as strings), "
+                                f"got {key!r}", param="logit_bias")
+        if int(k) in out:
+            raise ApiError(400, f"'logit_bias' names token id {int(k)} twice", param="logit_bias")
+        out[int(k)] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------------ logprobs objects

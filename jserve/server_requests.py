@@ -167,6 +167,9 @@ class RequestPreparer:
             max_tokens = DEFAULT_COMPLETION_TOKENS if kind == "completion" else limit - len(ids)
             max_tokens = min(max_tokens, limit - len(ids))
         params = sampling_params(req, max_tokens)
+        if params.logit_bias and params.logit_bias[-1][0] >= self.model.vocab_size:  # sorted by id
+            raise ApiError(400, f"'logit_bias' names token id {params.logit_bias[-1][0]}, outside the vocabulary "
+                                f"[0, {self.model.vocab_size})", "logit_bias")
         if len(ids) + max_tokens > limit:
             asker = "the request" if label == "the prompt" else field
             raise ApiError(400, f"this model's maximum context length is {limit} tokens; {asker} asks for "

@@ -347,6 +347,16 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", {"prompt": [5], "logprobs": -1}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": True}, 400, "valid integer", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": 1, "echo": True}, 400, "'echo' is not supported", "echo"),
+    ("/v1/completions", {"prompt": [5], "logit_bias": {"x7": 1}}, 400, "'logit_bias' keys must be token ids",
+     "logit_bias"),
+    ("/v1/completions", {"prompt": [5], "logit_bias": {"-3": 1}}, 400, "'logit_bias' keys must be token ids",
+     "logit_bias"),
+    ("/v1/completions", {"prompt": [5], "logit_bias": {"7": 101}}, 400, "SamplingParams.logit_bias values must be",
+     "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"300": -1}}, 400,
+     "'logit_bias' names token id 300, outside the vocabulary", "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "logit_bias": {str(i): 1 for i in range(33)}}, 400, "at most 32", "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      400, "'top_logprobs' must be an integer in 0..20", "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
@@ -812,3 +822,24 @@ def test_min_tokens_ignores_stop_strings_completed_before_it(tiny, python_api):
         with c.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
             streamed = "".join(e["choices"][0]["text"] for e in events(r) if e != "[DONE]")
     assert whole["text"] == streamed == as_text(ids[:14])
+
+
+def test_logit_bias_on_both_endpoints(tiny, python_api):
+    """OpenAI's ``logit_bias`` (keys: token ids as strings): +100 on "B" (id 66) makes a greedy chat answer
+    "BBB"; a seeded sampled completion with a bias equals the Python API's with the same ``SamplingParams``."""
+    _, url, prompts, reference = tiny
+    from jserve.engine import SamplingParams
+
+    bias = {str(reference[0][0]): -100, "65": 4.5, "97": 3.0}
+    body = {"prompt": prompts[0], "max_tokens": 8, "temperature": 0.7, "seed": 5, "ignore_eos": True,
+            "logit_bias": bias, "return_token_ids": True}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+            "logit_bias": {"66": 100}}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        got = _post(c, body)["choices"][0]["token_ids"]
+        plain = _post(c, body | {"logit_bias": None})["choices"][0]["token_ids"]
+        answer = _post(c, chat, "/v1/chat/completions")["choices"][0]["message"]["content"]
+    want = python_api.generate([prompts[0]], SamplingParams(
+        max_tokens=8, temperature=0.7, seed=5, ignore_eos=True, logit_bias={int(k): v for k, v in bias.items()}))[0]
+    assert got == want.token_ids and got != plain and reference[0][0] not in got
+    assert answer == "BBB"
