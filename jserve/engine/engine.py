@@ -227,7 +227,8 @@ class LLMEngine:
             if len(banned) > MAX_BANNED_IDS:
                 raise ValueError(f"SamplingParams.min_tokens masks the end-of-sequence and stop ids, at most "
                                  f"{MAX_BANNED_IDS}; this request has {len(banned)}")
-            adjust = (bias + tuple((t, -math.inf) for t in banned), bias)
+            adjust = tuple((np.array([t for t, _ in a], np.int32), np.array([v for _, v in a], np.float32)) if a
+                           else () for a in (bias + tuple((t, -math.inf) for t in banned), bias))
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))

@@ -29,9 +29,9 @@ class SequenceState:
     stop_eos: frozenset[int]  # end-of-sequence ids that stop it (empty with ignore_eos)
     penalty_slot: int | None = None  # its row of the penalty tables (requests with penalties, once queued)
     penalty_reset: bool = False  # the slot is to be zeroed by the request's first step
-    # (id, value) pairs a sampling row adds to its logits, while fewer than min_tokens are generated and after:
-    # logit_bias, plus (id, -inf) per end-of-sequence and stop id in the first
-    adjust: tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]] = ((), ())
+    # what a sampling row adds to its logits, while fewer than min_tokens are generated and after: () or
+    # (ids [k] int32, values [k] float32): logit_bias, plus -inf per end-of-sequence and stop id in the first
+    adjust: tuple = ((), ())
     stop_searched: int | None = None  # characters of the output text already searched for stop strings
 
     @property

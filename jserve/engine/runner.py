@@ -98,8 +98,9 @@ class BatchRow:
     pages: Sequence[int]
     sampling: tuple  # (SamplingParams, seed, generated-so-far)
     penalty: PenaltyRow | None = None  # the request's penalty slot (None: no penalties)
-    # (id, value) pairs added to the row's logits: logit_bias, and -inf for ids it must not sample (min_tokens)
-    adjust: Sequence[tuple[int, float]] = ()
+    # () or (ids [k] int32, values [k] float32) added to the row's logits: logit_bias, and -inf for the ids
+    # it must not sample (min_tokens)
+    adjust: tuple = ()
 
 
 class StepOutputs(NamedTuple):

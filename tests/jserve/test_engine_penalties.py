@@ -113,8 +113,8 @@ def test_table_updates_against_numpy():
     logits = rng.normal(size=(3, vocab)).astype(np.float32) * 3
     ids = np.array([4, 5, 6, 7, 8, 9], np.int32)
     lens = np.array([2, 3, 1])
-    rows = [(PenaltyRow(1, True, True), params_of((1.5, 0.5, 0.25)), ((3, 2.5), (6, -100.0))),
-            (None, SamplingParams(), ((2, -np.inf), (7, -np.inf), (4, 50.0))),
+    rows = [(PenaltyRow(1, True, True), params_of((1.5, 0.5, 0.25)), ([3, 6], [2.5, -100.0])),
+            (None, SamplingParams(), ([2, 7, 4], [-np.inf, -np.inf, 50.0])),
             (PenaltyRow(2, False, False), params_of((0.8, -1.0, 0.0)), ())]
     pen = PenaltyArrays.build(rows, lens, 6, 3, n, vocab)
     assert pen.token_slot.tolist() == [1, 1, n, n, n, 2] and pen.reset.tolist() == [1, n, n]
