@@ -38,7 +38,6 @@ owns an engine (``jserve.engine.async_engine`` runs it on a background thread fo
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import random
 import time
@@ -53,7 +52,7 @@ from schedulers.request import KVLocation, Request
 from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
-from .penalties import MAX_BANNED_IDS, PenaltyRow, PenaltySlots, table_bytes
+from .penalties import PenaltyRow, PenaltySlots, request_adjustments, table_bytes
 from .records import InFlight, SequenceState, logprob_dict
 from .runner import BatchRow, ModelRunner, RunnerConfig
 from .sampling import SamplingParams
@@ -219,16 +218,7 @@ class LLMEngine:
                 raise ValueError(f"SamplingParams.stop_token_ids holds {bad}, outside the model's vocabulary "
                                  f"[0, {vocab})")
             eos = frozenset() if sp.ignore_eos else self._eos_ids
-            bias = sp.logit_bias or ()
-            if bias and bias[-1][0] >= vocab:  # sorted by id
-                raise ValueError(f"SamplingParams.logit_bias names id {bias[-1][0]}, outside the model's "
-                                 f"vocabulary [0, {vocab})")
-            banned = tuple(sorted(eos | set(sp.stop_token_ids))) if sp.min_tokens else ()
-            if len(banned) > MAX_BANNED_IDS:
-                raise ValueError(f"SamplingParams.min_tokens masks the end-of-sequence and stop ids, at most "
-                                 f"{MAX_BANNED_IDS}; this request has {len(banned)}")
-            adjust = tuple((np.array([t for t, _ in a], np.int32), np.array([v for _, v in a], np.float32)) if a
-                           else () for a in (bias + tuple((t, -math.inf) for t in banned), bias))
+            adjust = request_adjustments(sp, eos, vocab)
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))

@@ -50,7 +50,7 @@ import numpy as np
 from .sampling import MAX_LOGIT_BIAS
 
 __all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "init_tables", "table_bytes", "apply_penalties",
-           "sample_processed", "record_tokens", "MAX_BANNED_IDS", "MAX_ADJUSTMENTS"]
+           "sample_processed", "record_tokens", "request_adjustments", "MAX_BANNED_IDS", "MAX_ADJUSTMENTS"]
 
 MAX_BANNED_IDS = 32  # ids a row may mask for min_tokens (its end-of-sequence ids and stop_token_ids)
 MAX_ADJUSTMENTS = MAX_BANNED_IDS + MAX_LOGIT_BIAS  # K: sparse logit adjustments per row (64)
@@ -113,6 +113,26 @@ class PenaltyArrays(NamedTuple):
             total = int(lens.sum())
             token_slot[:total] = np.repeat(slot[: len(rows)], lens)
         return cls(slot, reset, record, token_slot, rep, freq, pres, adjust_ids, adjust_values)
+
+
+def request_adjustments(params, eos: frozenset[int], vocab: int) -> tuple[tuple, tuple]:
+    """A request's row adjustments while it has generated fewer than ``min_tokens`` tokens and after, each
+    ``()`` or ``(ids [k] int32, values [k] float32)``: its ``logit_bias``, then ``-inf`` for ``eos`` and its
+    stop ids in the first (when ``min_tokens``). A bias id outside ``[0, vocab)`` or more than
+    ``MAX_BANNED_IDS`` masked ids raise ``ValueError`` naming the field."""
+    bias = params.logit_bias or ()
+    if bias and bias[-1][0] >= vocab:  # sorted by id
+        raise ValueError(f"SamplingParams.logit_bias names id {bias[-1][0]}, outside the model's vocabulary "
+                         f"[0, {vocab})")
+    banned = sorted(eos | set(params.stop_token_ids)) if params.min_tokens else []
+    if len(banned) > MAX_BANNED_IDS:
+        raise ValueError(f"SamplingParams.min_tokens masks the end-of-sequence and stop ids, at most "
+                         f"{MAX_BANNED_IDS}; this request has {len(banned)}")
+
+    def arrays(pairs):
+        return (np.array([t for t, _ in pairs], np.int32), np.array([v for _, v in pairs], np.float32)) if pairs else ()
+
+    return arrays(list(bias) + [(t, -np.inf) for t in banned]), arrays(bias)
 
 
 def table_bytes(num_slots: int, vocab: int) -> int:
