@@ -29,12 +29,12 @@ token is still being sampled by the step in flight) sees that token's update in 
 host round trip. A recompute after preemption re-marks ``seen`` (idempotent) and only the one new token it
 samples adds to ``counts``; swaps leave the slot alone.
 
-Adjustments: after the penalties (and the clamp), each row adds up to ``MAX_ADJUSTMENTS`` sparse values to
-its logits, ``adjust_ids [S, K]`` / ``adjust_values [S, K]`` (a scatter-add; unused entries name id ``V``,
+Adjustments: before the penalties (vLLM's V1 sampler applies its logit-bias and min-tokens processors
+first), each row adds up to ``MAX_ADJUSTMENTS`` sparse values to its raw logits, ``adjust_ids [S, K]`` / ``adjust_values [S, K]`` (a scatter-add; unused entries name id ``V``,
 out of range, and are dropped). A row that samples carries its request's ``logit_bias`` (at most
 ``MAX_LOGIT_BIAS`` entries, every step) and, while the request has generated fewer than ``min_tokens``, its
 end-of-sequence and stop ids (at most ``MAX_BANNED_IDS``) with value ``-inf``; an id both biased and banned
-stays ``-inf``.
+stays masked (the final clamp to float32's finite range leaves it at the lowest finite value, never drawn).
 """
 
 from __future__ import annotations
@@ -153,23 +153,38 @@ def apply_penalties(
     ids: jax.Array,  # [T] int32, the step's packed input tokens
     pen: PenaltyArrays,
 ) -> tuple[Tables, jax.Array]:  # updated tables, [S, V] float32 processed logits
-    """Zero the reset slots, mark the packed tokens in ``seen``, penalize each row from its slot, then add the
-    rows' sparse adjustments (traceable; unconditional: ``sample_processed`` skips it when idle)."""
+    """Zero the reset slots, mark the packed tokens in ``seen``, add the rows' sparse adjustments to the raw
+    logits, then penalize each row from its slot (traceable; unconditional: ``sample_processed`` skips it
+    when idle)."""
     counts, seen = tables
     counts = counts.at[pen.reset].set(0, mode="drop")
     seen = seen.at[pen.reset].set(False, mode="drop")
     seen = seen.at[pen.token_slot, ids].set(True, mode="drop")
     c = jnp.take(counts, pen.slot, axis=0, mode="fill", fill_value=0)  # [S, V]
     s = jnp.take(seen, pen.slot, axis=0, mode="fill", fill_value=False)  # [S, V]
-    r = pen.repetition[:, None]
-    x = jnp.where(s, jnp.where(logits > 0, logits / r, logits * r), logits)
-    x = x - pen.frequency[:, None] * c.astype(x.dtype) - pen.presence[:, None] * (c > 0).astype(x.dtype)
+    r, f, p = pen.repetition[:, None], pen.frequency[:, None], pen.presence[:, None]
+
+    def penalize(v, seen_v, count_v):  # [S, ...] values with their ids' seen flags and counts
+        v = jnp.where(seen_v, jnp.where(v > 0, v / r, v * r), v)
+        return v - f * count_v.astype(v.dtype) - p * (count_v > 0).astype(v.dtype)
+
     # an extreme r overflows logit / r or logit * r; an infinite logit would make the sampler's
-    # ``logits - max`` NaN, so the processed logits stay finite (ties at the top are then sampled evenly)
-    top = jnp.finfo(x.dtype).max
-    x = jnp.clip(x, -top, top)
-    rows = jnp.arange(x.shape[0])[:, None]
-    return (counts, seen), x.at[rows, pen.adjust_ids].add(pen.adjust_values, mode="drop")
+    # ``logits - max`` NaN, so the processed logits stay finite (ties at the top are then sampled evenly; a
+    # masked id ends at the lowest finite value, which is never drawn)
+    top = jnp.finfo(logits.dtype).max
+    x = jnp.clip(penalize(logits, s, c), -top, top)
+    # The adjustments come before the penalties (vLLM's V1 sampler runs its logit-bias and min-tokens
+    # processors first). A scatter into ``logits`` would copy them (they stay live for the log-probabilities),
+    # so the adjusted ids are recomputed apart, [S, K], and set into the penalized ``x``: each entry takes
+    # the sum of its row's adjustments of the same id, so duplicate ids write the same value.
+    adj_ids = pen.adjust_ids  # [S, K], V = unused
+    safe = jnp.minimum(adj_ids, logits.shape[-1] - 1)
+    same = adj_ids[:, :, None] == adj_ids[:, None, :]  # [S, K, K]
+    total = jnp.sum(jnp.where(same, pen.adjust_values[:, None, :], 0.0), axis=-1)  # [S, K]
+    y = penalize(jnp.take_along_axis(logits, safe, axis=1) + total, jnp.take_along_axis(s, safe, axis=1),
+                 jnp.take_along_axis(c, safe, axis=1))
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return (counts, seen), x.at[rows, adj_ids].set(jnp.clip(y, -top, top), mode="drop")
 
 
 def sample_processed(

@@ -124,7 +124,7 @@ class SamplingParams:
     ``min_tokens``: end-of-sequence ids and ``stop_token_ids`` cannot be generated (their logits are masked)
     and stop strings are not looked for before this many new tokens (0..``max_tokens``).
     ``logit_bias`` (OpenAI's and vLLM's): {token id: bias in [-100, 100]}, at most ``MAX_LOGIT_BIAS`` ids,
-    added to the logits at every step after the penalties, before temperature / top-k / top-p / greedy
+    added to the raw logits at every step before the penalties (vLLM's order), temperature / top-k / top-p / greedy
     (``logprobs`` stay the raw model's). Stored frozen as sorted ``(id, bias)`` pairs (``dict(...)`` gives the
     mapping back), None when empty; ids are checked against the vocabulary when the engine takes the request.
     """

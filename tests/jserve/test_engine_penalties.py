@@ -104,7 +104,7 @@ def test_sampling_params_penalty_validation():
 
 def test_table_updates_against_numpy():
     """One step's table work on hand-made inputs: reset, marking packed tokens (out-of-range slots dropped),
-    penalizing from the slot, adding the sparse adjustments (bias, -inf bans), counting the sampled tokens; the sampler sees the processed
+    adding the sparse adjustments (bias, -inf bans) to the raw logits, penalizing from the slot, counting the sampled tokens; the sampler sees the processed
     logits, or the raw ones and untouched tables when nothing names a slot or an adjusted id."""
     n, vocab = 3, 10
     rng = np.random.default_rng(0)
@@ -127,13 +127,14 @@ def test_table_updates_against_numpy():
     np.testing.assert_array_equal(np.asarray(tables[1]), want_s)
     for i, s, pv in ((0, 1, (1.5, 0.5, 0.25)), (2, 2, (0.8, -1.0, 0.0))):
         r, f, p = (np.float32(v) for v in pv)
-        x = np.where(want_s[s], np.where(logits[i] > 0, logits[i] / r, logits[i] * r), logits[i])
-        x = x - f * want_c[s] - p * (want_c[s] > 0)
-        if i == 0:  # the bias is added after the penalties
+        x = logits[i].copy()
+        if i == 0:  # the bias is added to the raw logits, before the penalties (vLLM's order)
             x[[3, 6]] += np.float32([2.5, -100.0])
+        x = np.where(want_s[s], np.where(x > 0, x / r, x * r), x)
+        x = x - f * want_c[s] - p * (want_c[s] > 0)
         np.testing.assert_allclose(np.asarray(out[i]), x, rtol=1e-6)
     masked = logits[1].copy()
-    masked[[2, 7]] = -np.inf  # no slot: untouched but for the banned ids and the bias
+    masked[[2, 7]] = np.finfo(np.float32).min  # no slot: untouched but for the banned ids (clamped) and the bias
     masked[4] += np.float32(50.0)
     np.testing.assert_array_equal(np.asarray(out[1]), masked)
     tokens = np.array([3, 3, 3], np.int32)
@@ -391,20 +392,21 @@ def test_logit_bias_forces_or_removes_a_greedy_token_and_leaves_logprobs_raw(tin
 
 
 def test_logit_bias_with_min_tokens_and_penalties_matches_the_reference(tiny, llm, prompts):
-    """All three at once, greedy: penalties, then the bias (every step), then -inf on the eos (2) and stop id
-    for the first ``k`` tokens; the request then stops on either. The reference is a numpy loop."""
+    """All three at once, greedy: the bias (every step) and -inf on the eos (2) and stop id for the first ``k``
+    tokens, then the penalties (vLLM's order); the request then stops on either. The reference is a numpy
+    loop."""
     p, pen, k = prompts[2], (1.2, 0.4, -0.3), 4
     plain = reference_greedy(tiny, [p], [pen], NEW)[0]
     stop = plain[1]
     bias = {int(plain[0]): -3.0, int(plain[2]): 2.5, 2: 4.0, 40: 1.5}
     out: list[int] = []
     for j in range(NEW):
-        x = penalize(last_logits(tiny, [p + out])[0], p, out, pen)
+        x = last_logits(tiny, [p + out])[0].copy()
         for t, b in bias.items():
             x[t] += np.float32(b)
         if j < k:
             x[[2, stop]] = -np.inf
-        out.append(int(np.argmax(x)))
+        out.append(int(np.argmax(penalize(x, p, out, pen))))
         if j >= k and out[-1] in (2, stop):
             break
     got = llm.generate([p], params_of(pen, max_tokens=NEW, stop_token_ids=[stop], min_tokens=k, logit_bias=bias))[0]
