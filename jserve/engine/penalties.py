@@ -181,8 +181,11 @@ def apply_penalties(
     safe = jnp.minimum(adj_ids, logits.shape[-1] - 1)
     same = adj_ids[:, :, None] == adj_ids[:, None, :]  # [S, K, K]
     total = jnp.sum(jnp.where(same, pen.adjust_values[:, None, :], 0.0), axis=-1)  # [S, K]
-    y = penalize(jnp.take_along_axis(logits, safe, axis=1) + total, jnp.take_along_axis(s, safe, axis=1),
-                 jnp.take_along_axis(c, safe, axis=1))
+    slot = jnp.minimum(pen.slot, counts.shape[0] - 1)[:, None]  # [S, 1]; rows without a slot: masked below
+    has_slot = (pen.slot < counts.shape[0])[:, None]
+    # read from the tables, not from ``s`` / ``c``, so those stay fused into the whole-row arithmetic
+    y = penalize(jnp.take_along_axis(logits, safe, axis=1) + total, seen[slot, safe] & has_slot,
+                 jnp.where(has_slot, counts[slot, safe], 0))
     rows = jnp.arange(logits.shape[0])[:, None]
     return (counts, seen), x.at[rows, adj_ids].set(jnp.clip(y, -top, top), mode="drop")
 
