@@ -433,3 +433,20 @@ def test_logit_bias_validation_and_refusal(llm, prompts):
     ok = llm.generate([prompts[0]], SamplingParams(max_tokens=3, min_tokens=2, logit_bias=full,
                                                    stop_token_ids=list(range(3, 34))))[0]
     assert ok.finish_reason != "error" and len(ok.token_ids) >= 2
+
+
+def test_adjustments_of_one_id_add_up_before_the_penalty():
+    """Hand-computed: an id both biased and masked stays masked; a biased id in ``seen`` is penalized with its
+    bias (vLLM's order: (6 + 1) / 2); two adjustments of one id add up (-2 + 2 + 4)."""
+    n, vocab = 2, 10
+    logits = np.tile(np.arange(vocab, dtype=np.float32) - 3, (2, 1))
+    rows = [(PenaltyRow(0, True, True), SamplingParams(repetition_penalty=2.0),
+             (np.array([5, 5, 9], np.int32), np.array([3.0, -np.inf, 1.0], np.float32))),
+            (None, SamplingParams(), (np.array([1, 1], np.int32), np.array([2.0, 4.0], np.float32)))]
+    pen = PenaltyArrays.build(rows, np.array([1, 1]), 2, 2, n, vocab)
+    tables = (np.zeros((n, vocab), np.int32), np.zeros((n, vocab), bool))
+    _, out = jax.jit(apply_penalties)(tables, logits, np.array([9, 0], np.int32), pen)  # row 0's input: id 9
+    want = logits.copy()
+    want[0, 5], want[0, 9] = np.finfo(np.float32).min, 3.5
+    want[1, 1] = 4.0
+    np.testing.assert_array_equal(np.asarray(out), want)
