@@ -317,21 +317,20 @@ def sampling_params(req: _GenerationFields, max_tokens: int) -> SamplingParams:
         raise ApiError(400, str(e), param=field) from None
 
 
-def _bias_ids(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """``logit_bias`` with its JSON keys (strings) as token ids; a key that is not a decimal integer raises
-    ``ApiError(400)`` naming the field (values are checked by ``SamplingParams``)."""
+def _bias_ids(bias: dict[str, float] | None) -> list[tuple[int, float]] | None:
+    """``logit_bias`` as ``(token id, bias)`` pairs, its JSON keys (strings) read as ids; a key that is not a
+    decimal integer raises ``ApiError(400)`` naming the field. Values and ids named twice (``"5"`` and
+    ``" 5"``) are checked by ``SamplingParams``, whose error names ``logit_bias`` too."""
     if not bias:
         return None
-    out = {}
+    pairs = []
     for key, value in bias.items():
         k = key.strip()
         if not k.isascii() or not k.isdigit():
             raise ApiError(400, f"'logit_bias' keys must be token ids (decimal integers >= 0 as strings), "
                                 f"got {key!r}", param="logit_bias")
-        if int(k) in out:
-            raise ApiError(400, f"'logit_bias' names token id {int(k)} twice", param="logit_bias")
-        out[int(k)] = value
-    return out
+        pairs.append((int(k), value))
+    return pairs
 
 
 # ------------------------------------------------------------------------------------------ logprobs objects

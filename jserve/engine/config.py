@@ -9,21 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 
 from schedulers import POLICY_NAMES, IterationCostModel, SchedulerConfig
 
 from .kv_cache import KVCacheSpec
+from .sampling import _is_int, _is_real
 
 __all__ = ["EngineConfig", "device_pages", "host_pages"]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)

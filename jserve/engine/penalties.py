@@ -30,8 +30,9 @@ host round trip. A recompute after preemption re-marks ``seen`` (idempotent) and
 samples adds to ``counts``; swaps leave the slot alone.
 
 Adjustments: before the penalties (vLLM's V1 sampler applies its logit-bias and min-tokens processors
-first), each row adds up to ``MAX_ADJUSTMENTS`` sparse values to its raw logits, ``adjust_ids [S, K]`` / ``adjust_values [S, K]`` (a scatter-add; unused entries name id ``V``,
-out of range, and are dropped). A row that samples carries its request's ``logit_bias`` (at most
+first), each row adds up to ``MAX_ADJUSTMENTS`` sparse values to its raw logits, ``adjust_ids [S, K]`` /
+``adjust_values [S, K]`` (the adjusted ids are computed apart and set into the penalized row; unused entries
+name id ``V``, out of range, and are dropped). A row that samples carries its request's ``logit_bias`` (at most
 ``MAX_LOGIT_BIAS`` entries, every step) and, while the request has generated fewer than ``min_tokens``, its
 end-of-sequence and stop ids (at most ``MAX_BANNED_IDS``) with value ``-inf``; an id both biased and banned
 stays masked (the final clamp to float32's finite range leaves it at the lowest finite value, never drawn).

@@ -54,7 +54,7 @@ class InFlight:
 
     plan: object  # schedulers.plan.StepPlan
     start: float
-    samplers: list  # per row: the _Sequence that samples a token there, or None
+    samplers: list  # per row: the SequenceState that samples a token there, or None
     outputs: StepOutputs | None  # the step's device arrays (None for a copies-only iteration)
     sampler_index: dict = dataclasses.field(default_factory=dict)  # request id -> index into tokens
     _host: np.ndarray | None = None

@@ -118,3 +118,29 @@ def tiny():
     from jserve.models import load
 
     return load("tiny-llama")
+
+
+# Memory-pressure runs for transparency tests: every eviction a drop (recompute), then swaps with async scheduling.
+PRESSURE_RUNS = (("fastserve", {"swap_mode": "recompute"}, False), ("fastserve", {"swap_mode": "proactive"}, True))
+
+
+@pytest.fixture
+def under_pressure():
+    """``run(model, prompts, params, **llm_kwargs) -> [(case, outputs)]``: ``LLM(model, ...).generate`` once per
+    case of ``PRESSURE_RUNS`` (policy, scheduler options, async scheduling), with the pool ``llm_kwargs`` give
+    (small enough to force preemption). Asserts each run was preempted and compiled nothing after warm-up."""
+    from jserve.engine import LLM
+
+    def run(model, prompts, params, **llm_kwargs):
+        results = []
+        for case in PRESSURE_RUNS:
+            policy, options, async_ = case
+            llm = LLM(model, scheduler=policy, scheduler_options=options, async_scheduling=async_, **llm_kwargs)
+            outs = llm.generate(prompts, params)
+            st = llm.engine.stats
+            assert st["drops"] + st["blocks_out"] > 0, (case, st)  # it was preempted
+            assert st["compiles_after_warmup"] == 0, case
+            results.append((case, outs))
+        return results
+
+    return run

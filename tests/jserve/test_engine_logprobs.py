@@ -121,17 +121,11 @@ def test_seeded_sampling_logprobs_are_the_drawn_tokens_unfiltered(tiny, prompts)
     assert drew_non_argmax  # it really sampled (some drawn token was not the most likely)
 
 
-def test_logprobs_survive_preemption_and_async_scheduling(tiny, prompts):
+def test_logprobs_survive_preemption_and_async_scheduling(tiny, prompts, under_pressure):
     params = [SamplingParams(max_tokens=NEW * 2, ignore_eos=True, logprobs=K, temperature=0.7 * (i % 2), seed=i)
               for i in range(len(prompts))]
     roomy = LLM(tiny, scheduler="fcfs", **ROOMY).generate(prompts, params)
-    for policy, options, async_ in (("fastserve", {"swap_mode": "recompute"}, False),
-                                    ("fastserve", {"swap_mode": "proactive"}, True)):
-        llm = LLM(tiny, scheduler=policy, scheduler_options=options, async_scheduling=async_, **TIGHT)
-        tight = llm.generate(prompts, params)
-        st = llm.engine.stats
-        assert st["drops"] + st["blocks_out"] > 0, st  # it was preempted
-        assert st["compiles_after_warmup"] == 0
+    for _, tight in under_pressure(tiny, prompts, params, **TIGHT):
         for a, b in zip(tight, roomy):
             assert a.token_ids == b.token_ids
             assert len(a.logprobs) == len(a.token_ids)  # recomputed tokens are not appended twice

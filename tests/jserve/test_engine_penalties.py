@@ -181,7 +181,7 @@ def test_seeded_sampling_with_penalties_is_reproducible(llm, prompts):
     assert all(x.token_ids != y.token_ids for x, y in zip(a, off))
 
 
-def test_penalties_and_min_tokens_survive_preemption_and_async_scheduling(tiny, llm, prompts):
+def test_penalties_and_min_tokens_survive_preemption_and_async_scheduling(tiny, llm, prompts, under_pressure):
     first = np.argmax(last_logits(tiny, prompts), axis=-1)  # each plain greedy run's first token
     # rows 2, 5: min_tokens masks that token for 6 draws, then stops on it
     # rows 0, 4: logit_bias pushes that token down and id 7 up (row 0 has no penalty slot)
@@ -192,14 +192,8 @@ def test_penalties_and_min_tokens_survive_preemption_and_async_scheduling(tiny, 
     roomy = [o.token_ids for o in llm.generate(prompts, params)]  # 3 slots: requests wait for one
     assert all(int(first[i]) not in roomy[i][:6] for i in (2, 5))
     assert all(int(first[i]) not in roomy[i] and 7 in roomy[i] for i in (0, 4))
-    for policy, options, async_ in (("fastserve", {"swap_mode": "recompute"}, False),
-                                    ("fastserve", {"swap_mode": "proactive"}, True)):
-        tight = LLM(tiny, scheduler=policy, scheduler_options=options, async_scheduling=async_, **TIGHT)
-        outs = tight.generate(prompts, params)
-        st = tight.engine.stats
-        assert st["drops"] + st["blocks_out"] > 0, st  # it was preempted
-        assert st["compiles_after_warmup"] == 0
-        assert [o.token_ids for o in outs] == roomy, (policy, options)
+    for case, outs in under_pressure(tiny, prompts, params, **TIGHT):
+        assert [o.token_ids for o in outs] == roomy, case
 
 
 def test_penalties_match_hugging_face_transformers(hf_checkpoints):
