@@ -1,7 +1,8 @@
 """Where one decode iteration of the engine loop spends its time, with async scheduling on and off.
 
 The engine's decode step is timed three ways at each batch, in one process, modes alternated so drift hits
-both alike:
+both alike, for each ``--skip-idle-work`` variant (``EngineConfig.skip_idle_work``: run-time branches that
+skip sampling work no row needs, or none):
 
 * **device-bound**: one prepared decode step launched ``--reps`` times back to back (each donates the KV pool
   to the next), then waited for once: the device's own time per step, with host dispatch hidden;
@@ -10,7 +11,7 @@ both alike:
   window), with the host time of each phase of the loop: scheduling, packing, waiting for the sampled ids,
   dispatch, token handling (``_collect``), the scheduler's step end and retiring.
 
-    python benchmarks/engine_loop_phases.py --preset llama-3-8b --dtype bfloat16   # on a GPU
+    python benchmarks/engine_loop_phases.py --preset llama-3-8b --dtype bfloat16 --skip-idle-work on,off
     python benchmarks/engine_loop_phases.py --tiny                                 # anywhere
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 import time
@@ -41,13 +43,13 @@ def instrument(engine, sink: dict) -> None:
 
         setattr(obj, attr, timed)
 
-    wrap(engine.scheduler, "schedule", "schedule")
+    wrap(engine.scheduler, "schedule", "schedule")  # the engine replaces its scheduler only after an error
     wrap(engine.runner, "prepare", "pack")
     wrap(engine.runner, "launch", "dispatch")
     wrap(engine, "_collect", "collect")
     wrap(engine, "_close_iteration", "step_end")
     wrap(engine, "_finalize", "retire")
-    read = records.InFlight.read
+    read = getattr(records.InFlight.read, "untimed", records.InFlight.read)
 
     def timed_read(self):
         t0 = time.perf_counter()
@@ -56,6 +58,7 @@ def instrument(engine, sink: dict) -> None:
         finally:
             sink["wait_ids"] += time.perf_counter() - t0
 
+    timed_read.untimed = read
     records.InFlight.read = timed_read
 
 
@@ -69,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40, help="timed engine-loop iterations per run")
     p.add_argument("--rounds", type=int, default=2, help="alternating sync/async runs per batch")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--skip-idle-work", default="default",
+                   help="comma-separated variants of EngineConfig.skip_idle_work: on, off, default (by platform)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.tiny:
@@ -89,64 +94,68 @@ def main(argv=None) -> int:
     max_new = 2 * max(batches) + a.steps + 16
     max_len = a.context + max_new + page
     num_pages = max(batches) * -(-max_len // page) + 2
-    cfg = EngineConfig(scheduler="fcfs", max_batch_size=max(batches), max_tokens_per_batch=budget, max_model_len=max_len,
+    base = EngineConfig(scheduler="fcfs", max_batch_size=max(batches), max_tokens_per_batch=budget, max_model_len=max_len,
                        num_device_blocks=num_pages, num_host_blocks=4, decode_buckets=tuple(batches),
                        token_buckets=(budget,), swap_buckets=(2,), progress=False)
-    t0 = time.perf_counter()
-    engine = LLMEngine(model, cfg)
-    print(f"device {jax.devices()[0]} jax {jax.__version__} {a.preset} {a.dtype}; warm-up {time.perf_counter() - t0:.1f} s",
-          flush=True)
-    runner = engine.runner
-    sink: dict = collections.defaultdict(float)
-    instrument(engine, sink)
-    rng = np.random.default_rng(0)
-    greedy = (SamplingParams(), 0, 0)
     res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "preset": a.preset, "dtype": a.dtype,
            "date": time.strftime("%Y-%m-%d"), "rows": []}
-    for b in batches:
-        ctx_pages = -(-(a.context + 1) // page)
-        rows = [BatchRow([int(rng.integers(mc.vocab_size))], a.context, list(range(i * ctx_pages, (i + 1) * ctx_pages)), greedy)
-                for i in range(b)]
-        step = runner.prepare(rows)
-        for _ in range(2):
-            jax.block_until_ready(runner.launch(step).tokens)
+    rng = np.random.default_rng(0)
+    greedy = (SamplingParams(), 0, 0)
+    for variant in a.skip_idle_work.split(","):
+        skip = {"on": True, "off": False, "default": None}[variant]
         t0 = time.perf_counter()
-        launches = []
-        for _ in range(a.reps):
-            t1 = time.perf_counter()
-            out = runner.launch(step)
-            launches.append(time.perf_counter() - t1)
-        jax.block_until_ready(out.tokens)
-        device_ms = (time.perf_counter() - t0) / a.reps * 1e3
-        launch_ms = float(np.median(launches)) * 1e3
-        print(f"B={b}: device-bound {device_ms:.2f} ms/step; launch (host) {launch_ms:.2f} ms", flush=True)
-        for rnd in range(a.rounds):
-            for pipelined in (False, True):
-                engine.async_scheduling = pipelined
-                sp = SamplingParams(max_tokens=max_new, ignore_eos=True)
-                outs = [engine.add_request(list(map(int, rng.integers(3, mc.vocab_size, size=a.context))), sp)
-                        for _ in range(b)]
-                while not all(o.token_ids for o in outs):
+        engine = LLMEngine(model, dataclasses.replace(base, skip_idle_work=skip))
+        runner = engine.runner
+        print(f"device {jax.devices()[0]} jax {jax.__version__} {a.preset} {a.dtype}; skip_idle_work="
+              f"{runner.skip_idle_work}; warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        sink: dict = collections.defaultdict(float)
+        instrument(engine, sink)
+        for b in batches:
+            ctx_pages = -(-(a.context + 1) // page)
+            rows = [BatchRow([int(rng.integers(mc.vocab_size))], a.context,
+                             list(range(i * ctx_pages, (i + 1) * ctx_pages)), greedy) for i in range(b)]
+            step = runner.prepare(rows)
+            for _ in range(2):
+                jax.block_until_ready(runner.launch(step).tokens)
+            t0 = time.perf_counter()
+            launches = []
+            for _ in range(a.reps):
+                t1 = time.perf_counter()
+                out = runner.launch(step)
+                launches.append(time.perf_counter() - t1)
+            jax.block_until_ready(out.tokens)
+            device_ms = (time.perf_counter() - t0) / a.reps * 1e3
+            launch_ms = float(np.median(launches)) * 1e3
+            print(f"B={b}: device-bound {device_ms:.2f} ms/step; launch (host) {launch_ms:.2f} ms", flush=True)
+            for rnd in range(a.rounds):
+                for pipelined in (False, True):
+                    engine.async_scheduling = pipelined
+                    sp = SamplingParams(max_tokens=max_new, ignore_eos=True)
+                    outs = [engine.add_request(list(map(int, rng.integers(3, mc.vocab_size, size=a.context))), sp)
+                            for _ in range(b)]
+                    while not all(o.token_ids for o in outs):
+                        engine.step()
                     engine.step()
-                engine.step()
-                compiles = engine._watch.count
-                sink.clear()
-                t0 = time.perf_counter()
-                for _ in range(a.steps):
-                    engine.step()
-                wall = (time.perf_counter() - t0) / a.steps * 1e3
-                finished = sum(o.finished for o in outs)
-                phases = {k: v / a.steps * 1e3 for k, v in sink.items()}
-                for o in outs:
-                    engine.abort(o.request_id)
-                engine.run_until_done()
-                row = dict(batch=b, context=a.context, async_scheduling=pipelined, round=rnd, step_ms=wall,
-                           device_bound_ms=device_ms, launch_ms=launch_ms, finished_in_window=finished,
-                           compiles=engine._watch.count - compiles, phases_ms=phases)
-                res["rows"].append(row)
-                ph = " ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items()))
-                print(f"B={b} async={pipelined!s:5} round {rnd}: {wall:.2f} ms/step (device-bound {device_ms:.2f}); "
-                      f"host phases ms/step: {ph}; finished in window {finished}; compiles {row['compiles']}", flush=True)
+                    compiles = engine._watch.count
+                    sink.clear()
+                    t0 = time.perf_counter()
+                    for _ in range(a.steps):
+                        engine.step()
+                    wall = (time.perf_counter() - t0) / a.steps * 1e3
+                    finished = sum(o.finished for o in outs)
+                    phases = {k: v / a.steps * 1e3 for k, v in sink.items()}
+                    for o in outs:
+                        engine.abort(o.request_id)
+                    engine.run_until_done()
+                    row = dict(skip_idle_work=runner.skip_idle_work, batch=b, context=a.context,
+                               async_scheduling=pipelined, round=rnd, step_ms=wall, device_bound_ms=device_ms,
+                               launch_ms=launch_ms, finished_in_window=finished,
+                               compiles=engine._watch.count - compiles, phases_ms=phases)
+                    res["rows"].append(row)
+                    ph = " ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items()))
+                    print(f"B={b} async={pipelined!s:5} round {rnd}: {wall:.2f} ms/step (device-bound {device_ms:.2f});"
+                          f" host ms/step: {ph}; finished in window {finished}; compiles {row['compiles']}", flush=True)
+        del engine, runner
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

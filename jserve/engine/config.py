@@ -52,6 +52,11 @@ class EngineConfig:
     # once: each holds a row of the device's penalty tables (vocab_size * 5 bytes). More wait in the engine for
     # a row. None: max_batch_size.
     max_penalty_requests: int | None = None
+    # Skip sampling work no row of a batch needs (the sort and draw of an all-greedy batch, log-probabilities,
+    # penalties) with run-time branches. None: on a CPU only; on a GPU each such branch makes the thread that
+    # dispatches the step wait for the device (see jserve/engine/sampling.py), so there every step computes
+    # every part and selects per row.
+    skip_idle_work: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_batch_size", "max_tokens_per_batch"):
@@ -74,8 +79,10 @@ class EngineConfig:
             if not isinstance(v, (tuple, list)) or not all(_is_int(b) and b >= 1 for b in v):
                 raise ValueError(f"EngineConfig.{name} must be a list of ints >= 1 (empty: the defaults), got {v!r}")
             object.__setattr__(self, name, tuple(int(b) for b in v))
-        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"EngineConfig.async_scheduling must be None or a bool, got {self.async_scheduling!r}")
+        for name in ("async_scheduling", "skip_idle_work"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"EngineConfig.{name} must be None or a bool, got {v!r}")
         if self.scheduler not in POLICY_NAMES:  # before the model loads and the steps compile
             raise ValueError(f"unknown scheduler policy {self.scheduler!r}; known policies: {', '.join(POLICY_NAMES)}")
         if self.cost_model is not None and not isinstance(self.cost_model, IterationCostModel):

@@ -121,6 +121,7 @@ class LLMEngine:
                 token_buckets=cfg.token_buckets,
                 swap_buckets=cfg.swap_buckets,
                 penalty_slots=num_penalty,
+                skip_idle_work=cfg.skip_idle_work,
             ),
         )
         self._penalty_slots = PenaltySlots(num_penalty)  # its .waiting: requests with penalties, not yet queued

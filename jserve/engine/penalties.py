@@ -20,9 +20,11 @@ each id was generated) and ``seen [N, V] bool`` (ids fed to the model: the promp
 token, since each generated token is the input of the request's next step). A step takes, per row, the slot
 whose tables penalize its logits, the slot to zero first (the request's first dispatch) and the slot whose
 ``counts`` take its sampled token (rows that really sample); per packed token, the slot whose ``seen`` it
-marks. "No slot" is ``N`` (out of range: gathers fill, scatters drop). All of it (and the sampler after
-it) runs under ``lax.cond``, skipped at run time when no row or token names a slot or an adjusted id, so
-batches without penalties, ``logit_bias`` or ``min_tokens`` pay four predicates.
+marks. "No slot" is ``N`` (out of range: gathers fill, scatters drop). With ``skip_idle`` (the default on
+a CPU; see ``sampling``'s module docstring) all of it (and the sampler after it) runs under ``lax.cond``,
+skipped at run time when no row or token names a slot or an adjusted id, so batches without penalties,
+``logit_bias`` or ``min_tokens`` pay four predicates; without it, it runs for every batch and leaves rows
+without a slot or an adjustment as they are.
 
 Because the tables are threaded through the steps on the device, async scheduling (a row whose newest
 token is still being sampled by the step in flight) sees that token's update in dispatch order, with no
@@ -48,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .sampling import MAX_LOGIT_BIAS
+from .sampling import MAX_LOGIT_BIAS, when_needed
 
 __all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "init_tables", "table_bytes", "apply_penalties",
            "sample_processed", "record_tokens", "request_adjustments", "MAX_BANNED_IDS", "MAX_ADJUSTMENTS"]
@@ -197,9 +199,12 @@ def sample_processed(
     ids: jax.Array,  # [T] int32, the step's packed input tokens
     pen: PenaltyArrays,
     sample: Callable[[jax.Array], jax.Array],  # [S, V] logits -> [S] int32 tokens
+    skip_idle: bool = True,
 ) -> tuple[Tables, jax.Array]:  # updated tables, [S] int32 tokens
     """``sample(logits)`` after ``apply_penalties`` when some row or token names a slot or an adjusted id,
-    else on the raw logits (a ``lax.cond``: batches without penalties or adjustments pay four predicates).
+    else on the raw logits (with ``skip_idle`` a ``lax.cond``: batches without penalties or adjustments pay
+    four predicates; without it always after ``apply_penalties``, which leaves rows without either as they
+    are; see ``sampling``'s module docstring).
     The sampler sits inside both branches so that neither returns an ``[S, V]`` array: an untouched
     ``logits`` passed through a branch would be copied, since it stays live for the log-probabilities."""
     n, vocab = tables[0].shape
@@ -210,23 +215,25 @@ def sample_processed(
         tables, x = apply_penalties(tables, logits, ids, pen)
         return tables, sample(x)
 
-    return jax.lax.cond(active, on, lambda tables: (tables, sample(logits)), tables)
+    return when_needed(active, on, lambda tables: (tables, sample(logits)), tables, skip_idle)
 
 
 def record_tokens(
     tables: Tables,  # (counts [N, V] int32, seen [N, V] bool)
     tokens: jax.Array,  # [S] int32, the sampled tokens
     pen: PenaltyArrays,
+    skip_idle: bool = True,
 ) -> Tables:
-    """``counts[record[i], tokens[i]] += 1`` for the rows that sample into a slot (traceable). ``seen`` needs
-    no update here: a generated token is the input of the request's next step, which marks it."""
+    """``counts[record[i], tokens[i]] += 1`` for the rows that sample into a slot (traceable; rows without a
+    slot name one past the table and are dropped). ``seen`` needs no update here: a generated token is the
+    input of the request's next step, which marks it."""
     counts, seen = tables
     n = counts.shape[0]
 
     def on(c):
         return c.at[pen.record, tokens].add(1, mode="drop")
 
-    return jax.lax.cond(jnp.any(pen.record < n), on, lambda c: c, counts), seen
+    return when_needed(jnp.any(pen.record < n), on, lambda c: c, counts, skip_idle), seen
 
 
 class PenaltySlots:

@@ -65,6 +65,9 @@ class RunnerConfig:
     # with ten executables to compile.
     swap_buckets: tuple[int, ...] = ()
     penalty_slots: int = 0  # requests with penalties at once (rows of the penalty tables); 0: max_batch_size
+    # skip sampling work no row needs with run-time branches (sampling.py's module docstring); None: on a CPU
+    # only (on a GPU each branch makes the dispatching thread wait for the device)
+    skip_idle_work: bool | None = None
 
     def resolved(self) -> "RunnerConfig":
         decode = self.decode_buckets or powers_of_two(1, self.max_batch_size)
@@ -122,24 +125,25 @@ class TracedFunctions(NamedTuple):
     scatter: Callable  # (pool, staged, dst) -> pool
 
 
-def traced_functions(model, device) -> TracedFunctions:
-    """The runner's jitted functions for ``model`` on ``device``, built once and kept on the model object."""
+def traced_functions(model, device, skip_idle: bool) -> TracedFunctions:
+    """The runner's jitted functions for ``model`` on ``device``, built once and kept on the model object.
+    ``skip_idle``: see ``RunnerConfig.skip_idle_work``."""
     cache = model.__dict__.setdefault("_runner_jits", {})
-    if device in cache:
-        return cache[device]
+    if (device, skip_idle) in cache:
+        return cache[device, skip_idle]
     graphdef = model.graphdef
     state_tree = jax.tree.structure(model.state)
 
     def step(state_leaves, ids, pos, pool, tables, md, temp, top_k, top_p, seed, counter, want_logprobs, pen):
         module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
         logits, pool = module(ids, pos, pool, md)
-        tables, tokens = sample_processed(tables, logits, ids, pen,
-                                          lambda x: sample_tokens(x, temp, top_k, top_p, seed, counter))
-        tables = record_tokens(tables, tokens, pen)
+        tables, tokens = sample_processed(
+            tables, logits, ids, pen, lambda x: sample_tokens(x, temp, top_k, top_p, seed, counter, skip_idle), skip_idle)
+        tables = record_tokens(tables, tokens, pen, skip_idle)
         # log-probabilities of the unpenalized distribution (vLLM's default)
-        return StepOutputs(tokens, *token_logprobs(logits, tokens, want_logprobs)), pool, tables
+        return StepOutputs(tokens, *token_logprobs(logits, tokens, want_logprobs, skip_idle)), pool, tables
 
-    fns = cache[device] = TracedFunctions(
+    fns = cache[device, skip_idle] = TracedFunctions(
         step=jax.jit(step, donate_argnums=(3, 4)),
         gather=jax.jit(gather_pages),
         scatter=jax.jit(scatter_pages, donate_argnums=(0,)),
@@ -161,8 +165,10 @@ class ModelRunner:
         # Compiled executables depend only on the model and on shapes, so engines over the same model with the
         # same pool sizes and buckets share them (kept on the model object).
         shared = model.__dict__.setdefault("_runner_executables", {})
+        skip = self.config.skip_idle_work
+        self.skip_idle_work = skip if skip is not None else kv.device_id.platform == "cpu"
         signature = (kv.num_device_pages, kv.spec, self.width, self.config.max_batch_size, self.num_penalty_slots,
-                     str(kv.device_id))
+                     str(kv.device_id), self.skip_idle_work)
         self._executables: dict[tuple, Callable] = shared.setdefault(signature, {})
         self.warmed_up = False
         self.compile_seconds = 0.0
@@ -170,7 +176,7 @@ class ModelRunner:
         # arguments in Python, and an nnx.State of a 30-layer model costs ~0.3 ms per call that way (a list of
         # the same leaves ~0.05 ms).
         self._state_leaves = jax.tree.leaves(model.state)
-        self.fns = traced_functions(model, kv.device_id)
+        self.fns = traced_functions(model, kv.device_id, self.skip_idle_work)
 
     # ------------------------------------------------------------------------------------------ compile
 
