@@ -15,9 +15,10 @@ An iteration:
 **Async scheduling** (``EngineConfig.async_scheduling``; on by default for accelerators). The host work of an
 iteration (scheduling, packing the inputs, reading and checking tokens) would leave the device idle if done
 between steps. With async scheduling one ``step()`` call closes iteration n in the scheduler, plans and packs
-iteration n+1 while iteration n still runs on the device, waits for iteration n's tokens only to fill in the
-newest token of the rows that need it, dispatches iteration n+1, and then processes iteration n's tokens
-while n+1 runs. What the scheduler cannot know when it plans n+1 is which requests iteration n stopped (a stop
+iteration n+1 while iteration n still runs on the device, dispatches iteration n+1 (rows whose newest token
+iteration n is still sampling take it from n's output array on the device: ``ModelRunner.launch``'s
+``prev_tokens``), and only then waits for iteration n's tokens and processes them while n+1 runs, so the
+device has the next step queued before it finishes the current one. What the scheduler cannot know when it plans n+1 is which requests iteration n stopped (a stop
 id, end-of-sequence, a stop string: lengths it knows). A stopped request therefore may run one more iteration;
 the engine drops the token computed past the stop (the output is already finished) and reports the request
 as finished in that iteration's ``on_step_end`` (or aborts it in the scheduler if that plan did not include
@@ -363,8 +364,8 @@ class LLMEngine:
 
     def _dispatch(self, plan, now: float, flight: "InFlight | None") -> "InFlight":
         """Run the plan's critical-path copies and dispatch its step (or its copies alone). Rows whose newest
-        token is the one ``flight`` is sampling get a placeholder, filled from ``flight``'s tokens (the one
-        wait for the device) right before the dispatch."""
+        token is the one ``flight`` is sampling get a placeholder, which the step itself takes from ``flight``'s
+        tokens on the device: nothing here waits for the device."""
         self.runner.copy("out", plan.sync_swap_out)
         self.runner.copy("in", plan.sync_swap_in)
         st = self.stats
@@ -403,13 +404,12 @@ class LLMEngine:
             if seq is not None:
                 seq.output.metrics.num_preemptions += 1
         prepared = self.runner.prepare(rows) if rows else None
-        if fills:
-            tokens = flight.read()
-            for row, j in fills:
-                prepared.set_last_token(row, int(tokens[j]))
+        for row, j in fills:  # taken from flight's tokens on the device: no wait here
+            prepared.feed_last_token(row, j)
         outputs = None
         if prepared is not None:
-            outputs = self.runner.launch(prepared, plan.swap_out, plan.swap_in)
+            outputs = self.runner.launch(prepared, plan.swap_out, plan.swap_in,
+                                         flight.outputs.tokens if fills else None)
             self.stats["compute_steps"] += 1
         else:
             self.runner.copy("out", plan.swap_out)

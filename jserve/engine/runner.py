@@ -14,9 +14,15 @@ not compiled is a bug and raises). The executables:
 
 Block tables always have ``ceil(max_model_len / page_size)`` columns, padded with the reserved padding
 page. The device pool is donated to every step and every scatter; so are the penalty tables
-(``jserve.engine.penalties``: per-request token counts, kept on the device beside the pool) to every step. A step returns the sampled token ids
-(``[S]`` int32) and their log-probabilities (``StepOutputs``; computed only when a row asked, and read by the
-host only then).
+(``jserve.engine.penalties``: per-request token counts, kept on the device beside the pool) to every step.
+A step returns the sampled token ids (``[max_batch_size]`` int32, the batch's rows first) and their
+log-probabilities (``StepOutputs``; computed only when a row asked, and read by the host only then).
+
+Tokens not yet on the host. A row's last input token may be one that the previous step is still sampling
+(async scheduling): the step takes that step's ``tokens`` array as ``prev_tokens`` and, per row, the index of
+the token to take from it (``feed``; ``max_batch_size`` = none), and puts it in place on the device before
+anything reads ``ids``. So the host never waits for step n's tokens before it dispatches step n+1, and the
+device runs the steps back to back.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 from typing import Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -110,7 +117,7 @@ class StepOutputs(NamedTuple):
     """What a compiled step returns besides the pool (device arrays; rows past the batch are padding).
     The log-probability arrays are zeros unless some row of the step asked for them."""
 
-    tokens: jax.Array  # [S] int32, the sampled token of every row
+    tokens: jax.Array  # [max_batch_size] int32, the sampled token of every row (rows past the batch: padding)
     logprob: jax.Array  # [S] float32, log-probability of the sampled token (unfiltered, temperature 1)
     top_ids: jax.Array  # [S, K] int32, the K = min(20, vocab) most likely ids, most likely first
     top_logprobs: jax.Array  # [S, K] float32, their log-probabilities
@@ -119,7 +126,7 @@ class StepOutputs(NamedTuple):
 class TracedFunctions(NamedTuple):
     """The jitted (not yet compiled) functions of one model on one device; executables are lowered from them."""
 
-    step: Callable  # (state leaves, ids, pos, pool, tables, metadata, *sampling, penalties)
+    step: Callable  # (state leaves, ids, pos, pool, tables, metadata, *sampling, penalties, prev_tokens, feed)
     #                 -> (StepOutputs, pool, tables)
     gather: Callable  # (pool, src) -> staged
     scatter: Callable  # (pool, staged, dst) -> pool
@@ -134,14 +141,23 @@ def traced_functions(model, device, skip_idle: bool) -> TracedFunctions:
     graphdef = model.graphdef
     state_tree = jax.tree.structure(model.state)
 
-    def step(state_leaves, ids, pos, pool, tables, md, temp, top_k, top_p, seed, counter, want_logprobs, pen):
+    def step(state_leaves, ids, pos, pool, tables, md, temp, top_k, top_p, seed, counter, want_logprobs, pen,
+             prev_tokens, feed):
+        # prev_tokens [B] int32: an earlier step's tokens; feed [S] int32: per row, the index into prev_tokens
+        # of the row's last input token, or B (the host knew it)
+        b = prev_tokens.shape[0]
+        fed = feed < b
+        last = jnp.where(fed, md.logits_indices, ids.shape[0])  # out of range: dropped
+        ids = ids.at[last].set(jnp.take(prev_tokens, jnp.minimum(feed, b - 1)), mode="drop")
         module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
         logits, pool = module(ids, pos, pool, md)
         tables, tokens = sample_processed(
             tables, logits, ids, pen, lambda x: sample_tokens(x, temp, top_k, top_p, seed, counter, skip_idle), skip_idle)
         tables = record_tokens(tables, tokens, pen, skip_idle)
         # log-probabilities of the unpenalized distribution (vLLM's default)
-        return StepOutputs(tokens, *token_logprobs(logits, tokens, want_logprobs, skip_idle)), pool, tables
+        logprobs = token_logprobs(logits, tokens, want_logprobs, skip_idle)
+        tokens = jnp.zeros((b,), jnp.int32).at[: tokens.shape[0]].set(tokens)  # one shape for every bucket
+        return StepOutputs(tokens, *logprobs), pool, tables
 
     fns = cache[device, skip_idle] = TracedFunctions(
         step=jax.jit(step, donate_argnums=(3, 4)),
@@ -177,6 +193,8 @@ class ModelRunner:
         # the same leaves ~0.05 ms).
         self._state_leaves = jax.tree.leaves(model.state)
         self.fns = traced_functions(model, kv.device_id, self.skip_idle_work)
+        # prev_tokens of a step that takes no token from an earlier one
+        self._no_tokens = jax.device_put(np.zeros(self.config.max_batch_size, np.int32), kv.device_sharding)
 
     # ------------------------------------------------------------------------------------------ compile
 
@@ -228,7 +246,10 @@ class ModelRunner:
         s = size if kind == "decode" else self.config.max_batch_size
         ids, pos, md, samp, pen = self._pack([], size, s, kind == "decode")  # an all-padding step of the shape
         return self.fns.step.lower(self._state_leaves, ids, pos, kv.device, self.penalty_tables, md, *samp,
-                                   pen).compile()
+                                   pen, self._no_tokens, self._no_feed(s)).compile()
+
+    def _no_feed(self, s: int) -> np.ndarray:
+        return np.full(s, self.config.max_batch_size, np.int32)
 
     def _get(self, key: tuple) -> Callable:
         exe = self._executables.get(key)
@@ -337,23 +358,25 @@ class ModelRunner:
         """Pack ``rows`` into the inputs of their compiled shape (host work only; nothing is dispatched).
 
         A row may end with a placeholder token whose value is not known yet (the token the step in flight is
-        sampling): :meth:`PreparedStep.set_last_token` fills it in before :meth:`launch`."""
+        sampling): :meth:`PreparedStep.feed_last_token` names where :meth:`launch`'s ``prev_tokens`` hold it."""
         c = self.config
         kind, size = self.step_key(rows)
         s = size if kind == "decode" else c.max_batch_size
         if len(rows) > s:
             raise ValueError(f"{len(rows)} sequences exceed the step's {s} sequence slots")
         ids, pos, md, samp, pen = self._pack(rows, size, s, kind == "decode")
-        return PreparedStep(kind, size, len(rows), ids, pos, md, samp, pen)
+        return PreparedStep(kind, size, len(rows), ids, pos, md, samp, pen, self._no_feed(s))
 
     def launch(
         self,
         step: "PreparedStep",
         swap_out: Sequence[tuple[int, int]] = (),
         swap_in: Sequence[tuple[int, int]] = (),
+        prev_tokens: jax.Array | None = None,
     ) -> StepOutputs:
         """Dispatch a prepared step with its overlapped copies; returns its outputs as device arrays
         (``[slots, ...]``; the first ``step.num_rows`` rows are the batch's). Nothing waits for the device here.
+        ``prev_tokens``: an earlier step's ``StepOutputs.tokens``, read by the rows ``step.feed`` names.
 
         The swap-outs are gathered and their transfers started before the step, the swap-ins' transfers are
         started before it and scattered after it, so both transfers run while the step computes (the pages
@@ -363,7 +386,7 @@ class ModelRunner:
         loads = self._transfer_in(swap_in)
         outputs, kv.device, self.penalty_tables = self._get((step.kind, step.size))(
             self._state_leaves, step.ids, step.pos, kv.device, self.penalty_tables, step.metadata, *step.sampling,
-            step.penalties)
+            step.penalties, self._no_tokens if prev_tokens is None else prev_tokens, step.feed)
         self._scatter_in(loads)
         return outputs
 
@@ -390,7 +413,8 @@ class PreparedStep:
     metadata: AttentionMetadata
     sampling: tuple
     penalties: PenaltyArrays
+    feed: np.ndarray  # [S] int32: per row, where launch's prev_tokens hold its last token (max_batch_size: none)
 
-    def set_last_token(self, row: int, token: int) -> None:
-        """Fill in the last token of ``row`` (a placeholder at packing time)."""
-        self.ids[self.metadata.logits_indices[row]] = token
+    def feed_last_token(self, row: int, index: int) -> None:
+        """The last token of ``row`` (a placeholder at packing time) is ``prev_tokens[index]`` at launch."""
+        self.feed[row] = index

@@ -120,14 +120,16 @@ def tiny():
     return load("tiny-llama")
 
 
-# Memory-pressure runs for transparency tests: every eviction a drop (recompute), then swaps with async scheduling.
+# Memory-pressure runs for transparency tests: every eviction a drop (recompute), then swaps with async scheduling
+# and a step without run-time branches (an accelerator's defaults: EngineConfig.skip_idle_work=False).
 PRESSURE_RUNS = (("fastserve", {"swap_mode": "recompute"}, False), ("fastserve", {"swap_mode": "proactive"}, True))
 
 
 @pytest.fixture
 def under_pressure():
     """``run(model, prompts, params, **llm_kwargs) -> [(case, outputs)]``: ``LLM(model, ...).generate`` once per
-    case of ``PRESSURE_RUNS`` (policy, scheduler options, async scheduling), with the pool ``llm_kwargs`` give
+    case of ``PRESSURE_RUNS`` (policy, scheduler options, async scheduling; run-time branches only without
+    it), with the pool ``llm_kwargs`` give
     (small enough to force preemption). Asserts each run was preempted and compiled nothing after warm-up."""
     from jserve.engine import LLM
 
@@ -135,7 +137,8 @@ def under_pressure():
         results = []
         for case in PRESSURE_RUNS:
             policy, options, async_ = case
-            llm = LLM(model, scheduler=policy, scheduler_options=options, async_scheduling=async_, **llm_kwargs)
+            llm = LLM(model, scheduler=policy, scheduler_options=options, async_scheduling=async_,
+                      skip_idle_work=not async_, **llm_kwargs)
             outs = llm.generate(prompts, params)
             st = llm.engine.stats
             assert st["drops"] + st["blocks_out"] > 0, (case, st)  # it was preempted

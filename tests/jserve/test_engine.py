@@ -222,24 +222,29 @@ def test_stops_under_pressure_with_and_without_async_scheduling(tiny, prompts, r
     assert results[True] == results[False]
 
 
-def test_async_scheduling_dispatches_before_reading_tokens(tiny, prompts, reference):
-    """With async scheduling the next iteration is dispatched before the previous one's tokens are read;
-    without it, each iteration's tokens are read before the next dispatch."""
+def test_async_scheduling_dispatches_before_reading_tokens(tiny, prompts, reference, monkeypatch):
+    """With async scheduling the next iteration is dispatched before the previous one's tokens are read (a
+    row's newest token, still being sampled, is taken on the device); without it, each iteration's tokens are
+    read before the next dispatch."""
+    from jserve.engine import records
+
     orders = {}
+    read = records.InFlight.read
     for mode in (True, False):
         llm = LLM(tiny, scheduler="fcfs", async_scheduling=mode, **ROOMY)
         eng, events = llm.engine, []
         launch, collect = eng.runner.launch, eng._collect
-        eng.runner.launch = lambda *a, **k: (events.append("launch"), launch(*a, **k))[1]
-        eng._collect = lambda flight: (events.append("collect"), collect(flight))[1]
+        eng.runner.launch = lambda *a, **k: (events.append("L"), launch(*a, **k))[1]
+        eng._collect = lambda flight: (events.append("C"), collect(flight))[1]
+        monkeypatch.setattr(records.InFlight, "read", lambda self: (events.append("R"), read(self))[1])
         outs = llm.generate(prompts[:3], SamplingParams(max_tokens=8, ignore_eos=True))
         assert [o.token_ids for o in outs] == [r[:8] for r in reference[:3]]
-        orders[mode] = "".join("L" if e == "launch" else "C" for e in events)
-    n = len(orders[False]) // 2  # iterations
-    assert n > 8 and orders[False] == "LC" * n
-    # launch 1, then (launch k+1, collect k) for every k, then collect n: iteration k+1 was on the device
-    # while the host read and processed iteration k's tokens
-    assert orders[True] == "L" + "LC" * (n - 1) + "C"
+        orders[mode] = "".join(events)
+    n = orders[False].count("L")  # iterations
+    assert n > 8 and orders[False] == "LCR" * n
+    # launch 1, then (launch k+1, collect and read k) for every k, then collect n: iteration k+1 was on the
+    # device before the host read iteration k's tokens
+    assert orders[True] == "L" + "LCR" * (n - 1) + "CR"
 
 
 def test_odd_but_valid_inputs_run_and_bad_ones_never_break_the_engine(tiny, prompts, reference):

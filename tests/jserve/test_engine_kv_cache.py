@@ -19,12 +19,13 @@ from jserve.models import greedy_generate
 from schedulers.request import KVLocation
 
 
-def _runner(model, num_device=24, num_host=20, swap_buckets=(2, 4)):
+def _runner(model, num_device=24, num_host=20, swap_buckets=(2, 4), skip_idle_work=None):
     c = model.config
     kv = KVCache(KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16, c.dtype), num_device, num_host)
     cfg = RunnerConfig(page_size=16, max_batch_size=2, max_tokens_per_batch=32, max_model_len=64,
                        decode_buckets=(2,), token_buckets=(32,), swap_buckets=swap_buckets,
-                       penalty_slots=3)  # penalty tables [3, V]: no other array of the step has that shape
+                       penalty_slots=3,  # penalty tables [3, V]: no other array of the step has that shape
+                       skip_idle_work=skip_idle_work)
     r = ModelRunner(model, kv, cfg)
     r.warmup(progress=False)
     return r
@@ -163,13 +164,15 @@ def test_host_pages_stay_within_the_schedulers_accounting(tiny):
     assert eng.kv.host == [] and eng.stats["compiles_after_warmup"] == 0
 
 
-def test_no_whole_pool_copies_and_no_compiles_with_copies_in_flight(tiny):
-    r = _runner(tiny, num_device=40, num_host=33)
+@pytest.mark.parametrize("skip_idle_work", [True, False])
+def test_no_whole_pool_copies_and_no_compiles_with_copies_in_flight(tiny, skip_idle_work):
+    r = _runner(tiny, num_device=40, num_host=33, skip_idle_work=skip_idle_work)
     kv = r.kv
     ids, pos, md, samp, pen = r._pack([], 2, 2, True)
     idx = np.zeros(4, np.int32)
     staged = jax.eval_shape(r.fns.gather, kv.device, idx)
-    lowered = {"step": r.fns.step.lower(r._state_leaves, ids, pos, kv.device, r.penalty_tables, md, *samp, pen),
+    lowered = {"step": r.fns.step.lower(r._state_leaves, ids, pos, kv.device, r.penalty_tables, md, *samp, pen,
+                                        r._no_tokens, r._no_feed(2)),
                "gather": r.fns.gather.lower(kv.device, idx), "scatter": r.fns.scatter.lower(kv.device, staged, idx)}
     shape = ",".join(str(d) for d in kv.device[0][0].shape)
     tables = ",".join(str(d) for d in r.penalty_tables[0].shape)  # the step's penalty tables, donated too
