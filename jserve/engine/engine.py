@@ -195,7 +195,7 @@ class LLMEngine:
         rid = next(self._ids) if request_id is None else request_id
         now = self.now()
         arrival = now if arrival_time is None else min(float(arrival_time), now)
-        if rid in self._seqs:
+        if rid in self._seqs and not self._release_stopped(rid):
             raise ValueError(f"request id {rid!r} is already live")
         out = RequestOutput(rid, prompt if isinstance(prompt, str) else None, [], metrics=RequestMetrics(arrival))
         try:
@@ -271,8 +271,22 @@ class LLMEngine:
         out.metrics.finish_time = now
         return out
 
+    def _release_stopped(self, request_id: Hashable) -> bool:
+        """Release a request whose output is already finished by a stop condition while the scheduler, which
+        async scheduling tells one iteration late, still holds it (its output is left as it is). Returns False
+        if ``request_id`` is no such request. Its token in flight, if any, is dropped as for an abort."""
+        if request_id not in self._stopped:
+            return False
+        self._stopped.remove(request_id)
+        self._abort_stopped([request_id])
+        self._release_host_pages()
+        return True
+
     def abort(self, request_id: Hashable) -> bool:
-        """Cancel a live request; its pages are freed at once. Returns False if it is not live."""
+        """Cancel a live request; its pages are freed at once. Returns False if it is not live (a request whose
+        output is finished is not: its output stays as it is)."""
+        if self._release_stopped(request_id):
+            return False
         seq = self._retire(request_id)
         if seq is None:
             return False
@@ -289,8 +303,9 @@ class LLMEngine:
         return bool(self._seqs) or self._in_flight is not None or bool(self._refused)
 
     def get_output(self, request_id: Hashable) -> RequestOutput | None:
+        """The output of a live request (None once its output is finished)."""
         seq = self._seqs.get(request_id)
-        return seq.output if seq else None
+        return seq.output if seq and not seq.output.finished else None
 
     # ----------------------------------------------------------------------------------------- the loop
 

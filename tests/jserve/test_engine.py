@@ -83,6 +83,36 @@ def test_bad_requests_are_refused_one_by_one(tiny, prompts, reference):
         llm.generate(prompts[:2], [good] * 3)
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
+def test_a_stopped_request_is_no_longer_live_once_its_output_is_finished(tiny, prompts, reference, pipelined):
+    """A request that stopped (a stop id) reads as finished at once; with async scheduling the engine still
+    held it for one more iteration, so ``abort`` rewrote its finished output ("stop" became "abort") and
+    ``add_request`` refused its id as "already live". Both loops now behave alike: aborting a finished
+    request returns False and leaves its output, its id can be reused at once, and nothing leaks."""
+    llm = LLM(tiny, scheduler="fastserve", async_scheduling=pipelined, **ROOMY)
+    eng = llm.engine
+    ref = reference[0]
+    stop = ref[4]
+    expected = ref[: ref.index(stop) + 1]
+    out = eng.add_request(prompts[0], SamplingParams(max_tokens=NEW, stop_token_ids=[stop], ignore_eos=True),
+                          request_id="a")
+    other = eng.add_request(prompts[1], SamplingParams(max_tokens=NEW, ignore_eos=True))
+    while not out.finished:
+        eng.step()
+    assert out.token_ids == expected and out.finish_reason == "stop" and out.stop_reason == stop
+    assert eng.get_output("a") is None
+    assert not eng.abort("a")
+    assert out.finish_reason == "stop" and out.token_ids == expected
+    again = eng.add_request(prompts[2], SamplingParams(max_tokens=NEW, ignore_eos=True), request_id="a")
+    assert again.error is None
+    eng.run_until_done()
+    assert again.token_ids == reference[2] and other.token_ids == reference[1]
+    assert out.finish_reason == "stop" and out.token_ids == expected
+    b = eng.scheduler.blocks
+    assert b.num_free_device_blocks == b.num_usable_device_blocks and not eng.has_unfinished()
+    assert eng.stats["compiles_after_warmup"] == 0
+
+
 def test_stop_ids_max_tokens_and_context_limit(tiny, prompts, reference):
     llm = LLM(tiny, scheduler="fcfs", **ROOMY)
     ref = reference[0]
