@@ -91,7 +91,7 @@ class ResponseWriter:
     def _usage(prep: Prepared, outs: list[RequestOutput]) -> dict:
         """Each prompt counted once, every returned choice's tokens."""
         prompt = sum(map(len, prep.prompts))
-        completion = sum(len(o.token_ids) for o in outs)
+        completion = 0 if prep.echo_only else sum(len(o.token_ids) for o in outs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _logprobs(self, prep: Prepared, params: SamplingParams, out: RequestOutput, start: int = 0,
@@ -102,6 +102,9 @@ class ResponseWriter:
             return None
         render = render or LogprobRenderer(self.tokenizer, params)
         ids = out.token_ids[: len(out.logprobs)]  # aligned: one dict per token
+        if prep.echo is not None:  # the prompt's tokens first (the first has none: null)
+            gen = [] if prep.echo_only else ids
+            return render.completion(out.prompt_token_ids + gen, out.prompt_logprobs + out.logprobs[: len(gen)], start)
         return (render.completion if prep.kind == "completion" else render.chat)(ids, out.logprobs, start)
 
     # ------------------------------------------------------------------ the whole answer
@@ -123,12 +126,13 @@ class ResponseWriter:
     def _choice(self, prep: Prepared, params: SamplingParams, index: int, out: RequestOutput, prompt: int) -> dict:
         lp = self._logprobs(prep, params, out)
         if prep.kind == "completion":
-            choice = {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+            text = out.text if prep.echo is None else prep.echo[prompt] + ("" if prep.echo_only else out.text)
+            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
         else:
             choice = {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                       "finish_reason": out.finish_reason}
         if prep.return_token_ids:
-            choice["token_ids"] = list(out.token_ids)
+            choice["token_ids"] = [] if prep.echo_only else list(out.token_ids)
             if len(prep.prompts) > 1:  # several prompts: each choice carries its prompt's ids
                 choice["prompt_token_ids"] = list(prep.prompts[prompt])
         return choice
