@@ -16,7 +16,7 @@ Block tables always have ``ceil(max_model_len / page_size)`` columns, padded wit
 page. The device pool is donated to every step and every scatter; so are the penalty tables
 (``jserve.engine.penalties``: per-request token counts, kept on the device beside the pool) to every step.
 A step returns the sampled token ids (``[max_batch_size]`` int32, the batch's rows first) and their
-log-probabilities (``StepOutputs``; computed only when a row asked, and read by the host only then).
+log-probabilities (``StepOutputs``; read by the host only when a row asked).
 
 Tokens not yet on the host. A row's last input token may be one that the previous step is still sampling
 (async scheduling): the step takes that step's ``tokens`` array as ``prev_tokens`` and, per row, the index of
@@ -132,7 +132,8 @@ class BatchRow:
 
 class StepOutputs(NamedTuple):
     """What a compiled step returns besides the pool (device arrays; rows past the batch are padding).
-    The log-probability arrays are zeros unless some row of the step asked for them."""
+    The host reads the log-probability arrays only when some row asked (with run-time branches they are then
+    zeros; see ``RunnerConfig.skip_idle_work``)."""
 
     tokens: jax.Array  # [max_batch_size] int32, the sampled token of every row (rows past the batch: padding)
     logprob: jax.Array  # [S] float32, log-probability of the sampled token (unfiltered, temperature 1)
