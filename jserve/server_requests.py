@@ -209,8 +209,6 @@ class RequestPreparer:
     def _echo(self, req: CompletionRequest, texts: list, prompts: list[list[int]]) -> list[str]:
         """The text each choice starts with under ``echo``: the prompt as sent (a string), or its decoding
         (token ids)."""
-        if req.stream:
-            raise ApiError(400, "'echo' is not supported with 'stream': true", "echo")
         if req.logprobs is not None and not self.model.prompt_logprobs:
             raise ApiError(400, "'echo' with 'logprobs' needs the prompt's log-probabilities; this server was "
                                 "started without them (jserve serve --enable-prompt-logprobs)", "echo")

@@ -65,6 +65,7 @@ class _ChoiceStream:
         self.deltas = _TextDeltas(tokenizer, params)
         self.render = LogprobRenderer(tokenizer, params)
         self.reported = 0
+        self.echoed = False  # echo: the prompt's text went out (with the first chunk)
 
 
 def sse(payload: dict | str) -> str:
@@ -172,10 +173,16 @@ class ResponseWriter:
                     raise ApiError(400, f"{prep.prompt_field(subs[k].prompt)}: {out.error}")
                 st = states[k]
                 text = st.deltas.next(out)
+                new_ids = out.new_token_ids
+                if prep.echo_only:  # the prompt alone: the one generated token is not returned
+                    text, new_ids = "", []
+                if prep.echo is not None and not st.echoed:  # the first chunk starts with the prompt
+                    text, st.echoed = prep.echo[subs[k].prompt] + text, True
                 if text or out.finished or prep.return_token_ids:  # no empty chunks for held-back text
                     lp = self._logprobs(prep, subs[k].params, out, st.reported, st.render)
-                    st.reported = len(out.token_ids)
-                    yield sse(self._chunk(prep, k, text, out.new_token_ids, out.finish_reason, logprobs=lp))
+                    gen = 0 if prep.echo_only else len(out.token_ids)
+                    st.reported = gen + (len(out.prompt_token_ids) if prep.echo is not None else 0)
+                    yield sse(self._chunk(prep, k, text, new_ids, out.finish_reason, logprobs=lp))
             if prep.include_usage:
                 finals = [fan.finals[k] for k in range(len(subs))]
                 yield sse(self._head(prep, chunk=True) | {"choices": [], "usage": self._usage(prep, finals)})

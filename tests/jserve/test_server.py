@@ -262,6 +262,14 @@ def test_completion_echo(tiny):
             choice = r.json()["choices"][0]
             # max_tokens 0 (older harnesses' scoring requests): the prompt alone, scored
             zero = c.post("/v1/completions", json=body | {"echo": True, "logprobs": 2, "max_tokens": 0}).json()
+            # streamed: the chunks reassemble into the same text and logprobs, with and without max_tokens 0
+            streams = {}
+            for mt in (1, 0):
+                with c.stream("POST", "/v1/completions", json=body | {"echo": True, "logprobs": 2, "max_tokens": mt,
+                                                                      "stream": True}) as r:
+                    events = [json.loads(line[6:]) for line in r.iter_lines()
+                              if line.startswith("data: ") and line != "data: [DONE]"]
+                streams[mt] = [e["choices"][0] for e in events]
     finally:
         engine.shutdown()
     gen = choice["token_ids"]  # checked below: the greedy token after the whole prompt
@@ -280,6 +288,12 @@ def test_completion_echo(tiny):
     z = zero["choices"][0]
     assert z["text"] == as_text(prompt) and zero["usage"]["completion_tokens"] == 0
     assert z["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(prompt)]
+    for mt, whole in ((1, choice), (0, z)):
+        chunks = streams[mt]
+        assert "".join(ch["text"] for ch in chunks) == whole["text"], mt
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert sum((ch["logprobs"][key] for ch in chunks), []) == whole["logprobs"][key], (mt, key)
+        assert chunks[-1]["finish_reason"] == "length"
 
 
 def byte_token(b: int) -> str:
@@ -392,8 +406,6 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", {"prompt": [5], "logprobs": -1}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": True}, 400, "valid integer", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": 1, "echo": True}, 400, "started without them", "echo"),
-    ("/v1/completions", {"prompt": [5], "echo": True, "stream": True}, 400, "'echo' is not supported with 'stream'",
-     "echo"),
     ("/v1/completions", {"prompt": [5], "logit_bias": {"x7": 1}}, 400, "'logit_bias' keys must be token ids",
      "logit_bias"),
     ("/v1/completions", {"prompt": [5], "logit_bias": {"-3": 1}}, 400, "'logit_bias' keys must be token ids",
