@@ -71,13 +71,16 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--decode-buckets", type=int_list, default=None, help="comma list, e.g. 1,4,16")
     e.add_argument("--token-buckets", type=int_list, default=None, help="comma list, e.g. 256,2048")
     e.add_argument("--cost-model", default=None, help="a cost profile written by `jserve profile`")
+    e.add_argument("--enable-prompt-logprobs", action="store_true", default=None,
+                   help="serve prompt log-probabilities (completions' echo with logprobs); compiles one more "
+                        "executable per position bucket at start-up")
 
 
 def engine_options(args) -> dict:
     """The ``EngineConfig`` keyword arguments given on the command line (see ``add_engine_arguments``)."""
     names = ("max_batch_size", "max_tokens_per_batch", "max_model_len", "page_size", "num_device_blocks",
              "num_host_blocks", "swap_space_gib", "decode_buckets", "token_buckets", "cost_model",
-             "max_penalty_requests")
+             "max_penalty_requests", "enable_prompt_logprobs")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -2,7 +2,7 @@
 
 ``CompletionRequest`` and ``ChatCompletionRequest`` are strict pydantic models: a field of the wrong JSON type
 or a field the API does not have is refused, never coerced or ignored. OpenAI fields that jserve does not
-implement (``echo``, ``suffix``, tools...) are accepted only at their neutral value (absent, null, empty,
+implement (``suffix``, tools...) are accepted only at their neutral value (absent, null, empty,
 false), so a client that sends its defaults works and one that asks for the feature learns it is missing.
 ``n`` (1..128) and, for completions, ``best_of`` (n..128, not above n when streaming) and a list of prompts
 are checked here (``MAX_CHOICES``, ``MAX_SEQUENCES``); ``jserve.server_requests`` fans them out.
@@ -142,7 +142,6 @@ class ChatCompletionRequest(_GenerationFields):
 
 # field -> values that mean "not used"; anything else is refused as unsupported
 UNSUPPORTED: dict[str, tuple] = {
-    "echo": (False,),
     "suffix": (None, ""),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -421,10 +420,10 @@ class LogprobRenderer:
         """The legacy object for tokens ``start ..`` of ``ids`` (a streamed chunk passes where it starts)."""
         tokens, token_lps, tops, offsets = [], [], [], []
         for i in range(start, len(ids)):
-            d = logprobs[i]
+            d = logprobs[i]  # None: an echoed prompt's first token (nothing precedes it)
             tokens.append(self._token(ids[i])[0])
-            token_lps.append(d[ids[i]])
-            tops.append({self._token(t)[0]: lp for t, lp in d.items()})
+            token_lps.append(None if d is None else d[ids[i]])
+            tops.append(None if d is None else {self._token(t)[0]: lp for t, lp in d.items()})
             offsets.append(self._offset(ids, i))
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 

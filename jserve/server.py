@@ -61,7 +61,8 @@ class OpenAIServer:
         self.engine = engine
         eng = engine.engine
         self.tokenizer = eng.tokenizer
-        self.model = ServedModel(model_name, eng.max_model_len, eng.model.config.vocab_size, int(time.time()))
+        self.model = ServedModel(model_name, eng.max_model_len, eng.model.config.vocab_size, int(time.time()),
+                                 eng.runner.config.prompt_logprobs)
         self.max_body_bytes = max_body_bytes or default_max_body_bytes(eng.max_model_len)
         self.preparer = RequestPreparer(self.model, self.tokenizer)
         self.writer = ResponseWriter(self.tokenizer, model_name)

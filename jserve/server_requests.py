@@ -36,6 +36,7 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     created: int
+    prompt_logprobs: bool = False  # the engine serves SamplingParams.prompt_logprobs (echo with logprobs)
 
 
 def child_seed(seed: int | None, j: int) -> int | None:
@@ -69,6 +70,8 @@ class Prepared:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    echo: list[str] | None = None  # completions' echo: each prompt's text, put before its choices' text
+    echo_only: bool = False  # echo with max_tokens 0: the choices hold the prompt alone
     request_id: str = ""
     created: int = 0
 
@@ -166,6 +169,8 @@ class RequestPreparer:
         if max_tokens is None:
             max_tokens = DEFAULT_COMPLETION_TOKENS if kind == "completion" else limit - len(ids)
             max_tokens = min(max_tokens, limit - len(ids))
+        if max_tokens == 0 and kind == "completion" and req.echo:  # scoring the prompt: one token, not returned
+            max_tokens = 1
         params = sampling_params(req, max_tokens)
         if params.logit_bias and params.logit_bias[-1][0] >= self.model.vocab_size:  # sorted by id
             raise ApiError(400, f"'logit_bias' names token id {params.logit_bias[-1][0]}, outside the vocabulary "
@@ -189,9 +194,28 @@ class RequestPreparer:
         else:
             batched, fields, prompts = False, ["messages"], [self._chat_prompt(req)]
         params = [self._params(req, kind, ids, f) for ids, f in zip(prompts, fields)]
+        echo = None
+        if kind == "completion" and req.echo:
+            echo = self._echo(req, texts, prompts)
+            if req.logprobs is not None:  # the prompt's tokens get log-probabilities too
+                params = [dataclasses.replace(p, prompt_logprobs=req.logprobs) for p in params]
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
         best_of = getattr(req, "best_of", None) or req.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(kind, prompts, params, req.n, best_of, params[0].logprobs is not None, batched, req.stream,
-                        include_usage, req.return_token_ids)
+                        include_usage, req.return_token_ids, echo, echo is not None and req.max_tokens == 0)
+
+    def _echo(self, req: CompletionRequest, texts: list, prompts: list[list[int]]) -> list[str]:
+        """The text each choice starts with under ``echo``: the prompt as sent (a string), or its decoding
+        (token ids)."""
+        if req.logprobs is not None and not self.model.prompt_logprobs:
+            raise ApiError(400, "'echo' with 'logprobs' needs the prompt's log-probabilities; this server was "
+                                "started without them (jserve serve --enable-prompt-logprobs)", "echo")
+        out = []
+        for t, ids in zip(texts, prompts):
+            if isinstance(t, str):
+                out.append(t)
+            else:
+                out.append("" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True))
+        return out

@@ -65,6 +65,7 @@ class _ChoiceStream:
         self.deltas = _TextDeltas(tokenizer, params)
         self.render = LogprobRenderer(tokenizer, params)
         self.reported = 0
+        self.echoed = False  # echo: the prompt's text went out (with the first chunk)
 
 
 def sse(payload: dict | str) -> str:
@@ -91,7 +92,7 @@ class ResponseWriter:
     def _usage(prep: Prepared, outs: list[RequestOutput]) -> dict:
         """Each prompt counted once, every returned choice's tokens."""
         prompt = sum(map(len, prep.prompts))
-        completion = sum(len(o.token_ids) for o in outs)
+        completion = 0 if prep.echo_only else sum(len(o.token_ids) for o in outs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _logprobs(self, prep: Prepared, params: SamplingParams, out: RequestOutput, start: int = 0,
@@ -102,6 +103,9 @@ class ResponseWriter:
             return None
         render = render or LogprobRenderer(self.tokenizer, params)
         ids = out.token_ids[: len(out.logprobs)]  # aligned: one dict per token
+        if prep.echo is not None:  # the prompt's tokens first (the first has none: null)
+            gen = [] if prep.echo_only else ids
+            return render.completion(out.prompt_token_ids + gen, out.prompt_logprobs + out.logprobs[: len(gen)], start)
         return (render.completion if prep.kind == "completion" else render.chat)(ids, out.logprobs, start)
 
     # ------------------------------------------------------------------ the whole answer
@@ -123,12 +127,13 @@ class ResponseWriter:
     def _choice(self, prep: Prepared, params: SamplingParams, index: int, out: RequestOutput, prompt: int) -> dict:
         lp = self._logprobs(prep, params, out)
         if prep.kind == "completion":
-            choice = {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+            text = out.text if prep.echo is None else prep.echo[prompt] + ("" if prep.echo_only else out.text)
+            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
         else:
             choice = {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                       "finish_reason": out.finish_reason}
         if prep.return_token_ids:
-            choice["token_ids"] = list(out.token_ids)
+            choice["token_ids"] = [] if prep.echo_only else list(out.token_ids)
             if len(prep.prompts) > 1:  # several prompts: each choice carries its prompt's ids
                 choice["prompt_token_ids"] = list(prep.prompts[prompt])
         return choice
@@ -168,10 +173,16 @@ class ResponseWriter:
                     raise ApiError(400, f"{prep.prompt_field(subs[k].prompt)}: {out.error}")
                 st = states[k]
                 text = st.deltas.next(out)
+                new_ids = out.new_token_ids
+                if prep.echo_only:  # the prompt alone: the one generated token is not returned
+                    text, new_ids = "", []
+                if prep.echo is not None and not st.echoed:  # the first chunk starts with the prompt
+                    text, st.echoed = prep.echo[subs[k].prompt] + text, True
                 if text or out.finished or prep.return_token_ids:  # no empty chunks for held-back text
                     lp = self._logprobs(prep, subs[k].params, out, st.reported, st.render)
-                    st.reported = len(out.token_ids)
-                    yield sse(self._chunk(prep, k, text, out.new_token_ids, out.finish_reason, logprobs=lp))
+                    gen = 0 if prep.echo_only else len(out.token_ids)
+                    st.reported = gen + (len(out.prompt_token_ids) if prep.echo is not None else 0)
+                    yield sse(self._chunk(prep, k, text, new_ids, out.finish_reason, logprobs=lp))
             if prep.include_usage:
                 finals = [fan.finals[k] for k in range(len(subs))]
                 yield sse(self._head(prep, chunk=True) | {"choices": [], "usage": self._usage(prep, finals)})

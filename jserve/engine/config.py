@@ -57,6 +57,9 @@ class EngineConfig:
     # dispatches the step wait for the device (see jserve/engine/sampling.py), so there every step computes
     # every part and selects per row.
     skip_idle_work: bool | None = None
+    # Serve SamplingParams.prompt_logprobs: steps also return their hidden states and one more executable per
+    # position bucket (64, 128, ...) is compiled at start-up. Off: requests that ask are refused.
+    enable_prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_batch_size", "max_tokens_per_batch"):
@@ -83,6 +86,8 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"EngineConfig.{name} must be None or a bool, got {v!r}")
+        if not isinstance(self.enable_prompt_logprobs, bool):
+            raise ValueError(f"EngineConfig.enable_prompt_logprobs must be a bool, got {self.enable_prompt_logprobs!r}")
         if self.scheduler not in POLICY_NAMES:  # before the model loads and the steps compile
             raise ValueError(f"unknown scheduler policy {self.scheduler!r}; known policies: {', '.join(POLICY_NAMES)}")
         if self.cost_model is not None and not isinstance(self.cost_model, IterationCostModel):

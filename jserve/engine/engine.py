@@ -54,38 +54,13 @@ from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
 from .outputs import RequestMetrics, RequestOutput
 from .penalties import PenaltyRow, PenaltySlots, request_adjustments, table_bytes
-from .records import InFlight, SequenceState, logprob_dict
+from .records import InFlight, SequenceState, fill_prompt_logprobs, logprob_dict
 from .runner import BatchRow, ModelRunner, RunnerConfig
 from .sampling import SamplingParams
+from .compile_watch import CompileWatch
 from .stopping import check_stop, detokenize
 
 __all__ = ["EngineConfig", "LLMEngine", "CompileWatch"]
-
-
-class CompileWatch:
-    """Counts XLA backend compilations in this process while active (a context manager)."""
-
-    _EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._active = False
-
-    def _listener(self, event: str, duration: float, **_) -> None:
-        if self._active and event == self._EVENT:
-            self.count += 1
-
-    def __enter__(self) -> "CompileWatch":
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        self._active = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._active = False
-        try:
-            jax.monitoring.unregister_event_duration_listener(self._listener)
-        except Exception:  # older jax without unregister: the inactive listener stays harmless
-            pass
 
 
 class LLMEngine:
@@ -123,6 +98,7 @@ class LLMEngine:
                 swap_buckets=cfg.swap_buckets,
                 penalty_slots=num_penalty,
                 skip_idle_work=cfg.skip_idle_work,
+                prompt_logprobs=cfg.enable_prompt_logprobs,
             ),
         )
         self._penalty_slots = PenaltySlots(num_penalty)  # its .waiting: requests with penalties, not yet queued
@@ -202,10 +178,15 @@ class LLMEngine:
             sp = SamplingParams.coerce(params)
             if sp.logprobs is not None:
                 out.logprobs = []
+            if sp.prompt_logprobs is not None and not self.runner.config.prompt_logprobs:
+                raise ValueError("SamplingParams.prompt_logprobs needs an engine built with "
+                                 "EngineConfig.enable_prompt_logprobs=True")
             text, ids = self._tokenize(prompt)
             out.prompt_token_ids = ids
             if not ids:
                 raise ValueError("the prompt is empty")
+            if sp.prompt_logprobs is not None:
+                out.prompt_logprobs = [None] * len(ids)
             if len(ids) >= self.max_model_len:
                 raise ValueError(
                     f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} (prompt plus at least "
@@ -391,6 +372,7 @@ class LLMEngine:
         rows: list[BatchRow] = []
         samplers: list[SequenceState | None] = []  # per row: the sequence that samples a token, or None
         fills: list[tuple[int, int]] = []  # (row, index in flight's tokens) of placeholder tokens
+        plp_rows, plp_at, packed = [], [], 0  # prompt logprobs: packed positions, (sequence, prompt position)
         work = [(e.request, e.num_tokens, e.samples_token) for e in plan.prefill] + [(r, 1, True) for r in plan.decode]
         for r, n, samples in work:
             seq = self._seqs[r.request_id]
@@ -411,6 +393,10 @@ class LLMEngine:
                 seq.penalty_reset = False
             adjust = seq.adjust[drawn >= seq.params.min_tokens] if samples else ()
             rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn), pen, adjust))
+            for pos in seq.prompt_logprob_targets(c, n):
+                plp_rows.append(packed + pos - 1 - c)
+                plp_at.append((seq, pos))
+            packed += n
             samplers.append(seq if samples else None)
             if seq.output.metrics.first_scheduled_time is None:
                 seq.output.metrics.first_scheduled_time = now
@@ -421,21 +407,24 @@ class LLMEngine:
         prepared = self.runner.prepare(rows) if rows else None
         for row, j in fills:  # taken from flight's tokens on the device: no wait here
             prepared.feed_last_token(row, j)
-        outputs = None
+        outputs = plp = None
         if prepared is not None:
             outputs = self.runner.launch(prepared, plan.swap_out, plan.swap_in,
                                          flight.outputs.tokens if fills else None)
             self.stats["compute_steps"] += 1
+            if plp_rows:
+                plp = self.runner.prompt_logprobs(outputs.hidden, plp_rows, [s.prompt_ids[p] for s, p in plp_at])
         else:
             self.runner.copy("out", plan.swap_out)
             self.runner.copy("in", plan.swap_in)
         self._release_host_pages(plan)
-        return InFlight(plan, now, samplers, outputs)
+        return InFlight(plan, now, samplers, outputs, prompt_logprobs=plp, prompt_positions=plp_at)
 
     def _collect(self, flight: "InFlight") -> list[RequestOutput]:
         """Append a finished step's tokens to its sequences and check their stop conditions."""
         end = self.now()
         changed = []
+        fill_prompt_logprobs(flight)  # before the tokens: a request's first token comes with all of them
         tokens = flight.read()
         want = any(seq is not None and seq.params.logprobs is not None for seq in flight.samplers)
         logprobs = flight.read_logprobs() if want else None

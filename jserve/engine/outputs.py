@@ -34,7 +34,10 @@ class RequestOutput:
     streaming). ``logprobs`` (when ``SamplingParams.logprobs`` is set, else None): one ``{token id:
     log-probability}`` dict per generated token, aligned with ``token_ids``; each holds the sampled id first,
     then the k most likely ids in descending order (k + 1 entries, or k when the sampled id is among them).
-    The log-probabilities are the model's: log-softmax of the raw logits at temperature 1, before top-k/top-p."""
+    The log-probabilities are the model's: log-softmax of the raw logits at temperature 1, before top-k/top-p.
+    ``prompt_logprobs`` (when ``SamplingParams.prompt_logprobs`` is set, else None): one entry per prompt token,
+    None for the first (nothing precedes it), then the same kind of dict for each later prompt token given
+    the ones before it (the prompt's id first). Complete once the first generated token is out."""
 
     request_id: Hashable
     prompt: str | None
@@ -47,6 +50,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     new_token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -60,5 +64,6 @@ class RequestOutput:
             token_ids=list(self.token_ids),
             new_token_ids=list(self.new_token_ids),
             logprobs=None if self.logprobs is None else list(self.logprobs),  # the dicts are never changed
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
             metrics=dataclasses.replace(self.metrics) if self.metrics else None,
         )

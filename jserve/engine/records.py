@@ -1,6 +1,7 @@
 """The engine's records: a live request's tokens, sampling state and output (``SequenceState``; the
 scheduler's side of a request is ``schedulers.request.Request``), a dispatched iteration awaiting its sampled
-tokens (``InFlight``), and the ``{id: logprob}`` dict of one generated token (``logprob_dict``)."""
+tokens (``InFlight``), and the ``{id: logprob}`` dicts of generated and prompt tokens (``logprob_dict``,
+``fill_prompt_logprobs``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .outputs import RequestOutput
 from .runner import StepOutputs
 from .sampling import SamplingParams
 
-__all__ = ["SequenceState", "InFlight", "logprob_dict"]
+__all__ = ["SequenceState", "InFlight", "logprob_dict", "fill_prompt_logprobs"]
 
 
 @dataclasses.dataclass
@@ -38,6 +39,15 @@ class SequenceState:
     def num_known_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output.token_ids)
 
+    def prompt_logprob_targets(self, start: int, n: int) -> list[int]:
+        """Prompt positions ``q + 1`` whose log-probability a step computing positions ``start .. start+n-1``
+        gives (the hidden state at ``q`` predicts the token at ``q + 1``) and nobody has computed yet."""
+        lps = self.output.prompt_logprobs
+        if lps is None:
+            return []
+        end = min(start + n, len(self.prompt_ids) - 1)
+        return [q + 1 for q in range(start, end) if lps[q + 1] is None]
+
     def token_slice(self, start: int, n: int) -> list[int]:
         """Known tokens ``start .. start+n-1`` (prompt, then generated) without building the whole list."""
         p = len(self.prompt_ids)
@@ -57,6 +67,10 @@ class InFlight:
     samplers: list  # per row: the SequenceState that samples a token there, or None
     outputs: StepOutputs | None  # the step's device arrays (None for a copies-only iteration)
     sampler_index: dict = dataclasses.field(default_factory=dict)  # request id -> index into tokens
+    # prompt log-probabilities computed beside the step: device arrays ([P], [P, K], [P, K]) and, per row of
+    # them, (sequence, prompt position); None / [] when no row asked
+    prompt_logprobs: tuple | None = None
+    prompt_positions: list = dataclasses.field(default_factory=list)
     _host: np.ndarray | None = None
     _host_logprobs: tuple | None = None
 
@@ -76,6 +90,18 @@ class InFlight:
             o = self.outputs
             self._host_logprobs = tuple(np.asarray(a) for a in (o.logprob, o.top_ids, o.top_logprobs))
         return self._host_logprobs
+
+
+def fill_prompt_logprobs(flight: InFlight) -> None:
+    """Write ``flight``'s prompt log-probabilities into their outputs (waits for the device). A position
+    computed twice (a recompute replayed it before the first result was read) keeps the first value."""
+    if flight.prompt_logprobs is None:
+        return
+    arrays = tuple(np.asarray(a) for a in flight.prompt_logprobs)
+    for i, (seq, pos) in enumerate(flight.prompt_positions):
+        lps = seq.output.prompt_logprobs
+        if lps[pos] is None:
+            lps[pos] = logprob_dict(seq.prompt_ids[pos], seq.params.prompt_logprobs, arrays, i)
 
 
 def logprob_dict(tok: int, k: int, logprobs: tuple[np.ndarray, np.ndarray, np.ndarray], row: int) -> dict[int, float]:

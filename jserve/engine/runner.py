@@ -16,7 +16,7 @@ Block tables always have ``ceil(max_model_len / page_size)`` columns, padded wit
 page. The device pool is donated to every step and every scatter; so are the penalty tables
 (``jserve.engine.penalties``: per-request token counts, kept on the device beside the pool) to every step.
 A step returns the sampled token ids (``[max_batch_size]`` int32, the batch's rows first) and their
-log-probabilities (``StepOutputs``; computed only when a row asked, and read by the host only then).
+log-probabilities (``StepOutputs``; read by the host only when a row asked).
 
 Tokens not yet on the host. A row's last input token may be one that the previous step is still sampling
 (async scheduling): the step takes that step's ``tokens`` array as ``prev_tokens`` and, per row, the index of
@@ -75,6 +75,9 @@ class RunnerConfig:
     # skip sampling work no row needs with run-time branches (sampling.py's module docstring); None: on a CPU
     # only (on a GPU each branch makes the dispatching thread wait for the device)
     skip_idle_work: bool | None = None
+    # steps also return their hidden states, and prompt_logprobs[P] executables are compiled (SamplingParams.
+    # prompt_logprobs; see ModelRunner.prompt_logprobs)
+    prompt_logprobs: bool = False
 
     def resolved(self) -> "RunnerConfig":
         decode = self.decode_buckets or powers_of_two(1, self.max_batch_size)
@@ -98,6 +101,20 @@ class RunnerConfig:
     def pages_per_seq(self) -> int:
         return -(-self.max_model_len // self.page_size)
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most packed tokens of any step (rows of the hidden states a step returns)."""
+        return max(max(self.decode_buckets), max(self.token_buckets))
+
+    @property
+    def prompt_logprob_buckets(self) -> tuple[int, ...]:
+        """Position counts of the prompt_logprobs executables: 64, 128, ... up to the first >= every step's
+        tokens (powers of two, so those above the 256-row chunk are multiples of it)."""
+        out = [64]
+        while out[-1] < self.max_step_tokens:
+            out.append(out[-1] * 2)
+        return tuple(out)
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchRow:
@@ -115,12 +132,16 @@ class BatchRow:
 
 class StepOutputs(NamedTuple):
     """What a compiled step returns besides the pool (device arrays; rows past the batch are padding).
-    The log-probability arrays are zeros unless some row of the step asked for them."""
+    The host reads the log-probability arrays only when some row asked (with run-time branches they are then
+    zeros; see ``RunnerConfig.skip_idle_work``)."""
 
     tokens: jax.Array  # [max_batch_size] int32, the sampled token of every row (rows past the batch: padding)
     logprob: jax.Array  # [S] float32, log-probability of the sampled token (unfiltered, temperature 1)
     top_ids: jax.Array  # [S, K] int32, the K = min(20, vocab) most likely ids, most likely first
     top_logprobs: jax.Array  # [S, K] float32, their log-probabilities
+    # [max_step_tokens, hidden]: the last layer's output at every packed token (rows past the step's: 0), for
+    # prompt log-probabilities; None unless RunnerConfig.prompt_logprobs
+    hidden: jax.Array | None = None
 
 
 class TracedFunctions(NamedTuple):
@@ -130,14 +151,19 @@ class TracedFunctions(NamedTuple):
     #                 -> (StepOutputs, pool, tables)
     gather: Callable  # (pool, src) -> staged
     scatter: Callable  # (pool, staged, dst) -> pool
+    prompt_logprobs: Callable  # (state leaves, hidden, rows, targets) -> (chosen, top ids, top logprobs)
 
 
-def traced_functions(model, device, skip_idle: bool) -> TracedFunctions:
+PROMPT_LOGPROB_CHUNK = 256  # positions whose [rows, vocab] logits prompt_logprobs holds at once
+
+
+def traced_functions(model, device, skip_idle: bool, hidden_rows: int = 0) -> TracedFunctions:
     """The runner's jitted functions for ``model`` on ``device``, built once and kept on the model object.
-    ``skip_idle``: see ``RunnerConfig.skip_idle_work``."""
+    ``skip_idle``: see ``RunnerConfig.skip_idle_work``; ``hidden_rows``: steps return their hidden states
+    padded to this many rows (0: not at all)."""
     cache = model.__dict__.setdefault("_runner_jits", {})
-    if (device, skip_idle) in cache:
-        return cache[device, skip_idle]
+    if (device, skip_idle, hidden_rows) in cache:
+        return cache[device, skip_idle, hidden_rows]
     graphdef = model.graphdef
     state_tree = jax.tree.structure(model.state)
 
@@ -150,19 +176,40 @@ def traced_functions(model, device, skip_idle: bool) -> TracedFunctions:
         last = jnp.where(fed, md.logits_indices, ids.shape[0])  # out of range: dropped
         ids = ids.at[last].set(jnp.take(prev_tokens, jnp.minimum(feed, b - 1)), mode="drop")
         module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
-        logits, pool = module(ids, pos, pool, md)
+        h, pool = module.hidden_states(ids, pos, pool, md)
+        logits = module.logits(h[md.logits_indices])
         tables, tokens = sample_processed(
             tables, logits, ids, pen, lambda x: sample_tokens(x, temp, top_k, top_p, seed, counter, skip_idle), skip_idle)
         tables = record_tokens(tables, tokens, pen, skip_idle)
         # log-probabilities of the unpenalized distribution (vLLM's default)
         logprobs = token_logprobs(logits, tokens, want_logprobs, skip_idle)
         tokens = jnp.zeros((b,), jnp.int32).at[: tokens.shape[0]].set(tokens)  # one shape for every bucket
-        return StepOutputs(tokens, *logprobs), pool, tables
+        hidden = None
+        if hidden_rows:
+            hidden = jnp.zeros((hidden_rows, h.shape[1]), h.dtype).at[: h.shape[0]].set(h)
+        return StepOutputs(tokens, *logprobs, hidden), pool, tables
 
-    fns = cache[device, skip_idle] = TracedFunctions(
+    def prompt_logprobs(state_leaves, hidden, rows, targets):
+        # hidden [R, H] (a step's); rows [P] int32: packed positions; targets [P] int32: the prompt token
+        # after each -> [P] float32, [P, K] int32, [P, K] float32 (token_logprobs of the rows' logits)
+        module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
+
+        def chunk(args):
+            r, t = args
+            return token_logprobs(module.logits(hidden[r]), t, jnp.ones(r.shape, bool), skip_idle=False)
+
+        p = rows.shape[0]
+        if p <= PROMPT_LOGPROB_CHUNK:
+            return chunk((rows, targets))
+        n = p // PROMPT_LOGPROB_CHUNK  # the buckets above the chunk are multiples of it
+        out = jax.lax.map(chunk, (rows.reshape(n, -1), targets.reshape(n, -1)))
+        return tuple(x.reshape((p,) + x.shape[2:]) for x in out)
+
+    fns = cache[device, skip_idle, hidden_rows] = TracedFunctions(
         step=jax.jit(step, donate_argnums=(3, 4)),
         gather=jax.jit(gather_pages),
         scatter=jax.jit(scatter_pages, donate_argnums=(0,)),
+        prompt_logprobs=jax.jit(prompt_logprobs),
     )
     return fns
 
@@ -183,8 +230,9 @@ class ModelRunner:
         shared = model.__dict__.setdefault("_runner_executables", {})
         skip = self.config.skip_idle_work
         self.skip_idle_work = skip if skip is not None else kv.device_id.platform == "cpu"
+        self.hidden_rows = self.config.max_step_tokens if self.config.prompt_logprobs else 0
         signature = (kv.num_device_pages, kv.spec, self.width, self.config.max_batch_size, self.num_penalty_slots,
-                     str(kv.device_id), self.skip_idle_work)
+                     str(kv.device_id), self.skip_idle_work, self.hidden_rows)
         self._executables: dict[tuple, Callable] = shared.setdefault(signature, {})
         self.warmed_up = False
         self.compile_seconds = 0.0
@@ -192,7 +240,7 @@ class ModelRunner:
         # arguments in Python, and an nnx.State of a 30-layer model costs ~0.3 ms per call that way (a list of
         # the same leaves ~0.05 ms).
         self._state_leaves = jax.tree.leaves(model.state)
-        self.fns = traced_functions(model, kv.device_id, self.skip_idle_work)
+        self.fns = traced_functions(model, kv.device_id, self.skip_idle_work, self.hidden_rows)
         # prev_tokens of a step that takes no token from an earlier one
         self._no_tokens = jax.device_put(np.zeros(self.config.max_batch_size, np.int32), kv.device_sharding)
 
@@ -201,6 +249,8 @@ class ModelRunner:
     def executable_keys(self) -> list[tuple]:
         c = self.config
         keys = [("decode", s) for s in c.decode_buckets] + [("mixed", t) for t in c.token_buckets]
+        if c.prompt_logprobs:
+            keys += [("prompt_logprobs", p) for p in c.prompt_logprob_buckets]
         if self.kv.num_host_pages > 0:
             keys += [(op, n) for n in c.swap_buckets for op in ("gather", "scatter")]
         return keys
@@ -242,6 +292,11 @@ class ModelRunner:
                 return self.fns.gather.lower(kv.device, idx).compile()
             staged = jax.eval_shape(self.fns.gather, kv.device, idx)
             return self.fns.scatter.lower(kv.device, staged, idx).compile()
+        if key[0] == "prompt_logprobs":
+            idx = np.zeros(key[1], np.int32)
+            hidden = jax.ShapeDtypeStruct((self.hidden_rows, self.model.config.hidden_size),
+                                          jnp.dtype(self.model.config.dtype))
+            return self.fns.prompt_logprobs.lower(self._state_leaves, hidden, idx, idx).compile()
         kind, size = key
         s = size if kind == "decode" else self.config.max_batch_size
         ids, pos, md, samp, pen = self._pack([], size, s, kind == "decode")  # an all-padding step of the shape
@@ -389,6 +444,18 @@ class ModelRunner:
             step.penalties, self._no_tokens if prev_tokens is None else prev_tokens, step.feed)
         self._scatter_in(loads)
         return outputs
+
+    def prompt_logprobs(self, hidden: jax.Array, rows: Sequence[int], targets: Sequence[int]):
+        """Dispatch the log-probabilities of ``targets[i]`` after packed position ``rows[i]`` of the step whose
+        ``StepOutputs.hidden`` is ``hidden`` (prompt log-probabilities: the raw model's, temperature 1), with
+        the top ``K`` ids; returns device arrays ``([P], [P, K], [P, K])``, the first ``len(rows)`` rows the
+        asked ones. Nothing waits for the device here."""
+        p = next(b for b in self.config.prompt_logprob_buckets if b >= len(rows))
+        r = np.zeros(p, np.int32)
+        t = np.zeros(p, np.int32)
+        r[: len(rows)] = rows
+        t[: len(rows)] = targets
+        return self._get(("prompt_logprobs", p))(self._state_leaves, hidden, r, t)
 
     def run(
         self,

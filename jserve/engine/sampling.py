@@ -122,6 +122,9 @@ class SamplingParams:
     drop special tokens from ``text``. ``logprobs``: None (off), or k in 0..20: return, per generated token,
     its log-probability and those of the k most likely tokens (the model's distribution: log-softmax of the
     raw logits at temperature 1, before top-k / top-p; see ``RequestOutput.logprobs``).
+    ``prompt_logprobs``: None (off), or k in 0..20: the same for every prompt token after the first (the
+    log-probability of each prompt token given the ones before it; ``RequestOutput.prompt_logprobs``). It needs
+    an engine built with ``EngineConfig.enable_prompt_logprobs``.
     Penalties (vLLM's), applied to the raw logits before temperature / top-k / top-p / greedy argmax:
     ``repetition_penalty`` r > 0, a normal float32 (about 1.2e-38 .. 3.4e38; 1 = off): every id in the prompt or the output so far has its logit divided
     by r when positive, multiplied by r otherwise; ``frequency_penalty`` f in [-2, 2] (0 = off): minus f times
@@ -145,6 +148,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -164,9 +168,12 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
             raise ValueError(f"SamplingParams.seed must be None or an int in [0, 2**32), got {self.seed!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"SamplingParams.logprobs must be None or an int in 0..{MAX_LOGPROBS}, "
-                             f"got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"SamplingParams.{name} must be None or an int in 0..{MAX_LOGPROBS}, got {v!r}")
+            if v is not None:
+                object.__setattr__(self, name, int(v))
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_real(v) or not -2.0 <= v <= 2.0:
@@ -191,8 +198,6 @@ class SamplingParams:
         object.__setattr__(self, "top_p", float(self.top_p))
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
-        if self.logprobs is not None:
-            object.__setattr__(self, "logprobs", int(self.logprobs))
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")

@@ -101,12 +101,25 @@ class LlamaForCausalLM(nnx.Module):
         kv_caches: list[KVCache],  # per layer, 2 x [num_kv_heads, num_pages, page_size, head_dim]
         metadata: AttentionMetadata,
     ) -> tuple[jax.Array, list[KVCache]]:  # logits [S, vocab] float32, updated caches
+        h, new_caches = self.hidden_states(input_ids, positions, kv_caches, metadata)
+        return self.logits(h[metadata.logits_indices]), new_caches
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,  # [T] int32
+        positions: jax.Array,  # [T] int32
+        kv_caches: list[KVCache],  # per layer, 2 x [num_kv_heads, num_pages, page_size, head_dim]
+        metadata: AttentionMetadata,
+    ) -> tuple[jax.Array, list[KVCache]]:  # the last layer's output [T, hidden] (before the final norm), caches
         x = self.embed_tokens(input_ids)
         new_caches = []
         for layer, cache in zip(self.layers, kv_caches):
             x, cache = layer(x, positions, cache, metadata)
             new_caches.append(cache)
-        x = self.norm(x[metadata.logits_indices])  # [S, hidden]
+        return x, new_caches
+
+    def logits(self, h: jax.Array) -> jax.Array:  # h: [R, hidden] from hidden_states -> [R, vocab] float32
+        x = self.norm(h)
         if self.lm_head is None:
             logits = self.embed_tokens.attend(x)
         else:
@@ -114,4 +127,4 @@ class LlamaForCausalLM(nnx.Module):
                 "sh,vh->sv", x, self.lm_head.w[...], preferred_element_type=jnp.float32,
                 precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
             )
-        return logits.astype(jnp.float32), new_caches
+        return logits.astype(jnp.float32)

@@ -95,6 +95,16 @@ class OPTForCausalLM(nnx.Module):
         kv_caches: list[KVCache],  # per layer, 2 x [num_heads, num_pages, page_size, head_dim]
         metadata: AttentionMetadata,
     ) -> tuple[jax.Array, list[KVCache]]:  # logits [S, vocab] float32, updated caches
+        h, new_caches = self.hidden_states(input_ids, positions, kv_caches, metadata)
+        return self.logits(h[metadata.logits_indices]), new_caches
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,  # [T] int32
+        positions: jax.Array,  # [T] int32
+        kv_caches: list[KVCache],  # per layer, 2 x [num_heads, num_pages, page_size, head_dim]
+        metadata: AttentionMetadata,
+    ) -> tuple[jax.Array, list[KVCache]]:  # the last layer's output [T, hidden] (before the final norm), caches
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
@@ -103,9 +113,12 @@ class OPTForCausalLM(nnx.Module):
         for layer, cache in zip(self.layers, kv_caches):
             x, cache = layer(x, cache, metadata)
             new_caches.append(cache)
-        x = x[metadata.logits_indices]  # [S, hidden]
+        return x, new_caches
+
+    def logits(self, h: jax.Array) -> jax.Array:  # h: [R, hidden] from hidden_states -> [R, vocab] float32
+        x = h
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        return self.embed_tokens.attend(x).astype(jnp.float32), new_caches
+        return self.embed_tokens.attend(x).astype(jnp.float32)

@@ -237,6 +237,65 @@ def reference_logprobs(model, prompt: list[int], generated: list[int]) -> np.nda
     return np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[: len(seqs)], axis=-1))
 
 
+def test_completion_echo(tiny):
+    """``echo``: the prompt's text before the choice's (a string prompt as sent, token ids decoded); with
+    ``logprobs`` (a server started with prompt log-probabilities), the prompt's tokens first, the first one
+    null, each later one's log-probability given the tokens before it, against a plain forward of every
+    prefix. This is what lm-eval-harness's loglikelihood requests ask (max_tokens 1, echo, logprobs 1)."""
+    llm, url, prompts, reference = tiny
+    prompt = prompts[0][:7]
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        plain = c.post("/v1/completions", json=body).json()["choices"][0]
+        echoed = c.post("/v1/completions", json=body | {"echo": True}).json()["choices"][0]
+        text = c.post("/v1/completions", json=body | {"echo": True, "prompt": "hi there"}).json()["choices"][0]
+    assert echoed["text"] == as_text(prompt) + plain["text"] and echoed["logprobs"] is None
+    assert text["text"].startswith("hi there") and len(text["text"]) > len("hi there")
+
+    model = llm.model
+    server_llm = LLM(model, **dict(TINY, enable_prompt_logprobs=True))
+    engine = AsyncLLMEngine(server_llm.engine)
+    try:
+        with serve_in_thread(build_app(engine, "tiny")) as url2, httpx.Client(base_url=url2, timeout=60) as c:
+            r = c.post("/v1/completions", json=body | {"echo": True, "logprobs": 2, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            # max_tokens 0 (older harnesses' scoring requests): the prompt alone, scored
+            zero = c.post("/v1/completions", json=body | {"echo": True, "logprobs": 2, "max_tokens": 0}).json()
+            # streamed: the chunks reassemble into the same text and logprobs, with and without max_tokens 0
+            streams = {}
+            for mt in (1, 0):
+                with c.stream("POST", "/v1/completions", json=body | {"echo": True, "logprobs": 2, "max_tokens": mt,
+                                                                      "stream": True}) as r:
+                    events = [json.loads(line[6:]) for line in r.iter_lines()
+                              if line.startswith("data: ") and line != "data: [DONE]"]
+                streams[mt] = [e["choices"][0] for e in events]
+    finally:
+        engine.shutdown()
+    gen = choice["token_ids"]  # checked below: the greedy token after the whole prompt
+    ref = reference_logprobs(model, prompt[:1], prompt[1:] + gen)  # row j: after (prompt + gen)[:j + 1]
+    ids = prompt + gen
+    lp = choice["logprobs"]
+    assert choice["text"] == as_text(ids)
+    assert lp["tokens"] == [byte_token(b) for b in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    np.testing.assert_allclose(lp["token_logprobs"][1:], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-5, rtol=0)
+    assert gen[0] == int(np.argmax(ref[-1]))  # the generated token is the greedy one after the whole prompt
+    for j, top in enumerate(lp["top_logprobs"][1:]):
+        best = [byte_token(int(b)) for b in np.argsort(-ref[j])[:2]]
+        assert set(best) <= set(top) and list(top)[0] == byte_token(ids[j + 1])
+    assert lp["text_offset"] == [len(as_text(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+    z = zero["choices"][0]
+    assert z["text"] == as_text(prompt) and zero["usage"]["completion_tokens"] == 0
+    assert z["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(prompt)]
+    for mt, whole in ((1, choice), (0, z)):
+        chunks = streams[mt]
+        assert "".join(ch["text"] for ch in chunks) == whole["text"], mt
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert sum((ch["logprobs"][key] for ch in chunks), []) == whole["logprobs"][key], (mt, key)
+        assert chunks[-1]["finish_reason"] == "length"
+
+
 def byte_token(b: int) -> str:
     """OpenAI's name of a byte token: its character, or ``bytes:\\xNN`` when it is not a whole UTF-8 character."""
     return chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"
@@ -346,7 +405,7 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/completions", {"prompt": [5], "logprobs": 6}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": -1}, 400, "'logprobs' must be an integer in 0..5", "logprobs"),
     ("/v1/completions", {"prompt": [5], "logprobs": True}, 400, "valid integer", "logprobs"),
-    ("/v1/completions", {"prompt": [5], "logprobs": 1, "echo": True}, 400, "'echo' is not supported", "echo"),
+    ("/v1/completions", {"prompt": [5], "logprobs": 1, "echo": True}, 400, "started without them", "echo"),
     ("/v1/completions", {"prompt": [5], "logit_bias": {"x7": 1}}, 400, "'logit_bias' keys must be token ids",
      "logit_bias"),
     ("/v1/completions", {"prompt": [5], "logit_bias": {"-3": 1}}, 400, "'logit_bias' keys must be token ids",
