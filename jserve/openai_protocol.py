@@ -328,7 +328,11 @@ def _bias_ids(bias: dict[str, float] | None) -> list[tuple[int, float]] | None:
         if not k.isascii() or not k.isdigit():
             raise ApiError(400, f"'logit_bias' keys must be token ids (decimal integers >= 0 as strings), "
                                 f"got {key!r}", param="logit_bias")
-        pairs.append((int(k), value))
+        digits = k.lstrip("0") or "0"
+        if len(digits) > 18:  # past any vocabulary (and past what int() converts from a string of 4,300 digits)
+            raise ApiError(400, f"'logit_bias' names token id {digits[:20]}... ({len(digits)} digits), outside the "
+                                "vocabulary", param="logit_bias")
+        pairs.append((int(digits), value))
     return pairs
 
 

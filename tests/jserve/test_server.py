@@ -410,6 +410,9 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
      "logit_bias"),
     ("/v1/completions", {"prompt": [5], "logit_bias": {"-3": 1}}, 400, "'logit_bias' keys must be token ids",
      "logit_bias"),
+    # was Python's "Exceeds the limit (4300 digits) for integer string conversion", naming no field
+    ("/v1/completions", {"prompt": [5], "logit_bias": {"9" * 5000: 1}}, 400,
+     "'logit_bias' names token id 99999999999999999999... (5000 digits), outside the vocabulary", "logit_bias"),
     ("/v1/completions", {"prompt": [5], "logit_bias": {"7": 101}}, 400, "SamplingParams.logit_bias values must be",
      "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"300": -1}}, 400,
