@@ -442,6 +442,8 @@ class LLMEngine:
                 out.metrics.first_token_time = end
             if check_stop(self.tokenizer, seq, tok):
                 out.metrics.finish_time = end
+                if not isinstance(out.stop_reason, str):  # final with the output (a stop string cut it already)
+                    out.text = detokenize(self.tokenizer, seq)
                 self._stopped.append(seq.request.request_id)
             changed.append(out)
         return changed
@@ -470,12 +472,11 @@ class LLMEngine:
             if seq is None:
                 continue
             out = seq.output
-            if out.finish_reason is None:
+            if out.finish_reason is None:  # a stopped output has its text already (``_collect``)
                 out.finish_reason = "length"
+                out.text = detokenize(self.tokenizer, seq)
             if out.metrics.finish_time is None:
                 out.metrics.finish_time = end
-            if not isinstance(out.stop_reason, str):  # a stop string already cut the text
-                out.text = detokenize(self.tokenizer, seq)
 
     def _release_host_pages(self, plan=None) -> None:
         """Give back the host buffers of pages the scheduler no longer needs: the sources of ``plan``'s

@@ -905,3 +905,47 @@ def test_logit_bias_on_both_endpoints(tiny, python_api):
         max_tokens=8, temperature=0.7, seed=5, ignore_eos=True, logit_bias={int(k): v for k, v in bias.items()}))[0]
     assert got == want.token_ids and got != plain and reference[0][0] not in got
     assert answer == "BBB"
+
+
+def test_stop_id_and_eos_finishes_carry_their_text_with_async_scheduling(tiny):
+    """With async scheduling an output finished by a stop id or the end-of-sequence id had ``text == ""``
+    when ``step`` returned it (the text was filled one iteration later, or never when the next plan left the
+    request out), so the server answered such requests with empty text. The text is now final with the
+    output: at once from ``step``, and in every server answer (concurrent requests, and a stream's chunks)."""
+    from jserve.engine import SamplingParams
+
+    llm0, _, prompts, reference = tiny
+    llm = LLM(llm0.model, async_scheduling=True, **TINY)  # the served shapes: nothing new to compile
+    eng = llm.engine
+    stops = [ref[25 + i] for i, ref in enumerate(reference)]
+    expected = [ref[: ref.index(s) + 1] for ref, s in zip(reference, stops)]
+    outs = [eng.add_request(p, SamplingParams(max_tokens=NEW, stop_token_ids=[s]))
+            for p, s in zip(prompts, stops)]
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                assert out.text == as_text(out.token_ids), out.request_id
+    assert [o.token_ids for o in outs] == expected and all(o.finish_reason == "stop" for o in outs)
+    engine = AsyncLLMEngine(eng)
+    try:
+        with serve_in_thread(build_app(engine, "tiny")) as url, httpx.Client(base_url=url, timeout=60) as c:
+            async def ask(client, i):
+                body = {"prompt": prompts[i], "max_tokens": NEW, "temperature": 0, "stop_token_ids": [stops[i]]}
+                r = await client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]
+
+            async def all_at_once():
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    return await asyncio.gather(*(ask(client, i) for i in range(len(prompts))))
+
+            for i, choice in enumerate(asyncio.run(all_at_once())):
+                assert (choice["text"], choice["finish_reason"]) == (as_text(expected[i]), "stop"), i
+            body = {"prompt": prompts[0], "max_tokens": NEW, "temperature": 0, "stop_token_ids": [stops[0]],
+                    "stream": True}
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                chunks = [e for e in events(r) if e != "[DONE]"]
+            assert "".join(e["choices"][0]["text"] for e in chunks) == as_text(expected[0])
+    finally:
+        engine.shutdown()
+    assert all_pages_free(llm)
