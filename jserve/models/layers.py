@@ -32,6 +32,7 @@ __all__ = [
     "rope_inv_freq",
     "apply_rope",
     "paged_attention",
+    "CausalLM",
 ]
 
 
@@ -188,3 +189,19 @@ def paged_attention(
 
 def jnp_dtype(name: str) -> jnp.dtype:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+class CausalLM(nnx.Module):
+    """What every model family shares: a step is ``hidden_states`` (the layers over the packed tokens, with the
+    paged KV cache) then ``logits`` (final norm and LM head) at the rows that sample. A family defines those two;
+    prompt log-probabilities call ``logits`` on other rows of the same hidden states."""
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [T] int32
+        positions: jax.Array,  # [T] int32
+        kv_caches: list,  # per layer, 2 x [num_kv_heads, num_pages, page_size, head_dim]
+        metadata: AttentionMetadata,
+    ) -> tuple[jax.Array, list]:  # logits [S, vocab] float32, updated caches
+        h, new_caches = self.hidden_states(input_ids, positions, kv_caches, metadata)
+        return self.logits(h[metadata.logits_indices]), new_caches

@@ -15,7 +15,7 @@ from flax import nnx
 from kernels_pallas import AttentionMetadata
 
 from .config import ModelConfig
-from .layers import Embedding, Linear, RMSNorm, activation, apply_rope, jnp_dtype, paged_attention, rope_inv_freq
+from .layers import CausalLM, Embedding, Linear, RMSNorm, activation, apply_rope, jnp_dtype, paged_attention, rope_inv_freq
 
 KVCache = tuple[jax.Array, jax.Array]  # 2 x [num_kv_heads, num_pages, page_size, head_dim]
 
@@ -82,7 +82,7 @@ class LlamaDecoderLayer(nnx.Module):
         return x, kv_cache
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(CausalLM):
     """Llama-family causal LM over a paged KV cache (see the module docstring for the step contract)."""
 
     def __init__(self, cfg: ModelConfig, backend: str | None = None):
@@ -93,16 +93,6 @@ class LlamaForCausalLM(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
                                                                    dtype=dt)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,  # [T] int32
-        positions: jax.Array,  # [T] int32
-        kv_caches: list[KVCache],  # per layer, 2 x [num_kv_heads, num_pages, page_size, head_dim]
-        metadata: AttentionMetadata,
-    ) -> tuple[jax.Array, list[KVCache]]:  # logits [S, vocab] float32, updated caches
-        h, new_caches = self.hidden_states(input_ids, positions, kv_caches, metadata)
-        return self.logits(h[metadata.logits_indices]), new_caches
 
     def hidden_states(
         self,

@@ -15,7 +15,7 @@ from flax import nnx
 from kernels_pallas import AttentionMetadata
 
 from .config import ModelConfig
-from .layers import Embedding, LayerNorm, Linear, activation, jnp_dtype, paged_attention
+from .layers import CausalLM, Embedding, LayerNorm, Linear, activation, jnp_dtype, paged_attention
 
 KVCache = tuple[jax.Array, jax.Array]  # 2 x [num_heads, num_pages, page_size, head_dim]
 
@@ -71,7 +71,7 @@ class OPTDecoderLayer(nnx.Module):
         return x, kv_cache
 
 
-class OPTForCausalLM(nnx.Module):
+class OPTForCausalLM(CausalLM):
     """OPT causal LM over a paged KV cache."""
 
     def __init__(self, cfg: ModelConfig, backend: str | None = None):
@@ -87,16 +87,6 @@ class OPTForCausalLM(nnx.Module):
         use_final_ln = cfg.do_layer_norm_before and not cfg.remove_final_layer_norm
         self.final_layer_norm = LayerNorm(h, eps=cfg.norm_eps, dtype=dt) if use_final_ln else None
         self.position_offset = cfg.position_offset
-
-    def __call__(
-        self,
-        input_ids: jax.Array,  # [T] int32
-        positions: jax.Array,  # [T] int32
-        kv_caches: list[KVCache],  # per layer, 2 x [num_heads, num_pages, page_size, head_dim]
-        metadata: AttentionMetadata,
-    ) -> tuple[jax.Array, list[KVCache]]:  # logits [S, vocab] float32, updated caches
-        h, new_caches = self.hidden_states(input_ids, positions, kv_caches, metadata)
-        return self.logits(h[metadata.logits_indices]), new_caches
 
     def hidden_states(
         self,
