@@ -203,13 +203,13 @@ def test_penalties_match_hugging_face_transformers(hf_checkpoints):
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, 128, n).tolist() for n in (9, 30)]
     outs = LLM(load(ckpt.path), scheduler="fcfs", **ROOMY).generate(
-        prompts, SamplingParams(max_tokens=NEW, repetition_penalty=1.3))
+        prompts, SamplingParams(max_tokens=NEW, repetition_penalty=2.0))
     for p, out in zip(prompts, outs):
         with torch.no_grad():
             x = torch.tensor([p])
             gen = lambda **kw: ckpt.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
                                                    do_sample=False, pad_token_id=0, **kw)[0, len(p):].tolist()
-            ref, plain = gen(repetition_penalty=1.3), gen()
+            ref, plain = gen(repetition_penalty=2.0), gen()
         assert out.token_ids == ref and ref != plain
 
 
