@@ -187,6 +187,7 @@ class LLMEngine:
                 raise ValueError("the prompt is empty")
             if sp.prompt_logprobs is not None:
                 out.prompt_logprobs = [None] * len(ids)
+                out.prompt_logprob_ranks = [None] * len(ids)
             if len(ids) >= self.max_model_len:
                 raise ValueError(
                     f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} (prompt plus at least "

@@ -37,7 +37,9 @@ class RequestOutput:
     The log-probabilities are the model's: log-softmax of the raw logits at temperature 1, before top-k/top-p.
     ``prompt_logprobs`` (when ``SamplingParams.prompt_logprobs`` is set, else None): one entry per prompt token,
     None for the first (nothing precedes it), then the same kind of dict for each later prompt token given
-    the ones before it (the prompt's id first). Complete once the first generated token is out."""
+    the ones before it (the prompt's id first); ``prompt_logprob_ranks`` beside it: None, then each prompt
+    token's rank among the whole vocabulary at its position (1 + the ids with a strictly greater
+    log-probability). Both complete once the first generated token is out."""
 
     request_id: Hashable
     prompt: str | None
@@ -51,6 +53,7 @@ class RequestOutput:
     new_token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -65,5 +68,6 @@ class RequestOutput:
             new_token_ids=list(self.new_token_ids),
             logprobs=None if self.logprobs is None else list(self.logprobs),  # the dicts are never changed
             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            prompt_logprob_ranks=None if self.prompt_logprob_ranks is None else list(self.prompt_logprob_ranks),
             metrics=dataclasses.replace(self.metrics) if self.metrics else None,
         )

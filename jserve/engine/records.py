@@ -67,7 +67,7 @@ class InFlight:
     samplers: list  # per row: the SequenceState that samples a token there, or None
     outputs: StepOutputs | None  # the step's device arrays (None for a copies-only iteration)
     sampler_index: dict = dataclasses.field(default_factory=dict)  # request id -> index into tokens
-    # prompt log-probabilities computed beside the step: device arrays ([P], [P, K], [P, K]) and, per row of
+    # prompt log-probabilities computed beside the step: device arrays ([P], [P, K], [P, K], [P]) and, per row of
     # them, (sequence, prompt position); None / [] when no row asked
     prompt_logprobs: tuple | None = None
     prompt_positions: list = dataclasses.field(default_factory=list)
@@ -97,11 +97,12 @@ def fill_prompt_logprobs(flight: InFlight) -> None:
     computed twice (a recompute replayed it before the first result was read) keeps the first value."""
     if flight.prompt_logprobs is None:
         return
-    arrays = tuple(np.asarray(a) for a in flight.prompt_logprobs)
+    *arrays, ranks = (np.asarray(a) for a in flight.prompt_logprobs)
     for i, (seq, pos) in enumerate(flight.prompt_positions):
         lps = seq.output.prompt_logprobs
         if lps[pos] is None:
-            lps[pos] = logprob_dict(seq.prompt_ids[pos], seq.params.prompt_logprobs, arrays, i)
+            lps[pos] = logprob_dict(seq.prompt_ids[pos], seq.params.prompt_logprobs, tuple(arrays), i)
+            seq.output.prompt_logprob_ranks[pos] = int(ranks[i])
 
 
 def logprob_dict(tok: int, k: int, logprobs: tuple[np.ndarray, np.ndarray, np.ndarray], row: int) -> dict[int, float]:

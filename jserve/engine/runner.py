@@ -151,7 +151,7 @@ class TracedFunctions(NamedTuple):
     #                 -> (StepOutputs, pool, tables)
     gather: Callable  # (pool, src) -> staged
     scatter: Callable  # (pool, staged, dst) -> pool
-    prompt_logprobs: Callable  # (state leaves, hidden, rows, targets) -> (chosen, top ids, top logprobs)
+    prompt_logprobs: Callable  # (state leaves, hidden, rows, targets) -> (chosen, top ids, top logprobs, ranks)
 
 
 PROMPT_LOGPROB_CHUNK = 256  # positions whose [rows, vocab] logits prompt_logprobs holds at once
@@ -191,12 +191,14 @@ def traced_functions(model, device, skip_idle: bool, hidden_rows: int = 0) -> Tr
 
     def prompt_logprobs(state_leaves, hidden, rows, targets):
         # hidden [R, H] (a step's); rows [P] int32: packed positions; targets [P] int32: the prompt token
-        # after each -> [P] float32, [P, K] int32, [P, K] float32 (token_logprobs of the rows' logits)
+        # after each -> [P] float32, [P, K] int32, [P, K] float32, [P] int32 (token_logprobs of the rows'
+        # logits, with the targets' ranks)
         module = nnx.merge(graphdef, jax.tree.unflatten(state_tree, state_leaves))
 
         def chunk(args):
             r, t = args
-            return token_logprobs(module.logits(hidden[r]), t, jnp.ones(r.shape, bool), skip_idle=False)
+            return token_logprobs(module.logits(hidden[r]), t, jnp.ones(r.shape, bool), skip_idle=False,
+                                  with_rank=True)
 
         p = rows.shape[0]
         if p <= PROMPT_LOGPROB_CHUNK:
@@ -448,8 +450,8 @@ class ModelRunner:
     def prompt_logprobs(self, hidden: jax.Array, rows: Sequence[int], targets: Sequence[int]):
         """Dispatch the log-probabilities of ``targets[i]`` after packed position ``rows[i]`` of the step whose
         ``StepOutputs.hidden`` is ``hidden`` (prompt log-probabilities: the raw model's, temperature 1), with
-        the top ``K`` ids; returns device arrays ``([P], [P, K], [P, K])``, the first ``len(rows)`` rows the
-        asked ones. Nothing waits for the device here."""
+        the top ``K`` ids and the target's rank in the vocabulary; returns device arrays ``([P], [P, K], [P, K],
+        [P])``, the first ``len(rows)`` rows the asked ones. Nothing waits for the device here."""
         p = next(b for b in self.config.prompt_logprob_buckets if b >= len(rows))
         r = np.zeros(p, np.int32)
         t = np.zeros(p, np.int32)

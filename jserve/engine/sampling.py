@@ -325,11 +325,14 @@ def token_logprobs(
     tokens: jax.Array,  # [S] int32, the sampled tokens
     wanted: jax.Array,  # [S] bool, rows that asked for log-probabilities
     skip_idle: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:  # [S] float32, [S, K] int32, [S, K] float32
+    with_rank: bool = False,
+) -> tuple[jax.Array, ...]:  # [S] float32, [S, K] int32, [S, K] float32 (and [S] int32 with_rank)
     """The log-probability of each row's sampled token under log_softmax(logits) (temperature 1, no
     filtering), and the ``K = min(MAX_LOGPROBS, V)`` most likely ids and their log-probabilities, most likely
-    first (traceable). With ``skip_idle``, when no row is ``wanted`` the work is skipped at run time and zeros
-    come back; without it every row gets its values (callers read only the wanted rows)."""
+    first (traceable). ``with_rank`` adds each token's rank among the whole vocabulary: 1 + the number of ids
+    with a strictly greater log-probability (ties share the better rank). With ``skip_idle``, when no row is
+    ``wanted`` the work is skipped at run time and zeros come back; without it every row gets its values
+    (callers read only the wanted rows)."""
     s, vocab = logits.shape
     k = min(MAX_LOGPROBS, vocab)
 
@@ -337,9 +340,11 @@ def token_logprobs(
         lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [S, V]
         chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
         top_lp, top_ids = jax.lax.top_k(lp, k)
-        return chosen, top_ids.astype(jnp.int32), top_lp
+        out = chosen, top_ids.astype(jnp.int32), top_lp
+        return out + (1 + jnp.sum(lp > chosen[:, None], axis=-1, dtype=jnp.int32),) if with_rank else out
 
     def skip(_):
-        return jnp.zeros((s,), jnp.float32), jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), jnp.float32)
+        out = jnp.zeros((s,), jnp.float32), jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), jnp.float32)
+        return out + (jnp.zeros((s,), jnp.int32),) if with_rank else out
 
     return when_needed(jnp.any(wanted), compute, skip, None, skip_idle)

@@ -39,10 +39,13 @@ def full_forward_logprobs(model, prompt: list[int]) -> np.ndarray:
     return np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
 
 
-def check(prompt: list[int], plp: list, ref: np.ndarray, k: int, atol=1e-5) -> None:
-    """``plp`` (an output's prompt_logprobs) against ``ref [len(prompt), V]`` (row q: after prompt[:q+1])."""
-    assert len(plp) == len(prompt) and plp[0] is None
+def check(prompt: list[int], plp: list, ref: np.ndarray, k: int, ranks: list, atol=1e-5) -> None:
+    """``plp`` and ``ranks`` (an output's prompt_logprobs and prompt_logprob_ranks) against ``ref [len(prompt),
+    V]`` (row q: after prompt[:q+1]); a rank may differ from ``ref``'s only by ids within ``atol`` of the token."""
+    assert len(plp) == len(prompt) == len(ranks) and plp[0] is None and ranks[0] is None
     for q in range(1, len(prompt)):
+        row, own = ref[q - 1], ref[q - 1, prompt[q]]
+        assert 1 + np.sum(row > own + atol) <= ranks[q] <= 1 + np.sum(row > own - atol), q
         d = plp[q]
         ids = list(d)
         assert ids[0] == prompt[q]  # the prompt's own token first
@@ -70,7 +73,7 @@ def test_matches_hugging_face_transformers(hf_checkpoints):
             prompts, SamplingParams(max_tokens=2, prompt_logprobs=K, ignore_eos=True))
         for p, out in zip(prompts, outs):
             ref = torch.log_softmax(torch.from_numpy(ckpt.logits(p)).double(), dim=-1).numpy()
-            check(p, out.prompt_logprobs, ref, K)
+            check(p, out.prompt_logprobs, ref, K, out.prompt_logprob_ranks)
             assert out.logprobs is None  # only what was asked
 
 
@@ -100,9 +103,9 @@ def test_against_the_full_forward_over_chunks_and_preemption(tiny, prompts):
         assert st["compiles_after_warmup"] == 0, name
         for p, sp, out, ref in zip(prompts, params, outs, refs):
             if sp.prompt_logprobs is None:
-                assert out.prompt_logprobs is None
+                assert out.prompt_logprobs is None and out.prompt_logprob_ranks is None
             else:
-                check(p, out.prompt_logprobs, ref, sp.prompt_logprobs)
+                check(p, out.prompt_logprobs, ref, sp.prompt_logprobs, out.prompt_logprob_ranks)
         if tokens is None:
             tokens = [o.token_ids for o in outs]
         assert [o.token_ids for o in outs] == tokens, name  # the generated tokens are unaffected
