@@ -9,8 +9,9 @@ are checked here (``MAX_CHOICES``, ``MAX_SEQUENCES``); ``jserve.server_requests`
 ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (OpenAI's), ``repetition_penalty`` and
 ``min_tokens`` (vLLM's) are the ``SamplingParams`` fields of the same names (``logit_bias``'s keys, strings of
 token ids in JSON, become ints here). Log-probabilities: ``logprobs`` (completions: an int 0..5) and
-``logprobs`` + ``top_logprobs`` (chat: true and 0..20) become ``SamplingParams.logprobs``; ``LogprobRenderer``
-renders the engine's log-probabilities as the two APIs' response objects. ``ApiError`` is an error with its
+``logprobs`` + ``top_logprobs`` (chat: true and 0..20) become ``SamplingParams.logprobs``; vLLM's
+``prompt_logprobs`` (both endpoints: 0..20) asks for the prompt tokens' (``jserve.server_responses`` renders
+them); ``LogprobRenderer`` renders the engine's log-probabilities as the two APIs' response objects. ``ApiError`` is an error with its
 HTTP status, rendered as the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``;
 ``validation_error`` turns a pydantic ``ValidationError`` into one that names the offending field. Sampling
 values are checked by ``SamplingParams`` itself (``sampling_params``), so the server and the Python API give
@@ -89,6 +90,7 @@ class _GenerationFields(_Strict):
     repetition_penalty: float | None = None  # vLLM's extension, > 0 (1: off)
     min_tokens: int | None = None  # vLLM's extension: no end-of-sequence or stop id before this many tokens
     logit_bias: dict[str, float] | None = None  # OpenAI's: {"token id": bias in [-100, 100]}
+    prompt_logprobs: int | None = None  # vLLM's extension: 0..20 most likely ids per prompt token
 
 
 class CompletionRequest(_GenerationFields):
@@ -260,7 +262,11 @@ MAX_TOP_LOGPROBS = 20  # the chat API's limit (and the engine's)
 
 def _check_logprobs(req: _Strict) -> None:
     """Completions: ``logprobs`` in 0..5. Chat: ``top_logprobs`` in 0..20, and above 0 only with
-    ``logprobs: true``. Otherwise ``ApiError(400)`` naming the field."""
+    ``logprobs: true``. Both: ``prompt_logprobs`` in 0..20. Otherwise ``ApiError(400)`` naming the field."""
+    k = req.prompt_logprobs
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'prompt_logprobs' must be an integer in 0..{MAX_TOP_LOGPROBS} or null, got {k}",
+                       param="prompt_logprobs")
     if isinstance(req, CompletionRequest):
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise ApiError(400, f"'logprobs' must be an integer in 0..{MAX_COMPLETION_LOGPROBS}, got {req.logprobs}",
@@ -377,8 +383,8 @@ class LogprobRenderer:
         self._text_len = 0  # characters of text completed by those tokens
         self._window = (0, 0)  # (prefix, read): ids[prefix:read] decode to text already counted
 
-    def _token(self, tid: int) -> tuple[str, list[int]]:
-        """(text, UTF-8 bytes) of one token."""
+    def token(self, tid: int) -> tuple[str, list[int]]:
+        """(text, UTF-8 bytes) of one token: its name in every log-probability object."""
         if tid not in self._names:
             self._names[tid] = self._name(tid)
         return self._names[tid]
@@ -425,9 +431,9 @@ class LogprobRenderer:
         tokens, token_lps, tops, offsets = [], [], [], []
         for i in range(start, len(ids)):
             d = logprobs[i]  # None: an echoed prompt's first token (nothing precedes it)
-            tokens.append(self._token(ids[i])[0])
+            tokens.append(self.token(ids[i])[0])
             token_lps.append(None if d is None else d[ids[i]])
-            tops.append(None if d is None else {self._token(t)[0]: lp for t, lp in d.items()})
+            tops.append(None if d is None else {self.token(t)[0]: lp for t, lp in d.items()})
             offsets.append(self._offset(ids, i))
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
@@ -435,10 +441,10 @@ class LogprobRenderer:
         """The chat object (``{"content": [...], "refusal": None}``) for tokens ``start ..`` of ``ids``."""
         content = []
         for i in range(start, len(ids)):
-            text, raw = self._token(ids[i])
+            text, raw = self.token(ids[i])
             top = []
             for t, lp in self._top(logprobs[i]):
-                t_text, t_raw = self._token(t)
+                t_text, t_raw = self.token(t)
                 top.append({"token": t_text, "logprob": lp, "bytes": t_raw})
             content.append({"token": text, "logprob": logprobs[i][ids[i]], "bytes": raw, "top_logprobs": top})
         return {"content": content, "refusal": None}

@@ -25,6 +25,7 @@ class FanOut:
         self.engine = engine
         self.subs = subs
         self.finals: dict[int, RequestOutput] = {}  # k -> its finished output, once it has one
+        self.first: dict[int, RequestOutput] = {}  # k -> its first output (prompt log-probabilities complete)
         self._started: set[int] = set()  # sub-requests that have produced an output
         self._queue: asyncio.Queue = asyncio.Queue()
         self._replay: collections.deque = collections.deque()  # outputs consumed by wait_started, not yet read
@@ -43,6 +44,7 @@ class FanOut:
         if isinstance(item, Exception):
             raise item
         self._started.add(k)
+        self.first.setdefault(k, item)
         if item.finished:
             self.finals[k] = item
         return k, item

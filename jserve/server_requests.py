@@ -10,7 +10,10 @@ sub-request ``k = prompt_index * per_prompt + j``. With a ``seed``, sample ``j``
 (mod 2**32; vLLM's rule), so a response is reproducible and its samples differ; sample 0 is what the same
 request with ``n = 1`` returns. When ``best_of > n`` picks by cumulative log-probability, the sub-requests ask
 the engine for log-probabilities (``logprobs=0``) even if the client did not; ``Prepared.logprobs`` says
-whether the client sees them.
+whether the client sees them. vLLM's ``prompt_logprobs`` is asked of the engine once per prompt, by its
+sample 0 (``Prepared.prompt_k``): the prompt's log-probabilities are the same for every sample, and its other
+choices reuse them; with ``echo`` and ``logprobs`` every sample asks (each choice's ``logprobs`` starts with
+them), for the larger of the two top-k.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     created: int
-    prompt_logprobs: bool = False  # the engine serves SamplingParams.prompt_logprobs (echo with logprobs)
+    prompt_logprobs: bool = False  # the engine serves SamplingParams.prompt_logprobs (echo with logprobs,
+    # the prompt_logprobs field)
 
 
 def child_seed(seed: int | None, j: int) -> int | None:
@@ -72,6 +76,7 @@ class Prepared:
     return_token_ids: bool
     echo: list[str] | None = None  # completions' echo: each prompt's text, put before its choices' text
     echo_only: bool = False  # echo with max_tokens 0: the choices hold the prompt alone
+    prompt_logprobs: int | None = None  # vLLM's field: the prompt tokens' top-k the client asked for
     request_id: str = ""
     created: int = 0
 
@@ -88,6 +93,18 @@ class Prepared:
         """The name of prompt ``i`` in errors: ``prompt[i]`` in a batch, else the field itself."""
         return f"{self.field}[{i}]" if self.batched else self.field
 
+    def prompt_k(self, sample: int) -> int | None:
+        """``SamplingParams.prompt_logprobs`` of sample ``sample`` (of any prompt): None, or the larger of echo's
+        ``logprobs`` (every sample) and the ``prompt_logprobs`` field (sample 0; the others reuse its)."""
+        echo_k = self.params[0].prompt_logprobs  # set by echo with logprobs, the same for every prompt
+        if echo_k is None:
+            return self.prompt_logprobs if sample == 0 else None
+        return max(echo_k, self.prompt_logprobs or 0)
+
+    def leader(self, i: int) -> int:
+        """The sub-request index of sample 0 of prompt ``i`` (it holds the prompt's log-probabilities)."""
+        return i * self.best_of
+
     def sub_requests(self) -> list[SubRequest]:
         """Every engine request, prompt-major (``k = i * best_of + j``)."""
         subs = []
@@ -96,6 +113,8 @@ class Prepared:
                 params = dataclasses.replace(params, logprobs=0)  # the engine's logprobs rank the candidates
             for j in range(self.best_of):
                 p = params if params.seed is None else dataclasses.replace(params, seed=child_seed(params.seed, j))
+                if p.prompt_logprobs != self.prompt_k(j):
+                    p = dataclasses.replace(p, prompt_logprobs=self.prompt_k(j))
                 subs.append(SubRequest(f"{self.request_id}-{i * self.best_of + j}", i, j, ids, p))
         return subs
 
@@ -187,6 +206,10 @@ class RequestPreparer:
         model = CompletionRequest if kind == "completion" else ChatCompletionRequest
         req = parse_body(raw, model)
         self.check_model(req.model)
+        if req.prompt_logprobs is not None and not self.model.prompt_logprobs:
+            raise ApiError(400, "'prompt_logprobs' needs a server started with prompt log-probabilities "
+                                "(jserve serve --enable-prompt-logprobs); this one was started without them",
+                           "prompt_logprobs")
         if kind == "completion":
             texts, batched = req.prompt_list()
             fields = [f"prompt[{i}]" if batched else "prompt" for i in range(len(texts))]
@@ -204,7 +227,8 @@ class RequestPreparer:
         best_of = getattr(req, "best_of", None) or req.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(kind, prompts, params, req.n, best_of, params[0].logprobs is not None, batched, req.stream,
-                        include_usage, req.return_token_ids, echo, echo is not None and req.max_tokens == 0)
+                        include_usage, req.return_token_ids, echo, echo is not None and req.max_tokens == 0,
+                        prompt_logprobs=req.prompt_logprobs)
 
     def _echo(self, req: CompletionRequest, texts: list, prompts: list[list[int]]) -> list[str]:
         """The text each choice starts with under ``echo``: the prompt as sent (a string), or its decoding

@@ -7,6 +7,11 @@ Choices are prompt-major: choice ``index = prompt_index * n + j``. A whole answe
 has, as OpenAI and vLLM report) and every returned choice's tokens. A stream interleaves the choices' chunks
 as the engine produces them, each chunk naming its ``index``; each choice ends with its own
 ``finish_reason`` chunk, then one usage chunk (``stream_options.include_usage``) and ``[DONE]``.
+
+vLLM's ``prompt_logprobs`` (``vllm_prompt_logprobs``): per prompt token, null for the first, then
+``{"token id": {"logprob", "rank", "decoded_token"}}`` for the prompt's token and its top k; completions put it
+in every choice (its prompt's), chat at the top of the response (one prompt); streamed, in the first chunk of
+each choice. Every choice of a prompt shows its sample 0's (``Prepared.prompt_k``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,50 @@ from jserve.openai_protocol import ApiError, LogprobRenderer
 from jserve.server_fanout import FanOut, best_choices
 from jserve.server_requests import Prepared
 
-__all__ = ["ResponseWriter", "sse"]
+__all__ = ["LOGPROB_FLOOR", "ResponseWriter", "sse", "top_entries", "trim_prompt_logprobs", "vllm_prompt_logprobs"]
+
+LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for a log-probability of -inf (JSON has no infinity)
+
+
+def top_entries(d: dict[int, float], tok: int, k_engine: int) -> list[tuple[int, float]]:
+    """The ``k_engine`` most likely ``(id, logprob)`` of one prompt position, most likely first, from its engine
+    dict (``RequestOutput.prompt_logprobs[q]``: the prompt's id ``tok`` first, then the top ids without it)."""
+    items = list(d.items())
+    if len(items) > k_engine:  # the prompt's id is not among the top k
+        return items[1:]
+    return sorted(items, key=lambda kv: -kv[1])  # it is (the engine put it first): back in its place
+
+
+def trim_prompt_logprobs(lps: list, ids: list[int], k_engine: int, k: int) -> list:
+    """Prompt log-probabilities computed with the top ``k_engine`` ids, cut to the top ``k`` (same layout)."""
+    if k == k_engine:
+        return lps
+    return [None] + [{ids[q]: lps[q][ids[q]]} | dict(top_entries(lps[q], ids[q], k_engine)[:k])
+                     for q in range(1, len(ids))]
+
+
+def vllm_prompt_logprobs(out: RequestOutput, k_engine: int, k: int, name) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs`` of ``out`` (computed with the top ``k_engine``) showing the top ``k``: None for
+    the first prompt token, then ``{str(id): {"logprob", "rank", "decoded_token"}}`` with the prompt's token first
+    (its rank among the whole vocabulary, ``RequestOutput.prompt_logprob_ranks``) and the top k (ranks 1..k by
+    position). ``name(id)`` is a token's text; -inf becomes ``LOGPROB_FLOOR`` (vLLM's)."""
+    ids, lps = out.prompt_token_ids, out.prompt_logprobs
+    ranks = getattr(out, "prompt_logprob_ranks", None) or [None] * len(ids)
+
+    def entry(t: int, lp: float, rank: int | None) -> dict:
+        return {"logprob": max(float(lp), LOGPROB_FLOOR), "rank": rank, "decoded_token": name(t)}
+
+    result: list[dict | None] = [None]
+    for q in range(1, len(ids)):
+        tok, d = ids[q], lps[q]
+        top = top_entries(d, tok, k_engine)
+        position = {t: r for r, (t, _) in enumerate(top, 1)}
+        rank = ranks[q] if ranks[q] is not None else position.get(tok)
+        row = {str(tok): entry(tok, d[tok], rank)}
+        for r, (t, lp) in enumerate(top[:k], 1):
+            row.setdefault(str(t), entry(t, lp, r))
+        result.append(row)
+    return result
 
 
 class _TextDeltas:
@@ -66,6 +114,7 @@ class _ChoiceStream:
         self.render = LogprobRenderer(tokenizer, params)
         self.reported = 0
         self.echoed = False  # echo: the prompt's text went out (with the first chunk)
+        self.started = False  # its first chunk went out (it carries prompt_logprobs)
 
 
 def sse(payload: dict | str) -> str:
@@ -105,21 +154,35 @@ class ResponseWriter:
         ids = out.token_ids[: len(out.logprobs)]  # aligned: one dict per token
         if prep.echo is not None:  # the prompt's tokens first (the first has none: null)
             gen = [] if prep.echo_only else ids
-            return render.completion(out.prompt_token_ids + gen, out.prompt_logprobs + out.logprobs[: len(gen)], start)
+            plp = trim_prompt_logprobs(out.prompt_logprobs, out.prompt_token_ids, prep.prompt_k(0), params.logprobs)
+            return render.completion(out.prompt_token_ids + gen, plp + out.logprobs[: len(gen)], start)
         return (render.completion if prep.kind == "completion" else render.chat)(ids, out.logprobs, start)
+
+    def _prompt_logprobs(self, prep: Prepared, leader: RequestOutput) -> list[dict | None] | None:
+        """The ``prompt_logprobs`` field of a prompt whose sample 0 gave ``leader`` (None: not asked)."""
+        if prep.prompt_logprobs is None:
+            return None
+        names = LogprobRenderer(self.tokenizer, prep.params[0])
+        return vllm_prompt_logprobs(leader, prep.prompt_k(0), prep.prompt_logprobs, lambda t: names.token(t)[0])
 
     # ------------------------------------------------------------------ the whole answer
 
     def response(self, prep: Prepared, finals: list[RequestOutput]) -> dict:
         """The body for every sub-request's final output (``finals[k]``, sub-request order)."""
-        choices, returned = [], []
+        choices, returned, plps = [], [], []
         for i, params in enumerate(prep.params):
             candidates = finals[i * prep.best_of:(i + 1) * prep.best_of]
             chosen = best_choices(candidates, prep.n) if prep.best_of > prep.n else candidates
+            plps.append(self._prompt_logprobs(prep, finals[prep.leader(i)]))
             for j, out in enumerate(chosen):
-                choices.append(self._choice(prep, params, i * prep.n + j, out, i))
+                choice = self._choice(prep, params, i * prep.n + j, out, i)
+                if plps[i] is not None and prep.kind == "completion":
+                    choice["prompt_logprobs"] = plps[i]
+                choices.append(choice)
                 returned.append(out)
         body = self._head(prep, chunk=False) | {"choices": choices, "usage": self._usage(prep, returned)}
+        if plps[0] is not None and prep.kind == "chat":  # one prompt: vLLM puts it beside the choices
+            body["prompt_logprobs"] = plps[0]
         if prep.return_token_ids and len(prep.prompts) == 1:
             body["prompt_token_ids"] = list(prep.prompts[0])
         return body
@@ -141,15 +204,19 @@ class ResponseWriter:
     # ------------------------------------------------------------------ the stream
 
     def _chunk(self, prep: Prepared, index: int, text: str | None, new_ids: list[int], finish: str | None,
-               role: bool = False, logprobs: dict | None = None) -> dict:
+               role: bool = False, logprobs: dict | None = None, prompt_logprobs: list | None = None) -> dict:
         if prep.kind == "completion":
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            if prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs
         else:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if prep.return_token_ids:
             choice["token_ids"] = list(new_ids)
         body = self._head(prep, chunk=True) | {"choices": [choice]}
+        if prompt_logprobs is not None and prep.kind == "chat":
+            body["prompt_logprobs"] = prompt_logprobs
         if prep.include_usage:
             body["usage"] = None
         return body
@@ -158,15 +225,28 @@ class ResponseWriter:
         """The SSE body: a role chunk per choice (chat), one chunk per engine output that adds text to a choice
         (or ids, with ``return_token_ids``; a choice's last chunk carries its ``finish_reason``), a usage chunk
         if asked, ``[DONE]``. With logprobs, a chunk carries those of every token of its choice not reported
-        by an earlier chunk. Streams have ``best_of == n``, so sub-request ``k`` is choice ``k``. A failure
+        by an earlier chunk; each choice's first chunk (chat: its role chunk) carries its prompt's
+``prompt_logprobs`` if asked. Streams have ``best_of == n``, so sub-request ``k`` is choice ``k``. A failure
         mid-stream (the engine thread stopped, a sub-request refused) is an ``error`` event before ``[DONE]``.
         Cancelled when the client disconnects; every sub-request still running is then aborted."""
         subs = fan.subs
         states = [_ChoiceStream(self.tokenizer, s.params) for s in subs]
+        plps: dict[int, list | None] = {}  # prompt -> its prompt_logprobs field (every sample 0 has started)
+
+        def first_chunk_plp(k: int) -> list | None:
+            """The ``prompt_logprobs`` of choice ``k``'s chunk: its prompt's in the first one, else None."""
+            st, i = states[k], subs[k].prompt
+            if st.started:
+                return None
+            st.started = True
+            if i not in plps:
+                plps[i] = self._prompt_logprobs(prep, fan.first[prep.leader(i)])
+            return plps[i]
+
         try:
             if prep.kind == "chat":
                 for k in range(len(subs)):
-                    yield sse(self._chunk(prep, k, None, [], None, role=True))
+                    yield sse(self._chunk(prep, k, None, [], None, role=True, prompt_logprobs=first_chunk_plp(k)))
             while not fan.done:
                 k, out = await fan.next()
                 if out.finish_reason == "error":
@@ -182,7 +262,8 @@ class ResponseWriter:
                     lp = self._logprobs(prep, subs[k].params, out, st.reported, st.render)
                     gen = 0 if prep.echo_only else len(out.token_ids)
                     st.reported = gen + (len(out.prompt_token_ids) if prep.echo is not None else 0)
-                    yield sse(self._chunk(prep, k, text, new_ids, out.finish_reason, logprobs=lp))
+                    yield sse(self._chunk(prep, k, text, new_ids, out.finish_reason, logprobs=lp,
+                                          prompt_logprobs=first_chunk_plp(k)))
             if prep.include_usage:
                 finals = [fan.finals[k] for k in range(len(subs))]
                 yield sse(self._head(prep, chunk=True) | {"choices": [], "usage": self._usage(prep, finals)})
