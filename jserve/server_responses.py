@@ -16,6 +16,7 @@ each choice. Every choice of a prompt shows its sample 0's (``Prepared.prompt_k`
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import AsyncIterator
 
@@ -233,20 +234,27 @@ class ResponseWriter:
         states = [_ChoiceStream(self.tokenizer, s.params) for s in subs]
         plps: dict[int, list | None] = {}  # prompt -> its prompt_logprobs field (every sample 0 has started)
 
-        def first_chunk_plp(k: int) -> list | None:
+        async def first_chunk_plp(k: int) -> list | None:
             """The ``prompt_logprobs`` of choice ``k``'s chunk: its prompt's in the first one, else None."""
             st, i = states[k], subs[k].prompt
             if st.started:
                 return None
             st.started = True
-            if i not in plps:
-                plps[i] = self._prompt_logprobs(prep, fan.first[prep.leader(i)])
+            if i not in plps:  # a long prompt's takes a while: off the event loop
+                plps[i] = await asyncio.to_thread(self._prompt_logprobs, prep, fan.first[prep.leader(i)])
             return plps[i]
+
+        async def event(body: dict) -> str:
+            """``sse(body)``; a chunk with prompt log-probabilities is serialized off the event loop."""
+            if "prompt_logprobs" in body or "prompt_logprobs" in body["choices"][0]:
+                return await asyncio.to_thread(sse, body)
+            return sse(body)
 
         try:
             if prep.kind == "chat":
                 for k in range(len(subs)):
-                    yield sse(self._chunk(prep, k, None, [], None, role=True, prompt_logprobs=first_chunk_plp(k)))
+                    plp = await first_chunk_plp(k)
+                    yield await event(self._chunk(prep, k, None, [], None, role=True, prompt_logprobs=plp))
             while not fan.done:
                 k, out = await fan.next()
                 if out.finish_reason == "error":
@@ -262,8 +270,9 @@ class ResponseWriter:
                     lp = self._logprobs(prep, subs[k].params, out, st.reported, st.render)
                     gen = 0 if prep.echo_only else len(out.token_ids)
                     st.reported = gen + (len(out.prompt_token_ids) if prep.echo is not None else 0)
-                    yield sse(self._chunk(prep, k, text, new_ids, out.finish_reason, logprobs=lp,
-                                          prompt_logprobs=first_chunk_plp(k)))
+                    plp = await first_chunk_plp(k)
+                    yield await event(self._chunk(prep, k, text, new_ids, out.finish_reason, logprobs=lp,
+                                                  prompt_logprobs=plp))
             if prep.include_usage:
                 finals = [fan.finals[k] for k in range(len(subs))]
                 yield sse(self._head(prep, chunk=True) | {"choices": [], "usage": self._usage(prep, finals)})
