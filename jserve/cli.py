@@ -65,7 +65,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                  "--num-device-blocks"):
         e.add_argument(flag, type=positive_int, default=None)
     e.add_argument("--max-penalty-requests", type=positive_int, default=None,
-                   help="requests with penalties at once (slots of the penalty tables; default max batch size)")
+                   help="rows of the penalty tables, >= the max batch size (default: the max batch size); more keep "
+                        "paused requests' penalty state on the device")
     e.add_argument("--num-host-blocks", type=int, default=None, help="host (swap) pages; 0 disables offload")
     e.add_argument("--swap-space-gib", type=float, default=None)
     e.add_argument("--decode-buckets", type=int_list, default=None, help="comma list, e.g. 1,4,16")

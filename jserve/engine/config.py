@@ -48,9 +48,10 @@ class EngineConfig:
     # runs one iteration per step() call, start to finish. None: on for accelerators, off on a CPU (there the
     # "device" is the host's own cores, so host work has nothing to hide behind).
     async_scheduling: bool | None = None
-    # Requests with penalties (SamplingParams.presence/frequency/repetition_penalty) queued to the scheduler at
-    # once: each holds a row of the device's penalty tables (vocab_size * 5 bytes). More wait in the engine for
-    # a row. None: max_batch_size.
+    # Rows of the device's penalty tables (vocab_size * 5 bytes each; SamplingParams.presence/frequency/
+    # repetition_penalty): at least max_batch_size, one per row of a step. They cache the state of requests
+    # outside the step too; a request whose row was reused rebuilds it from its token ids when it runs again
+    # (jserve/engine/penalties.py). None: max_batch_size.
     max_penalty_requests: int | None = None
     # Skip sampling work no row of a batch needs (the sort and draw of an all-greedy batch, log-probabilities,
     # penalties) with run-time branches. None: on a CPU only; on a GPU each such branch makes the thread that
@@ -93,6 +94,11 @@ class EngineConfig:
         if self.cost_model is not None and not isinstance(self.cost_model, IterationCostModel):
             raise ValueError("EngineConfig.cost_model must be None, an IterationCostModel or (for LLM) the path of a "
                              f"cost profile, got {type(self.cost_model).__name__}")
+        if self.max_penalty_requests is not None and self.max_penalty_requests < self.max_batch_size:
+            raise ValueError(
+                f"EngineConfig.max_penalty_requests ({self.max_penalty_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}): every row of a step may need a penalty slot"
+            )
         if self.max_tokens_per_batch < self.max_batch_size:
             raise ValueError(
                 f"EngineConfig.max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= max_batch_size "

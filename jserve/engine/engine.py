@@ -101,7 +101,7 @@ class LLMEngine:
                 prompt_logprobs=cfg.enable_prompt_logprobs,
             ),
         )
-        self._penalty_slots = PenaltySlots(num_penalty)  # its .waiting: requests with penalties, not yet queued
+        self._penalty_slots = PenaltySlots(num_penalty)
         base = cfg.scheduler_config or SchedulerConfig()
         sched_cfg = base.replace(
             block_size=cfg.page_size,
@@ -128,7 +128,7 @@ class LLMEngine:
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._t0 = time.perf_counter()
         self.stats = {"steps": 0, "compute_steps": 0, "tokens": 0, "blocks_out": 0, "blocks_in": 0, "drops": 0,
-                      "compiles_after_warmup": 0}
+                      "penalty_rebuilds": 0, "compiles_after_warmup": 0}
         self.compile_seconds = self.runner.warmup(progress=cfg.progress)
         self._watch = CompileWatch().__enter__()  # counts any compilation from here on
         self._t0 = time.perf_counter()  # the engine clock starts when it can serve
@@ -209,42 +209,16 @@ class LLMEngine:
         req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
         seq = SequenceState(req, sp, seed, ids, out, eos, adjust=adjust)
-        if sp.has_penalties:  # queued to the scheduler once it holds a penalty slot (now, if one is free)
-            self._seqs[rid] = seq
-            self._penalty_slots.waiting.append(seq)
-            # earlier waiting requests may get a slot here (freed since the last step) and be refused: the
-            # next step reports them (this one's own refusal is returned now)
-            self._refused += [o for o in self._admit_penalty_requests(now) if o is not out]
-            return out
         if not self.scheduler.add(req, now):
             return self._refuse(out, f"the scheduler refused the request: {req.reject_reason}", now)
         self._seqs[rid] = seq
         return out
 
-    def _admit_penalty_requests(self, now: float) -> list[RequestOutput]:
-        """Give free penalty slots to the requests waiting for one, in order, and queue them to the scheduler
-        (with their original arrival time). Returns the outputs of those the scheduler refused."""
-        slots = self._penalty_slots
-        refused = []
-        while slots.waiting and slots.num_free:
-            seq = slots.waiting.popleft()
-            rid = seq.request.request_id
-            seq.penalty_slot, seq.penalty_reset = slots.acquire(rid), True
-            if not self.scheduler.add(seq.request, now):
-                self._retire(rid)
-                reason = f"the scheduler refused the request: {seq.request.reject_reason}"
-                refused.append(self._refuse(seq.output, reason, now))
-        return refused
-
     def _retire(self, request_id: Hashable) -> "SequenceState | None":
-        """Forget a live request (its output is final, or about to be): its penalty slot goes back, or it
-        leaves the queue for one."""
+        """Forget a live request (its output is final, or about to be): its penalty slot, if any, goes back."""
         seq = self._seqs.pop(request_id, None)
-        if seq is not None and seq.params.has_penalties:
-            if seq.penalty_slot is None:
-                self._penalty_slots.waiting.remove(seq)
-            else:
-                self._penalty_slots.release(request_id)
+        if seq is not None:
+            self._penalty_slots.release(request_id)
         return seq
 
     def _refuse(self, out: RequestOutput, reason: str, now: float) -> RequestOutput:
@@ -272,7 +246,7 @@ class LLMEngine:
         seq = self._retire(request_id)
         if seq is None:
             return False
-        self.scheduler.abort(request_id)  # False for a request still waiting for a penalty slot
+        self.scheduler.abort(request_id)
         self._release_host_pages()
         seq.output.finish_reason = "abort"
         seq.output.metrics.finish_time = self.now()
@@ -334,7 +308,6 @@ class LLMEngine:
         else:
             stopped, self._stopped = self._stopped, []
             self._abort_stopped(stopped)
-        changed += self._admit_penalty_requests(now)  # slots freed by the last iteration
         plan = sched.schedule(now)
         self.stats["steps"] += 1
         for req, reason in plan.rejected:
@@ -375,6 +348,8 @@ class LLMEngine:
         fills: list[tuple[int, int]] = []  # (row, index in flight's tokens) of placeholder tokens
         plp_rows, plp_at, packed = [], [], 0  # prompt logprobs: packed positions, (sequence, prompt position)
         work = [(e.request, e.num_tokens, e.samples_token) for e in plan.prefill] + [(r, 1, True) for r in plan.decode]
+        busy = {r.request_id for r, _, _ in work}
+        rebuilds: list[tuple] = []  # (slot, prompt ids, generated ids) of penalty slots to rebuild first
         for r, n, samples in work:
             seq = self._seqs[r.request_id]
             c = r.num_computed_tokens
@@ -389,9 +364,8 @@ class LLMEngine:
                 tokens = seq.token_slice(c, n)
             drawn = len(seq.output.token_ids) + (waiting is not None)
             pen = None
-            if seq.penalty_slot is not None:
-                pen = PenaltyRow(seq.penalty_slot, seq.penalty_reset, samples)
-                seq.penalty_reset = False
+            if seq.params.has_penalties:
+                pen = self._penalty_row(seq, c, drawn, samples, busy, rebuilds, waiting is not None)
             adjust = seq.adjust[drawn >= seq.params.min_tokens] if samples else ()
             rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn), pen, adjust))
             for pos in seq.prompt_logprob_targets(c, n):
@@ -405,6 +379,8 @@ class LLMEngine:
             seq = self._seqs.get(r.request_id)
             if seq is not None:
                 seq.output.metrics.num_preemptions += 1
+        if rebuilds:
+            self.runner.rebuild_penalty_slots(rebuilds)
         prepared = self.runner.prepare(rows) if rows else None
         for row, j in fills:  # taken from flight's tokens on the device: no wait here
             prepared.feed_last_token(row, j)
@@ -420,6 +396,26 @@ class LLMEngine:
             self.runner.copy("in", plan.swap_in)
         self._release_host_pages(plan)
         return InFlight(plan, now, samplers, outputs, prompt_logprobs=plp, prompt_positions=plp_at)
+
+    def _penalty_row(self, seq: SequenceState, start: int, drawn: int, samples: bool, busy: set,
+                     rebuilds: list, in_flight: bool) -> PenaltyRow:
+        """The penalty slot of a row of the step being dispatched (``busy``: its requests). A request without
+        one gets one (a free one, or the least recently used one of a request outside the step): zeroed by
+        the step when nothing of it was computed or generated yet (the step's tokens mark it), else rebuilt
+        from its token ids first (appended to ``rebuilds``)."""
+        rid = seq.request.request_id
+        slots = self._penalty_slots
+        slot = slots.slot_of(rid)
+        fresh = False
+        if slot is None:
+            if in_flight:  # a request with a token in flight ran in that step and kept its slot since
+                raise RuntimeError(f"request {rid!r}: no penalty slot while its token is in flight")
+            slot, _ = slots.acquire(rid, busy)
+            fresh = start == 0 and drawn == 0
+            if not fresh:
+                rebuilds.append((slot, seq.prompt_ids, seq.output.token_ids))
+                self.stats["penalty_rebuilds"] += 1
+        return PenaltyRow(slot, fresh, samples)
 
     def _collect(self, flight: "InFlight") -> list[RequestOutput]:
         """Append a finished step's tokens to its sequences and check their stop conditions."""

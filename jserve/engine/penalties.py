@@ -13,23 +13,31 @@ Semantics (vLLM's), per row, on the raw logits before temperature / top-k / top-
 The results are clamped to float32's finite range: an extreme r overflows ``logit / r`` (or ``logit * r``),
 and an infinite logit would turn the sampler's ``logits - max`` into NaN.
 
-State. A request with any penalty holds one of ``N`` slots (``EngineConfig.max_penalty_requests``) from
-when it is queued to the scheduler until it finishes, is aborted or refused. The runner keeps two tables on
-the device beside the KV pool, donated to every step and updated in place: ``counts [N, V] int32`` (times
-each id was generated) and ``seen [N, V] bool`` (ids fed to the model: the prompt and every generated
-token, since each generated token is the input of the request's next step). A step takes, per row, the slot
-whose tables penalize its logits, the slot to zero first (the request's first dispatch) and the slot whose
-``counts`` take its sampled token (rows that really sample); per packed token, the slot whose ``seen`` it
-marks. "No slot" is ``N`` (out of range: gathers fill, scatters drop). With ``skip_idle`` (the default on
-a CPU; see ``sampling``'s module docstring) all of it (and the sampler after it) runs under ``lax.cond``,
-skipped at run time when no row or token names a slot or an adjusted id, so batches without penalties,
-``logit_bias`` or ``min_tokens`` pay four predicates; without it, it runs for every batch and leaves rows
-without a slot or an adjustment as they are.
+State. The runner keeps two tables on the device beside the KV pool, donated to every step and updated in
+place: ``counts [N, V] int32`` (times each id was generated) and ``seen [N, V] bool`` (ids fed to the model:
+the prompt and every generated token, since each generated token is the input of the request's next step).
+``N`` slots (``EngineConfig.max_penalty_requests``, at least ``max_batch_size``) hold the state of requests
+with any penalty. Since the host can rebuild a slot from a request's token ids (``seen``: its prompt and
+generated ids; ``counts``: its generated ids), a slot is a cache and only the rows of the step being
+dispatched need one: a request keeps its slot after its step until a request of a later step needs one and
+none is free (``PenaltySlots``: least recently dispatched first, never one of that step). A request
+dispatched without a slot gets one that the step itself zeroes when nothing of the request was computed or
+generated yet (its first dispatch: the step's tokens mark it), or that ``rebuild_slots`` (bucketed by the
+number of ids, dispatched before the step) rebuilds otherwise. So every penalty request is queued to the
+scheduler at once, like any other, whatever ``N``. A step takes, per row, the slot whose tables penalize
+its logits, the slot to zero first and the slot whose ``counts`` take its sampled token (rows that really
+sample); per packed token, the slot whose ``seen`` it marks. "No slot" is ``N`` (out of range: gathers
+fill, scatters drop). With ``skip_idle`` (the default on a CPU; see ``sampling``'s module docstring) all of
+it (and the sampler after it) runs under ``lax.cond``, skipped at run time when no row or token names a
+slot or an adjusted id, so batches without penalties, ``logit_bias`` or ``min_tokens`` pay four predicates;
+without it, it runs for every batch and leaves rows without a slot or an adjustment as they are.
 
-Because the tables are threaded through the steps on the device, async scheduling (a row whose newest
-token is still being sampled by the step in flight) sees that token's update in dispatch order, with no
-host round trip. A recompute after preemption re-marks ``seen`` (idempotent) and only the one new token it
-samples adds to ``counts``; swaps leave the slot alone.
+Because the tables are threaded through the steps (and rebuilds) on the device, async scheduling (a row
+whose newest token is still being sampled by the step in flight) sees that token's update in dispatch order,
+with no host round trip; a request with a token in flight ran in that step and still holds its slot, and a
+slot taken from a request whose step is in flight is rebuilt after that step records into it. A recompute
+after preemption re-marks ``seen`` (idempotent) and only the one new token it samples adds to ``counts``;
+swaps leave the slot alone.
 
 Adjustments: before the penalties (vLLM's V1 sampler applies its logit-bias and min-tokens processors
 first), each row adds up to ``MAX_ADJUSTMENTS`` sparse values to its raw logits, ``adjust_ids [S, K]`` /
@@ -52,8 +60,9 @@ import numpy as np
 
 from .sampling import MAX_LOGIT_BIAS, when_needed
 
-__all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "init_tables", "table_bytes", "apply_penalties",
-           "sample_processed", "record_tokens", "request_adjustments", "MAX_BANNED_IDS", "MAX_ADJUSTMENTS"]
+__all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "SlotRebuild", "init_tables", "table_bytes",
+           "apply_penalties", "sample_processed", "record_tokens", "rebuild_slots", "request_adjustments",
+           "MAX_BANNED_IDS", "MAX_ADJUSTMENTS"]
 
 MAX_BANNED_IDS = 32  # ids a row may mask for min_tokens (its end-of-sequence ids and stop_token_ids)
 MAX_ADJUSTMENTS = MAX_BANNED_IDS + MAX_LOGIT_BIAS  # K: sparse logit adjustments per row (64)
@@ -237,20 +246,39 @@ def record_tokens(
 
 
 class PenaltySlots:
-    """Host bookkeeping: which request holds which slot, and the requests waiting for one (in order)."""
+    """Host bookkeeping: which request holds which slot, least recently dispatched first.
+
+    A slot is a cache of state the host can rebuild from a request's token ids, so only the rows of the step
+    being dispatched need one: ``acquire`` hands out a free slot, else takes the least recently used one from
+    a request outside that step (which then rebuilds when it is dispatched again). With at least as many
+    slots as a step has rows, a slot is always found."""
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
-        self._held: dict[Hashable, int] = {}
-        self.waiting: collections.deque = collections.deque()  # whatever the engine queues, in order
+        self._held: collections.OrderedDict[Hashable, int] = collections.OrderedDict()  # LRU first
 
-    def acquire(self, owner: Hashable) -> int | None:
-        """A free slot for ``owner`` (None when all are held)."""
-        if not self._free:
-            return None
-        slot = self._held[owner] = self._free.pop()
+    def slot_of(self, owner: Hashable) -> int | None:
+        """``owner``'s slot, marked as the most recently used (None if it holds none)."""
+        slot = self._held.get(owner)
+        if slot is not None:
+            self._held.move_to_end(owner)
         return slot
+
+    def acquire(self, owner: Hashable, busy: "set | frozenset") -> tuple[int, Hashable | None]:
+        """A slot for ``owner`` (which holds none): a free one, else the least recently used one held by a
+        request not in ``busy`` (the owners of the step being dispatched). Returns the slot and the request
+        it was taken from (None for a free one); raises RuntimeError if every slot is busy."""
+        taken = None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            taken = next((o for o in self._held if o not in busy), None)
+            if taken is None:
+                raise RuntimeError(f"all {self.num_slots} penalty slots belong to requests of this step")
+            slot = self._held.pop(taken)
+        self._held[owner] = slot
+        return slot, taken
 
     def release(self, owner: Hashable) -> None:
         """Give back ``owner``'s slot, if it holds one."""
@@ -264,3 +292,53 @@ class PenaltySlots:
 
     def clear(self) -> None:
         self.__init__(self.num_slots)
+
+
+class SlotRebuild(NamedTuple):
+    """Inputs of ``rebuild_slots`` (numpy, host side): slots to zero, then ids to mark per slot. ``N`` (the
+    slot count) means "none" (dropped)."""
+
+    clear: np.ndarray  # [B] int32, slots to zero first
+    token_slot: np.ndarray  # [M] int32, the slot each entry marks
+    tokens: np.ndarray  # [M] int32, ids to mark as seen
+    counted: np.ndarray  # [M] int32, 1 for a generated id (also counted), 0 for a prompt id
+
+    @classmethod
+    def build(cls, owners: Sequence[tuple[int, Sequence[int], Sequence[int]]], b: int, m: int,
+              num_slots: int) -> list["SlotRebuild"]:
+        """``owners``: (slot, prompt ids, generated ids) per slot to rebuild (at most ``b``); the entries go in
+        calls of ``m`` (the first call zeroes the slots)."""
+        if len(owners) > b:
+            raise ValueError(f"{len(owners)} penalty slots to rebuild in one step; at most {b}")
+        none = np.int32(num_slots)
+        clear = np.full(b, none, np.int32)
+        clear[: len(owners)] = [slot for slot, _, _ in owners]
+        slots = np.concatenate([np.full(len(p) + len(g), slot, np.int32) for slot, p, g in owners])
+        tokens = np.concatenate([np.asarray(list(p) + list(g), np.int32) for _, p, g in owners])
+        counted = np.concatenate([np.r_[np.zeros(len(p), np.int32), np.ones(len(g), np.int32)]
+                                  for _, p, g in owners])
+
+        def part(a: np.ndarray, start: int, fill) -> np.ndarray:  # entries start .. start+m-1, padded
+            a = a[start : start + m]
+            return np.r_[a, np.full(m - len(a), fill, np.int32)]
+
+        return [cls(clear if start == 0 else np.full(b, none, np.int32), part(slots, start, none),
+                    part(tokens, start, 0), part(counted, start, 0))
+                for start in range(0, max(len(tokens), 1), m)]
+
+
+def rebuild_slots(
+    tables: Tables,  # (counts [N, V] int32, seen [N, V] bool)
+    clear: jax.Array,  # [B] int32
+    token_slot: jax.Array,  # [M] int32
+    tokens: jax.Array,  # [M] int32
+    counted: jax.Array,  # [M] int32
+) -> Tables:
+    """Zero the ``clear`` slots, then mark each entry's id as seen in its slot and add ``counted`` to its
+    count: a slot's state rebuilt from its request's token ids (traceable; "none" entries are dropped)."""
+    counts, seen = tables
+    counts = counts.at[clear].set(0, mode="drop")
+    seen = seen.at[clear].set(False, mode="drop")
+    seen = seen.at[token_slot, tokens].set(True, mode="drop")
+    counts = counts.at[token_slot, tokens].add(counted, mode="drop")
+    return counts, seen

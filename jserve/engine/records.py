@@ -28,8 +28,6 @@ class SequenceState:
     prompt_ids: list[int]
     output: RequestOutput
     stop_eos: frozenset[int]  # end-of-sequence ids that stop it (empty with ignore_eos)
-    penalty_slot: int | None = None  # its row of the penalty tables (requests with penalties, once queued)
-    penalty_reset: bool = False  # the slot is to be zeroed by the request's first step
     # what a sampling row adds to its logits, while fewer than min_tokens are generated and after: () or
     # (ids [k] int32, values [k] float32): logit_bias, plus -inf per end-of-sequence and stop id in the first
     adjust: tuple = ((), ())

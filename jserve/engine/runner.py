@@ -40,7 +40,8 @@ from flax import nnx
 from kernels_pallas import AttentionMetadata
 
 from .kv_cache import KVCache, bucket_pairs, gather_pages, scatter_pages
-from .penalties import PenaltyArrays, PenaltyRow, init_tables, record_tokens, sample_processed
+from .penalties import (PenaltyArrays, PenaltyRow, SlotRebuild, init_tables, rebuild_slots, record_tokens,
+                        sample_processed)
 from .sampling import SamplingArrays, sample_tokens, token_logprobs
 
 __all__ = ["RunnerConfig", "BatchRow", "ModelRunner", "PreparedStep", "StepOutputs", "powers_of_two"]
@@ -71,7 +72,7 @@ class RunnerConfig:
     # 256): every request splits into chunks without padding slots (which would be moved and kept for nothing)
     # with ten executables to compile.
     swap_buckets: tuple[int, ...] = ()
-    penalty_slots: int = 0  # requests with penalties at once (rows of the penalty tables); 0: max_batch_size
+    penalty_slots: int = 0  # rows of the penalty tables (penalties.PenaltySlots); 0: max_batch_size
     # skip sampling work no row needs with run-time branches (sampling.py's module docstring); None: on a CPU
     # only (on a GPU each branch makes the dispatching thread wait for the device)
     skip_idle_work: bool | None = None
@@ -105,6 +106,15 @@ class RunnerConfig:
     def max_step_tokens(self) -> int:
         """The most packed tokens of any step (rows of the hidden states a step returns)."""
         return max(max(self.decode_buckets), max(self.token_buckets))
+
+    @property
+    def rebuild_buckets(self) -> tuple[int, ...]:
+        """Entries (token ids) per penalty-slot rebuild executable: 512, 4096, 32768, up to the first that
+        holds a full batch of full-length requests; a larger rebuild runs in several calls of the largest."""
+        out = [512]
+        while out[-1] < min(self.max_batch_size * self.max_model_len, 32768):
+            out.append(out[-1] * 8)
+        return tuple(out)
 
     @property
     def prompt_logprob_buckets(self) -> tuple[int, ...]:
@@ -152,6 +162,7 @@ class TracedFunctions(NamedTuple):
     gather: Callable  # (pool, src) -> staged
     scatter: Callable  # (pool, staged, dst) -> pool
     prompt_logprobs: Callable  # (state leaves, hidden, rows, targets) -> (chosen, top ids, top logprobs, ranks)
+    rebuild: Callable  # (tables, clear, token_slot, tokens, counted) -> tables (penalties.rebuild_slots)
 
 
 PROMPT_LOGPROB_CHUNK = 256  # positions whose [rows, vocab] logits prompt_logprobs holds at once
@@ -212,6 +223,7 @@ def traced_functions(model, device, skip_idle: bool, hidden_rows: int = 0) -> Tr
         gather=jax.jit(gather_pages),
         scatter=jax.jit(scatter_pages, donate_argnums=(0,)),
         prompt_logprobs=jax.jit(prompt_logprobs),
+        rebuild=jax.jit(rebuild_slots, donate_argnums=(0,)),
     )
     return fns
 
@@ -251,6 +263,7 @@ class ModelRunner:
     def executable_keys(self) -> list[tuple]:
         c = self.config
         keys = [("decode", s) for s in c.decode_buckets] + [("mixed", t) for t in c.token_buckets]
+        keys += [("rebuild", m) for m in c.rebuild_buckets]
         if c.prompt_logprobs:
             keys += [("prompt_logprobs", p) for p in c.prompt_logprob_buckets]
         if self.kv.num_host_pages > 0:
@@ -294,6 +307,10 @@ class ModelRunner:
                 return self.fns.gather.lower(kv.device, idx).compile()
             staged = jax.eval_shape(self.fns.gather, kv.device, idx)
             return self.fns.scatter.lower(kv.device, staged, idx).compile()
+        if key[0] == "rebuild":
+            idx = np.zeros(key[1], np.int32)
+            clear = np.zeros(self.config.max_batch_size, np.int32)
+            return self.fns.rebuild.lower(self.penalty_tables, clear, idx, idx, idx).compile()
         if key[0] == "prompt_logprobs":
             idx = np.zeros(key[1], np.int32)
             hidden = jax.ShapeDtypeStruct((self.hidden_rows, self.model.config.hidden_size),
@@ -446,6 +463,16 @@ class ModelRunner:
             step.penalties, self._no_tokens if prev_tokens is None else prev_tokens, step.feed)
         self._scatter_in(loads)
         return outputs
+
+    def rebuild_penalty_slots(self, owners: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> None:
+        """Dispatch the rebuild of penalty slots from token ids, ``owners``: (slot, prompt ids, generated ids)
+        per slot (at most ``max_batch_size``): each slot is zeroed, then marks its ids as seen and counts its
+        generated ids. Ordered before the next step by the tables' data flow; nothing waits for the device."""
+        total = sum(len(p) + len(g) for _, p, g in owners)
+        buckets = self.config.rebuild_buckets
+        m = next((b for b in buckets if b >= total), buckets[-1])
+        for call in SlotRebuild.build(owners, self.config.max_batch_size, m, self.num_penalty_slots):
+            self.penalty_tables = self._get(("rebuild", m))(self.penalty_tables, *call)
 
     def prompt_logprobs(self, hidden: jax.Array, rows: Sequence[int], targets: Sequence[int]):
         """Dispatch the log-probabilities of ``targets[i]`` after packed position ``rows[i]`` of the step whose

@@ -409,6 +409,7 @@ def test_shutdown_ends_the_streams_still_running(tiny, prompts):
     (dict(scheduler="nope"), "unknown scheduler policy 'nope'"),
     (dict(cost_model=5), "EngineConfig.cost_model must be"),  # was AttributeError inside the policy
     (dict(max_penalty_requests=0), "EngineConfig.max_penalty_requests must be None or an int >= 1, got 0"),
+    (dict(max_penalty_requests=3, max_batch_size=4), "EngineConfig.max_penalty_requests (3) must be >= max_batch_size (4)"),
 ])
 def test_bad_engine_options_raise_value_errors_naming_them(tiny, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):

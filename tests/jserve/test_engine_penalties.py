@@ -6,7 +6,8 @@ fresh cache, no scheduler, no sampler, no penalty tables) in a greedy loop; and 
 ``generate(repetition_penalty=...)`` on a tiny random Llama it wrote. Checked: greedy outputs token for
 token (r < 1 and r > 1, negative presence / frequency, all three at once) beside plain rows, more penalty
 requests than slots, seeded sampling, equality under memory pressure (swaps, recompute) and async
-scheduling, the on-device table updates against numpy, validation, and the stop-id vocabulary refusal.
+scheduling, slots rebuilt from token ids after another request took them, the on-device table updates
+against numpy, validation, and the stop-id vocabulary refusal.
 ``logit_bias`` (the same sparse adjustments as the ``min_tokens`` mask) is checked against the same
 references: forced and removed greedy tokens, raw log-probabilities, with penalties and ``min_tokens``."""
 
@@ -18,14 +19,15 @@ import numpy as np
 import pytest
 
 from jserve.engine import LLM, SamplingParams
-from jserve.engine.penalties import PenaltyArrays, PenaltyRow, apply_penalties, record_tokens, sample_processed
+from jserve.engine.penalties import (PenaltyArrays, PenaltyRow, PenaltySlots, SlotRebuild, apply_penalties,
+                                     rebuild_slots, record_tokens, sample_processed)
 from jserve.models import load
 from jserve.models.paged import PageAllocator, SeqChunk, build_step, pages_needed
 
-SLOTS = 3
+SLOTS = 4  # = max_batch_size, the fewest allowed
 SMALL = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=128, decode_buckets=(4,),
              token_buckets=(64,), swap_buckets=(8,), progress=False, max_penalty_requests=SLOTS)
-TIGHT = dict(SMALL, num_device_blocks=14, num_host_blocks=64, max_penalty_requests=8)  # forces preemption
+TIGHT = dict(SMALL, num_device_blocks=14, num_host_blocks=64)  # forces preemption (and slot rebuilds)
 ROOMY = dict(SMALL, num_device_blocks=64, num_host_blocks=64)
 NEW = 12
 
@@ -152,21 +154,67 @@ def test_table_updates_against_numpy():
     np.testing.assert_array_equal(np.asarray(tables2[1]), seen)
 
 
-def test_greedy_penalties_match_the_reference_with_more_requests_than_slots(tiny, llm, prompts):
+def test_slot_rebuild_against_numpy():
+    """``rebuild_slots`` over ``SlotRebuild.build``'s calls (split over several calls of 8 entries): the
+    rebuilt slots hold exactly their prompt and generated ids as seen and their generated ids' counts (a
+    repeated id counted twice), whatever they held before; other slots are untouched."""
+    n, vocab = 4, 12
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 4, (n, vocab)).astype(np.int32)
+    seen = rng.random((n, vocab)) < 0.5
+    owners = [(2, [1, 5, 5], [7, 7, 3]), (0, [11, 0], [9, 1, 1, 1, 4, 6, 2, 8, 10])]
+    calls = SlotRebuild.build(owners, 3, 8, n)
+    assert len(calls) == 3 and calls[0].clear.tolist() == [2, 0, n] and calls[1].clear.tolist() == [n] * 3
+    fn = jax.jit(rebuild_slots)
+    tables = (counts, seen)
+    for call in calls:
+        tables = fn(tables, *call)
+    want_c, want_s = counts.copy(), seen.copy()
+    for slot, prompt, gen in owners:
+        want_s[slot] = np.isin(np.arange(vocab), prompt + gen)
+        want_c[slot] = np.bincount(gen, minlength=vocab)
+    np.testing.assert_array_equal(np.asarray(tables[0]), want_c)
+    np.testing.assert_array_equal(np.asarray(tables[1]), want_s)
+    with pytest.raises(ValueError, match="4 penalty slots to rebuild"):
+        SlotRebuild.build(owners * 2, 3, 8, n)
+
+
+def test_penalty_slots_lend_the_least_recently_used_slot_outside_the_step():
+    slots = PenaltySlots(3)
+    assert [slots.acquire(r, {r})[0] for r in "abc"] == [0, 1, 2] and slots.num_free == 0
+    assert slots.slot_of("a") == 0  # used again: b is now the least recently used
+    assert slots.acquire("d", {"d", "b"}) == (2, "c")  # b is in the step: c is the oldest outside it
+    assert slots.slot_of("c") is None and slots.acquire("e", {"e", "a", "d"}) == (1, "b")
+    with pytest.raises(RuntimeError, match="all 3 penalty slots"):
+        slots.acquire("f", {"f", "a", "d", "e"})
+    slots.release("a")
+    assert slots.acquire("f", {"f", "d", "e"}) == (0, None) and slots.num_free == 0
+
+
+def test_greedy_penalties_match_the_reference_with_more_requests_than_slots(tiny, prompts):
+    """Eight penalty requests and four slots under fastserve, whose queues rotate the batch: every request
+    is queued to the scheduler at once, requests that rejoin after their slot went to another rebuild it from
+    their token ids, and every output equals the reference's."""
+    llm = LLM(tiny, scheduler="fastserve", **ROOMY)
     eng = llm.engine
     params = [params_of(pen, max_tokens=NEW, ignore_eos=True) for pen in PENALTIES]
     outs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
-    assert len(eng._penalty_slots.waiting) == len(PENALTIES) - 1 - SLOTS  # the rest wait for a slot
-    waiting = eng._penalty_slots.waiting[-1].request.request_id
-    assert eng.abort(waiting) and outs[-1].finish_reason == "abort"  # leaves the queue
+    assert all(eng.scheduler.get(o.request_id) is not None for o in outs)  # none waits outside the scheduler
+    eng.step()
+    assert eng._penalty_slots.slot_of(outs[1].request_id) is not None
+    free = eng._penalty_slots.num_free
+    assert eng.abort(outs[1].request_id)  # a slot's holder leaves: the slot is free again
+    assert outs[1].finish_reason == "abort" and eng._penalty_slots.num_free == free + 1
     eng.run_until_done()
+    assert eng.stats["penalty_rebuilds"] > 0  # rejoining requests rebuilt their slots
     ref = reference_greedy(tiny, prompts, PENALTIES, NEW)
     plain = reference_greedy(tiny, prompts, [PENALTIES[0]] * len(prompts), NEW)
-    for i, (out, r) in enumerate(zip(outs[:-1], ref)):
-        assert out.finish_reason == "length" and out.token_ids == r, (i, PENALTIES[i])
-        if i:
+    for i, (out, r) in enumerate(zip(outs, ref)):
+        if i != 1:
+            assert out.finish_reason == "length" and out.token_ids == r, (i, PENALTIES[i])
+        if i > 1:
             assert r != plain[i], PENALTIES[i]  # the penalty changed the output (the test can fail)
-    assert eng._penalty_slots.num_free == SLOTS and not eng._penalty_slots.waiting
+    assert eng._penalty_slots.num_free == SLOTS
     assert eng.stats["compiles_after_warmup"] == 0
 
 
@@ -240,7 +288,7 @@ def test_an_interrupted_step_frees_every_slot(tiny, llm, prompts):
                 eng.step()
     finally:
         del eng.runner.launch  # the instance attribute off: the method shows through
-    assert eng._penalty_slots.num_free == SLOTS and not eng._penalty_slots.waiting and not eng.has_unfinished()
+    assert eng._penalty_slots.num_free == SLOTS and not eng.has_unfinished()
     # a reused slot is reset: r < 1 favours seen ids, so stale marks of another prompt would show
     again = llm.generate([prompts[6]], params_of((0.2, 0.0, 0.0), max_tokens=NEW, ignore_eos=True))[0]
     assert again.token_ids == reference_greedy(tiny, [prompts[6]], [(0.2, 0.0, 0.0)], NEW)[0]
@@ -325,31 +373,6 @@ def test_extreme_repetition_penalties_keep_the_logits_finite(tiny, llm, prompts)
         x = penalize(last_logits(tiny, [p + got[:j]])[0], p, got[:j], (1.2e-38, 0.0, 0.0))
         x = np.clip(x, -big, big)
         assert x[tok] == x.max(), (j, tok, got)
-
-
-def test_a_waiting_request_refused_when_another_request_frees_its_way_is_reported(tiny, prompts):
-    """A penalty request waiting for a slot that the scheduler refuses once it gets one: when the slot is
-    handed over inside ``add_request`` (a new penalty request arriving after a step freed slots, as the async
-    engine does between steps), its refusal must still come back from a ``step`` (it was dropped: an
-    ``AsyncLLMEngine`` stream, or a server request, waited for it forever)."""
-    # vllm admits at most 14 - 1 - 7 = 6 blocks (watermark), so 127 tokens (8 blocks) are refused
-    llm = LLM(tiny, scheduler="vllm", scheduler_options={"watermark": 0.5}, **TIGHT)
-    eng = llm.engine
-    pen = dict(repetition_penalty=1.2, ignore_eos=True)
-    holders = [eng.add_request(p[:8], SamplingParams(max_tokens=2, **pen)) for p in prompts[:8]]  # every slot
-    big = eng.add_request(prompts[0][:10], SamplingParams(max_tokens=117, **pen))
-    assert not big.finished and len(eng._penalty_slots.waiting) == 1
-    changed = []
-    while not any(h.finished for h in holders):  # a batch of 4 finishes: 4 slots free after the step
-        changed += eng.step()
-    assert not big.finished
-    late = eng.add_request(prompts[1][:8], SamplingParams(max_tokens=2, **pen))  # hands big a slot first
-    assert big.finish_reason == "error" and "watermark" in big.error
-    while eng.has_unfinished():
-        changed += eng.step()
-    assert any(o is big for o in changed), "the refusal was never reported"
-    assert late.finish_reason == "length" and all(h.finish_reason == "length" for h in holders)
-    assert eng._penalty_slots.num_free == 8 and not eng.has_unfinished()
 
 
 def test_penalty_tables_larger_than_the_free_memory_are_refused_naming_the_option(tiny, monkeypatch):

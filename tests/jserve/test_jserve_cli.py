@@ -138,8 +138,8 @@ def test_max_penalty_requests_is_an_engine_option(capsys):
     naming the flag."""
     from jserve.cli import build_parser, engine_options
 
-    args = build_parser().parse_args(["serve", "--max-penalty-requests", "3", "--max-batch-size", "8"])
-    assert engine_options(args) == {"max_penalty_requests": 3, "max_batch_size": 8}
+    args = build_parser().parse_args(["serve", "--max-penalty-requests", "12", "--max-batch-size", "8"])
+    assert engine_options(args) == {"max_penalty_requests": 12, "max_batch_size": 8}
     assert "max_penalty_requests" not in engine_options(build_parser().parse_args(["serve"]))
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--max-penalty-requests", "0"])
