@@ -21,7 +21,7 @@ from flax import nnx
 import kernels_pallas
 from kernels_pallas import AttentionMetadata
 
-from .config import ModelConfig, RopeScaling
+from .config import RopeScaling
 
 __all__ = [
     "Linear",
