@@ -21,6 +21,8 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
+import re
 import sys
 import time
 
@@ -62,6 +64,27 @@ def instrument(engine, sink: dict) -> None:
     records.InFlight.read = timed_read
 
 
+def entry_ops(hlo_text: str) -> dict[str, int]:
+    """Op counts of an optimized HLO module's ENTRY computation (what the host launches one by one, unless
+    XLA wrapped runs of them into command buffers: ``call`` ops to ``command_buffer`` computations), with
+    custom calls split by target (cuBLAS GEMMs, Triton / Pallas kernels)."""
+    counts: dict[str, int] = collections.Counter()
+    entry = hlo_text[hlo_text.find("ENTRY"):]
+    for line in entry.splitlines()[1:]:
+        if line.strip() == "}":
+            break
+        rhs = line.split(" = ", 1)[-1]
+        m = re.search(r"\s([a-z][\w-]*)\(", " " + rhs.split("{")[0] if rhs.startswith("(") else " " + rhs)
+        if not m:
+            continue
+        op = m.group(1)
+        if op == "custom-call":
+            t = re.search(r'custom_call_target="([^"]+)"', line)
+            op += ":" + (t.group(1) if t else "?")
+        counts[op] += 1
+    return dict(counts)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama-3-8b")
@@ -98,7 +121,8 @@ def main(argv=None) -> int:
                        num_device_blocks=num_pages, num_host_blocks=4, decode_buckets=tuple(batches),
                        token_buckets=(budget,), swap_buckets=(2,), progress=False)
     res = {"device": str(jax.devices()[0]), "jax": jax.__version__, "preset": a.preset, "dtype": a.dtype,
-           "date": time.strftime("%Y-%m-%d"), "rows": []}
+           "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": [],
+           "entry_ops": {}}
     rng = np.random.default_rng(0)
     greedy = (SamplingParams(), 0, 0)
     for variant in a.skip_idle_work.split(","):
@@ -127,6 +151,13 @@ def main(argv=None) -> int:
             device_ms = (time.perf_counter() - t0) / a.reps * 1e3
             launch_ms = float(np.median(launches)) * 1e3
             print(f"B={b}: device-bound {device_ms:.2f} ms/step; launch (host) {launch_ms:.2f} ms", flush=True)
+            try:  # what the host launches per step
+                ops = entry_ops(runner._get(("decode", b)).as_text())
+                res["entry_ops"][f"{variant}/B{b}"] = ops
+                top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+                print(f"B={b}: {sum(ops.values())} ENTRY ops: " + ", ".join(f"{k} {v}" for k, v in top), flush=True)
+            except Exception as e:  # the summary is a diagnostic; never lose the timings to it
+                print(f"B={b}: no HLO summary ({type(e).__name__}: {e})", flush=True)
             for rnd in range(a.rounds):
                 for pipelined in (False, True):
                     engine.async_scheduling = pipelined
