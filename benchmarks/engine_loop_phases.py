@@ -74,7 +74,7 @@ def entry_ops(hlo_text: str) -> dict[str, int]:
         if line.strip() == "}":
             break
         rhs = line.split(" = ", 1)[-1]
-        m = re.search(r"\s([a-z][\w-]*)\(", " " + rhs.split("{")[0] if rhs.startswith("(") else " " + rhs)
+        m = re.search(r"\s([a-z][\w-]*)\(", " " + rhs)  # types hold no "word(": the first is the opcode
         if not m:
             continue
         op = m.group(1)
