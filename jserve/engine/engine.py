@@ -354,6 +354,8 @@ class LLMEngine:
             seq = self._seqs[r.request_id]
             c = r.num_computed_tokens
             waiting = pending.get(r.request_id)
+            if waiting is not None and flight.samplers[waiting] is not seq:  # an earlier request of this id
+                waiting = None  # (aborted or stopped, then added again) is sampling that token
             known = seq.num_known_tokens
             if waiting is not None and c + n > known:  # the row ends with the token in flight
                 if c + n != known + 1:
