@@ -4,8 +4,9 @@
     app = build_app(engine, "SmolLM2-135M-Instruct")
     run_server(app, listen("127.0.0.1", 8000))              # or: with serve_in_thread(app) as url: ...
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(request fields in ``jserve.openai_protocol``; user guide in docs/server.md). This module holds the endpoints,
+Endpoints: ``GET /health``, ``GET /metrics`` (Prometheus text: ``jserve.engine.metrics``), ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (request fields in ``jserve.openai_protocol``; user
+guide in docs/server.md). This module holds the endpoints,
 the request's life cycle and the uvicorn runners; ``jserve.server_requests`` checks bodies and plans the
 engine requests, ``jserve.server_fanout`` runs them, ``jserve.server_responses`` writes the answers.
 
@@ -36,6 +37,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jserve.engine.async_engine import AsyncLLMEngine
+from jserve.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jserve.openai_protocol import ApiError
 from jserve.server_fanout import FanOut
 from jserve.server_requests import Prepared, RequestPreparer, ServedModel
@@ -188,6 +190,12 @@ def build_app(engine: AsyncLLMEngine, model_name: str, max_body_bytes: int | Non
         if engine.error is not None:
             return JSONResponse({"status": "error", "error": repr(engine.error)}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:  # Prometheus' text format (jserve/engine/metrics.py)
+        core = engine.engine
+        text = core.metrics.render(core.stats, labels={"model_name": server.model.name})
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

@@ -52,6 +52,7 @@ from schedulers.request import KVLocation, Request
 
 from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
+from .metrics import EngineMetrics
 from .outputs import RequestMetrics, RequestOutput
 from .penalties import PenaltyRow, PenaltySlots, request_adjustments, table_bytes
 from .records import InFlight, SequenceState, fill_prompt_logprobs, logprob_dict
@@ -123,7 +124,8 @@ class LLMEngine:
                                  else self.device.platform != "cpu")
         self._in_flight: InFlight | None = None  # the dispatched iteration whose tokens are not read yet
         self._stopped: list[Hashable] = []  # requests that hit a stop condition, not yet finished by the scheduler
-        self._refused: list[RequestOutput] = []  # refused outside a step (see add_request), for the next step
+        self.metrics = EngineMetrics()  # counters, gauges and latency histograms (the server's /metrics)
+        self._batch_ids: list[Hashable] = []  # the requests of the last dispatched step (the running gauge)
         self._ids = itertools.count()
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._t0 = time.perf_counter()
@@ -168,6 +170,13 @@ class LLMEngine:
         ``oracle_output_len``: the true output length, for oracle policies such as ``srpt`` in experiments). Returns its output object; a refused request (empty or over-long prompt, bad
         parameters, a request that can never fit) comes back finished with ``finish_reason == "error"``
         and ``error`` naming the problem, and nothing else is affected."""
+        out = self._add(prompt, params, request_id, arrival_time, oracle_output_len)
+        if out.finished:
+            self.metrics.observe_finished(out)
+        self._refresh_gauges()
+        return out
+
+    def _add(self, prompt, params, request_id, arrival_time, oracle_output_len) -> RequestOutput:
         rid = next(self._ids) if request_id is None else request_id
         now = self.now()
         arrival = now if arrival_time is None else min(float(arrival_time), now)
@@ -251,12 +260,14 @@ class LLMEngine:
         seq.output.finish_reason = "abort"
         seq.output.metrics.finish_time = self.now()
         seq.output.text = detokenize(self.tokenizer, seq)
+        self.metrics.observe_finished(seq.output)
+        self._refresh_gauges()
         return True
 
     def has_unfinished(self) -> bool:
         """True while a request is live, an iteration's tokens are still to be read, or a refusal is still to
         be reported by ``step``."""
-        return bool(self._seqs) or self._in_flight is not None or bool(self._refused)
+        return bool(self._seqs) or self._in_flight is not None
 
     def get_output(self, request_id: Hashable) -> RequestOutput | None:
         """The output of a live request (None once its output is finished)."""
@@ -273,10 +284,22 @@ class LLMEngine:
         a device error) aborts every live request and gives the engine a fresh scheduler before it propagates:
         the policy would otherwise be left mid-iteration, refusing every later call."""
         try:
-            return self._step()
+            changed = self._step()
         except BaseException as e:
             self._reset_after(e)
             raise
+        for out in changed:
+            if out.finished:
+                self.metrics.observe_finished(out)
+        self._refresh_gauges()
+        return changed
+
+    def _refresh_gauges(self) -> None:
+        """The metrics' gauges after an iteration, an arrival or an abort (O(batch))."""
+        running = sum(1 for rid in self._batch_ids if rid in self._seqs)
+        b = self.scheduler.blocks
+        self.metrics.set_gauges(running, len(self._seqs) - running, b.num_used_device_blocks,
+                                b.num_usable_device_blocks, b.num_used_host_blocks, b.num_host_blocks)
 
     def _reset_after(self, error: BaseException) -> None:
         """Abort every live request (``finish_reason == "abort"``, ``error`` naming ``error``), forget the
@@ -289,6 +312,7 @@ class LLMEngine:
                 out.finish_reason = "abort"
                 out.metrics.finish_time = now
             out.error = out.error or f"aborted: the engine step was interrupted by {type(error).__name__}: {error}"
+            self.metrics.observe_finished(out)
         self._seqs.clear()
         self._penalty_slots.clear()
         self._in_flight = None
@@ -296,10 +320,12 @@ class LLMEngine:
         self.kv.retain_host(())
         old = self.scheduler
         self.scheduler = make_scheduler(old.name, old.config, old.cost_model)
+        self._batch_ids = []
+        self._refresh_gauges()
 
     def _step(self) -> list[RequestOutput]:
         sched = self.scheduler
-        changed, self._refused = self._refused, []
+        changed: list[RequestOutput] = []
         now = self.now()
         flight, self._in_flight = self._in_flight, None
         done: list[Request] = []
@@ -349,6 +375,7 @@ class LLMEngine:
         plp_rows, plp_at, packed = [], [], 0  # prompt logprobs: packed positions, (sequence, prompt position)
         work = [(e.request, e.num_tokens, e.samples_token) for e in plan.prefill] + [(r, 1, True) for r in plan.decode]
         busy = {r.request_id for r, _, _ in work}
+        self._batch_ids = list(busy)
         rebuilds: list[tuple] = []  # (slot, prompt ids, generated ids) of penalty slots to rebuild first
         for r, n, samples in work:
             seq = self._seqs[r.request_id]

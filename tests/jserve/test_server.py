@@ -107,6 +107,33 @@ def test_health_and_models(tiny):
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_metrics_count_what_the_server_served(tiny):
+    """GET /metrics: Prometheus text (parsed line by line by test_engine_metrics.parse) whose counters grow by
+    exactly one request's tokens per completion, labelled with the served model's name."""
+    from test_engine_metrics import parse
+
+    llm, url, prompts, _ = tiny
+    with httpx.Client(base_url=url, timeout=60) as c:
+        before = parse(c.get("/metrics").text)
+        body = c.post("/v1/completions", json={"prompt": prompts[0], "max_tokens": 5, "temperature": 0,
+                                               "ignore_eos": True}).json()
+        assert body["usage"]["completion_tokens"] == 5
+        r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    after = parse(r.text)
+
+    def value(s, name, **labels):
+        return next(v for lab, v in s[name] if all(lab.get(k) == x for k, x in labels.items()))
+
+    assert all(lab.get("model_name") == "tiny" for v in after.values() for lab, _ in v)
+    assert value(after, "jserve:generation_tokens_total") - value(before, "jserve:generation_tokens_total") == 5
+    assert value(after, "jserve:prompt_tokens_total") - value(before, "jserve:prompt_tokens_total") == len(prompts[0])
+    grew = (value(after, "jserve:request_success_total", finished_reason="length")
+            - value(before, "jserve:request_success_total", finished_reason="length"))
+    assert grew == 1 and value(after, "jserve:e2e_request_latency_seconds_count") >= 1
+    assert value(after, "jserve:compiles_after_warmup") == 0
+
+
 def test_completion_matches_the_reference_decode(tiny):
     _, url, prompts, reference = tiny
     with httpx.Client(base_url=url, timeout=60) as c:
