@@ -6,7 +6,8 @@ skip sampling work no row needs, or none):
 
 * **device-bound**: one prepared decode step launched ``--reps`` times back to back (each donates the KV pool
   to the next), then waited for once: the device's own time per step, with host dispatch hidden;
-* **launch**: the host time of ``runner.launch`` alone (packing excluded): what dispatch costs the host;
+* **launch**: the host time of ``runner.launch`` alone (packing excluded): what dispatch costs the host; and
+  the same with the step's input arrays already on the device (what their transfers add);
 * **engine loop**: ``LLMEngine.step()`` in steady state (every request decoding, none finishing inside the
   window), with the host time of each phase of the loop: scheduling, packing, waiting for the sampled ids,
   dispatch, token handling (``_collect``), the scheduler's step end and retiring.
@@ -150,7 +151,22 @@ def main(argv=None) -> int:
             jax.block_until_ready(out.tokens)
             device_ms = (time.perf_counter() - t0) / a.reps * 1e3
             launch_ms = float(np.median(launches)) * 1e3
-            print(f"B={b}: device-bound {device_ms:.2f} ms/step; launch (host) {launch_ms:.2f} ms", flush=True)
+            # the same launch with the step's ~25 input arrays already on the device: what their host->device
+            # transfers (one per array) add to a launch
+            on_device = dataclasses.replace(step, **{f: jax.device_put(getattr(step, f)) for f in (
+                "ids", "pos", "metadata", "sampling", "penalties", "feed")})
+            jax.block_until_ready(runner.launch(on_device).tokens)
+            resident = []
+            for _ in range(a.reps):
+                t1 = time.perf_counter()
+                out = runner.launch(on_device)
+                resident.append(time.perf_counter() - t1)
+            jax.block_until_ready(out.tokens)
+            resident_ms = float(np.median(resident)) * 1e3
+            n_inputs = len(jax.tree.leaves((step.ids, step.pos, step.metadata, step.sampling, step.penalties,
+                                            step.feed)))
+            print(f"B={b}: device-bound {device_ms:.2f} ms/step; launch (host) {launch_ms:.2f} ms, "
+                  f"{resident_ms:.2f} ms with its {n_inputs} inputs already on the device", flush=True)
             try:  # what the host launches per step
                 ops = entry_ops(runner._get(("decode", b)).as_text())
                 res["entry_ops"][f"{variant}/B{b}"] = ops
@@ -180,7 +196,8 @@ def main(argv=None) -> int:
                     engine.run_until_done()
                     row = dict(skip_idle_work=runner.skip_idle_work, batch=b, context=a.context,
                                async_scheduling=pipelined, round=rnd, step_ms=wall, device_bound_ms=device_ms,
-                               launch_ms=launch_ms, finished_in_window=finished,
+                               launch_ms=launch_ms, launch_resident_inputs_ms=resident_ms, num_inputs=n_inputs,
+                               finished_in_window=finished,
                                compiles=engine._watch.count - compiles, phases_ms=phases)
                     res["rows"].append(row)
                     ph = " ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items()))

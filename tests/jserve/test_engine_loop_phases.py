@@ -50,5 +50,6 @@ def test_tiny_run_reports_every_phase(tmp_path):
     assert [(r["batch"], r["async_scheduling"]) for r in rows] == [(2, False), (2, True), (4, False), (4, True)]
     for r in rows:
         assert r["compiles"] == 0 and r["finished_in_window"] == 0 and r["step_ms"] > 0
+        assert r["num_inputs"] > 10 and r["launch_resident_inputs_ms"] > 0
         assert {"schedule", "pack", "dispatch", "collect"} <= set(r["phases_ms"])
     assert set(res["entry_ops"]) == {"off/B2", "off/B4"} and res["entry_ops"]["off/B2"]["fusion"] > 10
