@@ -54,7 +54,7 @@ from .config import EngineConfig, device_pages, host_pages
 from .kv_cache import KVCache, KVCacheSpec
 from .metrics import EngineMetrics
 from .outputs import RequestMetrics, RequestOutput
-from .penalties import PenaltyRow, PenaltySlots, request_adjustments, table_bytes
+from .penalties import PenaltySlots, request_adjustments, table_bytes
 from .records import InFlight, SequenceState, fill_prompt_logprobs, logprob_dict
 from .runner import BatchRow, ModelRunner, RunnerConfig
 from .sampling import SamplingParams
@@ -394,7 +394,11 @@ class LLMEngine:
             drawn = len(seq.output.token_ids) + (waiting is not None)
             pen = None
             if seq.params.has_penalties:
-                pen = self._penalty_row(seq, c, drawn, samples, busy, rebuilds, waiting is not None)
+                pen, rebuild = self._penalty_slots.row(r.request_id, busy, fresh=c == 0 and drawn == 0,
+                                                        samples=samples, in_flight=waiting is not None)
+                if rebuild:
+                    rebuilds.append((pen.slot, seq.prompt_ids, seq.output.token_ids))
+                    self.stats["penalty_rebuilds"] += 1
             adjust = seq.adjust[drawn >= seq.params.min_tokens] if samples else ()
             rows.append(BatchRow(tokens, c, r.blocks, (seq.params, seq.seed, drawn), pen, adjust))
             for pos in seq.prompt_logprob_targets(c, n):
@@ -425,26 +429,6 @@ class LLMEngine:
             self.runner.copy("in", plan.swap_in)
         self._release_host_pages(plan)
         return InFlight(plan, now, samplers, outputs, prompt_logprobs=plp, prompt_positions=plp_at)
-
-    def _penalty_row(self, seq: SequenceState, start: int, drawn: int, samples: bool, busy: set,
-                     rebuilds: list, in_flight: bool) -> PenaltyRow:
-        """The penalty slot of a row of the step being dispatched (``busy``: its requests). A request without
-        one gets one (a free one, or the least recently used one of a request outside the step): zeroed by
-        the step when nothing of it was computed or generated yet (the step's tokens mark it), else rebuilt
-        from its token ids first (appended to ``rebuilds``)."""
-        rid = seq.request.request_id
-        slots = self._penalty_slots
-        slot = slots.slot_of(rid)
-        fresh = False
-        if slot is None:
-            if in_flight:  # a request with a token in flight ran in that step and kept its slot since
-                raise RuntimeError(f"request {rid!r}: no penalty slot while its token is in flight")
-            slot, _ = slots.acquire(rid, busy)
-            fresh = start == 0 and drawn == 0
-            if not fresh:
-                rebuilds.append((slot, seq.prompt_ids, seq.output.token_ids))
-                self.stats["penalty_rebuilds"] += 1
-        return PenaltyRow(slot, fresh, samples)
 
     def _collect(self, flight: "InFlight") -> list[RequestOutput]:
         """Append a finished step's tokens to its sequences and check their stop conditions."""

@@ -280,6 +280,21 @@ class PenaltySlots:
         self._held[owner] = slot
         return slot, taken
 
+    def row(self, owner: Hashable, busy: "set | frozenset", *, fresh: bool, samples: bool,
+            in_flight: bool) -> tuple[PenaltyRow, bool]:
+        """``owner``'s row for the step being dispatched (``busy``: its requests) and whether its slot must be
+        rebuilt from its token ids first. A request holding a slot keeps it; one without gets one
+        (``acquire``), which the step zeroes when ``fresh`` (nothing of the request computed or generated yet:
+        the step's tokens mark it) and which is rebuilt otherwise. A request with a token ``in_flight`` ran in
+        that step and kept its slot since; RuntimeError if it has none."""
+        slot = self.slot_of(owner)
+        if slot is not None:
+            return PenaltyRow(slot, False, samples), False
+        if in_flight:
+            raise RuntimeError(f"request {owner!r}: no penalty slot while its token is in flight")
+        slot, _ = self.acquire(owner, busy)
+        return PenaltyRow(slot, fresh, samples), not fresh
+
     def release(self, owner: Hashable) -> None:
         """Give back ``owner``'s slot, if it holds one."""
         slot = self._held.pop(owner, None)

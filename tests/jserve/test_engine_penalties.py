@@ -189,6 +189,13 @@ def test_penalty_slots_lend_the_least_recently_used_slot_outside_the_step():
         slots.acquire("f", {"f", "a", "d", "e"})
     slots.release("a")
     assert slots.acquire("f", {"f", "d", "e"}) == (0, None) and slots.num_free == 0
+    # row(): a holder keeps its slot; a newcomer takes one, zeroed by the step when fresh, else rebuilt
+    assert slots.row("d", {"d"}, fresh=False, samples=True, in_flight=True) == (PenaltyRow(2, False, True), False)
+    assert slots.row("g", {"g", "e"}, fresh=True, samples=False, in_flight=False) == (PenaltyRow(0, True, False), False)
+    assert slots.row("f", {"f", "g", "d"}, fresh=False, samples=True, in_flight=False) == (PenaltyRow(1, False, True),
+                                                                                         True)  # e's, rebuilt
+    with pytest.raises(RuntimeError, match="no penalty slot while its token is in flight"):
+        slots.row("h", {"h"}, fresh=False, samples=True, in_flight=True)
 
 
 def test_greedy_penalties_match_the_reference_with_more_requests_than_slots(tiny, prompts):
