@@ -203,3 +203,42 @@ def test_the_renderer_on_hand_made_outputs():
     assert trim_prompt_logprobs(lps, [5, 7, 9], 2, 2) is lps
     inside = [None, {7: -0.1, 3: -0.2}]  # the token is the most likely: k = 1 shows it alone
     assert trim_prompt_logprobs(inside, [5, 7], 2, 1) == [None, {7: -0.1}]
+
+
+def test_a_one_token_prompt_and_echo_asking_more_than_the_field(served):
+    """A prompt of one token has nothing to score: ``[null]`` (whole, streamed with n=2, beside ``echo`` with
+    ``logprobs``). ``echo`` with ``logprobs: 5`` beside ``prompt_logprobs: 2`` (n=2, whole and streamed): the
+    engine computes the top 5 once; the field shows the top 2 of them, echo's legacy lists the top 5, every value
+    the full forward's."""
+    model, url = served
+    prompt = _prompts()[1]
+    ref = full_forward(model, prompt)
+    base = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        one = c.post("/v1/completions", json=base | {"prompt": [65], "prompt_logprobs": 3, "echo": True,
+                                                     "logprobs": 1})
+        assert one.status_code == 200, one.text
+        with c.stream("POST", "/v1/completions",
+                      json=base | {"prompt": [65], "prompt_logprobs": 3, "n": 2, "stream": True}) as s:
+            one_evs = events(s)
+        body = base | {"prompt": prompt, "echo": True, "logprobs": 5, "prompt_logprobs": 2, "n": 2}
+        whole = c.post("/v1/completions", json=body)
+        assert whole.status_code == 200, whole.text
+        with c.stream("POST", "/v1/completions", json=body | {"stream": True}) as s:
+            evs = events(s)
+    choice = one.json()["choices"][0]
+    assert choice["prompt_logprobs"] == [None] and choice["logprobs"]["token_logprobs"][0] is None
+    firsts = [e["choices"][0] for e in one_evs[:-1] if "prompt_logprobs" in e["choices"][0]]
+    assert sorted(ch["index"] for ch in firsts) == [0, 1] and all(ch["prompt_logprobs"] == [None] for ch in firsts)
+    for ch in whole.json()["choices"]:
+        check(ch["prompt_logprobs"], prompt, ref, 2)
+        lp = ch["logprobs"]
+        for q in range(1, len(prompt)):
+            top5 = {byte_token(int(t)) for t in np.argsort(-ref[q - 1], kind="stable")[:5]}
+            assert set(lp["top_logprobs"][q]) == top5 | {byte_token(prompt[q])}, q
+            np.testing.assert_allclose(lp["token_logprobs"][q], ref[q - 1][prompt[q]], atol=1e-5, rtol=0)
+    for j in range(2):
+        mine = [e["choices"][0] for e in evs[:-1] if e["choices"][0]["index"] == j]
+        assert mine[0]["prompt_logprobs"] == whole.json()["choices"][j]["prompt_logprobs"]
+        assert all("prompt_logprobs" not in ch for ch in mine[1:])
+        assert "".join(ch["text"] for ch in mine) == whole.json()["choices"][j]["text"]
