@@ -33,7 +33,9 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "DetokenizeRequest",
     "LogprobRenderer",
+    "TokenizeRequest",
     "parse_body",
     "sampling_params",
     "validation_error",
@@ -142,6 +144,22 @@ class ChatCompletionRequest(_GenerationFields):
     response_format: Any = None
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's ``POST /tokenize``: ``prompt`` (as /v1/completions takes one) or ``messages`` (as chat takes them,
+    rendered with the generation prompt), exactly one of them."""
+
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's ``POST /detokenize``: the text of ``tokens``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 # field -> values that mean "not used"; anything else is refused as unsupported
 UNSUPPORTED: dict[str, tuple] = {
     "suffix": (None, ""),
@@ -152,7 +170,8 @@ UNSUPPORTED: dict[str, tuple] = {
 }
 
 _FIELD_NAMES = set()
-for _m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions):
+for _m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions, TokenizeRequest,
+           DetokenizeRequest):
     _FIELD_NAMES |= set(_m.model_fields)
 
 _EXPECTED = {  # how a union-typed field is described in a type error
@@ -226,8 +245,9 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
     for name, neutral in UNSUPPORTED.items():
         if name in req.model_fields_set and getattr(req, name) not in neutral:
             raise ApiError(400, f"{name!r} is not supported by jserve (only {neutral[0]!r} or absent)", param=name)
-    _check_choices(req)
-    _check_logprobs(req)
+    if isinstance(req, _GenerationFields):
+        _check_choices(req)
+        _check_logprobs(req)
     return req
 
 

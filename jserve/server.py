@@ -5,8 +5,8 @@
     run_server(app, listen("127.0.0.1", 8000))              # or: with serve_in_thread(app) as url: ...
 
 Endpoints: ``GET /health``, ``GET /metrics`` (Prometheus text: ``jserve.engine.metrics``), ``GET /v1/models``,
-``POST /v1/completions``, ``POST /v1/chat/completions`` (request fields in ``jserve.openai_protocol``; user
-guide in docs/server.md). This module holds the endpoints,
+``POST /v1/completions``, ``POST /v1/chat/completions``, and vLLM's ``POST /tokenize`` and ``POST /detokenize``
+(request fields in ``jserve.openai_protocol``; user guide in docs/server.md). This module holds the endpoints,
 the request's life cycle and the uvicorn runners; ``jserve.server_requests`` checks bodies and plans the
 engine requests, ``jserve.server_fanout`` runs them, ``jserve.server_responses`` writes the answers.
 
@@ -205,6 +205,14 @@ def build_app(engine: AsyncLLMEngine, model_name: str, max_body_bytes: int | Non
     async def model(name: str) -> JSONResponse:
         server.check_model(name)
         return JSONResponse(server.models_body()["data"][0])
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:  # vLLM's
+        return JSONResponse(await asyncio.to_thread(server.preparer.tokenize, await server._body(request)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:  # vLLM's
+        return JSONResponse(await asyncio.to_thread(server.preparer.detokenize, await server._body(request)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -24,7 +24,8 @@ import uuid
 from dataclasses import dataclass
 
 from jserve.engine.sampling import SamplingParams
-from jserve.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body, sampling_params
+from jserve.openai_protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    TokenizeRequest, parse_body, sampling_params)
 
 __all__ = ["DEFAULT_COMPLETION_TOKENS", "Prepared", "RequestPreparer", "ServedModel", "SubRequest", "child_seed"]
 
@@ -174,6 +175,33 @@ class RequestPreparer:
         if not ids:
             raise ApiError(400, "the rendered chat prompt is empty", "messages")
         return ids
+
+    def tokenize(self, raw: bytes) -> dict:
+        """vLLM's ``POST /tokenize``: the ids /v1/completions would feed the model for ``prompt``, or
+        /v1/chat/completions for ``messages`` (an empty ``prompt`` string gives none)."""
+        req = parse_body(raw, TokenizeRequest)
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
+        if req.messages is not None:
+            ids = self._chat_prompt(req)
+        elif not req.prompt:  # "" or []
+            ids = []
+        else:
+            ids = self._completion_prompt(req.prompt, "prompt")
+        return {"count": len(ids), "max_model_len": self.model.max_model_len, "tokens": ids}
+
+    def detokenize(self, raw: bytes) -> dict:
+        """vLLM's ``POST /detokenize``: ``{"prompt": the text of tokens}``."""
+        req = parse_body(raw, DetokenizeRequest)
+        self.check_model(req.model)
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer, so token ids have no text", "tokens")
+        bad = next((t for t in req.tokens if not 0 <= t < self.model.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"'tokens' holds {bad}, outside the vocabulary [0, {self.model.vocab_size})",
+                           "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
     def _params(self, req, kind: str, ids: list[int], field: str) -> SamplingParams:
         """The prompt's ``SamplingParams``, its context length checked (``field`` names the prompt)."""
