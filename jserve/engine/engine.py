@@ -265,8 +265,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        """True while a request is live, an iteration's tokens are still to be read, or a refusal is still to
-        be reported by ``step``."""
+        """True while a request is live or an iteration's tokens are still to be read."""
         return bool(self._seqs) or self._in_flight is not None
 
     def get_output(self, request_id: Hashable) -> RequestOutput | None:
@@ -308,11 +307,11 @@ class LLMEngine:
         now = self.now()
         for seq in self._seqs.values():
             out = seq.output
-            if out.finish_reason is None:
+            if out.finish_reason is None:  # (an output finished by a stop was counted when step returned it)
                 out.finish_reason = "abort"
                 out.metrics.finish_time = now
+                self.metrics.observe_finished(out)
             out.error = out.error or f"aborted: the engine step was interrupted by {type(error).__name__}: {error}"
-            self.metrics.observe_finished(out)
         self._seqs.clear()
         self._penalty_slots.clear()
         self._in_flight = None

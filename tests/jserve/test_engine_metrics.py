@@ -125,3 +125,36 @@ def test_an_engine_run_agrees_with_its_outputs(tiny):
     s = parse(eng.metrics.render(eng.stats))
     assert s["jserve:generation_tokens_total"][0][1] == snap["generation_tokens"]
     assert s["jserve:iterations_total"][0][1] == eng.stats["steps"] > 0
+
+
+def test_an_interrupted_step_counts_each_request_once(tiny):
+    """Async scheduling: a request stopped by a stop id comes back finished while the scheduler still holds
+    it; when the next step is interrupted, the engine aborts the live ones. The stopped one stays counted
+    once, as "stop" (it was counted twice, once more as an abort of nothing)."""
+    from jserve.engine import LLM, SamplingParams
+
+    llm = LLM(tiny, scheduler="fcfs", max_batch_size=4, max_tokens_per_batch=64, max_model_len=128,
+              decode_buckets=(4,), token_buckets=(64,), swap_buckets=(8,), progress=False, num_device_blocks=64,
+              num_host_blocks=8, async_scheduling=True)
+    eng = llm.engine
+    first = llm.generate([[7] * 9], SamplingParams(max_tokens=2))[0].token_ids[0]
+    before = eng.metrics.snapshot()["finished"]
+    stopper = eng.add_request([7] * 9, SamplingParams(max_tokens=20, stop_token_ids=[first]))
+    other = eng.add_request([9] * 9, SamplingParams(max_tokens=20, ignore_eos=True))
+    while not stopper.finished:
+        eng.step()
+    assert stopper.finish_reason == "stop" and stopper.request_id in eng._seqs  # the scheduler holds it still
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    eng.runner.launch = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            eng.step()
+    finally:
+        del eng.runner.launch
+    after = eng.metrics.snapshot()["finished"]
+    assert other.finish_reason == "abort" and stopper.finish_reason == "stop"
+    assert {k: after[k] - before[k] for k in after} == {"stop": 1, "length": 0, "abort": 1, "error": 0}
+    assert eng.metrics.snapshot()["gauges"]["num_requests_running"] == 0
