@@ -65,6 +65,24 @@ def instrument(engine, sink: dict) -> None:
     records.InFlight.read = timed_read
 
 
+STEP_INPUTS = ("ids", "pos", "metadata", "sampling", "penalties", "feed")  # PreparedStep's host arrays
+
+
+def back_to_back(runner, step, reps: int) -> tuple[float, float]:
+    """Launch ``step`` ``reps`` times back to back (each donates the pool to the next), then wait once:
+    (ms per step, median host ms of one launch)."""
+    import jax
+
+    t0 = time.perf_counter()
+    launches = []
+    for _ in range(reps):
+        t1 = time.perf_counter()
+        out = runner.launch(step)
+        launches.append(time.perf_counter() - t1)
+    jax.block_until_ready(out.tokens)
+    return (time.perf_counter() - t0) / reps * 1e3, float(np.median(launches)) * 1e3
+
+
 def entry_ops(hlo_text: str) -> dict[str, int]:
     """Op counts of an optimized HLO module's ENTRY computation (what the host launches one by one, unless
     XLA wrapped runs of them into command buffers: ``call`` ops to ``command_buffer`` computations), with
@@ -142,29 +160,13 @@ def main(argv=None) -> int:
             step = runner.prepare(rows)
             for _ in range(2):
                 jax.block_until_ready(runner.launch(step).tokens)
-            t0 = time.perf_counter()
-            launches = []
-            for _ in range(a.reps):
-                t1 = time.perf_counter()
-                out = runner.launch(step)
-                launches.append(time.perf_counter() - t1)
-            jax.block_until_ready(out.tokens)
-            device_ms = (time.perf_counter() - t0) / a.reps * 1e3
-            launch_ms = float(np.median(launches)) * 1e3
+            device_ms, launch_ms = back_to_back(runner, step, a.reps)
             # the same launch with the step's ~25 input arrays already on the device: what their host->device
             # transfers (one per array) add to a launch
-            on_device = dataclasses.replace(step, **{f: jax.device_put(getattr(step, f)) for f in (
-                "ids", "pos", "metadata", "sampling", "penalties", "feed")})
+            on_device = dataclasses.replace(step, **{f: jax.device_put(getattr(step, f)) for f in STEP_INPUTS})
             jax.block_until_ready(runner.launch(on_device).tokens)
-            resident = []
-            for _ in range(a.reps):
-                t1 = time.perf_counter()
-                out = runner.launch(on_device)
-                resident.append(time.perf_counter() - t1)
-            jax.block_until_ready(out.tokens)
-            resident_ms = float(np.median(resident)) * 1e3
-            n_inputs = len(jax.tree.leaves((step.ids, step.pos, step.metadata, step.sampling, step.penalties,
-                                            step.feed)))
+            _, resident_ms = back_to_back(runner, on_device, a.reps)
+            n_inputs = len(jax.tree.leaves([getattr(step, f) for f in STEP_INPUTS]))
             print(f"B={b}: device-bound {device_ms:.2f} ms/step; launch (host) {launch_ms:.2f} ms, "
                   f"{resident_ms:.2f} ms with its {n_inputs} inputs already on the device", flush=True)
             try:  # what the host launches per step

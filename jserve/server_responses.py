@@ -227,7 +227,7 @@ class ResponseWriter:
         (or ids, with ``return_token_ids``; a choice's last chunk carries its ``finish_reason``), a usage chunk
         if asked, ``[DONE]``. With logprobs, a chunk carries those of every token of its choice not reported
         by an earlier chunk; each choice's first chunk (chat: its role chunk) carries its prompt's
-``prompt_logprobs`` if asked. Streams have ``best_of == n``, so sub-request ``k`` is choice ``k``. A failure
+        ``prompt_logprobs`` if asked. Streams have ``best_of == n``, so sub-request ``k`` is choice ``k``. A failure
         mid-stream (the engine thread stopped, a sub-request refused) is an ``error`` event before ``[DONE]``.
         Cancelled when the client disconnects; every sub-request still running is then aborted."""
         subs = fan.subs

@@ -12,6 +12,7 @@ buckets, sum and count consistent with each other.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from typing import Mapping
@@ -41,8 +42,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
-        i = next((k for k, b in enumerate(self.bounds) if value <= b), len(self.bounds))
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
         self.sum += value
         self.count += 1
 
