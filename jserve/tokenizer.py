@@ -69,10 +69,13 @@ class Tokenizer:
         messages: list[dict[str, str]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        chat_template: str | None = None,
     ) -> str | list[int]:
-        """Render ``messages`` ([{"role", "content"}, ...]) with the model's chat template (jinja2). A template
-        that fails (its own ``raise_exception``, a jinja syntax or runtime error) raises ``TokenizerError``."""
-        if not self.chat_template:
+        """Render ``messages`` ([{"role", "content"}, ...]) with the model's chat template (jinja2), or with
+        ``chat_template`` when given. A template that fails (its own ``raise_exception``, a jinja syntax or
+        runtime error) raises ``TokenizerError``."""
+        template = self.chat_template if chat_template is None else chat_template
+        if not template:
             raise TokenizerError("this tokenizer has no chat template (chat_template is empty)")
         from jinja2 import TemplateError
         from jinja2.ext import loopcontrols
@@ -85,7 +88,7 @@ class Tokenizer:
 
         env.globals["raise_exception"] = raise_exception
         try:
-            text = env.from_string(self.chat_template).render(
+            text = env.from_string(template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",

@@ -176,6 +176,15 @@ class LLMEngine:
         self._refresh_gauges()
         return out
 
+    def refuse(self, reason: str, prompt: str | None = None) -> RequestOutput:
+        """The output of a request refused before it could be queued (its prompt could not be built, e.g. a
+        chat conversation its template cannot render): finished with ``finish_reason == "error"`` and
+        ``error == reason``, with its own id, and counted in the metrics like any other refusal."""
+        now = self.now()
+        out = self._refuse(RequestOutput(next(self._ids), prompt, [], metrics=RequestMetrics(now)), reason, now)
+        self.metrics.observe_finished(out)
+        return out
+
     def _add(self, prompt, params, request_id, arrival_time, oracle_output_len) -> RequestOutput:
         rid = next(self._ids) if request_id is None else request_id
         now = self.now()

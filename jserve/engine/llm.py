@@ -5,6 +5,7 @@
     print(outs[0].text, outs[0].metrics.latency)
     for out in llm.stream("Tell me a story", SamplingParams(max_tokens=64)):
         print(out.new_token_ids)
+    outs = llm.chat([{"role": "user", "content": "Name a planet."}])  # the model's chat template
 
 ``model`` is what ``jserve.models.load`` takes (a preset name, a local Hugging Face directory, a GGUF file),
 or an already loaded ``jserve.models.Model`` (shared between engines: its weights are not copied).
@@ -68,6 +69,45 @@ def _prompt_list(prompts) -> list:
     return list(prompts)
 
 
+def _one_of(params, sampling_params):
+    """``params`` or its vLLM name ``sampling_params``, whichever was given (not both)."""
+    if sampling_params is None:
+        return params
+    if params is not None:
+        raise ValueError("give the sampling parameters once: params or sampling_params, not both")
+    return sampling_params
+
+
+def _chat_messages(conversation) -> list[dict]:
+    """One conversation as the template's messages: a non-empty list of dicts with a string ``role`` and a
+    ``content`` that is a string, None, or a list of ``{"type": "text", "text": str}`` parts (joined).
+    Raises ``ValueError`` naming the first malformed message."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError(f"a conversation must be a non-empty list of messages, got {conversation!r:.80}")
+    messages = []
+    for j, m in enumerate(conversation):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {j} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {j}: 'role' must be a non-empty string, got {role!r:.80}")
+        if isinstance(content, (list, tuple)):
+            parts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ValueError(f"message {j}: a content part must be {{'type': 'text', 'text': str}}, "
+                                     f"got {part!r:.80}")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise ValueError(f"message {j}: 'content' must be a string or a list of text parts, got "
+                             f"{type(content).__name__}")
+        messages.append({**m, "role": role, "content": content})
+    return messages
+
+
 class LLM:
     """A model behind a scheduler-driven engine, for offline batches and streaming."""
 
@@ -100,10 +140,14 @@ class LLM:
         self,
         prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
         params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
+        *,
+        sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; one output per prompt, in order. A prompt or parameter set that
         is refused gives an output with ``finish_reason == "error"`` and ``error`` set; the others run. An
-        exception while running (Ctrl-C) aborts this call's requests before it propagates."""
+        exception while running (Ctrl-C) aborts this call's requests before it propagates.
+        ``sampling_params=`` is another name for ``params`` (vLLM's)."""
+        params = _one_of(params, sampling_params)
         prompts = _prompt_list(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
@@ -122,6 +166,50 @@ class LLM:
                     self.engine.abort(out.request_id)
             raise
         return outs
+
+    def chat(
+        self,
+        messages: Sequence[dict] | Sequence[Sequence[dict]],
+        params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of ``{"role", "content"}`` messages) or a list of conversations:
+        each is rendered with the model's chat template (or ``chat_template``), ending with the assistant's
+        turn when ``add_generation_prompt``, then generated as ``generate`` does; one output per
+        conversation, in order, whose ``prompt`` is the rendered text. ``content`` is a string or a list of
+        ``{"type": "text", "text": ...}`` parts (OpenAI's form); messages may carry other keys (``name``),
+        which the template sees. A conversation that is malformed or that the template refuses gives an
+        output with ``finish_reason == "error"`` naming the problem; the others run."""
+        params = _one_of(params, sampling_params)
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it cannot render chat messages; use generate "
+                             "with token ids")
+        if chat_template is None and not self.tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=...")
+        if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, (list, tuple)) for m in messages):
+            conversations = list(messages)
+        else:
+            conversations = [messages]
+        if isinstance(params, (list, tuple)) and len(params) != len(conversations):
+            raise ValueError(f"{len(params)} sampling parameter sets for {len(conversations)} conversations")
+        prompts: list[str | BaseException] = []
+        for i, conv in enumerate(conversations):
+            try:
+                prompts.append(self.tokenizer.apply_chat_template(
+                    _chat_messages(conv), add_generation_prompt=add_generation_prompt, chat_template=chat_template))
+            except ValueError as e:  # a malformed message, or TokenizerError: the template refused them
+                where = f"conversation {i}: " if len(conversations) > 1 else ""
+                prompts.append(ValueError(f"{where}{e}"))
+        rendered = [p for p in prompts if isinstance(p, str)]
+        if isinstance(params, (list, tuple)):
+            kept = [sp for p, sp in zip(prompts, params) if isinstance(p, str)]
+        else:
+            kept = params
+        outs = iter(self.generate(rendered, kept) if rendered else [])
+        return [next(outs) if isinstance(p, str) else self.engine.refuse(str(p)) for p in prompts]
 
     def stream(self, prompt, params: SamplingParams | dict | None = None) -> Iterator[RequestOutput]:
         """Yield a snapshot of the request's output after every step that changed it (``new_token_ids``
