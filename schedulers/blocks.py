@@ -21,13 +21,26 @@ may compute into them or swap another request into them. The host sources of *an
 plan must not overwrite host blocks whose data is still to be read. ``end_step()`` is called by the
 scheduler at every ``on_step_end``.
 
+Prefix caching (used only by requests that carry ``Request.prefix_hashes``, keys of their prompt's full
+blocks). Once a step has computed a full prompt block, ``register_prefix`` records it under its key: it is
+then *cached*, and several requests' tables may hold it (a reference count). ``lookup_prefix`` gives a fresh
+request the cached blocks of its longest cached prefix, so it computes only the rest. A cached block that no
+table holds is *evictable*: it counts as free and keeps its contents until an allocation needs it (least
+recently released first, and only once the plain free list is empty), which takes it out of the cache. A
+request only ever writes past its computed tokens, so a cached block is never written while cached. A
+swap-out copies every block of the request (its host table stays whole) and releases its hold on shared
+ones; ``num_releasable`` counts the device blocks that leaving the device would really free. With no
+registered block, every path is the plain one above.
+
 Accounting is exact and checkable: every usable block is, at every moment, in exactly one of {free list,
-pending-free list, one live request's table}. ``check(requests)`` verifies that.
+evictable set, pending-free list, the tables of live requests (several only for a cached block, as many as
+its reference count)}. ``check(requests)`` verifies that.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections import OrderedDict
+from typing import Hashable, Iterable
 
 from .request import KVLocation, Request
 
@@ -78,12 +91,24 @@ class BlockManager:
         # Sources of overlapped copies, returned to the free lists at end_step().
         self._pending_device: list[int] = []
         self._pending_host: list[int] = []
+        # Prefix cache: key <-> device block, tables holding each cached block, cached blocks no table holds
+        # (oldest release first).
+        self._cached: dict[Hashable, int] = {}
+        self._key_of: dict[int, Hashable] = {}
+        self._refs: dict[int, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
 
     # ------------------------------------------------------------------ queries
 
     @property
     def num_free_device_blocks(self) -> int:
-        return len(self._free_device)
+        """Device blocks an allocation may take: the free list and the evictable cached blocks."""
+        return len(self._free_device) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Device blocks in the prefix cache (held by some table or evictable)."""
+        return len(self._key_of)
 
     @property
     def num_free_host_blocks(self) -> int:
@@ -101,7 +126,7 @@ class BlockManager:
     @property
     def num_used_device_blocks(self) -> int:
         """Usable device blocks held by requests or pending release."""
-        return self.num_usable_device_blocks - len(self._free_device)
+        return self.num_usable_device_blocks - self.num_free_device_blocks
 
     @property
     def num_used_host_blocks(self) -> int:
@@ -121,7 +146,92 @@ class BlockManager:
 
     def can_allocate(self, num_blocks: int, watermark_blocks: int = 0) -> bool:
         """True when ``num_blocks`` device blocks can be taken leaving at least ``watermark_blocks`` free."""
-        return len(self._free_device) - num_blocks >= watermark_blocks
+        return self.num_free_device_blocks - num_blocks >= watermark_blocks
+
+    def num_releasable(self, request: Request) -> int:
+        """Device blocks that ``request`` leaving the device would free: its blocks no other table holds."""
+        if request.kv_location is not KVLocation.DEVICE:
+            return 0
+        if not self._refs:
+            return len(request.blocks)
+        refs = self._refs
+        return sum(1 for b in request.blocks if refs.get(b, 1) == 1)
+
+    def _take_device(self, n: int) -> list[int]:
+        """``n`` device blocks for new contents: the free list first, then the oldest evictable cached ones
+        (which leave the cache). The caller has checked that ``n`` are free."""
+        free = self._free_device
+        taken = [free.pop() for _ in range(min(n, len(free)))]
+        while len(taken) < n:
+            b, _ = self._evictable.popitem(last=False)
+            del self._cached[self._key_of.pop(b)]
+            del self._refs[b]
+            taken.append(b)
+        return taken
+
+    def _release_device(self, blocks: list[int], pending: bool) -> None:
+        """Drop one table's hold on ``blocks``: a cached block no table holds any more becomes evictable
+        (or pending, when an overlapped copy may still read it); the others go to the free list (or pending)."""
+        if not self._refs:
+            (self._pending_device if pending else self._free_device).extend(blocks)
+            return
+        refs = self._refs
+        for b in blocks:
+            n = refs.get(b)
+            if n is None:
+                (self._pending_device if pending else self._free_device).append(b)
+            elif n > 1:
+                refs[b] = n - 1
+            else:
+                refs[b] = 0
+                if pending:
+                    self._pending_device.append(b)
+                else:
+                    self._evictable[b] = None
+
+    # ------------------------------------------------------------------ prefix cache
+
+    def lookup_prefix(self, request: Request, max_blocks: int) -> int:
+        """Give a fresh ``request`` (no KV, nothing computed) the cached blocks of its longest cached prefix,
+        at most ``max_blocks``; returns how many (the request then holds them on the device)."""
+        keys = request.prefix_hashes
+        if not keys or max_blocks <= 0 or not self._cached:
+            return 0
+        if request.kv_location is not KVLocation.NONE or request.blocks:
+            raise BlockError(f"request {request.request_id!r}: a prefix lookup needs a request without KV")
+        hits: list[int] = []
+        for key in keys[:max_blocks]:
+            b = self._cached.get(key)
+            if b is None or (self._refs[b] == 0 and b not in self._evictable):  # pending: held back this step
+                break
+            hits.append(b)
+        for b in hits:
+            if self._refs[b] == 0:
+                del self._evictable[b]
+            self._refs[b] += 1
+        if hits:
+            request.blocks = hits
+            request.kv_location = KVLocation.DEVICE
+        return len(hits)
+
+    def register_prefix(self, request: Request, start_token: int, end_token: int) -> int:
+        """A step computed ``request``'s tokens ``[start_token, end_token)``: cache its prompt blocks that this
+        completed (under their ``prefix_hashes`` key, unless that key or block is cached already). Returns
+        the blocks added to the cache."""
+        keys = request.prefix_hashes
+        if not keys or request.kv_location is not KVLocation.DEVICE:
+            return 0
+        bs = self.block_size
+        added = 0
+        for i in range(start_token // bs, min(len(keys), end_token // bs)):
+            b = request.blocks[i]
+            if keys[i] in self._cached or b in self._key_of:
+                continue
+            self._cached[keys[i]] = b
+            self._key_of[b] = keys[i]
+            self._refs[b] = 1
+            added += 1
+        return added
 
     # ------------------------------------------------------------------ device allocation
 
@@ -135,13 +245,12 @@ class BlockManager:
         need = self.blocks_for_tokens(num_tokens) - len(request.blocks)
         if need <= 0:
             return 0
-        if need > len(self._free_device):
+        if need > self.num_free_device_blocks:
             raise BlockError(
                 f"request {request.request_id!r}: needs {need} more device blocks, "
-                f"only {len(self._free_device)} free"
+                f"only {self.num_free_device_blocks} free"
             )
-        free = self._free_device
-        request.blocks.extend(free.pop() for _ in range(need))
+        request.blocks.extend(self._take_device(need))
         request.kv_location = KVLocation.DEVICE
         return need
 
@@ -149,7 +258,7 @@ class BlockManager:
         """Return every block of ``request`` to its pool; the request then holds no KV. Returns the count."""
         n = len(request.blocks)
         if request.kv_location is KVLocation.DEVICE:
-            self._free_device.extend(request.blocks)
+            self._release_device(request.blocks, pending=False)
         elif request.kv_location is KVLocation.HOST:
             self._free_host.extend(request.blocks)
         elif n:
@@ -164,7 +273,7 @@ class BlockManager:
         return request.kv_location is KVLocation.DEVICE and len(request.blocks) <= len(self._free_host)
 
     def can_swap_in(self, request: Request) -> bool:
-        return request.kv_location is KVLocation.HOST and len(request.blocks) <= len(self._free_device)
+        return request.kv_location is KVLocation.HOST and len(request.blocks) <= self.num_free_device_blocks
 
     def swap_out(self, request: Request, overlapped: bool) -> list[tuple[int, int]]:
         """Move ``request``'s KV to the host; returns ``(device_block, host_block)`` pairs in logical order."""
@@ -176,7 +285,7 @@ class BlockManager:
         free = self._free_host
         dst = [free.pop() for _ in range(n)]
         src = request.blocks
-        (self._pending_device if overlapped else self._free_device).extend(src)
+        self._release_device(src, pending=overlapped)
         request.blocks = dst
         request.kv_location = KVLocation.HOST
         return list(zip(src, dst))
@@ -186,10 +295,10 @@ class BlockManager:
         if request.kv_location is not KVLocation.HOST:
             raise BlockError(f"request {request.request_id!r}: swap_in needs its KV on the host, it is {request.kv_location.value}")
         n = len(request.blocks)
-        if n > len(self._free_device):
-            raise BlockError(f"request {request.request_id!r}: swap_in needs {n} device blocks, only {len(self._free_device)} free")
-        free = self._free_device
-        dst = [free.pop() for _ in range(n)]
+        if n > self.num_free_device_blocks:
+            raise BlockError(f"request {request.request_id!r}: swap_in needs {n} device blocks, only "
+                             f"{self.num_free_device_blocks} free")
+        dst = self._take_device(n)
         src = request.blocks
         # Host sources return only at end_step, even for a synchronous copy: an executor performs every
         # swap-out of a plan before its swap-ins, so a swap-out in the same plan must not write them.
@@ -201,8 +310,15 @@ class BlockManager:
     def end_step(self) -> None:
         """The step is over: sources of overlapped copies return to the free lists."""
         if self._pending_device:
-            self._free_device.extend(self._pending_device)
-            self._pending_device = []
+            pending, self._pending_device = self._pending_device, []
+            if self._refs:
+                for b in pending:
+                    if b in self._refs:  # a cached block whose last holder swapped out: keeps its contents
+                        self._evictable[b] = None
+                    else:
+                        self._free_device.append(b)
+            else:
+                self._free_device.extend(pending)
         if self._pending_host:
             self._free_host.extend(self._pending_host)
             self._pending_host = []
@@ -213,11 +329,16 @@ class BlockManager:
         """Verify exact accounting against the live ``requests``; raises ``AssertionError`` naming the fault.
 
         Every usable device block and every host block must be in exactly one of: the free list, the
-        pending list, one request's table (whose ``kv_location`` names that pool)."""
+        evictable set, the pending list, one request's table (whose ``kv_location`` names that pool); a
+        cached device block may be in several tables, as many as its reference count (0: evictable or
+        pending)."""
         dev_owner: dict[int, object] = {}
         host_owner: dict[int, object] = {}
+        holders: dict[int, int] = {}
         for b in self._free_device:
             _claim(dev_owner, b, "free list", "device")
+        for b in self._evictable:
+            _claim(dev_owner, b, "evictable set", "device")
         for b in self._pending_device:
             _claim(dev_owner, b, "pending list", "device")
         for b in self._free_host:
@@ -227,12 +348,25 @@ class BlockManager:
         for r in requests:
             if r.kv_location is KVLocation.DEVICE:
                 for b in r.blocks:
-                    _claim(dev_owner, b, f"request {r.request_id!r}", "device")
+                    if b in self._refs:
+                        if holders.get(b, 0) == 0 and b in dev_owner:
+                            raise AssertionError(f"device block {b} is in both {dev_owner[b]} and request {r.request_id!r}")
+                        holders[b] = holders.get(b, 0) + 1
+                        dev_owner[b] = f"request {r.request_id!r}"
+                    else:
+                        _claim(dev_owner, b, f"request {r.request_id!r}", "device")
             elif r.kv_location is KVLocation.HOST:
                 for b in r.blocks:
                     _claim(host_owner, b, f"request {r.request_id!r}", "host")
             elif r.blocks:
                 raise AssertionError(f"request {r.request_id!r} holds blocks {r.blocks} but kv_location is NONE")
+        for b, n in self._refs.items():
+            if holders.get(b, 0) != n:
+                raise AssertionError(f"cached device block {b}: reference count {n}, held by {holders.get(b, 0)} tables")
+            if n == 0 and b not in self._evictable and b not in self._pending_device:
+                raise AssertionError(f"cached device block {b} is held by no table but neither evictable nor pending")
+        if set(self._key_of) != set(self._refs) or {self._key_of[b]: b for b in self._key_of} != self._cached:
+            raise AssertionError("prefix cache maps disagree")
         usable = set(range(self.num_device_blocks)) - self.reserved_device_ids
         if set(dev_owner) != usable:
             missing = sorted(usable - set(dev_owner))[:8]

@@ -53,6 +53,8 @@ class SchedulerStats:
     sync_blocks_swapped: int = 0  # of the above, on the critical path
     num_promotions: int = 0  # starvation promotions (fastserve family)
     num_demotions: int = 0
+    prefix_cache_queries: int = 0  # tokens of requests that looked up the prefix cache as they (re)started
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not computed)
 
 
 class PolicyBase(Scheduler):
@@ -171,6 +173,8 @@ class PolicyBase(Scheduler):
             r = e.request
             if r.is_finished:  # aborted during the step
                 continue
+            if r.prefix_hashes:
+                self.blocks.register_prefix(r, r.num_computed_tokens, r.num_computed_tokens + e.num_tokens)
             r.num_computed_tokens += e.num_tokens
             if r.num_computed_tokens == r.num_tokens:
                 r.num_generated_tokens += 1
@@ -222,6 +226,8 @@ class PolicyBase(Scheduler):
         blocks for ``alloc_tokens`` tokens: vLLM allocates a whole prompt at admission)."""
         assert 1 <= n <= r.num_uncomputed_tokens, (r.request_id, n, r.num_uncomputed_tokens)
         old = r.kv_location
+        if r.prefix_hashes and old is KVLocation.NONE and r.num_computed_tokens == 0:
+            n = self._use_prefix_cache(r, n)
         self.blocks.allocate(r, max(r.num_computed_tokens + n, alloc_tokens))
         if old is not KVLocation.DEVICE:
             self._on_location_change(r, old)
@@ -230,6 +236,21 @@ class PolicyBase(Scheduler):
             plan.prefill.append(PrefillEntry(r, n))
         else:
             plan.decode.append(r)
+
+    def _use_prefix_cache(self, r: Request, n: int) -> int:
+        """A request (re)starting with a chunk of ``n`` tokens takes the cached blocks of its prompt's prefix
+        inside that chunk, always leaving the chunk's last token to compute; returns the tokens left to
+        compute (the chunk still ends where the policy put it, so its budget and blocks only shrink)."""
+        st = self.stats
+        st.prefix_cache_queries += r.num_tokens
+        bs = self.blocks.block_size
+        hit = self.blocks.lookup_prefix(r, (n - 1) // bs) * bs
+        r.num_cached_tokens = hit
+        if not hit:
+            return n
+        st.prefix_cache_hits += hit
+        r.num_computed_tokens = hit
+        return n - hit
 
     def _swap_out(self, plan: StepPlan, r: Request, sync: bool) -> None:
         pairs = self.blocks.swap_out(r, overlapped=not sync)
@@ -274,8 +295,9 @@ class PolicyBase(Scheduler):
 
     def _evict(self, plan: StepPlan, r: Request, recompute: bool, sync: bool) -> int:
         """Free ``r``'s device blocks by swapping it out (or dropping it when ``recompute`` or when the host
-        pool is full). Returns the device blocks released (at once when sync or dropped, else at step end)."""
-        n = len(r.blocks)
+        pool is full). Returns the device blocks released (at once when sync or dropped, else at step end;
+        prefix-cached blocks that other requests still hold are not)."""
+        n = self.blocks.num_releasable(r)
         if recompute or not self.blocks.can_swap_out(r):
             self._drop(plan, r)
         else:

@@ -261,7 +261,7 @@ class PriorityScheduler(PolicyBase):
                 # device requests sit out until enough of them are idle to be offloaded for it.
                 if (loc is KVLocation.DEVICE and not self._catching_up(r)
                         and blocks.num_free_device_blocks + held < blocked[1]):
-                    held += len(r.blocks)
+                    held += blocks.num_releasable(r)
                     continue
                 if need > 0:
                     if loc is KVLocation.NONE:
@@ -297,7 +297,7 @@ class PriorityScheduler(PolicyBase):
         victims = []
         for v in self._victims_for(r, now, in_batch, enst_gap=False):
             victims.append(v)
-            free += len(v.blocks)
+            free += self.blocks.num_releasable(v)
             if free >= need:
                 break
         if free < need:
@@ -339,7 +339,7 @@ class PriorityScheduler(PolicyBase):
 
         def offload(v: Request) -> None:
             exclude.add(id(v))
-            state.released += len(v.blocks)
+            state.released += blocks.num_releasable(v)
             state.offloaded = True
             state.copied += len(v.blocks)
             self._evict(plan, v, recompute=False, sync=False)
@@ -419,7 +419,7 @@ class PriorityScheduler(PolicyBase):
         chosen = []
         for v in self._victims_for(r, now, exclude, enst_gap=enst_gap):
             chosen.append(v)
-            have += len(v.blocks)
+            have += blocks.num_releasable(v)
             if have >= need:
                 break
         if have < need:

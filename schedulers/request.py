@@ -58,10 +58,17 @@ class Request:
     arrival_time: float = 0.0
     # Known only to oracle policies (``srpt``) and to harnesses; schedulers must not read it otherwise.
     oracle_output_len: int | None = None
+    # Prefix caching (set by an executor that enables it): one key per full block of the prompt, block i's
+    # key standing for the prompt's tokens [0, (i + 1) * block_size) (so equal keys mean equal KV). Empty:
+    # the request neither uses nor fills the prefix cache.
+    prefix_hashes: tuple = ()
 
     # Progress.
     num_computed_tokens: int = 0
     num_generated_tokens: int = 0
+    # Of the computed tokens, those taken from the prefix cache when the request last started (or restarted
+    # after a drop) rather than computed.
+    num_cached_tokens: int = 0
     state: RequestState = RequestState.WAITING
     kv_location: KVLocation = KVLocation.NONE
     # Physical block ids in the pool named by ``kv_location``, in logical order. Owned by the BlockManager.

@@ -9,6 +9,8 @@ bookkeeping:
   moved the right data to the right place), and its table covers the tokens it computes now;
 * no request computes while its KV is on the host or arriving through an overlapped swap-in;
 * overlapped copies never touch a page that the compute writes, and their sources are not reused;
+* a prefix-cached page (a prompt block with a ``prefix_hashes`` key, tagged by that key, so requests that
+  share the key may read it) is never written by a step while another live request's table holds it;
 * batch size and token budget are respected; a request appears at most once in a step;
 * rejected requests never run and are reported exactly once; block pools are conserved after every step.
 """
@@ -70,9 +72,20 @@ class StrictExecutor:
         for h, d in plan.swap_in + plan.sync_swap_in:
             assert 0 <= d < cfg.num_device_blocks and d not in cfg.reserved_device_ids and 0 <= h < cfg.num_host_blocks
 
+        # Pages held by a live device table after this plan: a swap-out of a prefix-cached page that another
+        # request still holds copies it and leaves it in place; any other swap-out source is emptied.
+        holders: dict[int, set] = {}
+        for q in s.requests.values():
+            if q.kv_location is KVLocation.DEVICE:
+                for b in q.blocks:
+                    holders.setdefault(b, set()).add(q.request_id)
+
+        def copy_out(d: int, h: int) -> None:
+            self.host[h] = self.device.get(d) if d in holders else self.device.pop(d, None)
+
         # 1. Critical-path copies.
         for d, h in plan.sync_swap_out:
-            self.host[h] = self.device.pop(d, None)
+            copy_out(d, h)
         for h, d in plan.sync_swap_in:
             self.device[d] = self.host.pop(h, None)
         # 2. Compute (reads and writes) concurrently with overlapped copies.
@@ -84,18 +97,21 @@ class StrictExecutor:
             assert r.kv_location is KVLocation.DEVICE, f"{r.request_id} computes with KV {r.kv_location}"
             assert 1 <= n <= r.num_uncomputed_tokens
             assert not in_flight.intersection(r.blocks), f"{r.request_id} computes while its KV is still arriving"
-            assert not out_src.intersection(r.blocks), f"{r.request_id} computes on blocks being swapped out"
+            for b in out_src.intersection(r.blocks):  # only a prefix page shared with the request swapped out
+                assert (self.device.get(b) or ("",))[0] == "prefix", f"{r.request_id} computes on blocks being swapped out"
             c = r.num_computed_tokens
             assert len(r.blocks) * self.bs >= c + n, f"{r.request_id}: table too short for {c}+{n} tokens"
             for i in range(-(-c // self.bs)):
                 got = self.device.get(r.blocks[i])
-                assert got == (r.request_id, i), f"{r.request_id} block {i} (page {r.blocks[i]}) holds {got}"
+                assert got == _tag(r, i), f"{r.request_id} block {i} (page {r.blocks[i]}) holds {got}"
             for i in range(c // self.bs, -(-(c + n) // self.bs)):
+                others = holders.get(r.blocks[i], set()) - {r.request_id}
+                assert not others, f"{r.request_id} writes page {r.blocks[i]}, which {others} also hold"
                 written.add(r.blocks[i])
-                self.device[r.blocks[i]] = (r.request_id, i)
+                self.device[r.blocks[i]] = _tag(r, i)
         assert not written & out_src, "compute wrote a page that an overlapped swap-out reads"
         for d, h in plan.swap_out:
-            self.host[h] = self.device.pop(d, None)
+            copy_out(d, h)
         for h, d in plan.swap_in:
             assert d not in written, "compute wrote a page that an overlapped swap-in fills"
             self.device[d] = self.host.pop(h, None)
@@ -118,6 +134,12 @@ class StrictExecutor:
         self.result.max_device_used = max(self.result.max_device_used, s.blocks.num_used_device_blocks)
         self.result.steps += 1
         return plan, finished, elapsed
+
+
+def _tag(r: Request, i: int) -> tuple:
+    """What logical block ``i`` of ``r`` holds: its prefix key for a keyed prompt block (equal keys, equal
+    KV), else the request's own block."""
+    return ("prefix", r.prefix_hashes[i]) if i < len(r.prefix_hashes) else (r.request_id, i)
 
 
 def _summary(plan: StepPlan) -> dict:

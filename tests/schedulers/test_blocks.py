@@ -108,3 +108,76 @@ def test_check_detects_a_leak_and_a_double_owner():
     b.kv_location = KVLocation.DEVICE
     with pytest.raises(AssertionError, match="is in both"):
         bm.check([a, b])
+
+
+# ---------------------------------------------------------------------- prefix cache
+
+
+def _keyed(rid, prompt, keys, new=4):
+    return Request(rid, prompt, new, prefix_hashes=tuple(keys))
+
+
+def test_prefix_blocks_are_cached_once_computed_and_shared_by_reference():
+    bm = BlockManager(num_device_blocks=8, num_host_blocks=4, block_size=4)
+    a = _keyed("a", 10, ["k0", "k1"])  # 2 full prompt blocks + 2 tokens
+    assert bm.lookup_prefix(a, 2) == 0  # nothing cached yet
+    bm.allocate(a, 10)
+    assert a.blocks == [0, 1, 2]
+    assert bm.register_prefix(a, 0, 6) == 1  # tokens 0..5 computed: block 0 complete, block 1 not
+    assert bm.register_prefix(a, 6, 10) == 1  # block 1 complete now; block 2 holds no keyed block
+    assert bm.num_cached_blocks == 2
+    b = _keyed("b", 9, ["k0", "other"])
+    assert bm.lookup_prefix(b, 2) == 1 and b.blocks == [0] and b.kv_location is KVLocation.DEVICE
+    bm.allocate(b, 9)
+    assert b.blocks == [0, 3, 4]
+    assert bm.num_releasable(a) == 2 and bm.num_releasable(b) == 2  # block 0 is held by both
+    bm.check([a, b])
+    bm.free(a)  # block 0 stays with b; block 1 (cached, unheld) becomes evictable; block 2 is free
+    assert bm.num_free_device_blocks == 8 - 3 and bm.num_cached_blocks == 2
+    bm.check([b])
+    c = _keyed("c", 12, ["k0", "k1", "k2"])
+    assert bm.lookup_prefix(c, 2) == 2 and c.blocks == [0, 1]  # capped at 2 blocks by the caller
+    bm.check([b, c])
+
+
+def test_evictable_blocks_are_taken_last_and_oldest_first():
+    bm = BlockManager(num_device_blocks=4, num_host_blocks=0, block_size=2)
+    a, b = _keyed("a", 3, ["a0"]), _keyed("b", 3, ["b0"])
+    for r in (a, b):
+        bm.allocate(r, 3)
+        bm.register_prefix(r, 0, 3)
+    assert a.blocks == [0, 1] and b.blocks == [2, 3]
+    bm.free(a)  # block 0 evictable first, block 1 free
+    bm.free(b)  # block 2 evictable next, block 3 free
+    assert bm.num_free_device_blocks == 4 and bm.num_cached_blocks == 2
+    c = Request("c", 5, 1)
+    bm.allocate(c, 5)  # the two plain free blocks, then the oldest evictable one (block 0, key a0)
+    assert sorted(c.blocks[:2]) == [1, 3] and c.blocks[2] == 0
+    assert bm.num_cached_blocks == 1
+    assert bm.lookup_prefix(_keyed("a2", 3, ["a0"]), 1) == 0  # a0 was evicted
+    b2 = _keyed("b2", 3, ["b0"])
+    assert bm.lookup_prefix(b2, 1) == 1 and b2.blocks == [2]
+    bm.check([c, b2])
+
+
+def test_swap_out_copies_shared_blocks_and_pending_cached_blocks_are_not_handed_out():
+    bm = BlockManager(num_device_blocks=6, num_host_blocks=6, block_size=2)
+    a = _keyed("a", 5, ["x0", "x1"])
+    bm.allocate(a, 5)
+    bm.register_prefix(a, 0, 5)  # blocks 0, 1 cached
+    b = _keyed("b", 5, ["x0", "y1"])
+    bm.lookup_prefix(b, 2)
+    bm.allocate(b, 5)
+    assert b.blocks[0] == 0
+    pairs = bm.swap_out(a, overlapped=True)  # every block is copied, the shared one too
+    assert [d for d, _ in pairs] == [0, 1, 2]
+    assert bm.num_pending_device_blocks == 2  # block 1 (cached, no holder) and block 2; block 0 stays with b
+    late = _keyed("late", 5, ["x0", "x1"])
+    assert bm.lookup_prefix(late, 2) == 1 and late.blocks == [0]  # x1 is pending: the copy still reads it
+    bm.check([a, b, late])
+    bm.end_step()
+    bm.check([a, b, late])
+    bm.free(late)
+    again = _keyed("again", 5, ["x0", "x1"])
+    assert bm.lookup_prefix(again, 2) == 2 and again.blocks == [0, 1]  # x1 kept its contents
+    bm.check([a, b, again])

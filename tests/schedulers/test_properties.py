@@ -86,6 +86,49 @@ def test_every_request_completes_exactly_and_blocks_are_conserved(policy, preset
     assert set(res.rejected) == {r.request_id for r in requests if r.state is RequestState.REJECTED}
 
 
+def prefix_keys(rid, prompt: int, block_size: int, family: int | None, shared: int) -> tuple:
+    """Keys of a prompt's full blocks: the first ``shared`` tokens are family ``family``'s common text (equal
+    keys within the family while a block lies inside it), every later block is the request's own."""
+    keys = []
+    for i in range(prompt // block_size):
+        common = family is not None and (i + 1) * block_size <= shared
+        keys.append(("family", family, i) if common else ("own", rid, i))
+    return tuple(keys)
+
+
+@pytest.mark.parametrize("policy, preset, mode", CASES, ids=[f"{p}-{q}-{m}" for p, q, m in CASES])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scn=scenarios(), data=st.data())
+def test_prefix_caching_shares_only_equal_blocks_and_conserves_them(policy, preset, mode, scn, data):
+    """The same workloads with prefix keys (three families of common prompt text): the strict executor checks
+    that every cached page read holds the reader's key and that no page another request holds is written;
+    every request still completes exactly and every block returns to the pools."""
+    cfg_kw, reqs, aborts, early = scn
+    cfg = SchedulerConfig.preset(preset, swap_mode=mode, **cfg_kw)
+    sched = make_scheduler(policy, cfg)
+    shared = {f: data.draw(st.integers(0, 40)) for f in range(3)}
+    arrivals = []
+    for t, (i, p, m, o) in reqs:
+        family = data.draw(st.sampled_from([None, 0, 1, 2]))
+        keys = prefix_keys(i, p, cfg.block_size, family, shared.get(family, 0))
+        arrivals.append((t, Request(i, p, m, arrival_time=t, oracle_output_len=o, prefix_hashes=keys)))
+    requests = [r for _, r in arrivals]
+    res = run_workload(sched, arrivals, max_steps=iteration_bound(requests), aborts=aborts, early_stop=early)
+    assert not sched.has_unfinished()
+    sched.check_invariants()
+    assert sched.blocks.num_free_device_blocks == sched.blocks.num_usable_device_blocks
+    assert sched.blocks.num_free_host_blocks == cfg.num_host_blocks
+    for r in requests:
+        if r.state is RequestState.FINISHED:
+            want = 1 if r.request_id in early else r.max_new_tokens
+            assert r.num_generated_tokens == want
+        else:
+            assert r.state in (RequestState.REJECTED, RequestState.ABORTED) and (
+                r.request_id in res.rejected or r.request_id in res.aborted)
+    st_ = sched.stats
+    assert 0 <= st_.prefix_cache_hits <= st_.prefix_cache_queries
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fcfs", "vllm", "cp", "static", "fastserve", "mlfq", "fixed-priority", "srpt"])
 def test_sharegpt_like_load_under_memory_pressure_completes(policy):
