@@ -75,13 +75,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--enable-prompt-logprobs", action="store_true", default=None,
                    help="serve prompt log-probabilities (completions' echo with logprobs); compiles one more "
                         "executable per position bucket at start-up")
+    e.add_argument("--enable-prefix-caching", action="store_true", default=None,
+                   help="reuse the KV pages of prompt prefixes computed for earlier requests")
 
 
 def engine_options(args) -> dict:
     """The ``EngineConfig`` keyword arguments given on the command line (see ``add_engine_arguments``)."""
     names = ("max_batch_size", "max_tokens_per_batch", "max_model_len", "page_size", "num_device_blocks",
              "num_host_blocks", "swap_space_gib", "decode_buckets", "token_buckets", "cost_model",
-             "max_penalty_requests", "enable_prompt_logprobs")
+             "max_penalty_requests", "enable_prompt_logprobs", "enable_prefix_caching")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -191,20 +191,27 @@ class BlockManager:
 
     # ------------------------------------------------------------------ prefix cache
 
-    def lookup_prefix(self, request: Request, max_blocks: int) -> int:
-        """Give a fresh ``request`` (no KV, nothing computed) the cached blocks of its longest cached prefix,
-        at most ``max_blocks``; returns how many (the request then holds them on the device)."""
+    def cached_prefix(self, request: Request, max_blocks: int) -> list[bool]:
+        """The cached blocks ``lookup_prefix`` could give ``request`` (its longest cached prefix, at most
+        ``max_blocks``), one flag each: True when the block is evictable, so taking it uses a free block."""
         keys = request.prefix_hashes
         if not keys or max_blocks <= 0 or not self._cached:
-            return 0
-        if request.kv_location is not KVLocation.NONE or request.blocks:
-            raise BlockError(f"request {request.request_id!r}: a prefix lookup needs a request without KV")
-        hits: list[int] = []
+            return []
+        flags: list[bool] = []
         for key in keys[:max_blocks]:
             b = self._cached.get(key)
             if b is None or (self._refs[b] == 0 and b not in self._evictable):  # pending: held back this step
                 break
-            hits.append(b)
+            flags.append(self._refs[b] == 0)
+        return flags
+
+    def lookup_prefix(self, request: Request, max_blocks: int) -> int:
+        """Give a fresh ``request`` (no KV, nothing computed) the cached blocks of its longest cached prefix,
+        at most ``max_blocks``; returns how many (the request then holds them on the device)."""
+        if request.kv_location is not KVLocation.NONE or request.blocks:
+            raise BlockError(f"request {request.request_id!r}: a prefix lookup needs a request without KV")
+        n = len(self.cached_prefix(request, max_blocks))
+        hits = [self._cached[key] for key in request.prefix_hashes[:n]]
         for b in hits:
             if self._refs[b] == 0:
                 del self._evictable[b]

@@ -227,7 +227,7 @@ class PolicyBase(Scheduler):
         assert 1 <= n <= r.num_uncomputed_tokens, (r.request_id, n, r.num_uncomputed_tokens)
         old = r.kv_location
         if r.prefix_hashes and old is KVLocation.NONE and r.num_computed_tokens == 0:
-            n = self._use_prefix_cache(r, n)
+            n = self._use_prefix_cache(r, n, alloc_tokens)
         self.blocks.allocate(r, max(r.num_computed_tokens + n, alloc_tokens))
         if old is not KVLocation.DEVICE:
             self._on_location_change(r, old)
@@ -237,20 +237,33 @@ class PolicyBase(Scheduler):
         else:
             plan.decode.append(r)
 
-    def _use_prefix_cache(self, r: Request, n: int) -> int:
-        """A request (re)starting with a chunk of ``n`` tokens takes the cached blocks of its prompt's prefix
-        inside that chunk, always leaving the chunk's last token to compute; returns the tokens left to
-        compute (the chunk still ends where the policy put it, so its budget and blocks only shrink)."""
+    def _use_prefix_cache(self, r: Request, n: int, alloc_tokens: int) -> int:
+        """A request (re)starting with a chunk of ``n`` tokens takes cached blocks of its prompt's prefix
+        (leaving at least its last known token to compute); the chunk then starts after them and computes
+        ``min(n, tokens left)``, which is returned. It takes the longest cached prefix whose evictable blocks
+        plus the new blocks the chunk then needs are no more than the free blocks the policy counted for the
+        chunk without the cache (``blocks_for(max(n, alloc_tokens))``), so later requests of the same plan
+        keep theirs; the chunk's tokens only shrink."""
         st = self.stats
         st.prefix_cache_queries += r.num_tokens
-        bs = self.blocks.block_size
-        hit = self.blocks.lookup_prefix(r, (n - 1) // bs) * bs
+        blocks = self.blocks
+        bs = blocks.block_size
+        flags = blocks.cached_prefix(r, (r.num_tokens - 1) // bs)
+        allowed = blocks.blocks_for_tokens(max(n, alloc_tokens))
+        best, evictable = 0, 0
+        for h, from_free in enumerate(flags, start=1):
+            evictable += from_free
+            k = h * bs
+            new = max(blocks.blocks_for_tokens(max(k + min(n, r.num_tokens - k), alloc_tokens)) - h, 0)
+            if evictable + new <= allowed:
+                best = h
+        hit = blocks.lookup_prefix(r, best) * bs
         r.num_cached_tokens = hit
         if not hit:
             return n
         st.prefix_cache_hits += hit
         r.num_computed_tokens = hit
-        return n - hit
+        return min(n, r.num_tokens - hit)
 
     def _swap_out(self, plan: StepPlan, r: Request, sync: bool) -> None:
         pairs = self.blocks.swap_out(r, overlapped=not sync)

@@ -61,6 +61,10 @@ class EngineConfig:
     # Serve SamplingParams.prompt_logprobs: steps also return their hidden states and one more executable per
     # position bucket (64, 128, ...) is compiled at start-up. Off: requests that ask are refused.
     enable_prompt_logprobs: bool = False
+    # Prefix caching: a request whose prompt starts like an earlier one's reuses the KV pages of their common
+    # full pages instead of computing them (schedulers/blocks.py; requests asking for prompt_logprobs neither
+    # use nor fill the cache). Off by default so that the paper's experiments measure the policies alone.
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_batch_size", "max_tokens_per_batch"):
@@ -87,8 +91,9 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"EngineConfig.{name} must be None or a bool, got {v!r}")
-        if not isinstance(self.enable_prompt_logprobs, bool):
-            raise ValueError(f"EngineConfig.enable_prompt_logprobs must be a bool, got {self.enable_prompt_logprobs!r}")
+        for name in ("enable_prompt_logprobs", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.scheduler not in POLICY_NAMES:  # before the model loads and the steps compile
             raise ValueError(f"unknown scheduler policy {self.scheduler!r}; known policies: {', '.join(POLICY_NAMES)}")
         if self.cost_model is not None and not isinstance(self.cost_model, IterationCostModel):

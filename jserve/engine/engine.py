@@ -55,6 +55,7 @@ from .kv_cache import KVCache, KVCacheSpec
 from .metrics import EngineMetrics
 from .outputs import RequestMetrics, RequestOutput
 from .penalties import PenaltySlots, request_adjustments, table_bytes
+from .prefix import prefix_page_keys
 from .records import InFlight, SequenceState, fill_prompt_logprobs, logprob_dict
 from .runner import BatchRow, ModelRunner, RunnerConfig
 from .sampling import SamplingParams
@@ -130,7 +131,8 @@ class LLMEngine:
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._t0 = time.perf_counter()
         self.stats = {"steps": 0, "compute_steps": 0, "tokens": 0, "blocks_out": 0, "blocks_in": 0, "drops": 0,
-                      "penalty_rebuilds": 0, "compiles_after_warmup": 0}
+                      "penalty_rebuilds": 0, "compiles_after_warmup": 0, "prefix_cache_queries": 0,
+                      "prefix_cache_hits": 0}
         self.compile_seconds = self.runner.warmup(progress=cfg.progress)
         self._watch = CompileWatch().__enter__()  # counts any compilation from here on
         self._t0 = time.perf_counter()  # the engine clock starts when it can serve
@@ -224,7 +226,11 @@ class LLMEngine:
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
-        req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len)
+        keys = ()
+        if self.config.enable_prefix_caching and sp.prompt_logprobs is None:  # a cached page has no logits
+            keys = prefix_page_keys(ids, self.config.page_size)
+        req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len,
+                      prefix_hashes=keys)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
         seq = SequenceState(req, sp, seed, ids, out, eos, adjust=adjust)
         if not self.scheduler.add(req, now):
@@ -400,6 +406,11 @@ class LLMEngine:
             else:
                 tokens = seq.token_slice(c, n)
             drawn = len(seq.output.token_ids) + (waiting is not None)
+            if r.prefix_hashes and c == r.num_cached_tokens:  # the first chunk of a (re)start, which looked
+                # the prefix cache up (later chunks and decodes have computed more than the cache gave)
+                seq.output.num_cached_tokens = c
+                st["prefix_cache_queries"] += r.num_tokens
+                st["prefix_cache_hits"] += c
             pen = None
             if seq.params.has_penalties:
                 pen, rebuild = self._penalty_slots.row(r.request_id, busy, fresh=c == 0 and drawn == 0,

@@ -83,6 +83,9 @@ _STATS = {  # LLMEngine.stats key -> (metric name, help)
     "drops": ("kv_recompute_drops_total", "Requests whose KV cache was dropped, to be recomputed."),
     "penalty_rebuilds": ("penalty_slot_rebuilds_total", "Penalty slots rebuilt from token ids."),
     "compiles_after_warmup": ("compiles_after_warmup", "XLA compilations after warm-up (0 while serving)."),
+    "prefix_cache_queries": ("prefix_cache_queries_total",
+                             "Tokens of requests that looked the prefix cache up as they (re)started."),
+    "prefix_cache_hits": ("prefix_cache_hits_total", "Of those, tokens whose KV the prefix cache held."),
 }
 
 

@@ -72,8 +72,9 @@ class StrictExecutor:
         for h, d in plan.swap_in + plan.sync_swap_in:
             assert 0 <= d < cfg.num_device_blocks and d not in cfg.reserved_device_ids and 0 <= h < cfg.num_host_blocks
 
-        # Pages held by a live device table after this plan: a swap-out of a prefix-cached page that another
-        # request still holds copies it and leaves it in place; any other swap-out source is emptied.
+        # A swap-out copies a page. The copy of a prefix page (tagged by its key) leaves it in place, as on a
+        # device, where a cached page keeps its contents until it is written again; any other swap-out
+        # source is emptied, so that a read of it fails.
         holders: dict[int, set] = {}
         for q in s.requests.values():
             if q.kv_location is KVLocation.DEVICE:
@@ -81,7 +82,8 @@ class StrictExecutor:
                     holders.setdefault(b, set()).add(q.request_id)
 
         def copy_out(d: int, h: int) -> None:
-            self.host[h] = self.device.get(d) if d in holders else self.device.pop(d, None)
+            got = self.device.get(d)
+            self.host[h] = got if got is not None and got[0] == "prefix" else self.device.pop(d, None)
 
         # 1. Critical-path copies.
         for d, h in plan.sync_swap_out:
