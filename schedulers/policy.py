@@ -240,16 +240,17 @@ class PolicyBase(Scheduler):
     def _use_prefix_cache(self, r: Request, n: int, alloc_tokens: int) -> int:
         """A request (re)starting with a chunk of ``n`` tokens takes cached blocks of its prompt's prefix
         (leaving at least its last known token to compute); the chunk then starts after them and computes
-        ``min(n, tokens left)``, which is returned. It takes the longest cached prefix whose evictable blocks
-        plus the new blocks the chunk then needs are no more than the free blocks the policy counted for the
-        chunk without the cache (``blocks_for(max(n, alloc_tokens))``), so later requests of the same plan
-        keep theirs; the chunk's tokens only shrink."""
+        ``min(n, tokens left)``, which is returned (the chunk's tokens only shrink). It takes the longest
+        cached prefix whose evictable blocks plus the new blocks the chunk then needs are free now; that may
+        be more free blocks than the chunk alone needed without the cache (cached blocks past the chunk,
+        which the request needs in its next steps anyway), and every policy checks the free count it
+        leaves before placing anything else."""
         st = self.stats
         st.prefix_cache_queries += r.num_tokens
         blocks = self.blocks
         bs = blocks.block_size
         flags = blocks.cached_prefix(r, (r.num_tokens - 1) // bs)
-        allowed = blocks.blocks_for_tokens(max(n, alloc_tokens))
+        allowed = blocks.num_free_device_blocks
         best, evictable = 0, 0
         for h, from_free in enumerate(flags, start=1):
             evictable += from_free

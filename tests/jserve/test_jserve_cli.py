@@ -144,3 +144,11 @@ def test_max_penalty_requests_is_an_engine_option(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--max-penalty-requests", "0"])
     assert exc.value.code == 2 and "--max-penalty-requests" in capsys.readouterr().err
+
+
+def test_enable_prefix_caching_is_an_engine_option():
+    from jserve.cli import build_parser, engine_options
+
+    assert engine_options(build_parser().parse_args(["serve", "--enable-prefix-caching"])) == {
+        "enable_prefix_caching": True}
+    assert "enable_prefix_caching" not in engine_options(build_parser().parse_args(["serve"]))

