@@ -67,7 +67,7 @@ class OpenAIServer:
                                  eng.runner.config.prompt_logprobs)
         self.max_body_bytes = max_body_bytes or default_max_body_bytes(eng.max_model_len)
         self.preparer = RequestPreparer(self.model, self.tokenizer)
-        self.writer = ResponseWriter(self.tokenizer, model_name)
+        self.writer = ResponseWriter(self.tokenizer, model_name, eng.config.enable_prefix_caching)
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused with a 413 past ``max_body_bytes`` (by its Content-Length before reading,

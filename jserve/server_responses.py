@@ -4,7 +4,9 @@ Server-Sent Events stream, for completions and chat.
 Choices are prompt-major: choice ``index = prompt_index * n + j``. A whole answer returns, per prompt, its
 ``n`` samples, or with ``best_of > n`` the ``n`` candidates of highest cumulative log-probability, best first
 (``jserve.server_fanout.best_choices``). ``usage`` counts each prompt's tokens once (however many choices it
-has, as OpenAI and vLLM report) and every returned choice's tokens. A stream interleaves the choices' chunks
+has, as OpenAI and vLLM report) and every returned choice's tokens; on an engine with prefix caching it
+also carries OpenAI's ``prompt_tokens_details.cached_tokens`` (per prompt, the most any of its choices took
+from the cache). A stream interleaves the choices' chunks
 as the engine produces them, each chunk naming its ``index``; each choice ends with its own
 ``finish_reason`` chunk, then one usage chunk (``stream_options.include_usage``) and ``[DONE]``.
 
@@ -127,9 +129,10 @@ def sse(payload: dict | str) -> str:
 class ResponseWriter:
     """Builds the bodies of one served model's responses."""
 
-    def __init__(self, tokenizer, model_name: str):
+    def __init__(self, tokenizer, model_name: str, cached_tokens: bool = False):
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.cached_tokens = cached_tokens  # usage reports prompt_tokens_details.cached_tokens
 
     def _head(self, prep: Prepared, chunk: bool) -> dict:
         if prep.kind == "completion":
@@ -138,12 +141,18 @@ class ResponseWriter:
             obj = "chat.completion.chunk" if chunk else "chat.completion"
         return {"id": prep.request_id, "object": obj, "created": prep.created, "model": self.model_name}
 
-    @staticmethod
-    def _usage(prep: Prepared, outs: list[RequestOutput]) -> dict:
-        """Each prompt counted once, every returned choice's tokens."""
+    def _usage(self, prep: Prepared, outs: list[RequestOutput]) -> dict:
+        """Each prompt counted once, every returned choice's tokens (``outs``: the same number per prompt,
+        prompt-major)."""
         prompt = sum(map(len, prep.prompts))
         completion = 0 if prep.echo_only else sum(len(o.token_ids) for o in outs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.cached_tokens:
+            per = len(outs) // len(prep.prompts)
+            cached = sum(max((o.num_cached_tokens for o in outs[i * per:(i + 1) * per]), default=0)
+                         for i in range(len(prep.prompts)))
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
 
     def _logprobs(self, prep: Prepared, params: SamplingParams, out: RequestOutput, start: int = 0,
                   render: LogprobRenderer | None = None) -> dict | None:
