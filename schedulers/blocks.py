@@ -29,8 +29,9 @@ table holds is *evictable*: it counts as free and keeps its contents until an al
 recently released first, and only once the plain free list is empty), which takes it out of the cache. A
 request only ever writes past its computed tokens, so a cached block is never written while cached. A
 swap-out copies every block of the request (its host table stays whole) and releases its hold on shared
-ones; ``num_releasable`` counts the device blocks that leaving the device would really free. With no
-registered block, every path is the plain one above.
+ones (a shared block that an overlapped swap-out reads stays out of the free pool until ``end_step`` even
+if its other holders let go of it in the same step); ``num_releasable`` counts the device blocks that
+leaving the device would really free. With no registered block, every path is the plain one above.
 
 Accounting is exact and checkable: every usable block is, at every moment, in exactly one of {free list,
 evictable set, pending-free list, the tables of live requests (several only for a cached block, as many as
@@ -97,6 +98,9 @@ class BlockManager:
         self._key_of: dict[int, Hashable] = {}
         self._refs: dict[int, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Cached blocks an overlapped swap-out reads in this step while another table still holds them: if
+        # that last holder lets go before end_step, they go to the pending list, not the evictable set.
+        self._shared_sources: set[int] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -184,7 +188,7 @@ class BlockManager:
                 refs[b] = n - 1
             else:
                 refs[b] = 0
-                if pending:
+                if pending or b in self._shared_sources:
                     self._pending_device.append(b)
                 else:
                     self._evictable[b] = None
@@ -292,6 +296,8 @@ class BlockManager:
         free = self._free_host
         dst = [free.pop() for _ in range(n)]
         src = request.blocks
+        if overlapped and self._refs:
+            self._shared_sources.update(b for b in src if self._refs.get(b, 0) > 1)
         self._release_device(src, pending=overlapped)
         request.blocks = dst
         request.kv_location = KVLocation.HOST
@@ -316,6 +322,7 @@ class BlockManager:
 
     def end_step(self) -> None:
         """The step is over: sources of overlapped copies return to the free lists."""
+        self._shared_sources.clear()
         if self._pending_device:
             pending, self._pending_device = self._pending_device, []
             if self._refs:

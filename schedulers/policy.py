@@ -310,7 +310,8 @@ class PolicyBase(Scheduler):
     def _evict(self, plan: StepPlan, r: Request, recompute: bool, sync: bool) -> int:
         """Free ``r``'s device blocks by swapping it out (or dropping it when ``recompute`` or when the host
         pool is full). Returns the device blocks released (at once when sync or dropped, else at step end;
-        prefix-cached blocks that other requests still hold are not)."""
+        prefix-cached blocks that other requests still hold are not, and a shared one that an overlapped
+        swap-out of this step reads is released at step end)."""
         n = self.blocks.num_releasable(r)
         if recompute or not self.blocks.can_swap_out(r):
             self._drop(plan, r)
