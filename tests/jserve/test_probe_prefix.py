@@ -190,3 +190,28 @@ def test_random_arrivals_aborts_and_reused_ids_under_pressure_stay_exact(tiny, p
         totals["hits"] += engine.stats["prefix_cache_hits"]
         totals["preempted"] += engine.stats["drops"] + engine.stats["blocks_out"]
     assert all(v > 0 for v in totals.values()), totals  # every path ran
+
+
+def _mixed(i: int) -> SamplingParams:
+    """Seeded sampling, logit_bias with min_tokens and stop ids, penalties: whatever the cache skips must
+    still count (the penalty tables see the whole prompt, min_tokens counts generated tokens only)."""
+    return [
+        SamplingParams(max_tokens=NEW, ignore_eos=True, temperature=0.9, top_k=20, top_p=0.9, seed=100 + i),
+        SamplingParams(max_tokens=NEW, logit_bias={5: 3.0, 7: -100.0}, min_tokens=6, stop_token_ids=(11, 12)),
+        SamplingParams(max_tokens=NEW, ignore_eos=True, temperature=1.0, seed=7, frequency_penalty=1.0),
+        SamplingParams(max_tokens=NEW, ignore_eos=True, repetition_penalty=1.4, presence_penalty=0.6),
+    ][i % 4]
+
+
+@pytest.mark.parametrize("policy, options, pipelined", [("fastserve", {"swap_mode": "recompute"}, False),
+                                                        ("mlfq", {"swap_mode": "proactive"}, True)])
+def test_sampling_options_beside_cache_hits_equal_the_engine_without_cache(tiny, pool, policy, options, pipelined):
+    outs, stats = {}, {}
+    for cache in (False, True):
+        llm = LLM(tiny, scheduler=policy, scheduler_options=options, enable_prefix_caching=cache,
+                  async_scheduling=pipelined, max_penalty_requests=4, **dict(TIGHT, num_device_blocks=6))
+        got = llm.generate(pool, [_mixed(i) for i in range(len(pool))])
+        outs[cache] = [(o.finish_reason, o.token_ids) for o in got]
+        stats[cache] = llm.engine.stats
+    assert outs[True] == outs[False]
+    assert stats[True]["prefix_cache_hits"] > 0 and stats[True]["drops"] + stats[True]["blocks_out"] > 0, stats[True]
