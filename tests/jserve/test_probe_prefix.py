@@ -20,7 +20,7 @@ import pytest
 
 from jserve.engine import LLM, SamplingParams
 from jserve.models import greedy_generate
-from schedulers.blocks import BlockManager
+from schedulers.blocks import BlockError, BlockManager
 from schedulers.request import KVLocation, Request
 
 from test_engine import TIGHT
@@ -60,7 +60,7 @@ def test_an_overlapped_copy_source_freed_by_its_last_holder_is_not_reused_in_the
     c = Request("c", 2, 4)
     bm.allocate(c, 2)
     assert c.blocks == [3]
-    with pytest.raises(Exception, match="more device blocks"):
+    with pytest.raises(BlockError, match="more device blocks"):
         bm.allocate(Request("d", 2, 4), 2)
     assert bm.lookup_prefix(_keyed("e", 5, ["k0", "k1"]), 2) == 0  # held back: not handed to a lookup either
     bm.check([a, b, c])
