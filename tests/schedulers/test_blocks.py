@@ -181,3 +181,54 @@ def test_swap_out_copies_shared_blocks_and_pending_cached_blocks_are_not_handed_
     again = _keyed("again", 5, ["x0", "x1"])
     assert bm.lookup_prefix(again, 2) == 2 and again.blocks == [0, 1]  # x1 kept its contents
     bm.check([a, b, again])
+
+
+# A prefix page that one request copies out with an overlapped swap-out while another request still holds it
+# stays out of the free pool until the step ends, even if that other holder lets go of it in the same plan (a
+# drop when the host pool is full, a synchronous swap-out): the copy may still be reading it.
+
+def _shared_then_swapped(overlapped: bool):
+    """a computes a 5-token prompt (blocks 0, 1 cached under k0, k1; block 2 its own); b takes both cached
+    blocks and one of its own (block 3): the 4-block pool is full. a is then swapped out."""
+    bm = BlockManager(num_device_blocks=4, num_host_blocks=6, block_size=2)
+    a, b = _keyed("a", 5, ["k0", "k1"]), _keyed("b", 5, ["k0", "k1"])
+    bm.allocate(a, 5)
+    assert bm.register_prefix(a, 0, 5) == 2
+    assert bm.lookup_prefix(b, 2) == 2 and b.blocks == [0, 1]
+    bm.allocate(b, 5)
+    assert b.blocks == [0, 1, 3] and bm.num_free_device_blocks == 0
+    pairs = bm.swap_out(a, overlapped=overlapped)
+    return bm, a, b, [d for d, _ in pairs]
+
+
+@pytest.mark.parametrize("release", ["drop", "sync swap-out"])
+def test_an_overlapped_copy_source_freed_by_its_last_holder_is_not_reused_in_the_same_step(release):
+    bm, a, b, sources = _shared_then_swapped(overlapped=True)
+    assert sources == [0, 1, 2] and bm.num_pending_device_blocks == 1  # block 2; 0 and 1 stay with b
+    if release == "drop":
+        bm.free(b)
+    else:
+        bm.swap_out(b, overlapped=False)
+    # The copy of a's blocks 0 and 1 still runs: only b's own block 3 may be written in this step.
+    assert bm.num_free_device_blocks == 1
+    c = Request("c", 2, 4)
+    bm.allocate(c, 2)
+    assert c.blocks == [3]
+    with pytest.raises(BlockError, match="more device blocks"):
+        bm.allocate(Request("d", 2, 4), 2)
+    assert bm.lookup_prefix(_keyed("e", 5, ["k0", "k1"]), 2) == 0  # held back: not handed to a lookup either
+    bm.check([a, b, c])
+    bm.end_step()  # the copy is done: the cached blocks are evictable, their contents kept
+    assert bm.num_free_device_blocks == 3 and bm.num_cached_blocks == 2
+    f = _keyed("f", 5, ["k0", "k1"])
+    assert bm.lookup_prefix(f, 2) == 2 and f.blocks == [0, 1]
+    bm.check([a, b, c, f])
+
+
+def test_a_synchronous_copy_does_not_hold_back_the_shared_source():
+    bm, a, b, sources = _shared_then_swapped(overlapped=False)
+    assert sources == [0, 1, 2] and bm.num_pending_device_blocks == 0
+    bm.free(b)  # the copy finished before the step: the cached blocks are evictable at once
+    assert bm.num_free_device_blocks == 4 and bm.num_cached_blocks == 2
+    bm.check([a, b])
+    assert a.kv_location is KVLocation.HOST
