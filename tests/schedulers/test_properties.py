@@ -66,6 +66,11 @@ def test_every_request_completes_exactly_and_blocks_are_conserved(policy, preset
     cfg = SchedulerConfig.preset(preset, swap_mode=mode, **cfg_kw)
     sched = make_scheduler(policy, cfg)
     arrivals = [(t, Request(i, p, m, arrival_time=t, oracle_output_len=o)) for t, (i, p, m, o) in reqs]
+    run_and_check(sched, cfg, arrivals, aborts, early)
+
+
+def run_and_check(sched, cfg, arrivals, aborts, early):
+    """Run the workload through the strict executor; every request ends as it must and every block is back."""
     requests = [r for _, r in arrivals]
     res = run_workload(sched, arrivals, max_steps=iteration_bound(requests), aborts=aborts, early_stop=early)
     assert not sched.has_unfinished()
@@ -84,7 +89,6 @@ def test_every_request_completes_exactly_and_blocks_are_conserved(policy, preset
             assert r.num_generated_tokens == want, (rid, r.num_generated_tokens, want)
             assert r.first_token_time is not None and r.finish_time >= r.first_token_time
     assert set(res.rejected) == {r.request_id for r in requests if r.state is RequestState.REJECTED}
-
 
 def prefix_keys(rid, prompt: int, block_size: int, family: int | None, shared: int) -> tuple:
     """Keys of a prompt's full blocks: the first ``shared`` tokens are family ``family``'s common text (equal
@@ -112,19 +116,7 @@ def test_prefix_caching_shares_only_equal_blocks_and_conserves_them(policy, pres
         family = data.draw(st.sampled_from([None, 0, 1, 2]))
         keys = prefix_keys(i, p, cfg.block_size, family, shared.get(family, 0))
         arrivals.append((t, Request(i, p, m, arrival_time=t, oracle_output_len=o, prefix_hashes=keys)))
-    requests = [r for _, r in arrivals]
-    res = run_workload(sched, arrivals, max_steps=iteration_bound(requests), aborts=aborts, early_stop=early)
-    assert not sched.has_unfinished()
-    sched.check_invariants()
-    assert sched.blocks.num_free_device_blocks == sched.blocks.num_usable_device_blocks
-    assert sched.blocks.num_free_host_blocks == cfg.num_host_blocks
-    for r in requests:
-        if r.state is RequestState.FINISHED:
-            want = 1 if r.request_id in early else r.max_new_tokens
-            assert r.num_generated_tokens == want
-        else:
-            assert r.state in (RequestState.REJECTED, RequestState.ABORTED) and (
-                r.request_id in res.rejected or r.request_id in res.aborted)
+    run_and_check(sched, cfg, arrivals, aborts, early)
     st_ = sched.stats
     assert 0 <= st_.prefix_cache_hits <= st_.prefix_cache_queries
 
