@@ -80,7 +80,7 @@ class FCFSScheduler(PolicyBase):
                 self._preempt(plan, order.pop())  # r itself is the newest left
                 preempted_now = True
                 break
-            self._take(plan, r, n)
+            n = self._take(plan, r, n)
             budget -= n
             i += 1
         # 2. Resume preempted jobs, oldest first, unless this step just preempted (no swap ping-pong).
@@ -97,7 +97,7 @@ class FCFSScheduler(PolicyBase):
                 if n == 0 or blocks.extra_device_blocks(r, n) > blocks.num_free_device_blocks:
                     break
             self.preempted.popleft()
-            self._take(plan, r, n)
+            n = self._take(plan, r, n)
             self.running[r.request_id] = r
             budget -= n
         # 3. Admit new jobs in arrival order once nobody waits to resume.
@@ -107,7 +107,7 @@ class FCFSScheduler(PolicyBase):
             if n == 0 or blocks.extra_device_blocks(r, n) > blocks.num_free_device_blocks:
                 break
             self.waiting.popleft()
-            self._take(plan, r, n)
+            n = self._take(plan, r, n)
             self.running[r.request_id] = r
             budget -= n
 

@@ -221,9 +221,11 @@ class PolicyBase(Scheduler):
 
     # ------------------------------------------------------------------ plan helpers
 
-    def _take(self, plan: StepPlan, r: Request, n: int, alloc_tokens: int = 0) -> None:
+    def _take(self, plan: StepPlan, r: Request, n: int, alloc_tokens: int = 0) -> int:
         """Put ``r`` in the batch for ``n`` tokens, allocating the device blocks they need (or, when larger,
-        blocks for ``alloc_tokens`` tokens: vLLM allocates a whole prompt at admission)."""
+        blocks for ``alloc_tokens`` tokens: vLLM allocates a whole prompt at admission). Returns the tokens
+        it computes: ``n``, or fewer when a restart takes cached prefix blocks (the rest of the step's token
+        budget stays with the policy)."""
         assert 1 <= n <= r.num_uncomputed_tokens, (r.request_id, n, r.num_uncomputed_tokens)
         old = r.kv_location
         if r.prefix_hashes and old is KVLocation.NONE and r.num_computed_tokens == 0:
@@ -236,6 +238,7 @@ class PolicyBase(Scheduler):
             plan.prefill.append(PrefillEntry(r, n))
         else:
             plan.decode.append(r)
+        return n
 
     def _use_prefix_cache(self, r: Request, n: int, alloc_tokens: int) -> int:
         """A request (re)starting with a chunk of ``n`` tokens takes cached blocks of its prompt's prefix

@@ -278,7 +278,7 @@ class PriorityScheduler(PolicyBase):
                     continue
             if loc is KVLocation.HOST:
                 self._swap_in(plan, r, sync=True)
-            self._take(plan, r, n, alloc)
+            n = self._take(plan, r, n, alloc)
             if alloc:
                 self._catching[id(r)] = r.num_generated_tokens
             budget -= n

@@ -62,5 +62,5 @@ class StaticScheduler(PolicyBase):
             n = chunk_tokens(r, budget, self.config.max_tokens_per_batch)
             if n == 0:
                 continue
-            self._take(plan, r, n)
+            n = self._take(plan, r, n)
             budget -= n

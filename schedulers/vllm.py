@@ -73,7 +73,7 @@ class VLLMScheduler(PolicyBase):
             if not blocks.can_allocate(need, self.watermark_blocks):
                 break
             self.waiting.popleft()
-            self._take(plan, r, n, alloc_tokens=r.num_tokens)
+            n = self._take(plan, r, n, alloc_tokens=r.num_tokens)
             self.running.append(r)
             used += n
             seqs += 1
@@ -102,7 +102,7 @@ class VLLMScheduler(PolicyBase):
             if need > blocks.num_free_device_blocks:
                 preempted.append(self._preempt(plan, order.pop()))  # r itself
                 break
-            self._take(plan, r, n)
+            n = self._take(plan, r, n)
             used += n
             i += 1
         self.waiting.extendleft(preempted)  # extendleft reverses: the oldest preempted ends up first

@@ -39,8 +39,9 @@ def test_usage_counts_the_cached_prompt_tokens(served):
         assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
         assert r["choices"][0]["token_ids"] == greedy_generate(model, second, NEW)
         # Two choices of one prompt (57 tokens, three full pages): the prompt is counted once, with the most its
-        # choices took. The first takes the two common pages; the policy charges its whole prompt to the 64-token
-        # step budget, so the second starts a step later and also finds the third page the first one cached.
+        # choices took. The first takes the two common pages and computes 25 tokens; the policy sizes the
+        # second's chunk by its whole 57-token prompt before any lookup, which does not fit the 39 tokens left of
+        # the 64-token step, so it starts a step later and also finds the third page the first one cached.
         r = c.post("/v1/completions", json=body | {"prompt": third, "n": 2}).json()
         assert r["usage"]["prompt_tokens"] == len(third)
         assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
