@@ -4,12 +4,14 @@
 Each request is a chat: one shared system prompt (``--system-tokens`` tokens of a real ShareGPT answer, cut
 at a token boundary) and its own user turn (the first human turn of a real ShareGPT conversation, cut to
 ``--user-tokens``), rendered with SmolLM2's chat template. ``--requests`` of them arrive at once and each
-generates ``--new`` tokens (greedy, end-of-sequence ignored). Printed per configuration: wall time of the
-batch, mean and median time to first token, prompt tokens looked up and found in the cache, and whether the
-generated ids equal those of the run without the cache. The two configurations alternate for ``--reps``
-rounds after a warm-up round; every round is printed and the best of each.
+generates ``--new`` tokens (greedy, end-of-sequence ignored) under the ``--scheduler`` policy (batch 8,
+256 tokens per step, no host pool). Printed per configuration: wall time of the batch, mean and median time
+to first token, compute steps, recompute drops, prompt tokens looked up and found in the cache, and whether
+the generated ids equal those of the first run (the warm-up without the cache). The two configurations
+alternate for ``--reps`` rounds after a warm-up round; every round is printed and the best of each.
 
     python benchmarks/prefix_cache_cpu.py [--requests 16] [--system-tokens 384] [--user-tokens 48] [--new 8]
+                                          [--reps 2] [--scheduler fcfs]
 """
 
 from __future__ import annotations
