@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from virtual_clock import virtual_clock
 
 VOCAB = 128
 
@@ -131,15 +132,16 @@ def under_pressure():
     """``run(model, prompts, params, **llm_kwargs) -> [(case, outputs)]``: ``LLM(model, ...).generate`` once per
     case of ``PRESSURE_RUNS`` (policy, scheduler options, async scheduling; run-time branches only without
     it), with the pool ``llm_kwargs`` give
-    (small enough to force preemption). Asserts each run was preempted and compiled nothing after warm-up."""
+    (small enough to force preemption), on a virtual clock. Asserts each run was preempted and compiled
+    nothing after warm-up."""
     from jserve.engine import LLM
 
     def run(model, prompts, params, **llm_kwargs):
         results = []
         for case in PRESSURE_RUNS:
             policy, options, async_ = case
-            llm = LLM(model, scheduler=policy, scheduler_options=options, async_scheduling=async_,
-                      skip_idle_work=not async_, **llm_kwargs)
+            llm = virtual_clock(LLM(model, scheduler=policy, scheduler_options=options, async_scheduling=async_,
+                                    skip_idle_work=not async_, **llm_kwargs))
             outs = llm.generate(prompts, params)
             st = llm.engine.stats
             assert st["drops"] + st["blocks_out"] > 0, (case, st)  # it was preempted

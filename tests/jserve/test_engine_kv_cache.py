@@ -5,6 +5,7 @@ place (no whole-pool copy in the optimized HLO) and nothing compiles after warm-
 
 from __future__ import annotations
 
+
 import re
 
 import jax
@@ -17,6 +18,8 @@ from jserve.engine.kv_cache import KVCache, KVCacheSpec, bucket_pairs
 from jserve.engine.runner import BatchRow, ModelRunner, RunnerConfig
 from jserve.models import greedy_generate
 from schedulers.request import KVLocation
+
+from virtual_clock import virtual_clock
 
 
 def _runner(model, num_device=24, num_host=20, swap_buckets=(2, 4), skip_idle_work=None):
@@ -134,13 +137,16 @@ def test_host_map_pages_of_several_swap_outs(tiny):
 def test_host_pages_stay_within_the_schedulers_accounting(tiny):
     """A host pool that fills up: the scheduler never names more host ids than it has, the cache holds exactly
     the scheduler's host-resident pages after every step (swap-in sources and dropped requests released), and
-    the outputs still equal a roomy greedy decode."""
+    the outputs still equal a roomy greedy decode.
+
+    On a virtual clock (``conftest.virtual_clock``), so the same preemptions, swaps and drops happen on any
+    machine at any step speed."""
     rng = np.random.default_rng(3)
     prompts = [list(map(int, rng.integers(3, 256, size=int(n)))) for n in rng.integers(30, 60, size=6)]
     new = 24
-    llm = LLM(tiny, scheduler="fastserve", scheduler_options={"swap_mode": "proactive"}, max_batch_size=4,
-              max_tokens_per_batch=64, max_model_len=128, decode_buckets=(4,), token_buckets=(64,),
-              num_device_blocks=14, num_host_blocks=6, progress=False)
+    llm = virtual_clock(LLM(tiny, scheduler="fastserve", scheduler_options={"swap_mode": "proactive"},
+                            max_batch_size=4, max_tokens_per_batch=64, max_model_len=128, decode_buckets=(4,),
+                            token_buckets=(64,), num_device_blocks=14, num_host_blocks=6, progress=False))
     eng = llm.engine
     assert eng.runner.config.swap_buckets == (1, 4, 8)  # the default: chunks without padding
     outs = [eng.add_request(p, SamplingParams(max_tokens=new, ignore_eos=True), request_id=i) for i, p in enumerate(prompts)]

@@ -20,6 +20,8 @@ from jserve.engine import LLM, SamplingParams
 from jserve.models import load
 from jserve.models.paged import PageAllocator, SeqChunk, build_step, pages_needed
 
+from virtual_clock import virtual_clock
+
 SMALL = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=128, decode_buckets=(4,),
              token_buckets=(64,), swap_buckets=(8,), progress=False, enable_prompt_logprobs=True)
 ROOMY = dict(SMALL, num_device_blocks=64, num_host_blocks=64)
@@ -88,10 +90,12 @@ def test_against_the_full_forward_over_chunks_and_preemption(tiny, prompts):
     runs = {  # built one at a time: an engine counts every compilation in the process after its warm-up
         "roomy": lambda: LLM(tiny, scheduler="fcfs", **ROOMY),
         "chunked": lambda: LLM(tiny, scheduler="cp", **dict(ROOMY, max_tokens_per_batch=16, token_buckets=(16,))),
-        "recompute": lambda: LLM(tiny, scheduler="fastserve", scheduler_options={"swap_mode": "recompute"}, **TIGHT),
-        "swaps, async, branch-free": lambda: LLM(tiny, scheduler="fastserve", async_scheduling=True,
-                                                 scheduler_options={"swap_mode": "proactive"}, skip_idle_work=False,
-                                                 **TIGHT),
+        # FastServe's preemptions on a virtual clock, the same on any machine (conftest.virtual_clock)
+        "recompute": lambda: virtual_clock(LLM(tiny, scheduler="fastserve", scheduler_options={"swap_mode": "recompute"},
+                                               **TIGHT)),
+        "swaps, async, branch-free": lambda: virtual_clock(LLM(tiny, scheduler="fastserve", async_scheduling=True,
+                                                               scheduler_options={"swap_mode": "proactive"},
+                                                               skip_idle_work=False, **TIGHT)),
     }
     tokens = None
     for name, make in runs.items():
