@@ -5,8 +5,9 @@ that bound apart from the engine, on the same shapes, so the figures in the docs
 
 * memory read bandwidth (a ``jnp.sum`` over 512 MiB) and copy bandwidth;
 * a chain of 30 SmolLM2 MLP blocks (gate/up 576 -> 1536, down 1536 -> 576, weights ``[out, in]``, 318 MB in
-  all, so they stream from memory as in a real step) at M = 1, 8, 32 rows, JAX (``jit``) beside torch
-  (``F.linear``), float32: milliseconds, GFLOP/s and weight bytes streamed per second;
+  all, so they stream from memory as in a real step) at M = 1, 8, 32 rows, float32, three ways: XLA's dot
+  (``jit``), jserve's native kernel (``kernels_cpu.matmul_nt``, what the models run on a CPU) and torch
+  (``F.linear``): milliseconds, GFLOP/s and weight bytes streamed per second;
 * one M x 576 x 1536 product in float32 and bfloat16 for each library (8 independent weight matrices, cache
   resident): does the library have a faster bfloat16 path on this CPU (AMX / AVX512-BF16)?
 
@@ -26,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kernels_cpu  # noqa: E402
 from jserve.engine.profiler import median_time  # noqa: E402
 
 LAYERS = 30
@@ -48,7 +50,7 @@ def memory_bandwidth(reps: int) -> tuple[float, float]:
 
 
 def mlp_chain(rows_list, reps: int, threads: int) -> list[dict]:
-    """30 MLP blocks in sequence, JAX beside torch, float32."""
+    """30 MLP blocks in sequence, XLA's dot and the native kernel beside torch, float32."""
     import torch
 
     torch.set_num_threads(threads)
@@ -58,11 +60,17 @@ def mlp_chain(rows_list, reps: int, threads: int) -> list[dict]:
     jw = [tuple(jnp.asarray(w) for w in t) for t in mats]
     tw = [tuple(torch.from_numpy(w) for w in t) for t in mats]
 
-    @jax.jit
-    def jax_chain(x, weights):
-        for g, u, d in weights:
-            x = x + (jax.nn.silu(x @ g.T) * (x @ u.T)) @ d.T
-        return x
+    def chain(mm):
+        @jax.jit
+        def run(x, weights):
+            for g, u, d in weights:
+                x = x + mm(jax.nn.silu(mm(x, g)) * mm(x, u), d)
+            return x
+
+        return run
+
+    jax_chain = chain(lambda a, w: a @ w.T)
+    native_chain = chain(kernels_cpu.matmul_nt) if kernels_cpu.native_available() else None
 
     def torch_chain(x):
         lin = torch.nn.functional.linear
@@ -76,12 +84,15 @@ def mlp_chain(rows_list, reps: int, threads: int) -> list[dict]:
     for m in rows_list:
         x = rng.standard_normal((m, HIDDEN), dtype=np.float32)
         xj, xt = jnp.asarray(x), torch.from_numpy(x)
-        t_jax = _median_ms(lambda: jax_chain(xj, jw).block_until_ready(), reps)
-        t_torch = _median_ms(lambda: torch_chain(xt), reps)
+        times = {"jax": _median_ms(lambda: jax_chain(xj, jw).block_until_ready(), reps)}
+        if native_chain is not None:
+            times["native"] = _median_ms(lambda: native_chain(xj, jw).block_until_ready(), reps)
+        times["torch"] = _median_ms(lambda: torch_chain(xt), reps)
         flops = 2 * m * weight_bytes / 4
-        out.append(dict(rows=m, jax_ms=t_jax, torch_ms=t_torch, jax_gflops=flops / t_jax / 1e6,
-                        torch_gflops=flops / t_torch / 1e6, jax_weight_gbs=weight_bytes / t_jax / 1e6,
-                        torch_weight_gbs=weight_bytes / t_torch / 1e6))
+        row = dict(rows=m)
+        for name, t in times.items():
+            row.update({f"{name}_ms": t, f"{name}_gflops": flops / t / 1e6, f"{name}_weight_gbs": weight_bytes / t / 1e6})
+        out.append(row)
     return out
 
 
@@ -127,10 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"memory: read {rd:.1f} GB/s, copy (read+write) {cp:.1f} GB/s", flush=True)
     chain = mlp_chain(rows, a.reps, a.threads)
     print(f"\n{LAYERS} MLP blocks, float32 ({FFN}x{HIDDEN} x3 per block, weights streamed from memory)")
-    print(f"{'rows':>4} {'jax ms':>8} {'GF/s':>6} {'GB/s':>6} {'torch ms':>9} {'GF/s':>6} {'GB/s':>6}")
+    if not kernels_cpu.native_available():
+        print(f"(no native column: {kernels_cpu.build.unavailable_reason()})")
+    names = [n for n in ("jax", "native", "torch") if f"{n}_ms" in chain[0]]
+    print(f"{'rows':>4} " + " ".join(f"{n + ' ms':>10} {'GF/s':>6} {'GB/s':>6}" for n in names))
     for r in chain:
-        print(f"{r['rows']:4d} {r['jax_ms']:8.1f} {r['jax_gflops']:6.0f} {r['jax_weight_gbs']:6.1f} "
-              f"{r['torch_ms']:9.1f} {r['torch_gflops']:6.0f} {r['torch_weight_gbs']:6.1f}", flush=True)
+        print(f"{r['rows']:4d} " + " ".join(
+            f"{r[n + '_ms']:10.1f} {r[n + '_gflops']:6.0f} {r[n + '_weight_gbs']:6.1f}" for n in names), flush=True)
     rates = dtype_rates(rows, a.reps)
     print(f"\n8 x (M x {HIDDEN} x {FFN}) products, cache resident, ms (float32 / bfloat16)")
     for r in rates:

@@ -3,9 +3,10 @@
 ``backend``: ``"pallas"`` (Pallas lowered for the GPU; needs one), ``"interpret"`` (the same Pallas kernels
 in interpret mode: a slow correctness tool that runs anywhere), ``"reference"`` (the pure-jnp references,
 plain XLA; exact ground truth, but they gather the whole block-table width), ``"xla"`` (``xla_paged``: plain
-XLA loops over page chunks up to the longest context; the fast path off-GPU, and ``write_kv`` is the
-reference scatter). ``None`` picks ``"pallas"`` on a GPU and ``"reference"`` elsewhere
-(``checks.serving_backend`` picks ``"xla"`` there instead: what the models use).
+XLA loops over page chunks up to the longest context, and ``write_kv`` is the reference scatter), ``"cpu"``
+(the ``xla`` backend, except that decode attention runs jserve's native C++ kernel, ``kernels_cpu``, when
+lowered for a CPU with float32 pages; the fast path off-GPU). ``None`` picks ``"pallas"`` on a GPU and
+``"reference"`` elsewhere (``checks.serving_backend`` picks ``"cpu"`` there instead: what the models use).
 
 ``config`` (optional) tunes the Pallas kernels (``DecodeConfig`` / ``PrefillConfig`` / ``WriteConfig``);
 the references and the xla backend ignore it. Everything here is traceable under ``jax.jit``; shape and
@@ -14,7 +15,11 @@ dtype errors are raised as ``ValueError`` at trace time and name the offending a
 
 from __future__ import annotations
 
+import functools
+
 import jax
+
+import kernels_cpu
 
 from . import checks
 from .decode import DecodeConfig, paged_decode_attention_pallas
@@ -39,7 +44,7 @@ def _kernel_backend(backend: str | None, k_pages) -> str:
             f"backend='pallas' lowers for a GPU, but the default JAX backend is {jax.default_backend()!r}; "
             "use backend='interpret' (Pallas interpret mode) or 'reference'"
         )
-    if resolved not in ("reference", "xla"):
+    if resolved not in ("reference", "xla", "cpu"):
         checks.check_pallas_blocks(k_pages)
     return resolved
 
@@ -72,6 +77,11 @@ def paged_decode_attention(
         return _decode_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale)
     if resolved == "xla":
         return paged_decode_attention_xla(q, k_pages, v_pages, block_tables, lengths, scale=scale)
+    if resolved == "cpu":
+        fallback = functools.partial(paged_decode_attention_xla, scale=scale)
+        return kernels_cpu.paged_decode_attention(
+            q, k_pages, v_pages, block_tables, lengths, scale=scale, fallback=fallback
+        )
     return paged_decode_attention_pallas(
         q, k_pages, v_pages, block_tables, lengths, scale=scale, config=config, interpret=resolved == "interpret"
     )
@@ -96,7 +106,7 @@ def ragged_paged_attention(
     config = _check_config(config, PrefillConfig, "ragged_paged_attention")
     if resolved == "reference":
         return _ragged_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale=scale)
-    if resolved == "xla":
+    if resolved in ("xla", "cpu"):
         return ragged_paged_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale=scale)
     return ragged_paged_attention_pallas(
         q,
@@ -125,7 +135,7 @@ def write_kv(
     checks.check_write_args(k_pages, v_pages, k, v, slot_mapping)
     resolved = _kernel_backend(backend, k_pages)
     config = _check_config(config, WriteConfig, "write_kv")
-    if resolved in ("reference", "xla"):
+    if resolved in ("reference", "xla", "cpu"):
         return _write_reference(k_pages, v_pages, k, v, slot_mapping)
     return write_kv_pallas(
         k_pages, v_pages, k, v, slot_mapping, config=config, interpret=resolved == "interpret"

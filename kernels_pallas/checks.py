@@ -13,7 +13,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("pallas", "interpret", "reference", "xla")
+BACKENDS = ("pallas", "interpret", "reference", "xla", "cpu")
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -27,9 +27,10 @@ def resolve_backend(backend: str | None) -> str:
 
 def serving_backend(backend: str | None) -> str:
     """The backend a model step should run: an explicit name as given (checked); ``None`` -> the fastest
-    for the platform: ``"pallas"`` on a GPU, ``"xla"`` (context-length loops, ``xla_paged``) elsewhere."""
+    for the platform: ``"pallas"`` on a GPU, ``"cpu"`` (jserve's native decode attention where it applies,
+    the ``xla`` context-length loops for the rest) elsewhere."""
     if backend is None:
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return "pallas" if jax.default_backend() == "gpu" else "cpu"
     return resolve_backend(backend)
 
 

@@ -7,6 +7,8 @@ Parameter names follow Hugging Face's (``q_proj``, ``input_layernorm``...) so th
 linear weights ``w`` are stored ``[out_features, in_features]`` like a torch ``weight``: XLA:CPU's matmul is
 markedly faster when the contraction runs over the minor axis of both operands (decode at batch 32: the
 SmolLM2 layer matmuls take 25% less time than with ``[in, out]`` kernels; no difference at batch 1).
+Every product with such a weight goes through ``kernels_cpu.matmul_nt``, which runs decode-sized float32
+products on the CPU in jserve's native kernel and everything else in XLA's dot.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import kernels_cpu
 import kernels_pallas
 from kernels_pallas import AttentionMetadata
 
@@ -53,7 +56,7 @@ class Linear(nnx.Module):
         self.bias = _zeros((out_features,), dtype) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in] -> [..., out]
-        y = jnp.einsum("...i,oi->...o", x, self.w[...], precision=_precision(x.dtype))
+        y = kernels_cpu.matmul_nt(x, self.w[...], precision=_precision(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -69,8 +72,8 @@ class Embedding(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:  # x: [S, features] -> [S, num_embeddings] float32
-        return jnp.einsum(
-            "sf,vf->sv", x, self.embedding[...], preferred_element_type=jnp.float32, precision=_precision(x.dtype)
+        return kernels_cpu.matmul_nt(
+            x, self.embedding[...], preferred_element_type=jnp.float32, precision=_precision(x.dtype)
         )
 
 
@@ -171,7 +174,7 @@ def paged_attention(
     sequence has one query token, else ragged prefill attention over the paged context.
 
     ``backend=None`` runs the platform's fastest kernels (``kernels_pallas.checks.serving_backend``: Pallas
-    on a GPU, the ``xla`` context-length loops elsewhere)."""
+    on a GPU, the ``cpu`` backend elsewhere: native decode attention, XLA loops for the rest)."""
     kw = {"backend": kernels_pallas.checks.serving_backend(backend)}
     k_pages, v_pages = kv_cache
     k_pages, v_pages = kernels_pallas.write_kv(k_pages, v_pages, k, v, metadata.slot_mapping, **kw)

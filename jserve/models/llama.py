@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels_cpu
 from kernels_pallas import AttentionMetadata
 
 from .config import ModelConfig
@@ -113,8 +114,8 @@ class LlamaForCausalLM(CausalLM):
         if self.lm_head is None:
             logits = self.embed_tokens.attend(x)
         else:
-            logits = jnp.einsum(
-                "sh,vh->sv", x, self.lm_head.w[...], preferred_element_type=jnp.float32,
+            logits = kernels_cpu.matmul_nt(
+                x, self.lm_head.w[...], preferred_element_type=jnp.float32,
                 precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
             )
         return logits.astype(jnp.float32)
