@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -191,7 +192,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, double seconds, F fn) {
       seconds < 20e-6 ? 0 : std::min<int64_t>(std::max<int64_t>(pool.num_threads() - 1, 0), n - 1);
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { state->Work(); });
   state->Work();
-  while (state->done.load(std::memory_order_acquire) < n) _mm_pause();
+  // Spin briefly, then yield the core: the thread finishing the last item may have been descheduled (two
+  // cores shared with the host's Python thread), and spinning would keep it off this core.
+  for (int spins = 0; state->done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
