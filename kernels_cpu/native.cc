@@ -108,29 +108,14 @@ inline void RowBlock(const float* x, const float* w, int64_t K, float* y, int64_
   for (; n < n1; ++n) Tile<MR, 1, 0>(x, w + n * K, K, y + n, N);
 }
 
-// The MR < 8 rows left after the 8-row blocks, each count with a tile of about 16-24 accumulators.
+// The 1-3 rows left after the 4-row blocks, each count with a tile of 8-12 accumulators.
+template <bool kPrefetch>
 inline void RemainderRows(int64_t rows, const float* x, const float* w, int64_t K, float* y, int64_t N, int64_t n0,
-                          int64_t n1, bool prefetch) {
-  if (prefetch) {
-    switch (rows) {
-      case 1: return RowBlock<1, 8, true>(x, w, K, y, N, n0, n1);
-      case 2: return RowBlock<2, 6, true>(x, w, K, y, N, n0, n1);
-      case 3: return RowBlock<3, 4, true>(x, w, K, y, N, n0, n1);
-      case 4: return RowBlock<4, 4, true>(x, w, K, y, N, n0, n1);
-      case 5: return RowBlock<5, 3, true>(x, w, K, y, N, n0, n1);
-      case 6: return RowBlock<6, 3, true>(x, w, K, y, N, n0, n1);
-      case 7: return RowBlock<7, 3, true>(x, w, K, y, N, n0, n1);
-      default: return;
-    }
-  }
+                          int64_t n1) {
   switch (rows) {
-    case 1: return RowBlock<1, 8, false>(x, w, K, y, N, n0, n1);
-    case 2: return RowBlock<2, 6, false>(x, w, K, y, N, n0, n1);
-    case 3: return RowBlock<3, 4, false>(x, w, K, y, N, n0, n1);
-    case 4: return RowBlock<4, 4, false>(x, w, K, y, N, n0, n1);
-    case 5: return RowBlock<5, 3, false>(x, w, K, y, N, n0, n1);
-    case 6: return RowBlock<6, 3, false>(x, w, K, y, N, n0, n1);
-    case 7: return RowBlock<7, 3, false>(x, w, K, y, N, n0, n1);
+    case 1: return RowBlock<1, 8, kPrefetch>(x, w, K, y, N, n0, n1);
+    case 2: return RowBlock<2, 6, kPrefetch>(x, w, K, y, N, n0, n1);
+    case 3: return RowBlock<3, 4, kPrefetch>(x, w, K, y, N, n0, n1);
     default: return;
   }
 }
@@ -162,7 +147,11 @@ void MatmulChunk(const float* x, int64_t M, const float* w, int64_t K, float* y,
       for (int64_t m = 0; m < full; m += 4) Tile<4, 1, 0>(x + m * K, w + n * K, K, y + m * N + n, N);
   }
   // With 4-row blocks above, this chunk of w is already in cache.
-  RemainderRows(M - full, x + full * K, w, K, y + full * N, N, n0, n1, /*prefetch=*/full == 0);
+  if (full == 0) {
+    RemainderRows<true>(M, x, w, K, y, N, n0, n1);
+  } else {
+    RemainderRows<false>(M - full, x + full * K, w, K, y + full * N, N, n0, n1);
+  }
 }
 
 // Runs fn(i) for i in [0, n) on the calling thread and, when the whole takes longer than waking a thread
