@@ -94,6 +94,7 @@ def paged_decode_attention(
     if (
         any(a.dtype != jnp.float32 for a in (q, k_pages, v_pages))
         or head_dim % 16 != 0
+        or 0 in k_pages.shape[1:3]  # an empty pool: nothing for the kernel to read
         or num_q_heads % num_kv_heads != 0
         or num_q_heads // num_kv_heads * head_dim > 2048
         or not native_available()

@@ -317,7 +317,8 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
     return ffi::Error::InvalidArgument("jserve_paged_decode_attention: bad ranks");
   const int64_t B = qd[0], Hq = qd[1], D = qd[2];
   const int64_t Hkv = kd[0], P = kd[1], S = kd[2], W = td[1];
-  if (Hkv == 0 || Hq % Hkv != 0 || D % 16 != 0 || (Hq / Hkv) * D > kMaxGroupFloats || kd[3] != D || td[0] != B)
+  if (Hkv == 0 || P == 0 || S == 0 || Hq % Hkv != 0 || D % 16 != 0 || (Hq / Hkv) * D > kMaxGroupFloats ||
+      kd[3] != D || td[0] != B)
     return ffi::Error::InvalidArgument("jserve_paged_decode_attention: unsupported shapes");
   const int64_t G = Hq / Hkv;
   float* o = out->typed_data();
