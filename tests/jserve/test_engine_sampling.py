@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jserve.engine.sampling import SamplingArrays, SamplingParams, sample_tokens
+from jserve.engine.sampling import SamplingArrays, SamplingParams, greedy_tokens, sample_tokens
 
 _sample = jax.jit(sample_tokens)
 
@@ -22,6 +22,20 @@ def test_greedy_is_argmax_and_padded_rows_are_greedy():
     logits = rng.normal(size=(5, 50))
     out = _run(logits, [SamplingParams()] * 3)  # rows 3-4 are padding: temperature 0
     np.testing.assert_array_equal(out, logits.argmax(-1))
+
+
+def test_greedy_tokens_take_the_first_maximum_like_numpy():
+    rng = np.random.default_rng(3)
+    logits = rng.integers(-3, 4, size=(6, 49152)).astype(np.float32)  # many ties for the maximum
+    logits[1, :] = -np.inf  # every logit -inf: index 0
+    logits[2, 7] = np.nan  # a NaN wins, as in numpy and jnp.argmax
+    logits[2, 9000] = np.nan
+    logits[3, 49151] = 100.0  # the last index
+    logits[4, :] = 0.0
+    logits[4, 123] = np.finfo(np.float32).max
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, logits.argmax(-1))
+    assert got[1] == 0 and got[2] == 7 and got[3] == 49151 and got[4] == 123
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy_even_when_sampling():
