@@ -17,7 +17,7 @@ repeated (``--reps``) and the fastest kept; a run during which other processes u
 jserve is timed three ways:
 
 * ``engine``: ``jserve.LLM(...).generate(prompts, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))``
-  (the serving engine: scheduler, fixed-width block tables, sampling, host bookkeeping); and
+  (the serving engine: scheduler, fixed-width block tables, sampling, host bookkeeping);
 * ``engine`` again, steady state (``engine_steady``): the requests are queued at once and, after every one
   has its first token, each ``LLMEngine.step()`` is timed to the end; tokens/s = batch / mean step time. No
   prefill is in it, so at batch 32 it is much steadier than the difference of two runs; and
