@@ -79,6 +79,7 @@ def test_matches_hugging_face_transformers(hf_checkpoints):
             assert out.logprobs is None  # only what was asked
 
 
+@pytest.mark.slow  # about 35-45 s on 2 cores: every policy under memory pressure
 def test_against_the_full_forward_over_chunks_and_preemption(tiny, prompts):
     """Whole prompts, prompts split over steps of 16 tokens (chunked prefill), and runs that preempt (every
     eviction a drop, so prompts are replayed; swaps with async scheduling and the branch-free step): every

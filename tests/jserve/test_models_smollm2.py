@@ -31,6 +31,7 @@ def test_greedy_generation_gives_the_golden_ids(smollm2):
     assert smollm2.tokenizer.decode(out).startswith(" Paris.")
 
 
+@pytest.mark.slow  # about 30 s on 2 cores: SmolLM2 generation one by one, then batched
 def test_batched_greedy_generation_matches_single(smollm2):
     """Two prompts of different lengths in one ragged prefill and batched decode steps."""
     other = smollm2.tokenizer.encode("Water boils at a temperature of")

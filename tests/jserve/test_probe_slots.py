@@ -69,6 +69,7 @@ def test_a_reused_request_id_is_not_matched_with_the_old_requests_token_in_fligh
 
 
 
+@pytest.mark.slow  # about 25-40 s on 2 cores: every policy, three cases
 def test_every_policy_matches_the_reference_with_two_slots_chunks_and_preemption(tiny):
     """Ten requests on two rows and two slots, a 16-token budget (prompts of 12..40 tokens prefill over several
     steps and may lose their slot between chunks), a 9-page pool; every policy, async scheduling on and off,

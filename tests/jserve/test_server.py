@@ -793,6 +793,7 @@ SMOL = dict(max_batch_size=4, max_tokens_per_batch=64, max_model_len=96, decode_
             swap_buckets=(8,), progress=False, num_device_blocks=8, num_host_blocks=48)
 
 
+@pytest.mark.slow  # about 30 s on 2 cores: SmolLM2 compiles behind the server
 def test_smollm2_golden_ids_and_chat(smollm2):
     llm = LLM(smollm2, scheduler="fastserve", **SMOL)
     engine = AsyncLLMEngine(llm.engine)
