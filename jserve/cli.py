@@ -51,7 +51,7 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dtype`` and ``--scheduler`` (shared by ``generate`` and ``serve``)."""
+    """``--model``, ``--dtype``, ``--scheduler`` and ``--compile-cache`` (shared by ``generate`` and ``serve``)."""
     p.add_argument("--model", default=None, help="preset name, Hugging Face directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)

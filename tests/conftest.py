@@ -1,9 +1,10 @@
 """Suite-wide test settings.
 
-Parallel runs: ``python -m pytest`` runs the suite on pytest-xdist workers (``-n auto --dist loadfile`` in
-pyproject.toml), one per CPU this process may use, at most four; each file runs whole on one worker, so
-module fixtures are built once. Files that hold ``slow`` tests are handed out first, so that no worker
-is left alone with a long file at the end. ``-n 0`` runs everything in this process (for ``pdb`` or one
+Parallel runs: ``python -m pytest`` runs the suite on pytest-xdist workers (``-n auto --dist loadfile
+--no-loadscope-reorder`` in pyproject.toml), one per CPU this process may use, at most four; each file runs
+whole on one worker, so module fixtures are built once. Files that hold ``slow`` tests are handed out
+first, so that no worker is left alone with a long file at the end (xdist's own order, most tests first,
+sent the few-test slow files last: a 2-core run ended with one worker on a 50 s file). ``-n 0`` runs everything in this process (for ``pdb`` or one
 quick test).
 
 Hypothesis runs derandomized by default: the property tests draw the same examples on every run, so the suite
