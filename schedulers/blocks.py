@@ -21,17 +21,18 @@ may compute into them or swap another request into them. The host sources of *an
 plan must not overwrite host blocks whose data is still to be read. ``end_step()`` is called by the
 scheduler at every ``on_step_end``.
 
-Prefix caching (used only by requests that carry ``Request.prefix_hashes``, keys of their prompt's full
-blocks). Once a step has computed a full prompt block, ``register_prefix`` records it under its key: it is
-then *cached*, and several requests' tables may hold it (a reference count). ``lookup_prefix`` gives a fresh
-request the cached blocks of its longest cached prefix, so it computes only the rest. A cached block that no
-table holds is *evictable*: it counts as free and keeps its contents until an allocation needs it (least
-recently released first, and only once the plain free list is empty), which takes it out of the cache. A
-request only ever writes past its computed tokens, so a cached block is never written while cached. A
-swap-out copies every block of the request (its host table stays whole) and releases its hold on shared
-ones (a shared block that an overlapped swap-out reads stays out of the free pool until ``end_step`` even
-if its other holders let go of it in the same step); ``num_releasable`` counts the device blocks that
-leaving the device would really free. With no registered block, every path is the plain one above.
+Prefix caching (used only by requests that carry ``Request.prefix_hashes``, keys of the full blocks of their
+known tokens, prompt and generated). Once a step has computed a keyed block, ``register_prefix`` records it
+under its key: it is then *cached*, and several requests' tables may hold it (a reference count).
+``lookup_prefix`` gives a fresh request the cached blocks of its longest cached prefix, so it computes only
+the rest. A cached block that no table holds is *evictable*: it counts as free and keeps its contents until
+an allocation needs it (least recently released first, and only once the plain free list is empty), which
+takes it out of the cache. A request only ever writes past its computed tokens, so a cached block is never
+written while cached. A swap-out copies every block of the request (its host table stays whole) and
+releases its hold on shared ones (a shared block that an overlapped swap-out reads stays out of the free
+pool until ``end_step`` even if its other holders let go of it in the same step); ``num_releasable`` counts
+the device blocks that leaving the device would really free. With no registered block, every path is the
+plain one above.
 
 Accounting is exact and checkable: every usable block is, at every moment, in exactly one of {free list,
 evictable set, pending-free list, the tables of live requests (several only for a cached block, as many as
@@ -175,12 +176,15 @@ class BlockManager:
 
     def _release_device(self, blocks: list[int], pending: bool) -> None:
         """Drop one table's hold on ``blocks``: a cached block no table holds any more becomes evictable
-        (or pending, when an overlapped copy may still read it); the others go to the free list (or pending)."""
+        (or pending, when an overlapped copy may still read it); the others go to the free list (or pending).
+        A table's blocks are released last one first, so that eviction takes the ends of cached sequences
+        before their beginnings: a lookup walks a prefix from its first block, and a sequence whose first
+        block is gone is unreachable however much of the rest stays cached."""
         if not self._refs:
             (self._pending_device if pending else self._free_device).extend(blocks)
             return
         refs = self._refs
-        for b in blocks:
+        for b in reversed(blocks):
             n = refs.get(b)
             if n is None:
                 (self._pending_device if pending else self._free_device).append(b)
@@ -226,7 +230,7 @@ class BlockManager:
         return len(hits)
 
     def register_prefix(self, request: Request, start_token: int, end_token: int) -> int:
-        """A step computed ``request``'s tokens ``[start_token, end_token)``: cache its prompt blocks that this
+        """A step computed ``request``'s tokens ``[start_token, end_token)``: cache its keyed blocks that this
         completed (under their ``prefix_hashes`` key, unless that key or block is cached already). Returns
         the blocks added to the cache."""
         keys = request.prefix_hashes

@@ -160,6 +160,23 @@ def test_evictable_blocks_are_taken_last_and_oldest_first():
     bm.check([c, b2])
 
 
+def test_a_released_sequence_is_evicted_from_its_end():
+    """A freed table's cached blocks become evictable last block first, so an allocation that must evict
+    takes a sequence's tail and leaves its head (where every lookup starts) reachable."""
+    bm = BlockManager(num_device_blocks=4, num_host_blocks=0, block_size=2)
+    a = _keyed("a", 7, ["a0", "a1", "a2"])
+    bm.allocate(a, 7)
+    bm.register_prefix(a, 0, 7)
+    assert a.blocks == [0, 1, 2, 3] and bm.num_cached_blocks == 3
+    bm.free(a)  # block 3 (partial) is plain free; 2, 1, 0 become evictable in that order
+    c = Request("c", 5, 1)
+    bm.allocate(c, 5)  # block 3, then the oldest evictable ones: 2 (key a2), then 1 (key a1)
+    assert c.blocks == [3, 2, 1]
+    again = _keyed("a-again", 7, ["a0", "a1", "a2"])
+    assert bm.lookup_prefix(again, 3) == 1 and again.blocks == [0]  # evicting a0 first would have left nothing
+    bm.check([c, again])
+
+
 def test_swap_out_copies_shared_blocks_and_pending_cached_blocks_are_not_handed_out():
     bm = BlockManager(num_device_blocks=6, num_host_blocks=6, block_size=2)
     a = _keyed("a", 5, ["x0", "x1"])
