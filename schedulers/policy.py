@@ -182,6 +182,8 @@ class PolicyBase(Scheduler):
         for r in plan.decode:
             if r.is_finished:
                 continue
+            if r.prefix_hashes:
+                self.blocks.register_prefix(r, r.num_computed_tokens, r.num_computed_tokens + 1)
             r.num_computed_tokens += 1
             r.num_generated_tokens += 1
             sampled.append(r)
@@ -241,8 +243,8 @@ class PolicyBase(Scheduler):
         return n
 
     def _use_prefix_cache(self, r: Request, n: int, alloc_tokens: int) -> int:
-        """A request (re)starting with a chunk of ``n`` tokens takes cached blocks of its prompt's prefix
-        (leaving at least its last known token to compute); the chunk then starts after them and computes
+        """A request (re)starting with a chunk of ``n`` tokens takes cached blocks of its known tokens' prefix
+        (a recompute's generated tokens included; at least its last known token is left to compute); the chunk then starts after them and computes
         ``min(n, tokens left)``, which is returned (the chunk's tokens only shrink). It takes the longest
         cached prefix whose evictable blocks plus the new blocks the chunk then needs are free now; that may
         be more free blocks than the chunk alone needed without the cache (cached blocks past the chunk,

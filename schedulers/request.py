@@ -58,9 +58,10 @@ class Request:
     arrival_time: float = 0.0
     # Known only to oracle policies (``srpt``) and to harnesses; schedulers must not read it otherwise.
     oracle_output_len: int | None = None
-    # Prefix caching (set by an executor that enables it): one key per full block of the prompt, block i's
-    # key standing for the prompt's tokens [0, (i + 1) * block_size) (so equal keys mean equal KV). Empty:
-    # the request neither uses nor fills the prefix cache.
+    # Prefix caching (set by an executor that enables it): one key per full block of the known tokens, block
+    # i's key standing for tokens [0, (i + 1) * block_size) (so equal keys mean equal KV). The executor gives
+    # the prompt's keys at submission and appends a key each time a sampled token completes a block (before
+    # any step computes that token). Empty: the request neither uses nor fills the prefix cache.
     prefix_hashes: tuple = ()
 
     # Progress.

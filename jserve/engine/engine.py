@@ -55,7 +55,7 @@ from .kv_cache import KVCache, KVCacheSpec
 from .metrics import EngineMetrics
 from .outputs import RequestMetrics, RequestOutput
 from .penalties import PenaltySlots, request_adjustments, table_bytes
-from .prefix import prefix_page_keys
+from .prefix import next_page_key, prefix_page_keys
 from .records import InFlight, SequenceState, fill_prompt_logprobs, logprob_dict
 from .runner import BatchRow, ModelRunner, RunnerConfig
 from .sampling import SamplingParams
@@ -226,13 +226,12 @@ class LLMEngine:
         except ValueError as e:
             return self._refuse(out, str(e), now)
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
-        keys = ()
-        if self.config.enable_prefix_caching and sp.prompt_logprobs is None:  # a cached page has no logits
-            keys = prefix_page_keys(ids, self.config.page_size)
+        cached = self.config.enable_prefix_caching and sp.prompt_logprobs is None  # a cached page has no logits
+        keys = prefix_page_keys(ids, self.config.page_size) if cached else ()
         req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len,
                       prefix_hashes=keys)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
-        seq = SequenceState(req, sp, seed, ids, out, eos, adjust=adjust)
+        seq = SequenceState(req, sp, seed, ids, out, eos, adjust=adjust, prefix_cached=cached)
         if not self.scheduler.add(req, now):
             return self._refuse(out, f"the scheduler refused the request: {req.reject_reason}", now)
         self._seqs[rid] = seq
@@ -408,7 +407,8 @@ class LLMEngine:
             drawn = len(seq.output.token_ids) + (waiting is not None)
             if r.prefix_hashes and c == r.num_cached_tokens:  # the first chunk of a (re)start, which looked
                 # the prefix cache up (later chunks and decodes have computed more than the cache gave)
-                seq.output.num_cached_tokens = c
+                if seq.output.metrics.first_scheduled_time is None:  # the output reports the first start's
+                    seq.output.num_cached_tokens = c  # (prompt) tokens, as usage does; restarts are internal
                 st["prefix_cache_queries"] += r.num_tokens
                 st["prefix_cache_hits"] += c
             pen = None
@@ -455,6 +455,7 @@ class LLMEngine:
         changed = []
         fill_prompt_logprobs(flight)  # before the tokens: a request's first token comes with all of them
         tokens = flight.read()
+        page = self.config.page_size
         want = any(seq is not None and seq.params.logprobs is not None for seq in flight.samplers)
         logprobs = flight.read_logprobs() if want else None
         for row, (seq, tok) in enumerate(zip(flight.samplers, tokens)):
@@ -464,6 +465,12 @@ class LLMEngine:
             tok = int(tok)
             out.token_ids.append(tok)
             out.new_token_ids = [tok]
+            known = seq.num_known_tokens
+            if seq.prefix_cached and known % page == 0:  # tok completes a page: key it before the step that
+                # computes tok ends (that step registers the page in the cache)
+                keys = seq.request.prefix_hashes
+                keys += (next_page_key(keys[-1] if keys else b"", seq.token_slice(known - page, page)),)
+                seq.request.prefix_hashes = keys
             if seq.params.logprobs is not None:
                 out.logprobs.append(logprob_dict(tok, seq.params.logprobs, logprobs, row))
             self.stats["tokens"] += 1

@@ -54,7 +54,7 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprob_ranks: list[int | None] | None = None
-    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at the latest (re)start
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache when the request started
 
     @property
     def finished(self) -> bool:

@@ -32,6 +32,7 @@ class SequenceState:
     # (ids [k] int32, values [k] float32): logit_bias, plus -inf per end-of-sequence and stop id in the first
     adjust: tuple = ((), ())
     stop_searched: int | None = None  # characters of the output text already searched for stop strings
+    prefix_cached: bool = False  # its full pages get prefix-cache keys (``request.prefix_hashes``) as they fill
 
     @property
     def num_known_tokens(self) -> int:

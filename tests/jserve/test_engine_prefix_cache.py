@@ -3,9 +3,10 @@
 Prompts share a 40-token prefix (two full 16-token pages); the reference is ``jserve.models.greedy_generate``
 (its own paged loop, no cache). A request that takes cached pages computes only the rest of its prompt, so
 its outputs equal the reference only if those pages really hold the prefix's keys and values. The number of
-cached tokens per request is computed by hand; every policy stays transparent under memory pressure with the
-cache on; penalties (whose tables must still see the cached prompt tokens) and async scheduling equal the
-engine without the cache; requests asking for prompt log-probabilities bypass it.
+cached tokens per request is computed by hand; a follow-up prompt that repeats an earlier reply takes the
+reply's pages too; every policy stays transparent under memory pressure with the cache on; penalties (whose
+tables must still see the cached prompt tokens) and async scheduling equal the engine without the cache;
+requests asking for prompt log-probabilities bypass it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def test_every_policy_is_transparent_with_the_cache_under_pressure(tiny, family,
     llm = LLM(tiny, scheduler=policy, scheduler_options=options, enable_prefix_caching=True, **TIGHTER)
     outs = llm.generate(family, PARAMS)
     assert [o.token_ids for o in outs] == reference
+    # An output counts what its first start found: at most the two pages of the common prefix, even when a
+    # recompute took more (its own generated pages).
+    assert all(o.num_cached_tokens in (0, 16, 32) for o in outs), [o.num_cached_tokens for o in outs]
     st = llm.engine.stats
     if policy != "static":
         assert st["blocks_out"] + st["drops"] > 0, st  # preempted
@@ -83,6 +87,27 @@ def test_every_policy_is_transparent_with_the_cache_under_pressure(tiny, family,
     llm.engine.scheduler.check_invariants()
     blocks = llm.engine.scheduler.blocks
     assert blocks.num_free_device_blocks == blocks.num_usable_device_blocks
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_follow_up_prompt_takes_the_pages_of_the_generated_reply(tiny, family, async_scheduling):
+    """A second turn repeats the first prompt and its reply: 45 + 24 tokens, of which 68 were computed (the
+    last sampled token never is), so four full pages are cached, two of them (mostly) generated tokens. The
+    follow-up takes all four (64 tokens; keying prompt pages alone gave 32) and still equals the reference,
+    which holds only if the generated pages hold the reply's keys and values."""
+    llm = LLM(tiny, scheduler="fcfs", enable_prefix_caching=True, async_scheduling=async_scheduling, **ROOMY)
+    [first] = llm.generate([family[0]], PARAMS)
+    follow = family[0] + first.token_ids + [7, 8, 9, 10, 11]
+    [second] = llm.generate([follow], PARAMS)
+    assert second.num_cached_tokens == 64
+    assert second.token_ids == greedy_generate(tiny, [follow], NEW)[0]
+    assert llm.engine.stats["compiles_after_warmup"] == 0
+    # Departing from the reply at position 46 (page 2) leaves the two pages before it; at 50 (page 3), three.
+    for at, pages in ((1, 2), (5, 3)):
+        departs = family[0] + first.token_ids[:at] + [(first.token_ids[at] + 1) % 256] + first.token_ids[at + 1:]
+        [out] = llm.generate([departs], PARAMS)
+        assert out.num_cached_tokens == 16 * pages
+        assert out.token_ids == greedy_generate(tiny, [departs], NEW)[0]
 
 
 def test_penalties_and_async_scheduling_see_the_cached_prompt(tiny, family):

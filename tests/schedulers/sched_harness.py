@@ -9,8 +9,11 @@ bookkeeping:
   moved the right data to the right place), and its table covers the tokens it computes now;
 * no request computes while its KV is on the host or arriving through an overlapped swap-in;
 * overlapped copies never touch a page that the compute writes, and their sources are not reused;
-* a prefix-cached page (a prompt block with a ``prefix_hashes`` key, tagged by that key, so requests that
-  share the key may read it) is never written by a step while another live request's table holds it;
+* a prefix-cached page (a block with a ``prefix_hashes`` key, tagged by that key, so requests that share the
+  key may read it) is never written by a step while another live request's table holds it; with
+  ``grow_keys`` the executor keys generated blocks too, as an engine does: block ``i`` gets the key
+  ``("gen", request_id, i)`` once the request knows its last token (its page, written so far under the
+  request's own tag, is re-tagged: the key names the same tokens);
 * batch size and token budget are respected; a request appears at most once in a step;
 * rejected requests never run and are reported exactly once; block pools are conserved after every step.
 """
@@ -33,8 +36,9 @@ class RunResult:
 
 
 class StrictExecutor:
-    def __init__(self, sched, step_time=None, record: bool = False):
+    def __init__(self, sched, step_time=None, record: bool = False, grow_keys: bool = False):
         self.s = sched
+        self.grow_keys = grow_keys
         cfg = sched.config
         self.bs = cfg.block_size
         self.device: dict[int, tuple] = {}
@@ -129,6 +133,9 @@ class StrictExecutor:
         if during is not None:
             during(plan)
         finished = s.on_step_end(plan, now + elapsed, elapsed, finished_ids)
+        if self.grow_keys:
+            for r in batch:
+                self._grow_keys(r)
         for r in finished:
             assert r.state is RequestState.FINISHED and r.kv_location is KVLocation.NONE
             self.result.finished[r.request_id] = r
@@ -138,9 +145,23 @@ class StrictExecutor:
         return plan, finished, elapsed
 
 
+    def _grow_keys(self, r: Request) -> None:
+        """Key ``r``'s blocks whose tokens are all known now (it just sampled), and re-tag their pages."""
+        if r.is_finished:
+            return
+        keys = list(r.prefix_hashes)
+        for i in range(len(keys), r.num_tokens // self.bs):
+            keys.append(("gen", r.request_id, i))
+            if r.kv_location is KVLocation.DEVICE and i < len(r.blocks):
+                page = r.blocks[i]
+                if self.device.get(page) == (r.request_id, i):
+                    self.device[page] = ("prefix", keys[i])
+        r.prefix_hashes = tuple(keys)
+
+
 def _tag(r: Request, i: int) -> tuple:
-    """What logical block ``i`` of ``r`` holds: its prefix key for a keyed prompt block (equal keys, equal
-    KV), else the request's own block."""
+    """What logical block ``i`` of ``r`` holds: its prefix key for a keyed block (equal keys, equal KV), else
+    the request's own block."""
     return ("prefix", r.prefix_hashes[i]) if i < len(r.prefix_hashes) else (r.request_id, i)
 
 
@@ -155,13 +176,14 @@ def _summary(plan: StepPlan) -> dict:
     )
 
 
-def run_workload(sched, arrivals, max_steps=100_000, aborts=(), record=False, step_time=None, early_stop=()):
+def run_workload(sched, arrivals, max_steps=100_000, aborts=(), record=False, step_time=None, early_stop=(),
+                 grow_keys=False):
     """Drive ``sched`` over ``arrivals`` (list of ``(time, Request)``) until every request is done.
 
     ``aborts`` holds ``(step_index, request_id)`` pairs; ``early_stop`` ids are reported in ``finished_ids`` at
     their first sampled token (an end-of-sequence stop). An empty plan with live requests and no pending
     arrival is a deadlock; more than ``max_steps`` steps is a livelock. Returns a ``RunResult``."""
-    ex = StrictExecutor(sched, step_time=step_time, record=record)
+    ex = StrictExecutor(sched, step_time=step_time, record=record, grow_keys=grow_keys)
     pending = sorted(arrivals, key=lambda a: a[0])
     aborts = sorted(aborts, key=lambda a: a[0])
     i = 0

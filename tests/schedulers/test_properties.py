@@ -69,10 +69,11 @@ def test_every_request_completes_exactly_and_blocks_are_conserved(policy, preset
     run_and_check(sched, cfg, arrivals, aborts, early)
 
 
-def run_and_check(sched, cfg, arrivals, aborts, early):
+def run_and_check(sched, cfg, arrivals, aborts, early, grow_keys=False):
     """Run the workload through the strict executor; every request ends as it must and every block is back."""
     requests = [r for _, r in arrivals]
-    res = run_workload(sched, arrivals, max_steps=iteration_bound(requests), aborts=aborts, early_stop=early)
+    res = run_workload(sched, arrivals, max_steps=iteration_bound(requests), aborts=aborts, early_stop=early,
+                       grow_keys=grow_keys)
     assert not sched.has_unfinished()
     sched.check_invariants()
     assert sched.blocks.num_free_device_blocks == sched.blocks.num_usable_device_blocks
@@ -104,9 +105,10 @@ def prefix_keys(rid, prompt: int, block_size: int, family: int | None, shared: i
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scn=scenarios(), data=st.data())
 def test_prefix_caching_shares_only_equal_blocks_and_conserves_them(policy, preset, mode, scn, data):
-    """The same workloads with prefix keys (three families of common prompt text): the strict executor checks
-    that every cached page read holds the reader's key and that no page another request holds is written;
-    every request still completes exactly and every block returns to the pools."""
+    """The same workloads with prefix keys (three families of common prompt text, and in half the examples
+    keys for generated blocks as they fill): the strict executor checks that every cached page read holds
+    the reader's key and that no page another request holds is written; every request still completes
+    exactly and every block returns to the pools."""
     cfg_kw, reqs, aborts, early = scn
     cfg = SchedulerConfig.preset(preset, swap_mode=mode, **cfg_kw)
     sched = make_scheduler(policy, cfg)
@@ -116,9 +118,34 @@ def test_prefix_caching_shares_only_equal_blocks_and_conserves_them(policy, pres
         family = data.draw(st.sampled_from([None, 0, 1, 2]))
         keys = prefix_keys(i, p, cfg.block_size, family, shared.get(family, 0))
         arrivals.append((t, Request(i, p, m, arrival_time=t, oracle_output_len=o, prefix_hashes=keys)))
-    run_and_check(sched, cfg, arrivals, aborts, early)
+    run_and_check(sched, cfg, arrivals, aborts, early, grow_keys=data.draw(st.booleans()))
     st_ = sched.stats
     assert 0 <= st_.prefix_cache_hits <= st_.prefix_cache_queries
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "vllm", "cp", "fastserve"])
+def test_a_recompute_takes_its_own_generated_blocks_from_the_cache(policy):
+    """Two requests outgrow an 8-block pool and the later one is dropped (no host pool) after 13 new tokens;
+    the executor keys its generated blocks as they fill. When it restarts, the head of its sequence is still
+    cached: its prompt block and two blocks of generated tokens (12 tokens), not just the prompt's 4; the
+    tail block went to the other request's growth."""
+    cfg = SchedulerConfig(num_device_blocks=9, num_host_blocks=0, block_size=4, max_model_len=64,
+                          reserved_device_ids=(0,), swap_mode="recompute")
+    sched = make_scheduler(policy, cfg)
+    a = Request("a", 4, 16, prefix_hashes=(("prompt", "a"),))
+    b = Request("b", 4, 20, prefix_hashes=(("prompt", "b"),))
+    restarts = []
+    take = sched._use_prefix_cache
+
+    def spy(r, n, alloc_tokens):
+        out = take(r, n, alloc_tokens)
+        restarts.append((r.request_id, r.num_tokens, r.num_cached_tokens))
+        return out
+
+    sched._use_prefix_cache = spy
+    run_and_check(sched, cfg, [(0.0, a), (0.0, b)], (), (), grow_keys=True)
+    assert restarts == [("a", 4, 0), ("b", 4, 0), ("b", 17, 12)]
+    assert sched.stats.prefix_cache_hits == 12 and b.num_preemptions == 1
 
 
 @pytest.mark.slow
