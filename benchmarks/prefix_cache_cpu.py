@@ -10,6 +10,7 @@ to first token, compute steps, recompute drops, prompt tokens looked up and foun
 the generated ids equal those of the first run (the warm-up without the cache). The two configurations
 alternate for ``--reps`` rounds after a warm-up round; every round is printed and the best of each.
 
+``--device-pages N`` shrinks the device pool (default: room for 8 whole requests without sharing).
 ``--follow-up`` measures a second turn instead: each conversation is first answered (``--new`` tokens,
 stopping at the end of the turn), then continued with the next ShareGPT question as a second user turn,
 the whole conversation rendered again with the template. The engine with the cache has served the first
@@ -17,7 +18,7 @@ turns; the engine without it has too (same outputs). Printed for the second turn
 Tokens found beyond the first turn's prompt come from pages of generated tokens.
 
     python benchmarks/prefix_cache_cpu.py [--requests 16] [--system-tokens 384] [--user-tokens 48] [--new 8]
-                                          [--reps 2] [--scheduler fcfs] [--follow-up]
+                                          [--reps 2] [--scheduler fcfs] [--follow-up] [--device-pages N]
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--scheduler", default="fcfs")
     ap.add_argument("--follow-up", action="store_true", help="time second turns that repeat the first answers")
+    ap.add_argument("--device-pages", type=int, default=None,
+                    help="KV pages on the device (default: room for 8 whole requests without sharing)")
     args = ap.parse_args()
     path = smollm2_gguf_path()
     if path is None:
@@ -102,11 +105,11 @@ def main() -> None:
     room = longest + args.new + (args.new + args.user_tokens + 32 if args.follow_up else 0)  # + an answer, a turn
     max_len = -(-room // 16) * 16
     shapes = dict(scheduler=args.scheduler, max_batch_size=8, max_tokens_per_batch=256, max_model_len=max_len,
-                  decode_buckets=(8,), token_buckets=(256,), num_device_blocks=8 * (max_len // 16) + 2,
+                  decode_buckets=(8,), token_buckets=(256,), num_device_blocks=args.device_pages or 8 * (max_len // 16) + 2,
                   num_host_blocks=0, progress=False)
     print(f"{len(prompts)} requests, prompts {min(map(len, prompts))}..{longest} tokens "
           f"(shared system prompt {args.system_tokens} tokens before the template), {args.new} new tokens each, "
-          f"policy {args.scheduler}, batch 8, 256 tokens per step")
+          f"policy {args.scheduler}, batch 8, 256 tokens per step, {shapes['num_device_blocks']} device pages")
     params = SamplingParams(max_tokens=args.new, ignore_eos=True)
     engines = {cache: LLM(model, enable_prefix_caching=cache, **shapes) for cache in (False, True)}
     if args.follow_up:

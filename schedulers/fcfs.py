@@ -94,7 +94,7 @@ class FCFSScheduler(PolicyBase):
                 self._swap_in(plan, r, sync=True)
             else:
                 n = chunk_tokens(r, budget, max_tokens)
-                if n == 0 or blocks.extra_device_blocks(r, n) > blocks.num_free_device_blocks:
+                if n == 0 or self._blocks_needed(r, n) > blocks.num_free_device_blocks:
                     break
             self.preempted.popleft()
             n = self._take(plan, r, n)
@@ -104,7 +104,7 @@ class FCFSScheduler(PolicyBase):
         while not self.preempted and self.waiting and plan.batch_size < cfg.max_batch_size and budget > 0:
             r = self.waiting[0]
             n = chunk_tokens(r, budget, max_tokens)
-            if n == 0 or blocks.extra_device_blocks(r, n) > blocks.num_free_device_blocks:
+            if n == 0 or self._blocks_needed(r, n) > blocks.num_free_device_blocks:
                 break
             self.waiting.popleft()
             n = self._take(plan, r, n)

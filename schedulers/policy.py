@@ -242,28 +242,47 @@ class PolicyBase(Scheduler):
             plan.decode.append(r)
         return n
 
-    def _use_prefix_cache(self, r: Request, n: int, alloc_tokens: int) -> int:
-        """A request (re)starting with a chunk of ``n`` tokens takes cached blocks of its known tokens' prefix
-        (a recompute's generated tokens included; at least its last known token is left to compute); the chunk then starts after them and computes
-        ``min(n, tokens left)``, which is returned (the chunk's tokens only shrink). It takes the longest
-        cached prefix whose evictable blocks plus the new blocks the chunk then needs are free now; that may
-        be more free blocks than the chunk alone needed without the cache (cached blocks past the chunk,
-        which the request needs in its next steps anyway), and every policy checks the free count it
-        leaves before placing anything else."""
-        st = self.stats
-        st.prefix_cache_queries += r.num_tokens
+    def _blocks_needed(self, r: Request, n: int, alloc_tokens: int = 0) -> int:
+        """Free device blocks that ``_take(plan, r, n, alloc_tokens)`` would use now (after the full swap-in
+        of a request on the host). A request that (re)starts with cached prefix blocks needs the fewest over
+        the prefixes it could take, which ``_use_prefix_cache`` then finds: the blocks other requests hold
+        cost nothing, so a request that shares a long cached prefix fits where its whole chunk would not."""
+        blocks = self.blocks
+        need = blocks.blocks_for_tokens(max(r.num_computed_tokens + n, alloc_tokens))
+        if r.kv_location is KVLocation.DEVICE:
+            return max(need - len(r.blocks), 0)
+        if r.prefix_hashes and r.kv_location is KVLocation.NONE and r.num_computed_tokens == 0:
+            for _, cost in self._prefix_options(r, n, alloc_tokens):
+                need = min(need, cost)
+        return need
+
+    def _prefix_options(self, r: Request, n: int, alloc_tokens: int):
+        """For a request with no KV starting with a chunk of ``n`` tokens: ``(h, cost)`` for each ``h`` of
+        its cached prefix blocks it could take (leaving its last known token to compute), ``cost`` being the
+        free blocks that takes: the evictable ones among the ``h``, plus the new blocks the chunk (which then
+        starts after them) and ``alloc_tokens`` need."""
         blocks = self.blocks
         bs = blocks.block_size
-        flags = blocks.cached_prefix(r, (r.num_tokens - 1) // bs)
-        allowed = blocks.num_free_device_blocks
-        best, evictable = 0, 0
-        for h, from_free in enumerate(flags, start=1):
+        evictable = 0
+        for h, from_free in enumerate(blocks.cached_prefix(r, (r.num_tokens - 1) // bs), start=1):
             evictable += from_free
             k = h * bs
             new = max(blocks.blocks_for_tokens(max(k + min(n, r.num_tokens - k), alloc_tokens)) - h, 0)
-            if evictable + new <= allowed:
-                best = h
-        hit = blocks.lookup_prefix(r, best) * bs
+            yield h, evictable + new
+
+    def _use_prefix_cache(self, r: Request, n: int, alloc_tokens: int) -> int:
+        """A request (re)starting with a chunk of ``n`` tokens takes cached blocks of its known tokens' prefix
+        (a recompute's generated tokens included; at least its last known token is left to compute); the
+        chunk then starts after them and computes ``min(n, tokens left)``, which is returned (the chunk's
+        tokens only shrink). It takes the longest cached prefix whose cost (``_prefix_options``) the free
+        blocks cover now; that may be more free blocks than the chunk alone needed without the cache (cached
+        blocks past the chunk, which the request needs in its next steps anyway), and every policy checks
+        the free count it leaves before placing anything else."""
+        st = self.stats
+        st.prefix_cache_queries += r.num_tokens
+        allowed = self.blocks.num_free_device_blocks
+        best = max((h for h, cost in self._prefix_options(r, n, alloc_tokens) if cost <= allowed), default=0)
+        hit = self.blocks.lookup_prefix(r, best) * self.blocks.block_size
         r.num_cached_tokens = hit
         if not hit:
             return n

@@ -253,9 +253,7 @@ class PriorityScheduler(PolicyBase):
             # of every token it knows at its first chunk: it is then never short of blocks, and is never
             # evicted, until it samples (``_catching_up``). Evicting it midway would throw its chunks away.
             alloc = r.num_tokens if (r.num_computed_tokens == 0 and n < r.num_uncomputed_tokens) else 0
-            need = blocks.blocks_for_tokens(max(r.num_computed_tokens + n, alloc))
-            if loc is KVLocation.DEVICE:
-                need -= len(r.blocks)
+            need = self._blocks_needed(r, n, alloc)
             if blocked is not None and mode == "proactive":
                 # The free blocks are earmarked for the blocked higher-priority request, and lower-priority
                 # device requests sit out until enough of them are idle to be offloaded for it.
@@ -270,6 +268,7 @@ class PriorityScheduler(PolicyBase):
             if need > blocks.num_free_device_blocks:
                 if mode != "proactive":
                     self._make_room_now(plan, now, r, need, in_batch, recompute=mode == "recompute")
+                    need = self._blocks_needed(r, n, alloc)  # evictions may have released cached blocks
                 if need > blocks.num_free_device_blocks:
                     if blocked is None:
                         blocked = (r, need)

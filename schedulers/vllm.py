@@ -69,7 +69,7 @@ class VLLMScheduler(PolicyBase):
                 n = left
             if n == 0:
                 break
-            need = blocks.extra_device_blocks(r, r.num_tokens)
+            need = self._blocks_needed(r, n, alloc_tokens=r.num_tokens)
             if not blocks.can_allocate(need, self.watermark_blocks):
                 break
             self.waiting.popleft()

@@ -123,31 +123,6 @@ def test_prefix_caching_shares_only_equal_blocks_and_conserves_them(policy, pres
     assert 0 <= st_.prefix_cache_hits <= st_.prefix_cache_queries
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "vllm", "cp", "fastserve"])
-def test_a_recompute_takes_its_own_generated_blocks_from_the_cache(policy):
-    """Two requests outgrow an 8-block pool and the later one is dropped (no host pool) after 13 new tokens;
-    the executor keys its generated blocks as they fill. When it restarts, the head of its sequence is still
-    cached: its prompt block and two blocks of generated tokens (12 tokens), not just the prompt's 4; the
-    tail block went to the other request's growth."""
-    cfg = SchedulerConfig(num_device_blocks=9, num_host_blocks=0, block_size=4, max_model_len=64,
-                          reserved_device_ids=(0,), swap_mode="recompute")
-    sched = make_scheduler(policy, cfg)
-    a = Request("a", 4, 16, prefix_hashes=(("prompt", "a"),))
-    b = Request("b", 4, 20, prefix_hashes=(("prompt", "b"),))
-    restarts = []
-    take = sched._use_prefix_cache
-
-    def spy(r, n, alloc_tokens):
-        out = take(r, n, alloc_tokens)
-        restarts.append((r.request_id, r.num_tokens, r.num_cached_tokens))
-        return out
-
-    sched._use_prefix_cache = spy
-    run_and_check(sched, cfg, [(0.0, a), (0.0, b)], (), (), grow_keys=True)
-    assert restarts == [("a", 4, 0), ("b", 4, 0), ("b", 17, 12)]
-    assert sched.stats.prefix_cache_hits == 12 and b.num_preemptions == 1
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fcfs", "vllm", "cp", "static", "fastserve", "mlfq", "fixed-priority", "srpt"])
 def test_sharegpt_like_load_under_memory_pressure_completes(policy):
