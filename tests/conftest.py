@@ -7,6 +7,14 @@ first, so that no worker is left alone with a long file at the end (xdist's own 
 sent the few-test slow files last: a 2-core run ended with one worker on a 50 s file). ``-n 0`` runs everything in this process (for ``pdb`` or one
 quick test).
 
+One compilation cache for the run: many files build an engine for the same model and step shapes, and
+compiling those steps is most of their time on a CPU. The run points JAX's persistent compilation cache at a
+fresh temporary folder (removed at the end), shared by the workers and by the ``jserve`` subprocesses that
+tests start, so each executable is compiled once per run and loaded from disk after that. A cache load still
+counts in ``CompileWatch``, so the "nothing compiles after warm-up" tests are unchanged. Every run starts
+cold, so no result depends on an earlier run. A ``JAX_COMPILATION_CACHE_DIR`` already set is used as it is;
+``JSERVE_TEST_COMPILE_CACHE=0`` turns the shared cache off.
+
 Hypothesis runs derandomized by default: the property tests draw the same examples on every run, so the suite
 gives the same answer on CI and here (a rare random draw cannot turn a run red). To search further, pick the
 ``explore`` profile (fresh random draws each run; add a seed to replay one)::
@@ -16,6 +24,9 @@ gives the same answer on CI and here (a rare random draw cannot turn a run red).
 """
 
 import os
+import shutil
+import sys
+import tempfile
 
 from hypothesis import settings
 
@@ -24,6 +35,41 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 MAX_WORKERS = 4  # each worker holds its own models and compiled steps (3-4 GB with SmolLM2 and torch)
+
+
+CACHE_ENV = {
+    # Executables that take under this long to compile are not worth a disk round trip (an eager jnp op is
+    # a ~10 ms compile; an engine step on SmolLM2 is 1-10 s).
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    # A size limit turns on JAX's file lock around cache reads and writes: the workers write the same
+    # executables at the same moments, and an unlocked reader could see a half-written file.
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30),
+}
+
+
+def pytest_configure(config):
+    """The run's shared compilation cache (see the module docstring). The controller (or a ``-n 0`` run)
+    makes the folder and exports it; workers and subprocesses inherit the environment."""
+    if os.environ.get("JSERVE_TEST_COMPILE_CACHE", "1") == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="jserve-test-xla-cache-")
+    config._jserve_compile_cache = folder
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    for name, value in CACHE_ENV.items():
+        os.environ.setdefault(name, value)
+    if "jax" in sys.modules:  # a plugin imported JAX before this hook: its config has read the old environment
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_jserve_compile_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config):
