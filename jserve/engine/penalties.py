@@ -44,8 +44,8 @@ first), each row adds up to ``MAX_ADJUSTMENTS`` sparse values to its raw logits,
 ``adjust_values [S, K]`` (the adjusted ids are computed apart and set into the penalized row; unused entries
 name id ``V``, out of range, and are dropped). A row that samples carries its request's ``logit_bias`` (at most
 ``MAX_LOGIT_BIAS`` entries, every step) and, while the request has generated fewer than ``min_tokens``, its
-end-of-sequence and stop ids (at most ``MAX_BANNED_IDS``) with value ``-inf``; an id both biased and banned
-stays masked (the final clamp to float32's finite range leaves it at the lowest finite value, never drawn).
+end-of-sequence and stop ids (at most ``MAX_BANNED_IDS``) with value ``-inf``. A row names each id once: an
+id both biased and banned keeps only its ``-inf`` and stays masked (the final clamp to float32's finite range leaves it at the lowest finite value, never drawn).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ __all__ = ["PenaltyRow", "PenaltyArrays", "PenaltySlots", "SlotRebuild", "init_t
            "MAX_BANNED_IDS", "MAX_ADJUSTMENTS"]
 
 MAX_BANNED_IDS = 32  # ids a row may mask for min_tokens (its end-of-sequence ids and stop_token_ids)
-MAX_ADJUSTMENTS = MAX_BANNED_IDS + MAX_LOGIT_BIAS  # K: sparse logit adjustments per row (64)
+MAX_ADJUSTMENTS = MAX_BANNED_IDS + MAX_LOGIT_BIAS  # K: sparse logit adjustments per row (332)
 
 Tables = tuple  # (counts [N, V] int32, seen [N, V] bool)
 
@@ -89,7 +89,7 @@ class PenaltyArrays(NamedTuple):
     repetition: np.ndarray  # [S] float32, 1 = off
     frequency: np.ndarray  # [S] float32, 0 = off
     presence: np.ndarray  # [S] float32, 0 = off
-    adjust_ids: np.ndarray  # [S, MAX_ADJUSTMENTS] int32, ids whose logits get a value added; >= V: unused
+    adjust_ids: np.ndarray  # [S, MAX_ADJUSTMENTS] int32, distinct ids whose logits get a value added; >= V: unused
     adjust_values: np.ndarray  # [S, MAX_ADJUSTMENTS] float32, the values (logit_bias; -inf: min_tokens mask)
 
     @classmethod
@@ -130,7 +130,8 @@ class PenaltyArrays(NamedTuple):
 def request_adjustments(params, eos: frozenset[int], vocab: int) -> tuple[tuple, tuple]:
     """A request's row adjustments while it has generated fewer than ``min_tokens`` tokens and after, each
     ``()`` or ``(ids [k] int32, values [k] float32)``: its ``logit_bias``, then ``-inf`` for ``eos`` and its
-    stop ids in the first (when ``min_tokens``). A bias id outside ``[0, vocab)`` or more than
+    stop ids in the first (when ``min_tokens``; a biased id that is also masked keeps only its mask, so each
+    id appears once). A bias id outside ``[0, vocab)`` or more than
     ``MAX_BANNED_IDS`` masked ids raise ``ValueError`` naming the field."""
     bias = params.logit_bias or ()
     if bias and bias[-1][0] >= vocab:  # sorted by id
@@ -144,7 +145,10 @@ def request_adjustments(params, eos: frozenset[int], vocab: int) -> tuple[tuple,
     def arrays(pairs):
         return (np.array([t for t, _ in pairs], np.int32), np.array([v for _, v in pairs], np.float32)) if pairs else ()
 
-    return arrays(list(bias) + [(t, -np.inf) for t in banned]), arrays(bias)
+    # a masked id stays masked whatever its bias (-inf + bias): its bias entry is dropped, so a row's ids are
+    # distinct, which ``apply_penalties`` relies on
+    masked = set(banned)
+    return arrays([(t, v) for t, v in bias if t not in masked] + [(t, -np.inf) for t in banned]), arrays(bias)
 
 
 def table_bytes(num_slots: int, vocab: int) -> int:
@@ -188,11 +192,12 @@ def apply_penalties(
     # The adjustments come before the penalties (vLLM's V1 sampler runs its logit-bias and min-tokens
     # processors first). A scatter into ``logits`` would copy them (they stay live for the log-probabilities),
     # so the adjusted ids are recomputed apart, [S, K], and set into the penalized ``x``: each entry takes
-    # the sum of its row's adjustments of the same id, so duplicate ids write the same value.
-    adj_ids = pen.adjust_ids  # [S, K], V = unused
+    # its adjusted and penalized value. A row names each id at most once (``request_adjustments`` merges a
+    # bias and a mask of one id into the mask), so no two entries of a row write one logit; an earlier
+    # version summed duplicates on the device, a [S, K, K] comparison that grows with the square of K.
+    adj_ids = pen.adjust_ids  # [S, K], V = unused; a row names an id at most once
     safe = jnp.minimum(adj_ids, logits.shape[-1] - 1)
-    same = adj_ids[:, :, None] == adj_ids[:, None, :]  # [S, K, K]
-    total = jnp.sum(jnp.where(same, pen.adjust_values[:, None, :], 0.0), axis=-1)  # [S, K]
+    total = pen.adjust_values
     slot = jnp.minimum(pen.slot, counts.shape[0] - 1)[:, None]  # [S, 1]; rows without a slot: masked below
     has_slot = (pen.slot < counts.shape[0])[:, None]
     # read from the tables, not from ``s`` / ``c``, so those stay fused into the whole-row arithmetic

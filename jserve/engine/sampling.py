@@ -39,7 +39,7 @@ __all__ = ["when_needed", "SamplingParams", "sample_tokens", "SamplingArrays", "
 
 _INT32_MAX = 2**31 - 1
 MAX_LOGPROBS = 20  # top log-probabilities the step returns per row (the most a request may ask for)
-MAX_LOGIT_BIAS = 32  # logit_bias entries a request may give (the step's row holds them beside 32 min_tokens ids)
+MAX_LOGIT_BIAS = 300  # logit_bias entries a request may give (a step row holds them beside 32 min_tokens ids)
 LOGIT_BIAS_RANGE = 100.0  # a bias is in [-100, 100] (OpenAI's range)
 # repetition_penalty's range: float32's normal numbers (the step divides and multiplies float32 logits by it;
 # past them it would round to 0 or inf, and 0 / 0 or 0 * inf is NaN)

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from jserve.engine import LLM, SamplingParams
-from jserve.engine.penalties import (PenaltyArrays, PenaltyRow, PenaltySlots, SlotRebuild, apply_penalties,
-                                     rebuild_slots, record_tokens, sample_processed)
+from jserve.engine.penalties import (MAX_ADJUSTMENTS, MAX_BANNED_IDS, PenaltyArrays, PenaltyRow, PenaltySlots,
+                                     SlotRebuild, apply_penalties, rebuild_slots, record_tokens,
+                                     request_adjustments, sample_processed)
 from jserve.models import load
 from jserve.models.paged import PageAllocator, SeqChunk, build_step, pages_needed
 
@@ -452,25 +453,62 @@ def test_logit_bias_validation_and_refusal(llm, prompts):
             SamplingParams(logit_bias=bad)
     out = llm.generate([prompts[0]], SamplingParams(max_tokens=2, logit_bias={5: 1.0, 256: 1.0}))[0]
     assert out.finish_reason == "error" and "logit_bias" in out.error and "256" in out.error
-    # a full bias and the most min_tokens ids fit one row
-    full = {i: 0.5 for i in range(100, 100 + MAX_LOGIT_BIAS)}
+    # a bias on every id of the tiny vocabulary (256 <= MAX_LOGIT_BIAS) and the most min_tokens ids, which
+    # overlap it, fit one row
+    vocab = 256
+    assert MAX_LOGIT_BIAS >= vocab
+    full = {i: 0.5 for i in range(vocab)}
     ok = llm.generate([prompts[0]], SamplingParams(max_tokens=3, min_tokens=2, logit_bias=full,
                                                    stop_token_ids=list(range(3, 34))))[0]
     assert ok.finish_reason != "error" and len(ok.token_ids) >= 2
 
 
-def test_adjustments_of_one_id_add_up_before_the_penalty():
-    """Hand-computed: an id both biased and masked stays masked; a biased id in ``seen`` is penalized with its
-    bias (vLLM's order: (6 + 1) / 2); two adjustments of one id add up (-2 + 2 + 4)."""
+def test_a_biased_id_that_min_tokens_masks_keeps_only_its_mask():
+    """``request_adjustments``: the bias on id 5 (a stop id while ``min_tokens`` holds) is dropped for the
+    mask, so each id appears once in a row; after ``min_tokens`` the bias is back."""
+    sp = SamplingParams(logit_bias={5: 3.0, 9: 1.0}, min_tokens=2, stop_token_ids=[5])
+    early, late = request_adjustments(sp, frozenset({2}), 10)
+    assert early[0].tolist() == [9, 2, 5] and early[1].tolist() == [1.0, -np.inf, -np.inf]
+    assert late[0].tolist() == [5, 9] and late[1].tolist() == [3.0, 1.0]
+
+
+def test_adjustments_before_the_penalty():
+    """Hand-computed: a masked id ends at the lowest finite value; a biased id in ``seen`` is penalized with
+    its bias (vLLM's order: (6 + 1) / 2); a row without a slot gets its bias alone (-2 + 6)."""
     n, vocab = 2, 10
     logits = np.tile(np.arange(vocab, dtype=np.float32) - 3, (2, 1))
     rows = [(PenaltyRow(0, True, True), SamplingParams(repetition_penalty=2.0),
-             (np.array([5, 5, 9], np.int32), np.array([3.0, -np.inf, 1.0], np.float32))),
-            (None, SamplingParams(), (np.array([1, 1], np.int32), np.array([2.0, 4.0], np.float32)))]
+             (np.array([5, 9], np.int32), np.array([-np.inf, 1.0], np.float32))),
+            (None, SamplingParams(), (np.array([1], np.int32), np.array([6.0], np.float32)))]
     pen = PenaltyArrays.build(rows, np.array([1, 1]), 2, 2, n, vocab)
     tables = (np.zeros((n, vocab), np.int32), np.zeros((n, vocab), bool))
     _, out = jax.jit(apply_penalties)(tables, logits, np.array([9, 0], np.int32), pen)  # row 0's input: id 9
     want = logits.copy()
     want[0, 5], want[0, 9] = np.finfo(np.float32).min, 3.5
     want[1, 1] = 4.0
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+
+def test_a_full_row_of_adjustments_lands_on_its_ids():
+    """The largest row: ``MAX_LOGIT_BIAS`` biases and ``MAX_BANNED_IDS`` masked ids (one stop id also biased,
+    so it is masked), against numpy: biased ids move by their bias, masked ids end at the lowest finite value,
+    every other logit is untouched; the second row has no adjustments."""
+    from jserve.engine.sampling import MAX_LOGIT_BIAS
+
+    vocab = 1000
+    rng = np.random.default_rng(0)
+    bias = {int(i): float(v) for i, v in zip(rng.permutation(vocab)[:MAX_LOGIT_BIAS],
+                                             rng.uniform(-100, 100, MAX_LOGIT_BIAS).round(2))}
+    stops = [i for i in range(vocab) if i not in bias][: MAX_BANNED_IDS - 2] + [next(iter(bias))]
+    sp = SamplingParams(logit_bias=bias, min_tokens=1, stop_token_ids=stops)
+    adj, _ = request_adjustments(sp, frozenset({0}), vocab)
+    assert len(adj[0]) == len(set(adj[0].tolist())) <= MAX_ADJUSTMENTS
+    logits = rng.standard_normal((2, vocab)).astype(np.float32)
+    pen = PenaltyArrays.build([(None, sp, adj), (None, SamplingParams(), ())], np.array([1, 1]), 2, 2, 1, vocab)
+    tables = (np.zeros((1, vocab), np.int32), np.zeros((1, vocab), bool))
+    _, out = jax.jit(apply_penalties)(tables, logits, np.array([1, 1], np.int32), pen)
+    want = logits.copy()
+    for i, v in bias.items():
+        want[0, i] += np.float32(v)
+    want[0, [0, *stops]] = np.finfo(np.float32).min
     np.testing.assert_array_equal(np.asarray(out), want)

@@ -456,7 +456,7 @@ BAD = [  # (path, raw body or JSON, status, words of the message, param)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"300": -1}}, 400,
      "'logit_bias' names token id 300, outside the vocabulary", "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "logit_bias": {str(i): 1 for i in range(33)}}, 400, "at most 32", "logit_bias"),
+                              "logit_bias": {str(i): 1 for i in range(301)}}, 400, "at most 300", "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      400, "'top_logprobs' must be an integer in 0..20", "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
