@@ -247,13 +247,9 @@ class PolicyBase(Scheduler):
         of a request on the host). A request that (re)starts with cached prefix blocks needs the fewest over
         the prefixes it could take, which ``_use_prefix_cache`` then finds: the blocks other requests hold
         cost nothing, so a request that shares a long cached prefix fits where its whole chunk would not."""
-        blocks = self.blocks
-        need = blocks.blocks_for_tokens(max(r.num_computed_tokens + n, alloc_tokens))
-        if r.kv_location is KVLocation.DEVICE:
-            return max(need - len(r.blocks), 0)
+        need = self.blocks.extra_device_blocks(r, max(r.num_computed_tokens + n, alloc_tokens))
         if r.prefix_hashes and r.kv_location is KVLocation.NONE and r.num_computed_tokens == 0:
-            for _, cost in self._prefix_options(r, n, alloc_tokens):
-                need = min(need, cost)
+            need = min([need, *(cost for _, cost in self._prefix_options(r, n, alloc_tokens))])
         return need
 
     def _prefix_options(self, r: Request, n: int, alloc_tokens: int):

@@ -25,7 +25,6 @@ gives the same answer on CI and here (a rare random draw cannot turn a run red).
 
 import os
 import shutil
-import sys
 import tempfile
 
 from hypothesis import settings
@@ -49,7 +48,8 @@ CACHE_ENV = {
 
 def pytest_configure(config):
     """The run's shared compilation cache (see the module docstring). The controller (or a ``-n 0`` run)
-    makes the folder and exports it; workers and subprocesses inherit the environment."""
+    makes the folder and exports it before anything imports JAX (which reads these variables at import);
+    workers and subprocesses inherit the environment."""
     if os.environ.get("JSERVE_TEST_COMPILE_CACHE", "1") == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
     folder = tempfile.mkdtemp(prefix="jserve-test-xla-cache-")
@@ -57,13 +57,6 @@ def pytest_configure(config):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
     for name, value in CACHE_ENV.items():
         os.environ.setdefault(name, value)
-    if "jax" in sys.modules:  # a plugin imported JAX before this hook: its config has read the old environment
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-        jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 
 def pytest_unconfigure(config):

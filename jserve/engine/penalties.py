@@ -45,7 +45,8 @@ first), each row adds up to ``MAX_ADJUSTMENTS`` sparse values to its raw logits,
 name id ``V``, out of range, and are dropped). A row that samples carries its request's ``logit_bias`` (at most
 ``MAX_LOGIT_BIAS`` entries, every step) and, while the request has generated fewer than ``min_tokens``, its
 end-of-sequence and stop ids (at most ``MAX_BANNED_IDS``) with value ``-inf``. A row names each id once: an
-id both biased and banned keeps only its ``-inf`` and stays masked (the final clamp to float32's finite range leaves it at the lowest finite value, never drawn).
+id both biased and banned keeps only its ``-inf`` and stays masked (the final clamp to float32's finite
+range leaves it at the lowest finite value, never drawn).
 """
 
 from __future__ import annotations
@@ -191,17 +192,14 @@ def apply_penalties(
     x = jnp.clip(penalize(logits, s, c), -top, top)
     # The adjustments come before the penalties (vLLM's V1 sampler runs its logit-bias and min-tokens
     # processors first). A scatter into ``logits`` would copy them (they stay live for the log-probabilities),
-    # so the adjusted ids are recomputed apart, [S, K], and set into the penalized ``x``: each entry takes
-    # its adjusted and penalized value. A row names each id at most once (``request_adjustments`` merges a
-    # bias and a mask of one id into the mask), so no two entries of a row write one logit; an earlier
-    # version summed duplicates on the device, a [S, K, K] comparison that grows with the square of K.
-    adj_ids = pen.adjust_ids  # [S, K], V = unused; a row names an id at most once
+    # so the adjusted ids are recomputed apart, [S, K], and set into the penalized ``x``. A row names each id
+    # at most once (``request_adjustments``), so no two entries of a row write one logit.
+    adj_ids = pen.adjust_ids  # [S, K], V = unused
     safe = jnp.minimum(adj_ids, logits.shape[-1] - 1)
-    total = pen.adjust_values
     slot = jnp.minimum(pen.slot, counts.shape[0] - 1)[:, None]  # [S, 1]; rows without a slot: masked below
     has_slot = (pen.slot < counts.shape[0])[:, None]
     # read from the tables, not from ``s`` / ``c``, so those stay fused into the whole-row arithmetic
-    y = penalize(jnp.take_along_axis(logits, safe, axis=1) + total, seen[slot, safe] & has_slot,
+    y = penalize(jnp.take_along_axis(logits, safe, axis=1) + pen.adjust_values, seen[slot, safe] & has_slot,
                  jnp.where(has_slot, counts[slot, safe], 0))
     rows = jnp.arange(logits.shape[0])[:, None]
     return (counts, seen), x.at[rows, adj_ids].set(jnp.clip(y, -top, top), mode="drop")
