@@ -450,14 +450,15 @@ class LLMEngine:
         return InFlight(plan, now, samplers, outputs, prompt_logprobs=plp, prompt_positions=plp_at)
 
     def _collect(self, flight: "InFlight") -> list[RequestOutput]:
-        """Append a finished step's tokens to its sequences and check their stop conditions."""
-        end = self.now()
+        """Append a finished step's tokens to its sequences and check their stop conditions. Their time (first
+        token, finish) is when the tokens reached the host, after the waits for the device here."""
         changed = []
         fill_prompt_logprobs(flight)  # before the tokens: a request's first token comes with all of them
         tokens = flight.read()
         page = self.config.page_size
         want = any(seq is not None and seq.params.logprobs is not None for seq in flight.samplers)
         logprobs = flight.read_logprobs() if want else None
+        end = self.now()
         for row, (seq, tok) in enumerate(zip(flight.samplers, tokens)):
             if seq is None or seq.output.finished:  # no token, aborted, or stopped while this step ran
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import numpy as np
 import pytest
@@ -128,6 +129,35 @@ def test_stop_ids_max_tokens_and_context_limit(tiny, prompts, reference):
     assert out.token_ids == greedy_generate(tiny, long_prompt, 8)
     m = out.metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_token_times_are_when_tokens_reach_the_host(tiny, prompts, monkeypatch, async_scheduling):
+    # A step's tokens reach the host when InFlight.read returns; here it waits 0.15 s first, as a slow device
+    # would. The first-token and finish times must come after that wait, never at the dispatch before it.
+    from jserve.engine.records import InFlight
+
+    llm = LLM(tiny, scheduler="fcfs", async_scheduling=async_scheduling, **ROOMY)
+    eng = llm.engine
+    ready: list[float] = []
+    original = InFlight.read
+
+    def slow_read(self):
+        if self._host is None:
+            time.sleep(0.15)
+            tokens = original(self)
+            ready.append(eng.now())
+            return tokens
+        return original(self)
+
+    monkeypatch.setattr(InFlight, "read", slow_read)
+    outs = [eng.add_request(p, SamplingParams(max_tokens=3, ignore_eos=True)) for p in prompts[:2]]
+    eng.run_until_done()
+    for out in outs:
+        m = out.metrics
+        assert len(out.token_ids) == 3
+        assert m.first_token_time >= ready[0] and m.finish_time >= ready[2]
+        assert m.ttft >= 0.15 and m.finish_time - m.first_token_time >= 2 * 0.15
 
 
 def test_eos_stops_unless_ignored(tiny, prompts, reference):
