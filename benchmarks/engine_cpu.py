@@ -246,6 +246,9 @@ def engine_decode(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float
 
 # ------------------------------------------------------------------------------------------------- main
 
+ENGINE_PATHS = ("engine", "engine-async")  # jserve.LLM without and with async scheduling
+PATHS = ENGINE_PATHS + ("step",)  # the jserve paths --paths may name
+
 
 def interleaved(runs: dict, reps: int) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
     """(step times of ``reps`` rounds, tokens of the warm-up run) per path, for ``runs[name]()`` -> (mean
@@ -274,9 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
-    unknown = sorted(set(paths) - {"engine", "engine-async", "step"})
+    unknown = sorted(set(paths) - set(PATHS))
     if unknown:
-        ap.error(f"--paths: unknown path(s) {', '.join(unknown)}; choose from engine, engine-async, step")
+        ap.error(f"--paths: unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
     if args.new < 3 or args.reps < 1:
         ap.error("--new must be at least 3 and --reps at least 1")
 
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "step" in paths:
             dec = StepDecoder(model, b, args.prompt_len, args.new, width)
             runs["step"] = lambda dec=dec: dec.generate(prompts, args.new)
-        for path in ("engine", "engine-async"):
+        for path in ENGINE_PATHS:
             if path in paths:
                 llm = jserve.LLM(model, max_batch_size=b, max_model_len=args.max_model_len, progress=False,
                                  async_scheduling=path == "engine-async")
