@@ -4,10 +4,12 @@
   link, ``on_step_end``), per-request records and the iteration trace.
 * ``link.CopyLink``: the host<->device copy engine timeline (half or full duplex).
 * ``trace``: ``IterationTrace`` (per-step columns) and ``RequestTimeline`` (opt-in per-request states).
+* ``saturation.saturation_throughput``: the request rate a scheduler sustains with a queue that never empties.
 """
 
 from .link import CopyLink
 from .loop import SimResult, SimulationError, check_invariants, simulate, workload_requests
+from .saturation import saturation_throughput
 from .trace import IterationTrace, RequestTimeline
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "check_invariants",
     "simulate",
     "workload_requests",
+    "saturation_throughput",
     "IterationTrace",
     "RequestTimeline",
 ]

@@ -357,3 +357,43 @@ def test_long_chunked_prefills_are_not_mistaken_for_a_livelock():
     res = simulate(make_scheduler("fcfs", cfg, cost_model=COST), workload_requests([(2000, 3, 0.0)]), COST, LINK,
                    livelock_iterations=10)
     assert res.stop_reason == "completed" and res.num_finished == 1 and len(res.iterations) == 125 + 2
+
+
+# ------------------------------------------------------------------------------------------ saturation throughput
+
+FLAT = FittedCostModel(p0=0.01, p1=0.0, p2=0.0, d0=0.01, d1=0.0, d2=0.0)  # every step costs 10 ms
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "vllm", "fastserve", "static", "cp"])
+def test_saturation_throughput_of_identical_requests_by_hand(policy):
+    # 40 requests of 8 + 10 tokens, batches of 4: each wave of 4 takes 10 steps (a prefill that samples the
+    # first token, 9 decodes) of 10 ms, so 4 requests per 0.1 s, whatever the policy's order.
+    from eval.simulator import saturation_throughput
+    cfg = SchedulerConfig(max_batch_size=4, num_device_blocks=64, num_host_blocks=64)
+    work = workload_requests([(8, 10, 5.0 * k) for k in range(40)])  # arrival times are ignored
+    rate = saturation_throughput(lambda: make_scheduler(policy, cfg, cost_model=FLAT), work, FLAT, LINK)
+    assert rate == pytest.approx(40.0, rel=1e-9)
+
+
+def test_saturation_throughput_counts_the_steps_a_token_budget_adds():
+    # vLLM prefills apart from decodes; a 16-token budget fits two 8-token prompts a step: a wave of 4 takes
+    # 2 prefill steps + 9 decode steps = 11 steps, 4 / 0.11 req/s (a full-batch estimate would say 40)
+    from eval.simulator import saturation_throughput
+    cfg = SchedulerConfig(max_batch_size=4, max_tokens_per_batch=16, num_device_blocks=64, num_host_blocks=64)
+    work = workload_requests([(8, 10, 0.0)] * 40)
+    rate = saturation_throughput(lambda: make_scheduler("vllm", cfg, cost_model=FLAT), work, FLAT, LINK)
+    assert rate == pytest.approx(4 / 0.11, rel=1e-9)
+
+
+def test_saturation_throughput_refuses_what_it_cannot_measure():
+    from eval.simulator import saturation_throughput
+    cfg = SchedulerConfig(max_batch_size=4, num_device_blocks=64, num_host_blocks=64, max_model_len=64)
+    fcfs = lambda: make_scheduler("fcfs", cfg, cost_model=FLAT)  # noqa: E731
+    with pytest.raises(ValueError, match="at least one request"):
+        saturation_throughput(fcfs, [], FLAT, LINK)
+    with pytest.raises(ValueError, match="1 of 2 requests finished"):  # one request can never fit the model
+        saturation_throughput(fcfs, workload_requests([(8, 10, 0.0), (60, 10, 0.0)]), FLAT, LINK)
+    free = FittedCostModel(p0=0.0, p1=0.0, p2=0.0, d0=0.0, d1=0.0, d2=0.0)
+    with pytest.raises(ValueError, match="charges nothing"):
+        saturation_throughput(lambda: make_scheduler("fcfs", cfg, cost_model=free), workload_requests([(8, 2, 0.0)]),
+                              free, LINK)
