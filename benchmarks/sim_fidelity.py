@@ -12,11 +12,11 @@ steps of that kind took, in total, what the simulator charges for them.
 Workload: the built-in ShareGPT length profile, lengths scaled by ``max_model_len / 2048`` so the long tail
 fits the model's context; Poisson arrivals at a fraction (``--loads``) of the engine's capacity: the rate at
 which the simulator, on the profile, completes eight copies of the workload's requests all queued at once
-under FCFS (``eval.simulator.saturation_throughput``). The closed-form estimate (``1 / reference_request_time``:
-one average request's share of a full batch) is printed beside it; it assumes every step is a full decode
-batch and overstated the capacity by ~1.3x on the CPU model (its "0.9" kept the engine busy 100% of a run,
-the queue growing to the end: a saturated run, where a few percent of step time moves latency by tens of
-percent). Each row shows the fraction of the run the engine spent in steps ("busy").
+under FCFS (``eval.engine_backend.fcfs_capacity``). The closed-form estimate (one average request's share of
+a full batch) is printed beside it: it assumes every step is a full decode batch and overstates the CPU
+model's capacity by ~1.2x (with it, "0.9" was a saturated run: the engine busy 100% of the time and the queue
+growing to the end, where a few percent of step time moves latency by tens of percent). Each row shows the
+fraction of the run the engine spent in steps ("busy").
 
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
         taskset -c 1 nice -n -10 python benchmarks/sim_fidelity.py   # CPU: a Llama sized up (hidden 768, 6 layers)
@@ -120,9 +120,9 @@ def step_summary(steps) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from eval.costmodels.profile import preset_from_dict
-    from eval.engine_backend import build_engine, fit_lengths, reference_request_time, replay, use_policy
+    from eval.engine_backend import build_engine, engine_scheduler_config, fcfs_capacity, fit_lengths, replay, use_policy
     from eval.metrics import summarize
-    from eval.simulator import CopyLink, saturation_throughput, simulate
+    from eval.simulator import CopyLink, simulate
     from eval.workloads import WorkloadSpec, make_workload
     from jserve.engine.profiler import default_grid, profile_engine
     from schedulers import SchedulerConfig, make_scheduler
@@ -148,11 +148,12 @@ def main(argv=None) -> int:
     base = fit_lengths(base, args.max_model_len)
     pm = sum(w.prompt_len for w in base) / len(base)
     om = sum(w.output_len for w in base) / len(base)
-    closed_form = 1.0 / reference_request_time(cost, pm, om, args.batch_size)
-    fcfs_cfg = use_policy(engine, "fcfs", SchedulerConfig.preset("paper"), cost).config
+    # one average request's share of a full decode batch (the estimate this benchmark used before 2026-11-29)
+    ctx = round(args.batch_size * (pm + om / 2))
+    closed_form = 1.0 / (cost.prefill_time(round(pm)) + om * cost.decode_time(args.batch_size, ctx) / args.batch_size)
     copies = [type(w)(k, w.prompt_len, w.output_len, 0.0) for k, w in enumerate(base * SATURATION_COPIES)]
-    capacity = saturation_throughput(lambda: make_scheduler("fcfs", fcfs_cfg, cost), copies, cost,
-                                     CopyLink.from_preset(preset))
+    capacity = fcfs_capacity(engine_scheduler_config(engine, SchedulerConfig.preset("paper")), cost,
+                             CopyLink.from_preset(preset), copies)
     print(f"workload: {len(base)} ShareGPT-like requests, mean prompt {pm:.1f} / output {om:.1f} tokens; "
           f"capacity {capacity:.2f} req/s (simulated, fcfs, {len(copies)} requests queued at once; the "
           f"full-batch estimate says {closed_form:.2f})", flush=True)

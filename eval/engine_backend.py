@@ -22,11 +22,15 @@ Flow of ``replay``:
 Lengths: a model whose context is shorter than the workload's cap (``max_total_len``, 2048 for the paper's
 datasets) gets every length scaled by ``max_model_len / max_total_len`` (``fit_lengths``).
 
-Rates scaled to the device (``rate_scale``): the time one average request takes in a full batch,
-``T(cost) = prefill(P) + O * decode(B, B * (P + O / 2)) / B`` (P, O the mean prompt and output lengths, B the
-batch size), is computed on the experiment's preset (the figure's hardware, original lengths) and on the
-engine's profile (the lengths it runs); arrival rates are multiplied by ``T(preset) / T(profile)``. The same
-load on a device that serves requests k times faster gets k times the rate.
+Rates scaled to the device (``rate_scale``): a rate is a load, a fraction of what the system can serve. That
+capacity is measured the same way on both sides (``fcfs_capacity``): the simulator runs FCFS with every request
+of the workload queued at once (``eval.simulator.saturation_throughput``), on the experiment's preset (the
+figure's hardware, its pools, the original lengths) and on the engine's profile (the engine's pools, the
+lengths it runs). Arrival rates are multiplied by ``capacity(profile) / capacity(preset)``: the same load on a
+device that serves k times as many requests a second gets k times the rate. (A closed form, one average
+request's share of a full batch, agrees with the simulated capacity within 3% on the A100 presets, whose
+decode steps cost nearly the same at any batch size, but overstated a CPU engine's by ~1.2x: its batches
+are not full at saturation, and a CPU step grows with its batch.)
 
 One engine per process, runs strictly one after another (the runner forces one job for this backend).
 """
@@ -42,8 +46,8 @@ import numpy as np
 
 from .records import RequestRecord, WorkloadRequest
 
-__all__ = ["EngineOptions", "EngineRun", "StepTiming", "build_engine", "use_policy", "replay", "fit_lengths", "rate_scale",
-           "reference_request_time"]
+__all__ = ["EngineOptions", "EngineRun", "StepTiming", "build_engine", "use_policy", "engine_scheduler_config", "replay",
+           "fit_lengths", "fcfs_capacity", "rate_scale"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,14 +117,19 @@ def use_policy(engine, policy: str, config=None, cost_model=None):
 
     if engine.has_unfinished():
         raise RuntimeError("use_policy: the engine still has unfinished requests")
+    engine.scheduler = make_scheduler(policy, engine_scheduler_config(engine, config), cost_model)
+    return engine.scheduler
+
+
+def engine_scheduler_config(engine, config=None):
+    """``config``'s policy fields with ``engine``'s pools and limits (the batch size: the smaller of the two):
+    the ``SchedulerConfig`` a policy runs with on ``engine`` (``use_policy``)."""
     own = engine.scheduler.config
     pools = {f: getattr(own, f) for f in ("block_size", "max_batch_size", "max_tokens_per_batch", "max_model_len",
                                           "num_device_blocks", "num_host_blocks", "reserved_device_ids")}
     if config is not None:
         pools["max_batch_size"] = min(config.max_batch_size, own.max_batch_size)
-    cfg = (config or own).replace(**pools)
-    engine.scheduler = make_scheduler(policy, cfg, cost_model)
-    return engine.scheduler
+    return (config or own).replace(**pools)
 
 
 # ------------------------------------------------------------------------------------------ lengths and rates
@@ -141,22 +150,24 @@ def fit_lengths(workload: Sequence[WorkloadRequest], max_model_len: int, max_tot
     return out
 
 
-def reference_request_time(cost, prompt_mean: float, output_mean: float, batch_size: int) -> float:
-    """Seconds one average request costs in a full batch: its prefill plus its share of ``output_mean`` decode
-    steps of ``batch_size`` requests at mean context ``prompt_mean + output_mean / 2``."""
-    ctx = prompt_mean + output_mean / 2
-    p = max(1, round(prompt_mean))
-    return cost.prefill_time(p) + output_mean * cost.decode_time(batch_size, int(round(batch_size * ctx))) / batch_size
+def fcfs_capacity(config, cost, link, workload: Sequence[WorkloadRequest]) -> float:
+    """Requests per second FCFS sustains on ``workload``'s lengths with ``config``'s pools and limits and
+    ``cost``'s step prices: the simulated rate with every request queued at once (arrival times ignored)."""
+    from schedulers import make_scheduler
+
+    from .simulator import saturation_throughput
+
+    return saturation_throughput(lambda: make_scheduler("fcfs", config, cost), workload, cost, link)
 
 
-def rate_scale(preset_cost, device_cost, preset_lengths: tuple[float, float], device_lengths: tuple[float, float],
-               batch_size: int) -> float:
-    """Factor on arrival rates that gives the device the load the preset had (see the module docstring)."""
-    t_preset = reference_request_time(preset_cost, *preset_lengths, batch_size)
-    t_device = reference_request_time(device_cost, *device_lengths, batch_size)
-    if not (t_preset > 0 and t_device > 0 and math.isfinite(t_preset / t_device)):
-        raise ValueError(f"cannot scale rates: reference request times {t_preset!r} (preset) and {t_device!r} (device)")
-    return t_preset / t_device
+def rate_scale(preset_capacity: float, device_capacity: float) -> float:
+    """Factor on arrival rates that gives the device the load the preset had: ``device / preset`` capacity
+    (requests per second, ``fcfs_capacity``; see the module docstring)."""
+    ok = preset_capacity > 0 and device_capacity > 0 and math.isfinite(device_capacity / preset_capacity)
+    if not ok:
+        raise ValueError(f"cannot scale rates: capacities {preset_capacity!r} req/s (preset) and "
+                         f"{device_capacity!r} req/s (device)")
+    return device_capacity / preset_capacity
 
 
 # ------------------------------------------------------------------------------------------ the replay

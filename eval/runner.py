@@ -30,7 +30,7 @@ from typing import Iterable
 from .costmodels import resolve_preset
 from .engine_backend import EngineOptions
 from .experiments.figures import SLO_PAIRS, slo_metric
-from .experiments.systems import SystemSpec, scheduler_config
+from .experiments.systems import SystemSpec, get_system, scheduler_config
 from .simulator import CopyLink, simulate
 
 BACKENDS = ("sim", "engine")
@@ -137,6 +137,7 @@ def simulate_spec(spec: RunSpec, *, record_requests: bool = False, check: bool =
 
 
 _ENGINES: dict = {}  # (EngineOptions, batch size) -> the warmed-up engine of this process
+_RATE_SCALES: dict = {}  # (engine key, profile, preset, dataset, lengths) -> its rate scale (the latest only)
 
 
 def engine_spec_run(spec: RunSpec):
@@ -145,7 +146,8 @@ def engine_spec_run(spec: RunSpec):
     import dataclasses
 
     from .costmodels import load_profile
-    from .engine_backend import build_engine, fit_lengths, rate_scale, replay, use_policy
+    from .engine_backend import (build_engine, engine_scheduler_config, fcfs_capacity, fit_lengths, rate_scale,
+                                 replay, use_policy)
     from .workloads import make_workload
 
     opts = spec.engine or EngineOptions()
@@ -163,10 +165,16 @@ def engine_spec_run(spec: RunSpec):
     workload = make_workload(wspec, spec.seed)
     fitted = fit_lengths(workload, engine.max_model_len, wspec.max_total_len)
 
-    def means(ws):
-        return (sum(w.prompt_len for w in ws) / len(ws), sum(w.output_len for w in ws) / len(ws))
-
-    scale = rate_scale(preset.cost, device.cost, means(workload), means(fitted), spec.batch_size)
+    # FCFS's simulated capacity on each side (a second or two per side for 2000 ShareGPT requests), once per
+    # engine, preset and request lengths: a figure's rates share it
+    fcfs = scheduler_config(get_system("fcfs"), preset, spec.dataset, batch_size=spec.batch_size)
+    scale_key = (key, opts.profile, preset.name, spec.dataset, tuple((w.prompt_len, w.output_len) for w in workload))
+    if scale_key not in _RATE_SCALES:
+        _RATE_SCALES.clear()
+        _RATE_SCALES[scale_key] = rate_scale(
+            fcfs_capacity(fcfs, preset.cost, CopyLink.from_preset(preset), workload),
+            fcfs_capacity(engine_scheduler_config(engine, fcfs), device.cost, CopyLink.from_preset(device), fitted))
+    scale = _RATE_SCALES[scale_key]
     fitted = [dataclasses.replace(w, arrival_time=w.arrival_time / scale) for w in fitted]
     config = scheduler_config(spec.system, preset, spec.dataset, batch_size=spec.batch_size)
     use_policy(engine, spec.system.policy, config, device.cost)

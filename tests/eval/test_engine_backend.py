@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.engine_backend import EngineOptions, build_engine, fit_lengths, rate_scale, reference_request_time, replay, use_policy
+from eval.engine_backend import EngineOptions, build_engine, fcfs_capacity, fit_lengths, rate_scale, replay, use_policy
 from eval.records import WorkloadRequest
 from schedulers.cost import FittedCostModel
 
@@ -17,12 +17,23 @@ def test_fit_lengths_scales_to_the_context():
     assert fit_lengths(w, 4096, 2048) == w
 
 
-def test_rate_scale_by_hand():
-    slow = FittedCostModel(0.02, 1e-4, 0.0, 0.02, 0.0, 0.001)
-    fast = FittedCostModel(0.01, 0.5e-4, 0.0, 0.01, 0.0, 0.0005)  # every cost halved
-    # prefill(100) = 0.02 + 0.01 = 0.03; 50 decode steps of batch 4: 50 * (0.02 + 0.004) / 4 = 0.3
-    assert reference_request_time(slow, 100, 50, 4) == pytest.approx(0.33)
-    assert rate_scale(slow, fast, (100, 50), (100, 50), 4) == pytest.approx(2.0)
+def test_rate_scale_is_the_ratio_of_simulated_fcfs_capacities_by_hand():
+    from eval.simulator import CopyLink, workload_requests
+    from schedulers import SchedulerConfig
+    slow = FittedCostModel(0.02, 0.0, 0.0, 0.02, 0.0, 0.0)  # every step 20 ms
+    fast = FittedCostModel(0.01, 0.0, 0.0, 0.01, 0.0, 0.0)  # every step 10 ms
+    link = CopyLink(block_bytes=1, bandwidth=1e9)
+    cfg = SchedulerConfig(max_batch_size=4, num_device_blocks=64, num_host_blocks=64)
+    long = workload_requests([(8, 10, 0.0)] * 40)  # waves of 4 requests, 10 steps each
+    short = workload_requests([(4, 5, 0.0)] * 40)  # waves of 4 requests, 5 steps each
+    assert fcfs_capacity(cfg, slow, link, long) == pytest.approx(4 / (10 * 0.02))  # 20 req/s
+    assert fcfs_capacity(cfg, fast, link, short) == pytest.approx(4 / (5 * 0.01))  # 80 req/s
+    # half the batch: a wave of 2 requests takes as many steps, so half the requests a second
+    assert fcfs_capacity(cfg.replace(max_batch_size=2), fast, link, short) == pytest.approx(40.0)
+    assert rate_scale(20.0, 80.0) == pytest.approx(4.0)
+    for bad in ((0.0, 1.0), (1.0, float("nan")), (-1.0, 2.0)):
+        with pytest.raises(ValueError, match="cannot scale rates"):
+            rate_scale(*bad)
 
 
 @pytest.fixture(scope="module")
