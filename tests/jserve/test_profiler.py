@@ -197,3 +197,24 @@ def test_an_out_path_under_a_file_is_reported_before_profiling(tmp_path, capsys)
               "--max-model-len", "64", "--max-batch-size", "2", "--decode-buckets", "2", "--token-buckets", "64"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "is not a directory" in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow  # about 15 s on 2 cores: builds and compiles the engine the profile describes
+def test_eval_engine_backend_replays_a_workload_at_rates_scaled_by_capacity(tiny_profile, tmp_path, capsys):
+    from eval.cli import main
+
+    stats = []
+    for rate in ("1", "2"):  # one engine, one rate scale for both (the capacities do not depend on the rate)
+        rc = main(["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", rate, "--num-requests", "6",
+                   "--backend", "engine", "--cost", str(tiny_profile), "--model", "tiny-llama", "--max-model-len", "64",
+                   "--num-device-blocks", "24", "--num-host-blocks", "16", "--out", str(tmp_path)])
+        summary = json.loads(capsys.readouterr().out)
+        assert rc == 0 and summary["num_finished"] == 6 and summary["stop_reason"] == "completed"
+        line = next(x for x in open(summary["log"]) if x.startswith("jserve-engine-stats: "))
+        stats.append(json.loads(line.split(": ", 1)[1]))
+    a, b = stats
+    assert a["compiles_during_run"] == b["compiles_during_run"] == 0
+    # a tiny model on a CPU serves its 32x shorter requests far faster than OPT-13B on an A100 serves the
+    # originals: the device runs the figure's rates many times over
+    assert a["rate_scale"] == b["rate_scale"] > 10
+    assert a["device_rate"] == pytest.approx(a["rate_scale"]) and b["device_rate"] == pytest.approx(2 * b["rate_scale"])
