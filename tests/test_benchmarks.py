@@ -1,6 +1,7 @@
 """The GPU benchmark script stays runnable: a device session gets one call, so ``benchmarks/engine_gpu.py`` must
 work when it comes. ``--tiny`` runs every section on the CPU; its memory-pressure section must reproduce the
-unpressured greedy ids with swaps and no compile after warm-up."""
+unpressured greedy ids with swaps and no compile after warm-up. ``benchmarks/sim_fidelity.py`` (which the
+GPU check script runs too) runs a tiny table end to end."""
 
 from __future__ import annotations
 
@@ -29,3 +30,28 @@ def test_engine_gpu_script_runs_tiny_on_cpu():
     assert pressure, out
     identical, swapped, compiles = pressure.groups()
     assert identical == "True" and int(swapped) > 0 and int(compiles) == 0, pressure.group(0)
+
+
+@pytest.mark.slow  # about 11 s on 2 cores: a tiny engine, profiled, two short replays beside the simulator
+def test_sim_fidelity_runs_tiny(tmp_path):
+    import json
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = tmp_path / "fidelity.json"
+    cmd = [sys.executable, "benchmarks/sim_fidelity.py", "--model", "tiny-llama", "--max-model-len", "64",
+           "--batch-size", "4", "--num-requests", "12", "--loads", "0.5", "--policies", "fcfs,vllm", "--quick",
+           "--json", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "capacity" in run.stdout and "worst |relative error|" in run.stdout, run.stdout
+    data = json.loads(out.read_text())
+    assert data["capacity_rps"] > 0 and data["closed_form_capacity_rps"] > 0
+    rows = data["rows"]
+    assert [(r["policy"], r["load"]) for r in rows] == [("fcfs", 0.5), ("vllm", 0.5)]
+    for r in rows:
+        assert r["rate"] == pytest.approx(0.5 * data["capacity_rps"])
+        assert 0 < r["busy"] <= 1 and r["engine_stats"]["compiles_during_run"] == 0
+        assert r["engine"]["num_finished"] == r["sim"]["num_finished"] == 12
+    bad = subprocess.run([sys.executable, "benchmarks/sim_fidelity.py", "--loads", "0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--loads must be > 0" in bad.stderr
