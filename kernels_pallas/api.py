@@ -4,8 +4,8 @@
 in interpret mode: a slow correctness tool that runs anywhere), ``"reference"`` (the pure-jnp references,
 plain XLA; exact ground truth, but they gather the whole block-table width), ``"xla"`` (``xla_paged``: plain
 XLA loops over page chunks up to the longest context, and ``write_kv`` is the reference scatter), ``"cpu"``
-(the ``xla`` backend, except that decode attention runs jserve's native C++ kernel, ``kernels_cpu``, when
-lowered for a CPU with float32 pages; the fast path off-GPU). ``None`` picks ``"pallas"`` on a GPU and
+(the ``xla`` backend, except that decode attention, and the decode rows of a ragged step, run jserve's native
+C++ kernel, ``kernels_cpu``, when lowered for a CPU with float32 pages; the fast path off-GPU). ``None`` picks ``"pallas"`` on a GPU and
 ``"reference"`` elsewhere (``checks.serving_backend`` picks ``"cpu"`` there instead: what the models use).
 
 ``config`` (optional) tunes the Pallas kernels (``DecodeConfig`` / ``PrefillConfig`` / ``WriteConfig``);
@@ -107,7 +107,8 @@ def ragged_paged_attention(
     if resolved == "reference":
         return _ragged_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale=scale)
     if resolved in ("xla", "cpu"):
-        return ragged_paged_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale=scale)
+        return ragged_paged_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale=scale,
+                                          native_decode=resolved == "cpu")
     return ragged_paged_attention_pallas(
         q,
         k_pages,

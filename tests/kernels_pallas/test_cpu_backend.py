@@ -89,13 +89,18 @@ def test_shapes_the_kernel_leaves_to_xla():
 def test_cpu_backend_resolution_and_other_kernels():
     assert "cpu" in kernels_pallas.BACKENDS
     assert serving_backend(None) == ("pallas" if jax.default_backend() == "gpu" else "cpu")
-    # Ragged attention and the K/V write on the cpu backend are the xla backend's.
-    args, _, _ = _case(2, 2, 32, 8, batch=3)
-    q, k, v, bt, lengths = args
-    qsl = jnp.asarray([0, 1, 2, 3], jnp.int32)
-    out_cpu = kernels_pallas.ragged_paged_attention(q, k, v, bt, lengths, qsl, scale=SCALE, backend="cpu")
-    out_xla = kernels_pallas.ragged_paged_attention(q, k, v, bt, lengths, qsl, scale=SCALE, backend="xla")
-    np.testing.assert_array_equal(np.asarray(out_cpu), np.asarray(out_xla))
+    # Ragged attention on the cpu backend is the xla backend's, its decode rows (one new token after cached
+    # context) by the decode kernel: a ragged step of one-token rows gives the decode kernel's output there.
+    args, truth, lengths = _case(2, 2, 32, 8, batch=4)  # lengths 1, 8, 16 and 48 (no padded row)
+    q, k, v, bt, lens = args
+    qsl = jnp.arange(5, dtype=jnp.int32)
+    out_cpu = np.asarray(kernels_pallas.ragged_paged_attention(q, k, v, bt, lens, qsl, scale=SCALE, backend="cpu"))
+    out_decode = np.asarray(kernels_pallas.paged_decode_attention(q, k, v, bt, lens, scale=SCALE, backend="cpu"))
+    cached = lengths > 1  # a length-1 row is a one-token prompt: no cached context, the in-step part answers
+    assert cached.sum() >= 3 and (~cached).sum() >= 1
+    np.testing.assert_array_equal(out_cpu[cached], out_decode[cached])
+    assert rel_err(out_cpu, truth) < 1e-5
+    # the K/V write on the cpu backend is the xla backend's
     kn, _ = kernels_pallas.write_kv(k, v, jnp.ones((1, KV_HEADS, 32)), jnp.ones((1, KV_HEADS, 32)),
                                     jnp.array([3], jnp.int32), backend="cpu")
     np.testing.assert_array_equal(np.asarray(kn)[:, 0, 3], 1.0)

@@ -118,13 +118,14 @@ def _ragged_truth(q, paged, lay):  # float64, sequence by sequence
     return out
 
 
+@pytest.mark.parametrize("backend", ["xla", "cpu"])  # cpu: the decode rows run the native kernel
 @pytest.mark.parametrize("group,head_dim,page_size,dtype", CASES)
-def test_ragged_matches_reference_and_float64(group, head_dim, page_size, dtype):
+def test_ragged_matches_reference_and_float64(group, head_dim, page_size, dtype, backend):
     """Plain prefill, chunked prefill over cached context, decodes (page boundary, ragged), an empty slot
     and padding tokens in one batch."""
     for seed in range(2):
         q, paged, lay, meta = _ragged_case(seed, group, head_dim, page_size, dtype)
-        out = ragged_paged_attention(jnp.asarray(q, dtype), *paged.jax_pages(), *meta, scale=SCALE, backend="xla")
+        out = ragged_paged_attention(jnp.asarray(q, dtype), *paged.jax_pages(), *meta, scale=SCALE, backend=backend)
         assert out.dtype == dtype and out.shape == q.shape
         assert np.isfinite(np.asarray(out, np.float32)).all()
         q_r = np.asarray(jnp.asarray(q, dtype).astype(jnp.float32))
@@ -134,15 +135,39 @@ def test_ragged_matches_reference_and_float64(group, head_dim, page_size, dtype)
         np.testing.assert_array_equal(np.asarray(out, np.float32)[lay.query_start_loc[-1] :], 0.0)
 
 
+@pytest.mark.parametrize("native_decode", [False, True])
 @pytest.mark.parametrize("pages_per_chunk,query_block", [(1, 2), (3, 5), (None, 16)])
-def test_ragged_work_items_and_wide_tables(pages_per_chunk, query_block):
+def test_ragged_work_items_and_wide_tables(pages_per_chunk, query_block, native_decode):
     """Prior-context work items of several sizes (one item per sequence or many), chunk loops of one or
     several trips, and 30 garbage table columns past every context."""
     for seed in range(2):
         q, paged, lay, meta = _ragged_case(10 + seed, 3, 64, 8, jnp.float32, extra_cols=30)
         out = ragged_paged_attention_xla(jnp.asarray(q), *paged.jax_pages(), *meta, scale=SCALE,
-                                         pages_per_chunk=pages_per_chunk, query_block=query_block)
+                                         pages_per_chunk=pages_per_chunk, query_block=query_block,
+                                         native_decode=native_decode)
         assert rel_err(out, _ragged_truth(q, paged, lay)) < 5e-6
+
+
+@pytest.mark.parametrize("backend", ["xla", "cpu"])
+def test_ragged_prompt_beside_decodes(backend):
+    """The usual mixed step: a new prompt and decodes, no chunked prefill. The decodes attend by decode
+    attention (one of them over several pages, one at a page boundary), the prompt by the in-step part
+    alone; a one-token prompt (no prior context) stays with the in-step part."""
+    rng = np.random.default_rng(11)
+    seq_lens = np.array([9, 30, 1, 16, 0], np.int32)  # prompt of 9, decode at 30, one-token prompt, decode at 16
+    qsl = np.array([0, 9, 10, 11, 12, 12], np.int32)
+    paged = make_paged(rng, seq_lens, num_kv_heads=KV_HEADS, head_dim=64, page_size=8, pages_per_seq=4,
+                       dtype=jnp.float32)
+    q = rng.standard_normal((16, KV_HEADS * 2, 64)).astype(np.float32)
+    meta = (jnp.asarray(paged.block_tables), jnp.asarray(seq_lens), jnp.asarray(qsl))
+    out = ragged_paged_attention(jnp.asarray(q), *paged.jax_pages(), *meta, scale=SCALE, backend=backend)
+
+    class Lay:
+        query_start_loc = qsl
+
+    Lay.seq_lens = seq_lens
+    assert rel_err(out, _ragged_truth(q, paged, Lay)) < 5e-6
+    np.testing.assert_array_equal(np.asarray(out)[12:], 0.0)  # padding tokens
 
 
 def test_ragged_plain_prefill_only():
