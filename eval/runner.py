@@ -137,7 +137,7 @@ def simulate_spec(spec: RunSpec, *, record_requests: bool = False, check: bool =
 
 
 _ENGINES: dict = {}  # (EngineOptions, batch size) -> the warmed-up engine of this process
-_RATE_SCALES: dict = {}  # (engine key, profile, preset, dataset, lengths) -> its rate scale (the latest only)
+_RATE_SCALES: dict = {}  # (engine key, preset, dataset, lengths) -> its rate scale (the latest only)
 
 
 def engine_spec_run(spec: RunSpec):
@@ -167,10 +167,10 @@ def engine_spec_run(spec: RunSpec):
 
     # FCFS's simulated capacity on each side (a second or two per side for 2000 ShareGPT requests), once per
     # engine, preset and request lengths: a figure's rates share it
-    fcfs = scheduler_config(get_system("fcfs"), preset, spec.dataset, batch_size=spec.batch_size)
-    scale_key = (key, opts.profile, preset.name, spec.dataset, tuple((w.prompt_len, w.output_len) for w in workload))
+    scale_key = (key, preset.name, spec.dataset, tuple((w.prompt_len, w.output_len) for w in workload))
     if scale_key not in _RATE_SCALES:
         _RATE_SCALES.clear()
+        fcfs = scheduler_config(get_system("fcfs"), preset, spec.dataset, batch_size=spec.batch_size)
         _RATE_SCALES[scale_key] = rate_scale(
             fcfs_capacity(fcfs, preset.cost, CopyLink.from_preset(preset), workload),
             fcfs_capacity(engine_scheduler_config(engine, fcfs), device.cost, CopyLink.from_preset(device), fitted))

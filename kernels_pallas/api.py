@@ -5,8 +5,9 @@ in interpret mode: a slow correctness tool that runs anywhere), ``"reference"`` 
 plain XLA; exact ground truth, but they gather the whole block-table width), ``"xla"`` (``xla_paged``: plain
 XLA loops over page chunks up to the longest context, and ``write_kv`` is the reference scatter), ``"cpu"``
 (the ``xla`` backend, except that decode attention, and the decode rows of a ragged step, run jserve's native
-C++ kernel, ``kernels_cpu``, when lowered for a CPU with float32 pages; the fast path off-GPU). ``None`` picks ``"pallas"`` on a GPU and
-``"reference"`` elsewhere (``checks.serving_backend`` picks ``"cpu"`` there instead: what the models use).
+C++ kernel, ``kernels_cpu``, when lowered for a CPU with float32 pages; the fast path off-GPU). ``None`` picks
+``"pallas"`` on a GPU and ``"reference"`` elsewhere (``checks.serving_backend`` picks ``"cpu"`` there instead:
+what the models use).
 
 ``config`` (optional) tunes the Pallas kernels (``DecodeConfig`` / ``PrefillConfig`` / ``WriteConfig``);
 the references and the xla backend ignore it. Everything here is traceable under ``jax.jit``; shape and
@@ -15,17 +16,13 @@ dtype errors are raised as ``ValueError`` at trace time and name the offending a
 
 from __future__ import annotations
 
-import functools
-
 import jax
-
-import kernels_cpu
 
 from . import checks
 from .decode import DecodeConfig, paged_decode_attention_pallas
 from .kv_write import WriteConfig, write_kv_pallas
 from .ragged import PrefillConfig, ragged_paged_attention_pallas
-from .xla_paged import paged_decode_attention_xla, ragged_paged_attention_xla
+from .xla_paged import paged_decode_attention_native, paged_decode_attention_xla, ragged_paged_attention_xla
 from .reference import (
     paged_decode_attention_reference,
     ragged_paged_attention_reference,
@@ -78,10 +75,7 @@ def paged_decode_attention(
     if resolved == "xla":
         return paged_decode_attention_xla(q, k_pages, v_pages, block_tables, lengths, scale=scale)
     if resolved == "cpu":
-        fallback = functools.partial(paged_decode_attention_xla, scale=scale)
-        return kernels_cpu.paged_decode_attention(
-            q, k_pages, v_pages, block_tables, lengths, scale=scale, fallback=fallback
-        )
+        return paged_decode_attention_native(q, k_pages, v_pages, block_tables, lengths, scale=scale)
     return paged_decode_attention_pallas(
         q, k_pages, v_pages, block_tables, lengths, scale=scale, config=config, interpret=resolved == "interpret"
     )

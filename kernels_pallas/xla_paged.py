@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["paged_decode_attention_xla", "ragged_paged_attention_xla", "default_pages_per_chunk"]
+__all__ = ["paged_decode_attention_xla", "paged_decode_attention_native", "ragged_paged_attention_xla",
+           "default_pages_per_chunk"]
 
 _EXACT = lax.Precision.HIGHEST
 _NEG = -1e30  # finite "minus infinity": exp(m_old - m_new) stays finite while nothing has been attended
@@ -128,6 +129,17 @@ def paged_decode_attention_xla(
     _, l, acc = lax.fori_loop(0, trips, body, _empty_state((batch, num_kv_heads, group), head_dim))
     out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+
+
+def paged_decode_attention_native(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
+                                  pages_per_chunk: int | None = None) -> jax.Array:
+    """``paged_decode_attention_xla``'s contract in jserve's native CPU kernel (``kernels_cpu``), with the XLA
+    loop as the fallback where the kernel does not apply (not a CPU, not float32 pages, an odd head size)."""
+    import kernels_cpu
+
+    fallback = functools.partial(paged_decode_attention_xla, scale=scale, pages_per_chunk=pages_per_chunk)
+    return kernels_cpu.paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, scale=scale,
+                                              fallback=fallback)
 
 
 def _token_layout(seq_lens, query_start_loc, num_tokens):
@@ -241,13 +253,6 @@ def ragged_paged_attention_xla(
     # the single-token sequences: their token's attention over the whole context, one query row each
     q_single = q[jnp.clip(query_start_loc[:-1], 0, num_tokens - 1)]  # [S, num_q_heads, head_dim]
     lengths = jnp.where(single, seq_lens, 0)  # 0: a row the decode kernel leaves as zeros
-    if native_decode:
-        import kernels_cpu
-
-        fallback = functools.partial(paged_decode_attention_xla, scale=scale, pages_per_chunk=pages_per_chunk)
-        out_single = kernels_cpu.paged_decode_attention(q_single, k_pages, v_pages, block_tables, lengths,
-                                                        scale=scale, fallback=fallback)
-    else:
-        out_single = paged_decode_attention_xla(q_single, k_pages, v_pages, block_tables, lengths, scale=scale,
-                                                pages_per_chunk=pages_per_chunk)
+    decode = paged_decode_attention_native if native_decode else paged_decode_attention_xla
+    out_single = decode(q_single, k_pages, v_pages, block_tables, lengths, scale=scale, pages_per_chunk=pages_per_chunk)
     return jnp.where((single[seq_of_t] & valid_t)[:, None, None], out_single[seq_of_t], out)

@@ -17,7 +17,6 @@ starts, prints its URL, serves and stops on SIGINT.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import signal
@@ -36,6 +35,7 @@ from jserve.engine import LLM, AsyncLLMEngine
 from jserve.models import greedy_generate, load
 from jserve.server import build_app, serve_in_thread
 from jserve.tokenizer import Tokenizer
+from virtual_clock import virtual_now
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
            "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -172,8 +172,7 @@ def test_completion_matches_the_reference_decode(tiny):
 def test_concurrent_requests_all_complete(tiny, monkeypatch):
     llm, url, prompts, reference = tiny
     # FastServe demotes by time run: on a virtual clock it preempts (and so swaps) however fast the steps are
-    ticks = itertools.count()
-    monkeypatch.setattr(llm.engine, "now", lambda: next(ticks) * 0.004)
+    monkeypatch.setattr(llm.engine, "now", virtual_now())
     before = dict(llm.engine.stats)
 
     async def one(client, i):
