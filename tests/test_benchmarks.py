@@ -51,7 +51,33 @@ def test_sim_fidelity_runs_tiny(tmp_path):
     for r in rows:
         assert r["rate"] == pytest.approx(0.5 * data["capacity_rps"])
         assert 0 < r["busy"] <= 1 and r["engine_stats"]["compiles_during_run"] == 0
-        assert r["engine"]["num_finished"] == r["sim"]["num_finished"] == 12
+        assert r["engine"]["num_finished"] == r["sim"]["num_finished"] == r["sim_at_run_speed"]["num_finished"] == 12
+        steps = r["step_prices"]["all"]  # the run's speed: its steps' measured time over their price
+        assert r["run_speed"] == pytest.approx(steps["measured_s"] / steps["priced_s"])
+    assert "err@run" in run.stdout and "at each run's own step speed" in run.stdout
     bad = subprocess.run([sys.executable, "benchmarks/sim_fidelity.py", "--loads", "0"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--loads must be > 0" in bad.stderr
+
+
+def test_run_speed_clock_scales_every_step():
+    """The fidelity benchmark's diagnostic clock: a request alone on a clock twice as slow takes twice as long."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from sim_fidelity import RunSpeedClock
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from eval.records import WorkloadRequest
+    from eval.simulator import CopyLink, simulate
+    from schedulers import SchedulerConfig, make_scheduler
+    from schedulers.cost import FittedCostModel
+
+    cost = FittedCostModel.from_ms(prefill_ms=(10.0, 0.0, 0.0), decode_ms=(5.0, 0.0, 0.0), block_bytes=1,
+                                   swap_bandwidth=1e9)
+    work = [WorkloadRequest(0, 8, 4, 0.0)]  # one 10 ms prefill step (its first token), three 5 ms decode steps
+    finish = []
+    for factor in (1.0, 2.0):
+        res = simulate(make_scheduler("fcfs", SchedulerConfig(), cost), work, RunSpeedClock(cost, factor),
+                       CopyLink(block_bytes=1, bandwidth=1e9))
+        finish.append(res.records[0].finish_time)
+    assert finish == pytest.approx([0.025, 0.050])
