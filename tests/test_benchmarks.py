@@ -54,14 +54,14 @@ def test_sim_fidelity_runs_tiny(tmp_path):
         assert r["engine"]["num_finished"] == r["sim"]["num_finished"] == r["sim_at_run_speed"]["num_finished"] == 12
         steps = r["step_prices"]["all"]  # the run's speed: its steps' measured time over their price
         assert r["run_speed"] == pytest.approx(steps["measured_s"] / steps["priced_s"])
-    assert "err@run" in run.stdout and "at each run's own step speed" in run.stdout
+    assert "err@run" in run.stdout and "at each run's own step speeds" in run.stdout
     bad = subprocess.run([sys.executable, "benchmarks/sim_fidelity.py", "--loads", "0"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--loads must be > 0" in bad.stderr
 
 
-def test_run_speed_clock_scales_every_step():
-    """The fidelity benchmark's diagnostic clock: a request alone on a clock twice as slow takes twice as long."""
+def test_run_speed_clock_scales_each_step_kind():
+    """The fidelity benchmark's diagnostic clock: prefill steps twice as slow, decodes as profiled."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from sim_fidelity import RunSpeedClock
@@ -76,8 +76,8 @@ def test_run_speed_clock_scales_every_step():
                                    swap_bandwidth=1e9)
     work = [WorkloadRequest(0, 8, 4, 0.0)]  # one 10 ms prefill step (its first token), three 5 ms decode steps
     finish = []
-    for factor in (1.0, 2.0):
-        res = simulate(make_scheduler("fcfs", SchedulerConfig(), cost), work, RunSpeedClock(cost, factor),
+    for factors in ({"all": 1.0}, {"all": 2.0}, {"all": 1.0, "prefill": 2.0}, {"all": 3.0, "decode": 2.0}):
+        res = simulate(make_scheduler("fcfs", SchedulerConfig(), cost), work, RunSpeedClock(cost, factors),
                        CopyLink(block_bytes=1, bandwidth=1e9))
         finish.append(res.records[0].finish_time)
-    assert finish == pytest.approx([0.025, 0.050])
+    assert finish == pytest.approx([0.025, 0.050, 0.035, 0.060])
