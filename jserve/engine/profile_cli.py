@@ -4,6 +4,7 @@ writing the profile file, one-line errors with exit status 2)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from jserve.cli import add_compile_cache_argument, apply_compile_cache, int_list, positive_int
@@ -90,4 +91,19 @@ def profile_command(args, parser) -> int:
             f"{b}: {t * 1e3:.3g}" for b, t in zip(result.engine_settings["decode_buckets"], result.seq_costs)))
     for kind, f in result.fits.items():
         print(f"  {kind:8s} R^2 {f.r2:6.3f}  mean |rel err| {f.mean_abs_rel_err:6.1%}  max {f.max_rel_err:6.1%}")
+    note = busy_host_note(result.load_average, os.cpu_count())
+    if note:
+        print(f"jserve profile: note: {note}", file=sys.stderr)
     return 0
+
+
+def busy_host_note(load_average, cpus: int | None) -> str | None:
+    """A warning when the host was busy while profiling (a 1-minute load average above half its CPUs at the
+    start or the end), else None: other processes' work slows the profiled steps, and every simulated step
+    priced from them, by as much as the load (up to 1.4-1.65x on a 2-core machine, docs/eval.md)."""
+    loads = [x for x in load_average if x is not None]
+    if not loads or not cpus or max(loads) <= 0.5 * cpus:
+        return None
+    return (f"the host's 1-minute load average was {max(loads):.2f} on {cpus} CPUs while profiling; other "
+            f"processes' work changes step times, so profile on a quiet machine for a cost model the simulator "
+            f"can trust")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -253,6 +254,9 @@ class ProfileResult:
     device: str
     date: str
     seconds: float
+    # the host's 1-minute load average when the profile started and ended (None where the OS has none):
+    # other processes' work moves step times, so a profile taken on a busy machine prices steps too high
+    load_average: tuple[float | None, float | None] = (None, None)
 
     def to_dict(self) -> dict:
         """The ``jserve-cost-profile/1`` document."""
@@ -276,16 +280,29 @@ class ProfileResult:
             "num_device_blocks": self.num_device_blocks,
             "tp": 1,
             "provenance": (f"jserve profile on {self.device}, {self.date}; model {self.engine_settings['model']}; "
-                           f"per-step engine overhead {self.overhead_s * 1e3:.3f} ms added to p0 and d0"),
+                           f"per-step engine overhead {self.overhead_s * 1e3:.3f} ms added to p0 and d0"
+                           + ("" if None in self.load_average else
+                              f"; host load average {self.load_average[0]:.2f} -> {self.load_average[1]:.2f} on "
+                              f"{os.cpu_count()} CPUs")),
             "engine": self.engine_settings,
             "overhead_ms": self.overhead_s * 1e3,
             "copy_rates_bytes_per_s": self.copy_rates,
+            "host_load_average_1min": {"start": self.load_average[0], "end": self.load_average[1],
+                                       "cpus": os.cpu_count()},
             "fit": {k: f.summary() for k, f in self.fits.items()},
             "profile_seconds": self.seconds,
         }
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def host_load_average() -> float | None:
+    """The host's 1-minute load average, or None where the OS does not report one."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
 
 
 def engine_settings(engine) -> dict:
@@ -312,6 +329,7 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
                    progress: Callable[[str], None] | None = None) -> ProfileResult:
     """Time ``engine``'s runner on ``grid`` (default: ``default_grid(engine)``) and fit the cost form."""
     t_start = time.perf_counter()
+    load_start = host_load_average()
     grid = grid or default_grid(engine)
     runner, kv = engine.runner, engine.kv
     c = runner.config
@@ -397,4 +415,5 @@ def profile_engine(engine, grid: ProfileGrid | None = None, *, name: str | None 
         device=device_name,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         seconds=time.perf_counter() - t_start,
+        load_average=(load_start, host_load_average()),
     )

@@ -4,6 +4,7 @@ simulator loads, and bad input gets clear errors."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -85,6 +86,9 @@ def test_profile_run_writes_a_loadable_profile(tiny_profile):
     assert data["block_bytes"] == 2 * 2 * 2 * 16 * 16 * 4  # K+V x layers x kv heads x page x head_dim x f32
     assert set(data["fit"]) >= {"prefill", "decode", "mixed", "copy"}
     assert "cpu" in data["provenance"] and data["engine"]["max_model_len"] == 64
+    load = data["host_load_average_1min"]  # Linux reports one: recorded at both ends, with the CPU count
+    assert load["start"] >= 0 and load["end"] >= 0 and load["cpus"] == os.cpu_count()
+    assert f"host load average {load['start']:.2f} -> {load['end']:.2f} on {load['cpus']} CPUs" in data["provenance"]
     preset = load_profile(tiny_profile)
     assert isinstance(preset.cost, MixedStepCostModel)
     assert preset.fixed_device_blocks == 23
@@ -218,3 +222,14 @@ def test_eval_engine_backend_replays_a_workload_at_rates_scaled_by_capacity(tiny
     # originals: the device runs the figure's rates many times over
     assert a["rate_scale"] == b["rate_scale"] > 10
     assert a["device_rate"] == pytest.approx(a["rate_scale"]) and b["device_rate"] == pytest.approx(2 * b["rate_scale"])
+
+
+def test_busy_host_note_warns_above_half_the_cpus():
+    from jserve.engine.profile_cli import busy_host_note
+
+    assert busy_host_note((None, None), 2) is None  # no load average on this OS: nothing to say
+    assert busy_host_note((0.4, 1.0), 2) is None  # at most half of 2 CPUs
+    assert busy_host_note((0.4, 1.0), None) is None
+    note = busy_host_note((1.5, 0.3), 2)  # busy at the start is enough
+    assert "load average was 1.50 on 2 CPUs" in note and "quiet machine" in note
+    assert "7.25 on 8 CPUs" in busy_host_note((None, 7.25), 8)
