@@ -99,8 +99,8 @@ def profile_command(args, parser) -> int:
 
 def busy_host_note(load_average, cpus: int | None) -> str | None:
     """A warning when the host was busy while profiling (a 1-minute load average above half its CPUs at the
-    start or the end), else None: other processes' work slows the profiled steps, and every simulated step
-    priced from them, by as much as the load (up to 1.4-1.65x on a 2-core machine, docs/eval.md)."""
+    start or the end), else None: other processes' work slows the profiled steps, and so prices every
+    simulated step too high (on a 2-core VM, load 5-7 made steps 1.4-1.65x slower: docs/eval.md)."""
     loads = [x for x in load_average if x is not None]
     if not loads or not cpus or max(loads) <= 0.5 * cpus:
         return None
