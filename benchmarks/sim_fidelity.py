@@ -52,6 +52,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.engine_backend import step_kind  # noqa: E402  (light: no jax)
+
 # The CPU default: a Llama sized so a step is dominated by its matmuls (hidden 768, 6 layers, ~44M parameters,
 # dummy float32 weights): on one core (single-threaded XLA) a batch-1 decode step costs ~14 ms, batch 8 ~29 ms,
 # a 256-token prefill bucket ~0.17 s, far above the engine's per-step Python overhead and a GC pause, and a run
@@ -109,16 +111,16 @@ def engine_options(args):
 
 
 class RunSpeedClock:
-    """A cost model's step times scaled per step kind: ``factors`` maps "prefill" (prompt tokens only),
-    "decode" (decodes only) and "mixed" (both) to how many times slower than profiled the machine ran steps
-    of that kind; "all" is used for a kind the map lacks (the simulator reads only ``step_time``)."""
+    """A cost model's step times scaled per step kind: ``factors`` maps each kind (``step_kind``, the one
+    rule ``step_summary`` groups the run's steps by) to how many times slower than profiled the machine ran
+    steps of that kind; "all" is used for a kind the map lacks (the simulator reads only ``step_time``)."""
 
     def __init__(self, cost, factors: dict):
         self.cost, self.factors = cost, dict(factors)
 
     def step_time(self, prefill, decode_contexts) -> float:
-        kind = ("mixed" if decode_contexts else "prefill") if prefill else "decode"
-        return self.factors.get(kind, self.factors["all"]) * self.cost.step_time(prefill, decode_contexts)
+        factor = self.factors.get(step_kind(len(prefill), len(decode_contexts)), self.factors["all"])
+        return factor * self.cost.step_time(prefill, decode_contexts)
 
     def __getattr__(self, name):
         return getattr(self.cost, name)

@@ -186,9 +186,14 @@ class StepTiming:
 
     @property
     def kind(self) -> str:
-        if self.num_prefills and self.num_decodes:
-            return "mixed"
-        return "prefill" if self.num_prefills else "decode"
+        return step_kind(self.num_prefills, self.num_decodes)
+
+
+def step_kind(num_prefills: int, num_decodes: int) -> str:
+    """A step's kind: "mixed" (prompt tokens and decodes), "prefill" (prompt tokens only) or "decode"."""
+    if num_prefills and num_decodes:
+        return "mixed"
+    return "prefill" if num_prefills else "decode"
 
 
 @dataclasses.dataclass

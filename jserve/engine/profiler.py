@@ -261,6 +261,8 @@ class ProfileResult:
     def to_dict(self) -> dict:
         """The ``jserve-cost-profile/1`` document."""
         c = self.cost
+        load_start, load_end = self.load_average
+        cpus = os.cpu_count()
         return {
             "format": PROFILE_FORMAT,
             "name": self.cost.name,
@@ -282,13 +284,11 @@ class ProfileResult:
             "provenance": (f"jserve profile on {self.device}, {self.date}; model {self.engine_settings['model']}; "
                            f"per-step engine overhead {self.overhead_s * 1e3:.3f} ms added to p0 and d0"
                            + ("" if None in self.load_average else
-                              f"; host load average {self.load_average[0]:.2f} -> {self.load_average[1]:.2f} on "
-                              f"{os.cpu_count()} CPUs")),
+                              f"; host load average {load_start:.2f} -> {load_end:.2f} on {cpus} CPUs")),
             "engine": self.engine_settings,
             "overhead_ms": self.overhead_s * 1e3,
             "copy_rates_bytes_per_s": self.copy_rates,
-            "host_load_average_1min": {"start": self.load_average[0], "end": self.load_average[1],
-                                       "cpus": os.cpu_count()},
+            "host_load_average_1min": {"start": load_start, "end": load_end, "cpus": cpus},
             "fit": {k: f.summary() for k, f in self.fits.items()},
             "profile_seconds": self.seconds,
         }
