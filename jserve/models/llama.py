@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import kernels_cpu
 from kernels_pallas import AttentionMetadata
 
 from .config import ModelConfig
-from .layers import CausalLM, Embedding, Linear, RMSNorm, activation, apply_rope, jnp_dtype, paged_attention, rope_inv_freq
+from .layers import (
+    CausalLM, Embedding, Linear, RMSNorm, activation, apply_rope, jnp_dtype, paged_attention, rope_inv_freq, rope_tables,
+)
 
 KVCache = tuple[jax.Array, jax.Array]  # 2 x [num_kv_heads, num_pages, page_size, head_dim]
 
@@ -30,13 +33,12 @@ class LlamaAttention(nnx.Module):
         self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dt)
         self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dt)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.inv_freq = tuple(float(f) for f in rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling))
         self.backend = backend
 
     def __call__(
         self,
         x: jax.Array,  # [T, hidden]
-        positions: jax.Array,  # [T] int32
+        rope: tuple[jax.Array, jax.Array],  # rope_tables(positions, inv_freq), shared by every layer
         kv_cache: KVCache,
         metadata: AttentionMetadata,
     ) -> tuple[jax.Array, KVCache]:
@@ -44,9 +46,8 @@ class LlamaAttention(nnx.Module):
         q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         out, kv_cache = paged_attention(
             q, k, v, kv_cache, metadata, scale=self.head_dim**-0.5, backend=self.backend
         )
@@ -75,9 +76,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.mlp = LlamaMLP(cfg)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, metadata: AttentionMetadata
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv_cache: KVCache, metadata: AttentionMetadata
     ) -> tuple[jax.Array, KVCache]:  # x: [T, hidden]
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), rope, kv_cache, metadata)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
@@ -92,6 +93,7 @@ class LlamaForCausalLM(CausalLM):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dt)
         self.layers = nnx.List([LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt)
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
                                                                    dtype=dt)
 
@@ -103,9 +105,10 @@ class LlamaForCausalLM(CausalLM):
         metadata: AttentionMetadata,
     ) -> tuple[jax.Array, list[KVCache]]:  # the last layer's output [T, hidden] (before the final norm), caches
         x = self.embed_tokens(input_ids)
+        rope = rope_tables(positions, np.asarray(self.inv_freq, np.float32))
         new_caches = []
         for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, metadata)
+            x, cache = layer(x, rope, cache, metadata)
             new_caches.append(cache)
         return x, new_caches
 

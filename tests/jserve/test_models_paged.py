@@ -76,3 +76,16 @@ def test_step_rejects_mismatched_caches_and_inputs():
         m.step(s.input_ids, s.positions, bad, s.metadata)
     with pytest.raises(ValueError, match="must all be"):
         m.step(s.input_ids[:1], s.positions, m.allocate_kv_caches(2, 4), s.metadata)
+
+
+def test_rope_sines_and_cosines_are_evaluated_once_per_step():
+    # layers.rope_tables materializes one step's tables; were they fused into each layer's rotation, every
+    # layer's q and k fusions would evaluate their own sin and cos (4 of each in this 2-layer model)
+    import re
+
+    m = load("tiny-llama")
+    s = build_step([SeqChunk([1, 2, 3], 0, [0]), SeqChunk([4], 5, [1, 2])], 4)
+    caches = m.allocate_kv_caches(4, 4)
+    hlo = m._step.lower(m.state, s.input_ids, s.positions, caches, s.metadata).compile().as_text()
+    assert len(re.findall(r"\bsine\(", hlo)) == 1
+    assert len(re.findall(r"\bcosine\(", hlo)) == 1
