@@ -5,17 +5,20 @@ prefill (``--prefill N`` tokens), runs it a few times under ``jax.profiler``, an
 events by what they are in the compiled module: a custom call by its target and output shape (the native
 CPU matmuls, decode attention, Pallas kernels), any other op by its name without XLA's numeric suffix
 (``add_concatenate_fusion``, ``wrapped_scatter``) and its output shape. Prints per group the milliseconds
-and calls per step, largest first, and the total of the op events against the step's wall time.
+and calls per step, largest first, then the op events' total beside the step's time with and without the
+profiler.
 
     python benchmarks/step_ops.py                                  # smollm2-135m float32, batch 32, context 128
     python benchmarks/step_ops.py --prefill 256 --top 15
     python benchmarks/step_ops.py --preset tiny-llama --batch 2 --context 32 --json ops.json
 
-Reading it: ops run one after another on XLA:CPU unless independent, and a native kernel's time is its
-wall time with both threads in it, so the column sums to about the step. This is how the RoPE tables
-were found (docs/models.md, "RoPE tables once per step"). The profiler inflates ``ynn_fusion`` ops (XLA
-handing a reduction to XNNPACK) several times over on CPU: time those without it. On a GPU the events are
-its kernels; names that match no HLO instruction (cuBLAS, runtime events) are grouped by name alone.
+Reading it: on XLA:CPU the ops of a decode step run one after another, and a native kernel's event is its
+wall time with both threads working in it, so the column sums to about the step. This is how the RoPE
+tables were found (docs/models.md, "RoPE tables once per step"). Two cautions, both measured on CPU: the
+profiler inflates ``ynn_fusion`` ops (XLA handing a reduction or a dot to XNNPACK) several times over, so
+time those without it; and in a prefill, XNNPACK's dots record events on several threads at once, so the
+total can exceed the step. On a GPU the events are its kernels; names that match no HLO instruction
+(cuBLAS, runtime events) are grouped by name alone.
 """
 
 from __future__ import annotations
@@ -115,9 +118,13 @@ def main(argv=None) -> dict:
     s = build_step(chunks, ps, pages_per_seq=m)
     caches = model.allocate_kv_caches(num_pages, ps)
     hlo = model._step.lower(model.state, s.input_ids, s.positions, caches, s.metadata).compile().as_text()
-    for _ in range(3):
+    plain = []
+    for i in range(3 + a.steps):  # warm-up, then the same steps timed without the profiler
+        t0 = time.perf_counter()
         out, caches = model.step(s.input_ids, s.positions, caches, s.metadata)
         out.block_until_ready()
+        if i >= 3:
+            plain.append(time.perf_counter() - t0)
     walls = []
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp, create_perfetto_trace=True)
@@ -138,13 +145,15 @@ def main(argv=None) -> dict:
     groups = op_groups(events, instruction_index(hlo), a.steps)
     total = sum(g["ms"] for g in groups.values())
     wall = float(np.median(walls)) * 1e3
+    plain_ms = float(np.median(plain)) * 1e3
     print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, {cfg.name} {a.dtype}: "
-          f"{what}; step {wall:.2f} ms under the profiler (median of {a.steps}); op events {total:.2f} ms/step")
+          f"{what}; step {plain_ms:.2f} ms without the profiler, {wall:.2f} ms under it (medians of {a.steps}); "
+          f"op events {total:.2f} ms/step")
     print(f"{'ms/step':>9} {'share':>6} {'calls':>6}  group")
     for key, g in sorted(groups.items(), key=lambda kv: -kv[1]["ms"])[: a.top]:
         print(f"{g['ms']:9.3f} {g['ms'] / total if total else 0:6.1%} {g['calls']:6.1f}  {key}")
     res = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
-           "preset": cfg.name, "dtype": a.dtype, "what": what, "steps": a.steps, "wall_ms": wall,
+           "preset": cfg.name, "dtype": a.dtype, "what": what, "steps": a.steps, "wall_ms": wall, "unprofiled_ms": plain_ms,
            "op_ms": total, "groups": groups}
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))

@@ -75,7 +75,7 @@ def test_step_ops_traces_a_tiny_step(tmp_path):
     res = mod.main(["--preset", "tiny-llama", "--batch", "2", "--context", "32", "--steps", "2",
                     "--json", str(tmp_path / "ops.json")])
     assert json.loads((tmp_path / "ops.json").read_text()) == json.loads(json.dumps(res))
-    assert res["op_ms"] > 0 and res["groups"]
+    assert res["op_ms"] > 0 and res["groups"] and res["unprofiled_ms"] > 0
     calls = lambda target: sum(g["calls"] for k, g in res["groups"].items() if k.startswith(target + " "))
     if kernels_cpu.native_available():
         # tiny-llama: 2 layers x (q, k, v, o, gate, up, down) + the output head; attention once per layer
