@@ -39,8 +39,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # trace events that are the executor's or the runtime's bookkeeping, not ops of the module
-SKIP = re.compile(r"^(end: |Thunk|Threadpool|ThreadpoolListener|\$|Pjit|PjitFunction|CommonPjRt|ParseArguments|"
-                  r"Handle inputs|DevicePut|AllocateOutputBuffers|ExecuteHelper)")
+SKIP = re.compile(r"^(end: |Thunk|Threadpool|\$|Pjit|CommonPjRt|ParseArguments|Handle inputs|DevicePut|"
+                  r"AllocateOutputBuffers|ExecuteHelper)")
 
 
 def instruction_index(hlo_text: str) -> dict[str, tuple[str, str, str]]:

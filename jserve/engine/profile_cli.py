@@ -4,7 +4,6 @@ writing the profile file, one-line errors with exit status 2)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from jserve.cli import add_compile_cache_argument, apply_compile_cache, int_list, positive_int
@@ -91,7 +90,7 @@ def profile_command(args, parser) -> int:
             f"{b}: {t * 1e3:.3g}" for b, t in zip(result.engine_settings["decode_buckets"], result.seq_costs)))
     for kind, f in result.fits.items():
         print(f"  {kind:8s} R^2 {f.r2:6.3f}  mean |rel err| {f.mean_abs_rel_err:6.1%}  max {f.max_rel_err:6.1%}")
-    note = busy_host_note(result.load_average, os.cpu_count())
+    note = busy_host_note(result.load_average, result.cpus)
     if note:
         print(f"jserve profile: note: {note}", file=sys.stderr)
     return 0

@@ -257,12 +257,13 @@ class ProfileResult:
     # the host's 1-minute load average when the profile started and ended (None where the OS has none):
     # other processes' work moves step times, so a profile taken on a busy machine prices steps too high
     load_average: tuple[float | None, float | None] = (None, None)
+    cpus: int | None = dataclasses.field(default_factory=os.cpu_count)  # the host's CPU count, beside its load
 
     def to_dict(self) -> dict:
         """The ``jserve-cost-profile/1`` document."""
         c = self.cost
         load_start, load_end = self.load_average
-        cpus = os.cpu_count()
+        cpus = self.cpus
         return {
             "format": PROFILE_FORMAT,
             "name": self.cost.name,

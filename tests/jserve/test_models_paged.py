@@ -3,6 +3,8 @@ the device, one compile per shape bucket, batched generation equal to one-by-one
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -81,8 +83,6 @@ def test_step_rejects_mismatched_caches_and_inputs():
 def test_rope_sines_and_cosines_are_evaluated_once_per_step():
     # layers.rope_tables materializes one step's tables; were they fused into each layer's rotation, every
     # layer's q and k fusions would evaluate their own sin and cos (4 of each in this 2-layer model)
-    import re
-
     m = load("tiny-llama")
     s = build_step([SeqChunk([1, 2, 3], 0, [0]), SeqChunk([4], 5, [1, 2])], 4)
     caches = m.allocate_kv_caches(4, 4)
