@@ -144,7 +144,7 @@ def _from_tokenizer_json(path: Path, config_path: Path) -> Tokenizer:
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text())
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
             raise TokenizerError(f"cannot parse {config_path}: {e}") from e
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")

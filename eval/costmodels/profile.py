@@ -298,6 +298,8 @@ def load_profile(path: str | Path) -> HardwarePreset:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise ProfileError(f"{path}: not a cost profile (its JSON is nested too deeply to read)") from None
     return preset_from_dict(data, where=str(path))
 
 

@@ -83,6 +83,8 @@ def _read_json_list(path: Path) -> list:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"dataset file {path} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ValueError(f"dataset file {path} is not a dataset: its JSON is nested too deeply to read") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"dataset file {path} is not UTF-8 text: {exc}") from exc
     if not isinstance(data, list):

@@ -213,7 +213,7 @@ class ModelConfig:
             raise ConfigError(f"no config.json in model directory {path}")
         try:
             cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
             raise ConfigError(f"cannot parse {cfg_path}: {e}") from e
         if not isinstance(cfg, dict):
             raise ConfigError(f"{cfg_path}: expected a JSON object")
@@ -284,7 +284,7 @@ def _generation_eos_ids(path: Path) -> tuple[int, ...]:
         return ()
     try:
         gen = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
         raise ConfigError(f"cannot parse {path}: {e}") from e
     v = gen.get("eos_token_id") if isinstance(gen, dict) else None
     ids = v if isinstance(v, list) else [] if v is None else [v]

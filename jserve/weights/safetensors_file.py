@@ -59,7 +59,7 @@ class _File:
             raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
             raise SafetensorsError(f"corrupt safetensors header in {path}: {e}") from e
         if not isinstance(header, dict):
             raise SafetensorsError(f"corrupt safetensors header in {path}: not a JSON object")
@@ -138,7 +138,7 @@ def find_safetensors(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, RecursionError, KeyError, TypeError) as e:
             raise SafetensorsError(f"corrupt index {index}: {e!r}") from e
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]

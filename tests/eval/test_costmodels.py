@@ -195,6 +195,9 @@ def test_profile_with_fixed_pool_and_errors(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ProfileError, match="not valid JSON"):
         load_profile(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ProfileError, match="nested too deeply"):
+        load_profile(path)
     with pytest.raises(ProfileError, match="cannot read"):
         load_profile(tmp_path / "missing.json")
 

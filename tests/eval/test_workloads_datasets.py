@@ -91,6 +91,7 @@ def test_filter_pairs_caps_are_parameters():
     ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": ""}]', "alpaca",
      r"record 1: field 'output' must be a string"),
     ('[["not", "an", "object"]]', "alpaca", r"record 0: expected an object"),
+    ("[" * 100_000 + "]" * 100_000, "sharegpt", r"sg\.json is not a dataset: its JSON is nested too deeply"),
 ])
 def test_malformed_files_name_the_file_and_record(tmp_path, word_tokenizer, content, dataset, message):
     path = tmp_path / "sg.json"

@@ -55,6 +55,7 @@ def test_gguf_tokenizer_matches_transformers_gguf_conversion(tok):
     """transformers converts the same GGUF metadata independently (its converter has no digit splitting,
     so compare on digit-free texts) on real Alpaca prompts."""
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")  # transformers' GGUF reader imports torch
     ref = transformers.AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
     texts = [t for t in _texts() if not re.search(r"\d", t)]
     assert len(texts) > 100

@@ -44,8 +44,9 @@ def test_missing_config_json(llama_dir):
         load(llama_dir)
 
 
-def test_corrupt_config_json(llama_dir):
-    (llama_dir / "config.json").write_text("{")
+@pytest.mark.parametrize("text", ["{", "[" * 100_000 + "]" * 100_000], ids=["truncated", "nested too deeply"])
+def test_corrupt_config_json(llama_dir, text):
+    (llama_dir / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=r"cannot parse .*config\.json"):
         load(llama_dir)
 
