@@ -44,11 +44,59 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable, Iterable
 
+from .config import MAX_COUNT
 from .request import KVLocation, Request
 
 
 class BlockError(RuntimeError):
     """A block-pool operation that cannot be carried out (pool exhausted, wrong location)."""
+
+
+class FreeIds:
+    """The free ids of one pool ``[0, size)``: a stack of ids given back, over the ids never handed out.
+
+    ``take`` hands out given-back ids last-returned first, then never-used ids lowest first, skipping
+    ``excluded`` ones; ``append``/``extend`` give ids back. This is the order of a stack filled with every id
+    in descending order, without building it: a pool of any size costs O(``len(excluded)``) to create, so a
+    huge host pool (a large swap space over small blocks) or a mistyped block count costs no memory until
+    its ids are used.
+    """
+
+    __slots__ = ("_returned", "_next", "_size", "_excluded", "_unused")
+
+    def __init__(self, size: int, excluded: frozenset[int] = frozenset()) -> None:
+        self._returned: list[int] = []
+        self._next = 0  # ids >= _next were never handed out
+        self._size = size
+        self._excluded = excluded
+        self._unused = size - len(excluded)
+
+    def __len__(self) -> int:
+        return len(self._returned) + self._unused
+
+    def __iter__(self):
+        yield from self._returned
+        yield from (i for i in range(self._next, self._size) if i not in self._excluded)
+
+    def take(self, n: int) -> list[int]:
+        """``n`` ids (the caller has checked that ``n <= len(self)``)."""
+        returned = self._returned
+        k = min(n, len(returned))
+        out = returned[len(returned) - k:][::-1]
+        del returned[len(returned) - k:]
+        while len(out) < n:
+            start = self._next
+            self._next = stop = start + (n - len(out))
+            fresh = [i for i in range(start, stop) if i not in self._excluded] if self._excluded else range(start, stop)
+            self._unused -= len(fresh)
+            out.extend(fresh)
+        return out
+
+    def append(self, block: int) -> None:
+        self._returned.append(block)
+
+    def extend(self, blocks: Iterable[int]) -> None:
+        self._returned.extend(blocks)
 
 
 class BlockManager:
@@ -66,8 +114,8 @@ class BlockManager:
             ("num_host_blocks", num_host_blocks, 0),
             ("block_size", block_size, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"BlockManager: {name} must be an int >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_COUNT:
+                raise ValueError(f"BlockManager: {name} must be an int in [{low}, 2**62], got {value!r}")
         reserved = tuple(reserved_device_ids)
         for rid in reserved:
             if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < num_device_blocks:
@@ -87,9 +135,9 @@ class BlockManager:
         self.num_host_blocks = num_host_blocks
         self.reserved_device_ids = frozenset(reserved)
         self.num_usable_device_blocks = num_device_blocks - len(reserved)
-        # Free lists are stacks; built descending so that the lowest ids are handed out first.
-        self._free_device: list[int] = [i for i in range(num_device_blocks - 1, -1, -1) if i not in self.reserved_device_ids]
-        self._free_host: list[int] = list(range(num_host_blocks - 1, -1, -1))
+        # Free lists: the lowest ids are handed out first, given-back ids last-returned first.
+        self._free_device = FreeIds(num_device_blocks, self.reserved_device_ids)
+        self._free_host = FreeIds(num_host_blocks)
         # Sources of overlapped copies, returned to the free lists at end_step().
         self._pending_device: list[int] = []
         self._pending_host: list[int] = []
@@ -166,7 +214,7 @@ class BlockManager:
         """``n`` device blocks for new contents: the free list first, then the oldest evictable cached ones
         (which leave the cache). The caller has checked that ``n`` are free."""
         free = self._free_device
-        taken = [free.pop() for _ in range(min(n, len(free)))]
+        taken = free.take(min(n, len(free)))
         while len(taken) < n:
             b, _ = self._evictable.popitem(last=False)
             del self._cached[self._key_of.pop(b)]
@@ -297,8 +345,7 @@ class BlockManager:
         n = len(request.blocks)
         if n > len(self._free_host):
             raise BlockError(f"request {request.request_id!r}: swap_out needs {n} host blocks, only {len(self._free_host)} free")
-        free = self._free_host
-        dst = [free.pop() for _ in range(n)]
+        dst = self._free_host.take(n)
         src = request.blocks
         if overlapped and self._refs:
             self._shared_sources.update(b for b in src if self._refs.get(b, 0) > 1)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+MAX_COUNT = 2**62  # the largest count or pool size: every count stays a machine integer (len() of a pool is one)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -189,8 +191,8 @@ def _is_real(value: object) -> bool:
 
 def _check_int(cfg: SchedulerConfig, name: str, low: int) -> None:
     value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"SchedulerConfig.{name} must be an int >= {low}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_COUNT:
+        raise ValueError(f"SchedulerConfig.{name} must be an int in [{low}, 2**62], got {value!r}")
 
 
 def _check_real(

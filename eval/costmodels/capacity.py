@@ -67,11 +67,18 @@ def device_kv_blocks(
         model, gpu, rule, tp=tp, max_tokens_per_batch=max_tokens_per_batch, max_batch_size=max_batch_size
     )
     free = gpu_memory_utilization * gpu.memory_bytes - headroom - model.weight_bytes / tp
-    blocks = int(free // (model.kv_block_bytes(block_size) / tp))
-    if blocks < 1:
+    block_bytes = model.kv_block_bytes(block_size) / tp
+    if free <= 0:
         raise ValueError(
             f"{model.name} does not fit on {tp} x {gpu.name}: {model.weight_bytes / tp / 1e9:.1f} GB of weights per "
-            f"GPU leave no room for KV blocks at {gpu_memory_utilization:.0%} utilization"
+            f"GPU and {headroom / 1e9:.1f} GB of activations (batches of {max_batch_size} sequences, "
+            f"{max_tokens_per_batch} tokens) leave no room for KV blocks at {gpu_memory_utilization:.0%} utilization"
+        )
+    blocks = int(free // block_bytes)
+    if blocks < 1:
+        raise ValueError(
+            f"{model.name} on {tp} x {gpu.name}: the {free / 1e9:.1f} GB per GPU left for the KV cache hold no block "
+            f"of {block_size} tokens ({block_bytes / 1e9:.3g} GB per GPU); use a smaller block_size"
         )
     return blocks
 

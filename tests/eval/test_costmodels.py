@@ -74,8 +74,10 @@ def test_capacity_errors():
     with pytest.raises(ValueError, match="sizing rule"):
         device_kv_blocks(OPT_13B, A100_40GB, rule="guess")
     big = ModelSpec("huge", 200, 12288, 96, 96, 128, 49152, 50272)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match=r"does not fit .*of weights per GPU and .* of activations"):
         device_kv_blocks(big, A100_40GB)
+    with pytest.raises(ValueError, match=r"left for the KV cache hold no block of 10000000 tokens"):
+        device_kv_blocks(OPT_13B, A100_40GB, block_size=10_000_000)
     with pytest.raises(ValueError, match="swap space"):
         host_kv_blocks(OPT_13B, -1)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+import random
+
 from schedulers import BlockError, BlockManager, KVLocation, Request
+from schedulers.blocks import FreeIds
 
 
 def _req(rid=0, prompt=10, new=5):
@@ -21,6 +24,44 @@ def test_allocation_grows_by_blocks_and_uses_lowest_ids_first():
     assert r.blocks == [0, 1, 2]
     assert bm.num_free_device_blocks == 3
     bm.check([r])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_free_ids_hand_out_what_a_full_descending_stack_would(seed):
+    """FreeIds against the plain stack it replaces: every id of [0, size) minus the excluded, descending,
+    popped from the top, ids given back pushed on top."""
+    rng = random.Random(seed)
+    size = rng.randint(1, 40)
+    excluded = frozenset(rng.sample(range(size), rng.randint(0, size - 1)))
+    ids = FreeIds(size, excluded)
+    stack = [i for i in range(size - 1, -1, -1) if i not in excluded]
+    held: list[int] = []
+    for _ in range(60):
+        assert len(ids) == len(stack) and sorted(ids) == sorted(stack)
+        if held and rng.random() < 0.4:
+            back = [held.pop(rng.randrange(len(held))) for _ in range(rng.randint(1, len(held)))]
+            if len(back) == 1:
+                ids.append(back[0])
+            else:
+                ids.extend(back)
+            stack.extend(back)
+        else:
+            n = rng.randint(0, len(stack))
+            want = [stack.pop() for _ in range(n)]
+            assert ids.take(n) == want
+            held.extend(want)
+
+
+def test_huge_pools_cost_nothing_until_used():
+    """A pool of 10^12 blocks (a mistyped count, or a large swap space over small blocks) is created and
+    used without building its free lists."""
+    bm = BlockManager(num_device_blocks=10**12, num_host_blocks=10**12, block_size=16, reserved_device_ids=(0,))
+    assert bm.num_free_device_blocks == 10**12 - 1 and bm.num_free_host_blocks == 10**12
+    r = _req(prompt=40)
+    bm.allocate(r, 40)
+    assert r.blocks == [1, 2, 3]
+    assert bm.swap_out(r, overlapped=False) == [(1, 0), (2, 1), (3, 2)]
+    assert bm.num_free_host_blocks == 10**12 - 3
 
 
 def test_reserved_ids_are_never_handed_out():

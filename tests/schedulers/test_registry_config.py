@@ -49,6 +49,7 @@ def test_mlfq_is_fastserve_without_skip_join():
         ("max_tokens_per_batch", 4),  # below max_batch_size
         ("num_device_blocks", 0),
         ("num_host_blocks", -1),
+        ("num_host_blocks", 10**30),  # a mistyped size: an error, not an out-of-memory kill
         ("watermark", 1.5),
         ("q0", 0.0),
         ("quantum_ratio", 0.5),
