@@ -4,7 +4,10 @@ Figure numbers follow the public artifact. Rates and request counts are the arti
 (``benchmarks/artifact-evaluation/{overall,large_bs,gqa}/*.sh``): every system of a panel runs the union of
 the rates the artifact ran for any of them (the simulator is cheap, so curves are complete), each rate with
 the artifact's request count for it. Quick mode keeps a spread of rates and caps the request count; it is a
-smoke run of every figure, not a measurement.
+smoke run of every figure, not a measurement. A panel that runs one count at every point (Fig 16, the
+long-trace panels) names that count in its title and log group, so quick mode rebuilds it with the capped count
+(``Panel.with_requests``), and a panel that capping turns into a repeat of another panel of its figure is left
+out (the hazards figure's long-trace panel; the figure's title says so).
 
 Definitions the artifact does not script (ours; see ``docs/eval.md``):
 
@@ -26,6 +29,8 @@ Definitions the artifact does not script (ours; see ``docs/eval.md``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Callable
 
 from .load import load_matched_rate
 from .systems import SYSTEMS, SystemSpec
@@ -54,6 +59,9 @@ class Panel:
     slo: float | None = 0.3  # horizontal SLO line (s/token) or attainment level
     log_group: str = "opt-13b"  # sub-directory of the artifact-format logs
     log_batch_size: bool = False  # add "-bs=<B>" to log names (Fig 14)
+    # For a panel that runs one request count at every point and names it in its title and log group: the same
+    # panel with ``n`` requests per point (quick mode caps the count and must not keep claiming the full one).
+    with_requests: Callable[[int], Panel] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ GQA_ALPACA = _pts(
 )
 IO_RATIOS = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 FIG16_UTILIZATION = 0.9
+FIG16_REQUESTS = 400  # requests per ratio
 LONG_TRACE = 2000  # requests per rate in the hazards figure's long-trace panel
 CVS = (0.5, 1.0, 2.0, 4.0)
 BREAKDOWN_RATES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
@@ -113,11 +122,56 @@ def _overall(key, dataset, points, systems, title: str | None = None, **kw) -> P
     return Panel(key=key, title=title, dataset=dataset, systems=systems, points=points, **kw)
 
 
+MAIN3 = ("vllm", "fcfs", "fastserve")
+HAZARD_SYSTEMS = MAIN3 + ("fastserve-artifact", "fastserve-nostarve", "fastserve-aging")
+
+
+def _ratio_panel(n: int) -> Panel:
+    """Fig 16: ``n`` requests per prompt/output ratio at the load-matched rate."""
+    return Panel(
+        "ratio",
+        f"ShareGPT, {n} requests per ratio at {FIG16_UTILIZATION:.0%} offered load",
+        "sharegpt",
+        _systems("fcfs", "mlfq", "fixed-priority", "fastserve", "srpt"),
+        tuple(Point(load_matched_rate("sharegpt", s, FIG16_UTILIZATION), n, io_ratio_scale=s) for s in IO_RATIOS),
+        x="io_ratio_scale",
+        slo=None,
+        log_group="io-ratio",
+        with_requests=_ratio_panel,
+    )
+
+
+def _burst_panel(cv: float, n: int) -> Panel:
+    """The burstiness sweep at one CV: the ShareGPT rates from 1.5 req/s, ``n`` requests each."""
+    return Panel(
+        f"cv{cv:g}",
+        f"CV = {cv:g}",
+        "sharegpt",
+        _systems(*MAIN3),
+        tuple(replace(p, cv=cv, num_requests=n) for p in SHAREGPT if p.rate >= 1.5),
+        arrival="gamma" if cv != 1.0 else "poisson",
+        log_group=f"long-{n}" if cv == 1.0 else f"cv-{cv:g}-long-{n}",  # CV 1: the hazards panel's runs
+        with_requests=partial(_burst_panel, cv),
+    )
+
+
+def _long_panel(n: int) -> Panel:
+    """The hazards figure's long-trace panel: the ShareGPT rates from 1.5 req/s, ``n`` requests each."""
+    return Panel(
+        "sharegpt-long",
+        f"ShareGPT, {n} requests per rate",
+        "sharegpt",
+        _systems(*HAZARD_SYSTEMS),
+        tuple(replace(p, num_requests=n) for p in SHAREGPT if p.rate >= 1.5),
+        log_group=f"long-{n}",
+        with_requests=_long_panel,
+    )
+
+
 def _figures() -> dict[str, FigureDef]:
     main4 = _systems("static", "vllm", "fcfs", "fastserve")
-    main3 = _systems("vllm", "fcfs", "fastserve")
-    hazard_systems = _systems("vllm", "fcfs", "fastserve", "fastserve-artifact", "fastserve-nostarve",
-                              "fastserve-aging")
+    main3 = _systems(*MAIN3)
+    hazard_systems = _systems(*HAZARD_SYSTEMS)
     figs = [
         FigureDef(
             "11",
@@ -170,21 +224,7 @@ def _figures() -> dict[str, FigureDef]:
             "16",
             "Scheduler ablation: input/output length ratio (ShareGPT, load-matched at 90%)",
             "ratio",
-            (
-                Panel(
-                    "ratio",
-                    f"ShareGPT, 400 requests per ratio at {FIG16_UTILIZATION:.0%} offered load",
-                    "sharegpt",
-                    _systems("fcfs", "mlfq", "fixed-priority", "fastserve", "srpt"),
-                    tuple(
-                        Point(load_matched_rate("sharegpt", s, FIG16_UTILIZATION), 400, io_ratio_scale=s)
-                        for s in IO_RATIOS
-                    ),
-                    x="io_ratio_scale",
-                    slo=None,
-                    log_group="io-ratio",
-                ),
-            ),
+            (_ratio_panel(FIG16_REQUESTS),),
         ),
         FigureDef(
             "17",
@@ -213,18 +253,7 @@ def _figures() -> dict[str, FigureDef]:
             "burst",
             "Burstiness: capacity at 0.3 s/token vs arrival CV (ShareGPT, Gamma arrivals)",
             "burstiness",
-            tuple(
-                Panel(
-                    f"cv{cv:g}",
-                    f"CV = {cv:g}",
-                    "sharegpt",
-                    main3,
-                    tuple(replace(p, cv=cv, num_requests=LONG_TRACE) for p in SHAREGPT if p.rate >= 1.5),
-                    arrival="gamma" if cv != 1.0 else "poisson",
-                    log_group=f"long-{LONG_TRACE}" if cv == 1.0 else f"cv-{cv:g}-long-{LONG_TRACE}",
-                )
-                for cv in CVS
-            ),
+            tuple(_burst_panel(cv, LONG_TRACE) for cv in CVS),
         ),
         FigureDef(
             "hazards",
@@ -232,14 +261,7 @@ def _figures() -> dict[str, FigureDef]:
             "latency",
             (
                 _overall("sharegpt", "sharegpt", SHAREGPT, hazard_systems),
-                Panel(
-                    "sharegpt-long",
-                    f"ShareGPT, {LONG_TRACE} requests per rate",
-                    "sharegpt",
-                    hazard_systems,
-                    tuple(replace(p, num_requests=LONG_TRACE) for p in SHAREGPT if p.rate >= 1.5),
-                    log_group=f"long-{LONG_TRACE}",
-                ),
+                _long_panel(LONG_TRACE),
             ),
         ),
     ]
@@ -276,10 +298,40 @@ def _quick_points(panel: Panel) -> tuple[Point, ...]:
     return tuple(replace(p, num_requests=min(p.num_requests, cap)) for p in pts)
 
 
+def _repeats(a: Panel, b: Panel) -> bool:
+    """Whether panel ``a`` would draw nothing that ``b`` does not: the same systems, settings and metric, at a
+    subset of ``b``'s points (log groups may differ: they do not change a run's result)."""
+    key = lambda p: (p.systems, p.dataset, p.metric, p.x, p.batch_size, p.preset, p.arrival)  # noqa: E731
+    return key(a) == key(b) and set(a.points) <= set(b.points)
+
+
 def quick_figure(fig: FigureDef) -> FigureDef:
-    """The quick variant of ``fig``: fewer rates, capped request counts, logs under ``quick/``."""
-    panels = tuple(replace(p, points=_quick_points(p)) for p in fig.panels)
-    return replace(fig, panels=panels)
+    """The quick variant of ``fig``: fewer rates, request counts capped at ``QUICK_MAX_REQUESTS``.
+
+    Logs go to the same groups as the full figure's, except that a panel with one request count per point
+    (``Panel.with_requests``) is rebuilt with the capped count, so its title and log group state the count that
+    runs (``long-200``, not ``long-2000``). A panel whose capped runs repeat another panel's is left out and
+    the figure's title names it.
+    """
+    panels: list[Panel] = []
+    dropped: list[tuple[Panel, Panel, int]] = []
+    for full in fig.panels:
+        cap = QUICK_MAX_REQUESTS[full.dataset]
+        counts = {p.num_requests for p in full.points}
+        panel = full
+        if full.with_requests is not None and len(counts) == 1 and counts.pop() > cap:
+            panel = full.with_requests(cap)
+        panel = replace(panel, points=_quick_points(panel))
+        same = next((q for q in panels if _repeats(panel, q)), None)
+        if same is not None:
+            dropped.append((full, same, cap))
+            continue
+        panels.append(panel)
+    title = fig.title
+    for full, same, cap in dropped:
+        title += (f" [quick mode: no '{full.title}' panel; capped at {cap} requests its runs are the "
+                  f"'{same.title}' panel's]")
+    return replace(fig, title=title, panels=tuple(panels))
 
 
 def get_figures(ids: list[str] | None = None, *, quick: bool = False) -> list[FigureDef]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from itertools import permutations
 
 import pytest
 
@@ -58,6 +60,53 @@ def test_get_figures_and_quick_variants():
     quick_runs = {s for f in quick for s in figure_specs(f)}
     # Quick mode simulates about a tenth of the requests of the full reproduction.
     assert sum(s.num_requests for s in quick_runs) < sum(s.num_requests for s in full_runs) / 5
+
+
+def test_quick_mode_states_the_request_counts_it_runs():
+    # The full definitions name their per-point counts in titles and log groups ...
+    assert "2000 requests per rate" in FIGURES["hazards"].panels[1].title
+    assert "400 requests per ratio" in FIGURES["16"].panels[0].title
+    assert {s.log_group for s in figure_specs(FIGURES["burst"])} == {
+        "cv-0.5-long-2000", "long-2000", "cv-2-long-2000", "cv-4-long-2000"}
+    # ... and quick mode, which caps the counts, names the capped counts instead.
+    quick = {f.fig_id: f for f in get_figures(quick=True)}
+    assert "200 requests per ratio" in quick["16"].panels[0].title
+    checked = 0
+    for fig in quick.values():
+        for panel in fig.panels:
+            counts = {p.num_requests for p in panel.points}
+            for m in re.finditer(r"(\d+) requests", panel.title):
+                assert counts == {int(m.group(1))}, (fig.fig_id, panel.title, counts)
+                checked += 1
+        for spec in figure_specs(fig):
+            for m in re.finditer(r"long-(\d+)", spec.log_group):
+                assert int(m.group(1)) == spec.num_requests, (fig.fig_id, spec.log_group, spec.num_requests)
+                checked += 1
+    assert checked >= 1 + 4 * 4 * 3  # Fig 16's title; every burstiness run (4 CVs, 4 rates, 3 systems)
+    assert {s.log_group for s in figure_specs(quick["burst"])} == {
+        "cv-0.5-long-200", "long-200", "cv-2-long-200", "cv-4-long-200"}
+
+
+def _repeats(a: Panel, b: Panel) -> bool:
+    """Whether panel ``a`` shows nothing panel ``b`` does not: the same curves at a subset of its points."""
+    same = (a.systems, a.dataset, a.metric, a.x, a.batch_size, a.preset, a.arrival) == (
+        b.systems, b.dataset, b.metric, b.x, b.batch_size, b.preset, b.arrival)
+    return same and set(a.points) <= set(b.points)
+
+
+def test_quick_mode_drops_a_panel_that_capping_made_a_copy_of_another():
+    full = FIGURES["hazards"]
+    assert len(full.panels) == 2 and not _repeats(full.panels[1], full.panels[0])
+    for fig in get_figures(quick=True):
+        for a, b in permutations(fig.panels, 2):
+            assert not _repeats(a, b), (fig.fig_id, a.key, b.key)
+    quick = get_figures(["hazards"], quick=True)[0]
+    # Capped at 200 requests, the long-trace panel's runs are the first panel's from 1.5 req/s on: dropped, and
+    # the figure's title says so.
+    assert [p.key for p in quick.panels] == ["sharegpt"]
+    assert "2000 requests per rate" in quick.title and "quick" in quick.title
+    # Figures that lose nothing keep their titles.
+    assert get_figures(["11"], quick=True)[0].title == FIGURES["11"].title
 
 
 def test_figures_share_runs():
