@@ -20,6 +20,7 @@ clock (first arrival at 0), not wall-clock epochs; the scripts only take differe
 from __future__ import annotations
 
 import ast
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -34,6 +35,7 @@ LOG_PREFIX = "exp-"
 LOG_SUFFIX = "-client-log"
 DETAIL_KEY = "jserve-detail: "
 UNFINISHED_KEY = "jserve-unfinished: "
+RUN_KEY = "jserve-run: "  # the run's settings as JSON (written by eval.runner)
 MAX_NAME_BYTES = 255  # longest file name on common file systems (ext4, xfs, APFS, NTFS)
 
 
@@ -225,6 +227,22 @@ def _keyed_line(p: Path, lines: list[str], key: str) -> tuple[int, list] | None:
                 if not ok(t):
                     raise ValueError(f"{p}:{lineno}: {key.strip().rstrip(':')} entry {i} must be {fields}; got {t!r}")
             return lineno, value
+    return None
+
+
+def read_run_header(path: str | os.PathLike) -> dict | None:
+    """The settings a jserve run wrote into its log (the ``jserve-run:`` line: system, workload, hardware,
+    seed, backend); None for a log without one (the artifact's own)."""
+    p, lines = _read_lines(path)
+    for lineno, line in enumerate(lines, start=1):
+        if line.startswith(RUN_KEY):
+            try:
+                header = json.loads(line[len(RUN_KEY):])
+            except (ValueError, RecursionError) as exc:
+                raise ValueError(f"{p}:{lineno}: the {RUN_KEY.strip()} line is not a JSON object: {exc}") from None
+            if not isinstance(header, dict):
+                raise ValueError(f"{p}:{lineno}: the {RUN_KEY.strip()} line is not a JSON object")
+            return header
     return None
 
 

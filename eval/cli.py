@@ -13,10 +13,16 @@ arrival rates from ``--hardware`` (the figure's preset) to the device (``eval.en
 ``reproduce`` writes ``DIR/logs/<group>/exp-*-client-log`` (artifact format), ``DIR/summary.csv`` (one row per
 run), ``DIR/fig<ID>.csv``, ``DIR/fig<ID>.pdf``/``.png`` and ``DIR/report.md``. Bad input (unknown figure,
 system, dataset or preset, unreadable or malformed dataset file or cost profile, non-positive rate or count, an
-unavailable backend, an ``--out`` that is a file or cannot be created, engine-only options with the simulator, a
-workload or scheduler configuration that cannot be built) is reported argparse-style on stderr with exit status
-2, never a traceback. A run that fails inside a sweep is reported and the sweep finishes; the exit status is
-then 1.
+unavailable backend, an ``--out`` that is a file or cannot be created, engine-only options with the simulator;
+for ``run``, a workload or scheduler configuration that cannot be built) is reported argparse-style on stderr
+with exit status 2, never a traceback. A run that fails inside a ``reproduce`` sweep (a cost profile whose
+pools cannot be built for some figure, say) is named on stderr and in the report, and the sweep finishes; the
+exit status is then 1.
+
+``run`` writes its log to ``--out`` for the figures' settings and to a sub-folder named by the settings that
+differ (``--out/seed-1/``, ``--out/gamma-cv4/``, ...). ``plot`` takes, for each run of a figure, the log of
+its name in the figure's log group (``reproduce``'s layout), else the one log of that name anywhere under
+``--logs`` whose recorded settings are the figure's.
 """
 
 from __future__ import annotations
@@ -303,7 +309,7 @@ def cmd_run(args) -> int:
         cv=args.cv,
         seed=args.seed,
         dataset_path=str(args.dataset_path) if args.dataset_path else None,
-        log_group=".",
+        log_group=_run_log_group(args),
         log_batch_size=args.batch_size != 16,
         backend=args.backend,
         engine=engine,
@@ -328,6 +334,28 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _run_log_group(args) -> str:
+    """Where ``run`` writes its log under ``--out``: ``.`` for the figures' settings, else a sub-folder named by
+    every setting that differs from them (``seed-1``, ``gamma-cv4``, ``hw-opt-66b-4xa100``, ``cost-P``,
+    ``data-sg``, ``engine-M``), so that runs differing only there keep their own logs instead of overwriting one."""
+    import re
+
+    parts = []
+    if args.backend != "sim":
+        parts.append(args.backend + (f"-{Path(args.model).stem}" if args.model else ""))
+    if args.hardware != "opt-13b-a100":  # for the simulator, --cost has become --hardware
+        parts.append(f"cost-{Path(args.hardware).stem}" if args.hardware.endswith(".json") else f"hw-{args.hardware}")
+    if args.backend != "sim":
+        parts.append(f"cost-{Path(args.cost).stem}")
+    if args.arrival != "poisson":
+        parts.append(args.arrival + (f"-cv{args.cv:g}" if args.arrival == "gamma" else ""))
+    if args.dataset_path:
+        parts.append(f"data-{Path(args.dataset_path).stem}")
+    if args.seed != 0:
+        parts.append(f"seed-{args.seed}")
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "_".join(parts))[:200] or "."
+
+
 def _check_workload(spec) -> None:
     """Make the workload up front (cheap; a dataset file is tokenized once and cached) so that a bad dataset file
     or arrival setting is a usage error, not a failed run."""
@@ -347,46 +375,85 @@ def _check_workload(spec) -> None:
 
 
 def cmd_plot(args) -> int:
-    from .artifact_log import parse_log_filename, records_from_client_log
+    from .artifact_log import parse_log_filename, read_run_header, records_from_client_log
     from .experiments.figures import get_figures
     from .runner import run_metrics
 
     root: Path = args.logs
     if not root.is_dir():
         raise UsageError(f"argument --logs: {root} is not a directory")
-    found: dict[tuple, Path] = {}
-    for path in root.rglob("*-client-log"):
+    by_name: dict[tuple, list[tuple[str, Path]]] = {}  # the name's fields -> (group, path) of every such log
+    for path in sorted(root.rglob("*-client-log")):
         try:
             name = parse_log_filename(path.name)
         except ValueError:
             continue
         group = path.parent.relative_to(root).as_posix()
-        found[(group, name.system, name.dataset, name.num_requests, round(name.rate, 9), name.batch_size)] = path
-    if not found:
+        by_name.setdefault((name.system, name.dataset, name.num_requests, round(name.rate, 9), name.batch_size),
+                           []).append((group, path))
+    num_logs = sum(len(v) for v in by_name.values())
+    if not num_logs:
         raise UsageError(f"argument --logs: no exp-*-client-log files under {root}")
-    out = _out_dir(args.out)
     cache: dict[Path, dict | None] = {}
+    headers: dict[Path, dict | None] = {}
+    ambiguous: set[tuple] = set()
+
+    def read(path: Path, what):
+        try:
+            return what(path)
+        except (OSError, ValueError) as exc:  # unreadable or malformed: skip it, as the artifact's scripts do
+            print(f"jserve-eval plot: skipping {path}: {exc}", file=sys.stderr)
+            return None
+
+    def agrees(path: Path, spec) -> bool:
+        """A log whose jserve-run header states other settings than ``spec``'s is another experiment (a log
+        without one, such as the artifact's, is taken on its name)."""
+        if path not in headers:
+            headers[path] = read(path, read_run_header) or {}
+        header = headers[path]
+        want = {"policy": spec.system.policy, "config_preset": spec.system.config_preset, "arrival": spec.arrival, "cv": spec.cv, "io_ratio_scale": spec.io_ratio_scale,
+                "hardware": spec.preset, "seed": spec.seed, "batch_size": spec.batch_size,
+                "dataset_path": spec.dataset_path}
+        return all(header[k] == v for k, v in want.items() if k in header)
+
+    def find(spec) -> Path | None:
+        """The log of ``spec``: the one of its name in the spec's own log group (``reproduce``'s layout, also
+        below ``--logs``), else the one of its name anywhere whose recorded settings are the spec's."""
+        key = (spec.system.label, spec.dataset, spec.num_requests, round(spec.rate, 9),
+               spec.batch_size if spec.log_batch_size else None)
+        found = by_name.get(key, [])
+        own = [p for g, p in found if g == spec.log_group or g.endswith("/" + spec.log_group)]
+        if len(own) == 1:
+            return own[0]
+        matching = [p for p in (own or [p for _, p in found]) if agrees(p, spec)]
+        if len(matching) > 1 and key not in ambiguous:
+            ambiguous.add(key)
+            print(f"jserve-eval plot: {len(matching)} logs could be {spec.describe()} "
+                  f"({', '.join(str(p.relative_to(root)) for p in matching[:3])}); none is used", file=sys.stderr)
+        return matching[0] if len(matching) == 1 else None
 
     def lookup(spec):
-        key = (spec.log_group, spec.system.label, spec.dataset, spec.num_requests, round(spec.rate, 9),
-               spec.batch_size if spec.log_batch_size else None)
-        path = found.get(key)
+        path = find(spec)
         if path is None:
             return None
         if path not in cache:
-            try:
-                cache[path] = run_metrics(records_from_client_log(path))
-            except (OSError, ValueError) as exc:  # unreadable or malformed: skip it, as the artifact's scripts do
-                print(f"jserve-eval plot: skipping {path}: {exc}", file=sys.stderr)
-                cache[path] = None
+            cache[path] = read(path, lambda p: run_metrics(records_from_client_log(p)))
         return cache[path]
 
     figs = []
     for full, quick in zip(get_figures(args.figures), get_figures(args.figures, quick=True)):
         figs.append(full if _num_found(full, lookup) >= _num_found(quick, lookup) else quick)
-    header = [f"Plotted from the client logs under `{root}` ({len(found)} logs found)."]
-    written = _write_outputs(figs, lookup, out, None, header)
-    print(f"jserve-eval plot: {len(cache)} logs read; wrote {len(written)} files to {args.out}", file=sys.stderr)
+    read_ok = sum(1 for m in cache.values() if m is not None)
+    if not read_ok:
+        raise UsageError(f"argument --logs: none of the {num_logs} client logs under {root} is a readable run of "
+                         f"the figures' experiments (plot reads the logs of `reproduce`, or of `run` with a "
+                         f"figure's system, dataset, request count, rate and settings)")
+    header = [f"Plotted from the client logs under `{root}` ({num_logs} logs found, {read_ok} used)."]
+    written = _write_outputs(figs, lookup, _out_dir(args.out), None, header)
+    skipped = len(cache) - read_ok
+    print(f"jserve-eval plot: {read_ok} of {num_logs} logs used"
+          + (f", {skipped} skipped as unreadable" if skipped else "")
+          + f"; wrote {len(written)} files to {args.out}", file=sys.stderr)
     return 0
 
 

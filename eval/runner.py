@@ -203,7 +203,7 @@ def execute_run(spec: RunSpec, logs_root: str | Path | None) -> RunResult:
         metrics["stop_reason"] = stop_reason
         log_path = None
         if logs_root is not None:
-            from .artifact_log import write_client_log
+            from .artifact_log import RUN_KEY, write_client_log
 
             directory = Path(logs_root) / spec.log_group
             directory.mkdir(parents=True, exist_ok=True)
@@ -222,13 +222,14 @@ def execute_run(spec: RunSpec, logs_root: str | Path | None) -> RunResult:
                 "batch_size": spec.batch_size,
                 "hardware": spec.preset,
                 "seed": spec.seed,
+                "dataset_path": spec.dataset_path,
                 "backend": spec.backend,
                 "stop_reason": stop_reason,
             }
             if spec.engine is not None:
                 header["engine"] = {k: v for k, v in asdict(spec.engine).items()}
             extra = [
-                "jserve-run: " + json.dumps(header, default=str),
+                RUN_KEY + json.dumps(header, default=str),
                 f"jserve-{spec.backend}-stats: " + json.dumps(_json_safe(stats), default=str),
             ]
             write_client_log(log_path, records, extra_lines=extra)
@@ -298,11 +299,15 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _tick(bar, res: RunResult) -> None:
-    if bar is None:
-        return
+    """Count a finished run on the progress bar; a failed one is named on stderr, with or without the bar."""
     if not res.ok:
-        bar.write(f"FAILED {res.spec.describe()}: {res.error}", file=sys.stderr)
-    bar.update(1)
+        message = f"FAILED {res.spec.describe()}: {res.error}"
+        if bar is None:
+            print(message, file=sys.stderr)
+        else:
+            bar.write(message, file=sys.stderr)
+    if bar is not None:
+        bar.update(1)
 
 
 def result_row(res: RunResult) -> dict:

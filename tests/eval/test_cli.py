@@ -73,7 +73,7 @@ def test_run_writes_an_artifact_log(capsys, tmp_path):
                  "--out", str(tmp_path), "--seed", "3"])
     assert code == 0
     shown = json.loads(capsys.readouterr().out)
-    log = tmp_path / "exp-fcfs-sharegpt-30-2-client-log"
+    log = tmp_path / "seed-3" / "exp-fcfs-sharegpt-30-2-client-log"  # a non-default seed gets its own folder
     assert shown["log"] == str(log) and shown["num_finished"] == 30
     rows = read_client_log(log)
     assert len(rows) == 30
@@ -146,6 +146,42 @@ def test_plot_skips_unreadable_logs_with_a_message(capsys, tmp_path):
     assert "exp-fastserve-sharegpt-200-4-client-log" not in err
     rows = [r for r in _csv(out / "fig11.csv") if r["ok"] == "True"]
     assert [(r["system"], float(r["x"]), float(r["mean_norm_latency"])) for r in rows] == [("fastserve", 4.0, 0.1)]
+
+
+def test_run_keeps_other_settings_apart_and_plot_reads_run_logs(capsys, tmp_path):
+    """``run`` wrote every run to ``--out/<name>``, so a second seed or arrival process overwrote the first, and
+    ``plot`` found only logs in ``reproduce``'s folders (``0 logs read``, exit 0). Now runs with other settings
+    get their own sub-folder, and ``plot`` takes a log of a figure's name from anywhere under ``--logs`` when its
+    recorded settings are the figure's."""
+    from eval.analysis import figure_specs
+    from eval.experiments.figures import get_figures
+
+    spec = next(s for s in figure_specs(get_figures(["11"], quick=True)[0])
+                if s.system.label == "fastserve" and s.dataset == "sharegpt")
+    logs = tmp_path / "logs"
+    base = ["run", "--system", "fastserve", "--dataset", "sharegpt", "--num-requests", str(spec.num_requests),
+            "--rate", f"{spec.rate:g}", "--out", str(logs)]
+    latency = {}
+    for extra in ([], ["--seed", "1"], ["--arrival", "gamma", "--cv", "4"]):
+        assert main(base + extra) == 0
+        latency[tuple(extra)] = json.loads(capsys.readouterr().out)["mean_norm_latency"]
+    assert len(set(latency.values())) == 3
+    name = f"exp-fastserve-sharegpt-{spec.num_requests}-{spec.rate:g}-client-log"
+    assert sorted(p.relative_to(logs).as_posix() for p in logs.rglob("*-client-log")) == [
+        name, f"gamma-cv4/{name}", f"seed-1/{name}"]
+
+    assert main(["plot", "--logs", str(logs), "--out", str(tmp_path / "p"), "--figures", "11"]) == 0
+    assert "1 of 3 logs used" in capsys.readouterr().err
+    rows = [r for r in _csv(tmp_path / "p" / "fig11.csv") if r["ok"] == "True"]
+    assert [(r["system"], float(r["x"]), float(r["mean_norm_latency"])) for r in rows] == [
+        ("fastserve", spec.rate, pytest.approx(latency[()], rel=1e-9))]
+
+    # the same run in two places is ambiguous: named on stderr, not used; nothing else matches: a usage error
+    (logs / "copy").mkdir()
+    (logs / "copy" / name).write_text((logs / name).read_text())
+    _fails(capsys, ["plot", "--logs", str(logs), "--out", str(tmp_path / "q"), "--figures", "11"],
+           "2 logs could be fastserve sharegpt", "none of the 4 client logs")
+    assert not (tmp_path / "q").exists()
 
 
 def test_out_must_be_a_writable_directory(capsys, tmp_path):
@@ -243,3 +279,17 @@ def test_reproduce_reports_the_processes_it_actually_uses(capsys, tmp_path, monk
     err = capsys.readouterr().err
     assert "24 runs (sim) on 24 processes" in err and seen["jobs"] == 24
     assert "24 runs on 24 processes" in (tmp_path / "report.md").read_text()
+
+
+def test_a_failed_run_in_a_sweep_is_named_on_stderr_without_the_progress_bar(capsys):
+    """Failed runs were written only through the tqdm bar, so ``--no-progress`` left just a count on stderr."""
+    from eval.experiments.systems import get_system
+    from eval.runner import RunSpec, run_sweep
+
+    good = RunSpec(get_system("fcfs"), "sharegpt", 5, 1.0)
+    bad = RunSpec(get_system("fcfs"), "sharegpt", 5, 1.0, batch_size=4096)  # over the 2048-token batch budget
+    results = run_sweep([good, bad], None, jobs=1, progress=False)
+    assert results[good].ok and not results[bad].ok
+    err = capsys.readouterr().err
+    assert f"FAILED {bad.describe()}: " in err and "max_tokens_per_batch" in err
+    assert err.count("FAILED ") == 1
