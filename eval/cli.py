@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_outputs(figs, lookup, out: Path, results, header) -> list[Path]:
+def _write_outputs(figs, lookup, out: Path, results, header, *, ours: str) -> list[Path]:
     from .analysis import figure_data
     from .plots import plot_figure
     from .report import build_report, write_figure_csv
@@ -214,7 +214,7 @@ def _write_outputs(figs, lookup, out: Path, results, header) -> list[Path]:
         write_figure_csv(fd, csv_path)
         written.append(csv_path)
     report = out / "report.md"
-    report.write_text(build_report(datas, results, header_lines=header))
+    report.write_text(build_report(datas, results, header_lines=header, ours=ours))
     written.append(report)
     return written
 
@@ -259,15 +259,18 @@ def cmd_reproduce(args) -> int:
     write_csv((result_row(r) for r in results.values()), out / "summary.csv")
     header = [
         f"Command: `jserve-eval reproduce{' --quick' if args.quick else ''} --figures "
-        f"{','.join(f.fig_id for f in figs)} --seed {args.seed} --backend {args.backend}`",
+        f"{','.join(f.fig_id for f in figs)} --seed {args.seed} --backend {args.backend}"
+        f"{f' --cost {args.cost}' if args.cost else ''}`",
         (f"Backend: simulator{f' with cost profile {args.cost}' if args.cost else ''}." if engine is None else
          f"Backend: the real engine ({engine.model or 'SmolLM2-135M'}, profile {args.cost}); rates scaled to the "
          "device (docs/eval.md).") + f" {unique} runs on {jobs} processes; sweep wall time {sweep_s:.0f} s.",
         "Quick mode: fewer rates and capped request counts - a smoke run, not a measurement." if args.quick else
         "Full mode: the artifact's rates and request counts.",
     ]
-    lookup = lambda spec: results[on_backend(spec)].metrics if on_backend(spec) in results else None  # noqa: E731
-    _write_outputs(figs, lookup, out, results, header)
+    # the figures, the report and its run facts look runs up by the figures' own specs
+    by_figure_spec = {s: results[on_backend(s)] for f in figs for s in figure_specs(f, seed=args.seed)}
+    lookup = lambda spec: by_figure_spec[spec].metrics if spec in by_figure_spec else None  # noqa: E731
+    _write_outputs(figs, lookup, out, by_figure_spec, header, ours=f"ours ({args.backend})")
     failed = sum(1 for r in results.values() if not r.ok)
     total_s = time.perf_counter() - t0
     print(f"jserve-eval: done in {total_s:.0f} s; {failed} of {unique} runs failed; report: {out / 'report.md'}",
@@ -449,7 +452,7 @@ def cmd_plot(args) -> int:
                          f"the figures' experiments (plot reads the logs of `reproduce`, or of `run` with a "
                          f"figure's system, dataset, request count, rate and settings)")
     header = [f"Plotted from the client logs under `{root}` ({num_logs} logs found, {read_ok} used)."]
-    written = _write_outputs(figs, lookup, _out_dir(args.out), None, header)
+    written = _write_outputs(figs, lookup, _out_dir(args.out), None, header, ours="ours")
     skipped = len(cache) - read_ok
     print(f"jserve-eval plot: {read_ok} of {num_logs} logs used"
           + (f", {skipped} skipped as unreadable" if skipped else "")

@@ -115,7 +115,7 @@ def _num(v) -> str:
     return str(v)
 
 
-def _capacity_table(fd: FigureData, pdata: PanelData) -> list[str]:
+def _capacity_table(fd: FigureData, pdata: PanelData, ours_label: str) -> list[str]:
     panel = pdata.panel
     paper = paper_capacities(fd.fig.fig_id, panel.key)
     slo = paper.get("slo") if paper else panel.slo
@@ -126,7 +126,7 @@ def _capacity_table(fd: FigureData, pdata: PanelData) -> list[str]:
     what = "rate where attainment falls below 95%" if attain else f"capacity at {slo:g} s/token ({panel.metric})"
     lines = [f"**{panel.title}** - {what}, req/s:", ""]
     sources = (paper or {}).get("sources", {})
-    header = ["system", "ours (sim)"] + list(sources)
+    header = ["system", ours_label] + list(sources)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for label, curve in pdata.curves.items():
@@ -146,7 +146,7 @@ def _capacity_table(fd: FigureData, pdata: PanelData) -> list[str]:
             r_src = [ratio((src or {}).get(main), (src or {}).get(label)) for src in sources.values()]
             ratio_rows.append([f"{pdata.curves[main].display} / {curve.display}", r_ours] + [_num(r) for r in r_src])
         if ratio_rows:
-            lines += ["", "| " + " | ".join(["capacity ratio", "ours (sim)", *sources]) + " |",
+            lines += ["", "| " + " | ".join(["capacity ratio", ours_label, *sources]) + " |",
                       "|" + "---|" * (2 + len(sources))]
             lines += ["| " + " | ".join(r) + " |" for r in ratio_rows]
     lines.append("")
@@ -249,8 +249,10 @@ def build_report(
     results: dict | None = None,
     *,
     header_lines: Iterable[str] = (),
+    ours: str = "ours (sim)",
 ) -> str:
-    """The Markdown report for ``figures`` (``results`` adds per-run facts; absent for ``jserve-eval plot``)."""
+    """The Markdown report for ``figures`` (``results``, keyed by the figures' specs, adds per-run facts; absent
+    for ``jserve-eval plot``). ``ours`` heads the column of our capacities (which backend measured them)."""
     numbers = load_paper_numbers()
     out = ["# jserve-eval report", ""]
     out += list(header_lines)
@@ -273,7 +275,7 @@ def build_report(
             out += _burstiness_table(fd)
         else:
             for pdata in fd.panels:
-                out += _capacity_table(fd, pdata)
+                out += _capacity_table(fd, pdata, ours)
             if fig.kind == "kv_ablation":
                 out += _breakdown_table(fd)
         out += _observations(fd, results)

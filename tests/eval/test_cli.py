@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -293,3 +294,22 @@ def test_a_failed_run_in_a_sweep_is_named_on_stderr_without_the_progress_bar(cap
     err = capsys.readouterr().err
     assert f"FAILED {bad.describe()}: " in err and "max_tokens_per_batch" in err
     assert err.count("FAILED ") == 1
+
+
+def test_reproduce_with_a_cost_profile_keeps_run_facts_and_states_the_profile(tmp_path, capsys):
+    """With --cost, the report looked runs up by the figures' specs while the sweep had keyed them by the specs
+    on the profile, so every "Run facts" block vanished, and the Command line left --cost out."""
+    from eval.costmodels import resolve_preset
+    from eval.costmodels.profile import profile_dict
+
+    profile = tmp_path / "P.json"
+    profile.write_text(json.dumps(profile_dict(resolve_preset("opt-13b-a100"))))
+    out = tmp_path / "r"
+    assert main(["reproduce", "--quick", "--figures", "17", "--cost", str(profile), "--out", str(out),
+                 "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    assert f"--backend sim --cost {profile}`" in report
+    facts = report[report.index("Run facts:"):]
+    runs = sum(int(n) for n in re.findall(r"^- [\w-]+: (\d+) runs,", facts, flags=re.M))
+    assert runs == len(_csv(out / "summary.csv")) > 0
+    assert "| system | ours (sim) |" in report
