@@ -268,7 +268,8 @@ def cmd_reproduce(args) -> int:
         "Full mode: the artifact's rates and request counts.",
     ]
     # the figures, the report and its run facts look runs up by the figures' own specs
-    by_figure_spec = {s: results[on_backend(s)] for f in figs for s in figure_specs(f, seed=args.seed)}
+    by_figure_spec = {s: results[m] for f in figs for s in figure_specs(f, seed=args.seed)
+                      if (m := on_backend(s)) in results}
     lookup = lambda spec: by_figure_spec[spec].metrics if spec in by_figure_spec else None  # noqa: E731
     _write_outputs(figs, lookup, out, by_figure_spec, header, ours=f"ours ({args.backend})")
     failed = sum(1 for r in results.values() if not r.ok)
