@@ -62,8 +62,8 @@ Known reasons our numbers differ from the paper's (as best we can tell; nothing 
 7. **Ideal preemption.** Our FastServe pays no per-iteration scheduling cost and its proactive copies hide
    completely behind compute whenever they fit, so preemption is nearly free. Combined with finite traces,
    its mean-latency curve on ShareGPT can stay under 0.3 s/token over the artifact's whole rate range
-   ("above range"; the ratio is then a lower bound). The hazards figure's 2000-requests-per-rate panel shows
-   the same systems on longer traces, where capacities are lower and the ratios smaller.
+   ("above range"; the ratio is then a lower bound). The hazards figure's 2000-requests-per-rate panel (full mode)
+   shows the same systems on longer traces, where capacities are lower and the ratios smaller.
 8. **Load at a given rate.** Because of 3 and 7, a given arrival rate loads our systems less than the
    artifact's GPU, so Fig 17's breakdown at the paper's rates (0.5..3 req/s) shows less queuing than the
    paper's, and Fig 14's large-batch curves may not reach the SLO within the artifact's rates.
