@@ -29,8 +29,16 @@ SHAPES = [
 ]
 
 
+# The GPU the lowering targets. From jax 0.12 the Triton lowering reads the target's architecture and, with no
+# GPU attached, takes it from the abstract mesh's device (earlier versions do not ask).
+_H100 = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                                               platform="gpu"))
+
+
 def _triton_calls(fn, *args) -> int:
-    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=_TRITON)(*args)
+    with jax.sharding.use_abstract_mesh(_H100):
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=_TRITON)(*args)
     return exported.mlir_module().count("xla.gpu.triton")
 
 
