@@ -226,6 +226,11 @@ def _spec_kwargs(results) -> dict:
     return {}
 
 
+_COST_CAVEAT = (" with cost profile {}, which replaces every figure's hardware preset (step prices and pools) at the "
+                "figure's own arrival rates, not rates scaled to the profiled device (`--backend engine` scales "
+                "them); titles and the paper's numbers still name the figures' original setups")
+
+
 def cmd_reproduce(args) -> int:
     from .analysis import figure_specs
     from .experiments.figures import get_figures
@@ -261,7 +266,7 @@ def cmd_reproduce(args) -> int:
         f"Command: `jserve-eval reproduce{' --quick' if args.quick else ''} --figures "
         f"{','.join(f.fig_id for f in figs)} --seed {args.seed} --backend {args.backend}"
         f"{f' --cost {args.cost}' if args.cost else ''}`",
-        (f"Backend: simulator{f' with cost profile {args.cost}' if args.cost else ''}." if engine is None else
+        (f"Backend: simulator{_COST_CAVEAT.format(args.cost) if args.cost else ''}." if engine is None else
          f"Backend: the real engine ({engine.model or 'SmolLM2-135M'}, profile {args.cost}); rates scaled to the "
          "device (docs/eval.md).") + f" {unique} runs on {jobs} processes; sweep wall time {sweep_s:.0f} s.",
         "Quick mode: fewer rates and capped request counts - a smoke run, not a measurement." if args.quick else
