@@ -46,7 +46,8 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens`` the model's BOS (if it uses one) is prepended.
+        """Token ids of ``text``; with ``add_special_tokens`` the model's BOS (if it uses one) is prepended,
+        once: a text that already starts with the BOS token (a rendered chat template) gets no second one.
         Special-token strings in ``text`` (``<|im_start|>``) map to their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str text, got {type(text).__name__}")
@@ -56,9 +57,12 @@ class Tokenizer:
                                  f"character {bad.start()}")
         # tokenizer.json post-processors (Llama-2/3 templates) add BOS themselves; GGUF ones have none.
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids = [self.bos_token_id] + ids
+        bos = self.bos_token_id
+        if add_special_tokens and bos is not None:
+            if self.add_bos_token and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+            if ids[:2] == [bos, bos] and self.bos_token and text.startswith(self.bos_token):
+                ids = ids[1:]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -75,6 +79,8 @@ class Tokenizer:
         ``chat_template`` when given. A template that fails (its own ``raise_exception``, a jinja syntax or
         runtime error) raises ``TokenizerError``."""
         template = self.chat_template if chat_template is None else chat_template
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"chat_template must be a string (a jinja template), got {type(template).__name__}")
         if not template:
             raise TokenizerError("this tokenizer has no chat template (chat_template is empty)")
         from jinja2 import TemplateError
@@ -94,9 +100,13 @@ class Tokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
+        except TokenizerError:  # the template's own raise_exception
+            raise
         except TemplateError as e:
             raise TokenizerError(f"chat template error: {type(e).__name__}: {e}") from e
-        return self.encode(text) if tokenize else text
+        except Exception as e:  # a run-time error inside the template: {{ 1/0 }}, {{ 'a' + 1 }}
+            raise TokenizerError(f"chat template error while rendering: {type(e).__name__}: {e}") from e
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 # --------------------------------------------------------------------------------------------- loading

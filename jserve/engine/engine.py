@@ -146,7 +146,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass the prompt as a list of token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)  # BOS where the model's tokenizer asks
             vocab = self.model.config.vocab_size
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:  # a tokenizer with more tokens than the model's embedding: not silently clipped
@@ -189,6 +189,10 @@ class LLMEngine:
 
     def _add(self, prompt, params, request_id, arrival_time, oracle_output_len) -> RequestOutput:
         rid = next(self._ids) if request_id is None else request_id
+        try:
+            hash(rid)
+        except TypeError:
+            raise ValueError(f"request_id must be hashable (a str or an int), got {type(rid).__name__}") from None
         now = self.now()
         arrival = now if arrival_time is None else min(float(arrival_time), now)
         if rid in self._seqs and not self._release_stopped(rid):
@@ -477,10 +481,8 @@ class LLMEngine:
             self.stats["tokens"] += 1
             if out.metrics.first_token_time is None:
                 out.metrics.first_token_time = end
-            if check_stop(self.tokenizer, seq, tok):
+            if check_stop(self.tokenizer, seq, tok):  # sets the final text too
                 out.metrics.finish_time = end
-                if not isinstance(out.stop_reason, str):  # final with the output (a stop string cut it already)
-                    out.text = detokenize(self.tokenizer, seq)
                 self._stopped.append(seq.request.request_id)
             changed.append(out)
         return changed

@@ -117,7 +117,7 @@ class SamplingParams:
     ``temperature``: 0 means greedy; > 0 samples from softmax(logits / temperature).
     ``top_k``: keep the k most likely tokens (0 or -1: no limit). ``top_p``: nucleus mass in (0, 1].
     ``seed``: the request's PRNG seed (None: the engine draws one). ``stop``: strings that end the output
-    (not included in ``text``). ``stop_token_ids``: ids that end the output (included in ``token_ids``).
+    (not included in ``text``). ``stop_token_ids``: ids that end the output (included in ``token_ids``, not in ``text``).
     ``ignore_eos``: keep generating past the end-of-sequence token (benchmarks). ``skip_special_tokens``:
     drop special tokens from ``text``. ``logprobs``: None (off), or k in 0..20: return, per generated token,
     its log-probability and those of the k most likely tokens (the model's distribution: log-softmax of the

@@ -14,17 +14,18 @@ from .records import SequenceState
 __all__ = ["check_stop", "detokenize"]
 
 
-def detokenize(tokenizer, seq: SequenceState) -> str:
-    """``seq``'s generated text ("" without a tokenizer)."""
+def detokenize(tokenizer, seq: SequenceState, end: int | None = None) -> str:
+    """``seq``'s generated text ("" without a tokenizer); of its first ``end`` tokens when given."""
     if tokenizer is None:
         return ""
-    return tokenizer.decode(seq.output.token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+    return tokenizer.decode(seq.output.token_ids[:end], skip_special_tokens=seq.params.skip_special_tokens)
 
 
 def check_stop(tokenizer, seq: SequenceState, tok: int) -> bool:
     """Whether ``tok`` (just appended to ``seq``'s output) ends the request; if so, sets the output's
-    ``finish_reason`` / ``stop_reason`` (and cuts ``text`` at a stop string). Before ``min_tokens`` new tokens
-    nothing ends it."""
+    ``finish_reason`` / ``stop_reason`` and its final ``text``: all of it after an end-of-sequence id, all but
+    the stop token after a ``stop_token_ids`` id, up to the stop string after a ``stop`` string (vLLM's texts;
+    the ids keep the stop token either way). Before ``min_tokens`` new tokens nothing ends it."""
     out = seq.output
     p = seq.params
     n = len(out.token_ids)
@@ -32,9 +33,11 @@ def check_stop(tokenizer, seq: SequenceState, tok: int) -> bool:
         return False
     if tok in seq.stop_eos:
         out.finish_reason, out.stop_reason = "stop", None
+        out.text = detokenize(tokenizer, seq)
         return True
     if tok in p.stop_token_ids:
         out.finish_reason, out.stop_reason = "stop", tok
+        out.text = detokenize(tokenizer, seq, end=-1)
         return True
     if p.stop and tokenizer is not None:
         searched = seq.stop_searched

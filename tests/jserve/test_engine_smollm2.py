@@ -1,7 +1,10 @@
 """The engine on the real SmolLM2-135M-Instruct: the golden greedy ids from Hugging Face transformers through
-``LLM.generate`` with a text prompt, stop strings, and every policy transparent under memory pressure."""
+``LLM.generate`` with a text prompt, stop strings and stop ids, BOS, request ids, and every policy transparent
+under memory pressure."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -37,6 +40,23 @@ def test_golden_ids_and_stop_string(smollm2):
     stopped = llm.generate("The capital of France is", SamplingParams(max_tokens=20, stop="\n\n"))[0]
     assert stopped.text == " Paris." and stopped.finish_reason == "stop" and stopped.stop_reason == "\n\n"
     assert stopped.token_ids == GOLDEN[:3] + [GOLDEN[3]]  # ids up to the token that completed the stop string
+    # a stop token id ends the output and stays in its ids but not in its text (vLLM's rule); it used to
+    # leave " Paris." where the text is " Paris"
+    by_id = llm.generate("The capital of France is", SamplingParams(max_tokens=20, stop_token_ids=[GOLDEN[1]]))[0]
+    assert by_id.token_ids == GOLDEN[:2] and by_id.stop_reason == GOLDEN[1]
+    assert by_id.text == smollm2.tokenizer.decode(GOLDEN[:1]) == " Paris"
+    # a text prompt gets the model's BOS when its tokenizer asks for one (it was never added)
+    tok = smollm2.tokenizer
+    llm.engine.tokenizer = dataclasses.replace(tok, add_bos_token=True)
+    try:
+        with_bos = llm.generate("The capital of France is", SamplingParams(max_tokens=1))[0]
+    finally:
+        llm.engine.tokenizer = tok
+    assert with_bos.prompt_token_ids == [tok.bos_token_id] + GOLDEN_PROMPT
+    # an unhashable request id is a ValueError naming it (it was a bare TypeError from the id lookup)
+    with pytest.raises(ValueError, match="request_id must be hashable .* got list"):
+        llm.engine.add_request("The capital", SamplingParams(max_tokens=1), request_id=[1])
+    assert not llm.engine.has_unfinished()
 
 
 @pytest.mark.slow  # about 70 s on 2 cores (2026-11-27): 10 policy runs of 8 requests

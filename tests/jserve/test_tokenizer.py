@@ -135,6 +135,37 @@ def test_add_special_tokens_prepends_bos_only_when_the_model_uses_it(tok, tmp_pa
     assert with_bos.encode("<|im_start|>hi", add_special_tokens=True) == [1] + tok.encode("hi")  # no double BOS
 
 
+def test_a_post_processor_bos_is_added_once(tmp_path):
+    """A tokenizer.json whose post-processor adds BOS (Llama-2/3, OPT): a text that already starts with BOS (a
+    rendered chat template) got a second one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "hi": 5, "there": 6}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<s>"])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode("hi there") == [5, 6]
+    assert tok.encode("hi there", add_special_tokens=True) == [1, 5, 6]
+    assert tok.encode("<s>hi there", add_special_tokens=True) == [1, 5, 6]  # was [1, 1, 5, 6]
+    assert tok.encode("<s>hi there") == [1, 5, 6]
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+    (5, "chat_template must be a string"),
+])
+def test_a_chat_template_failing_at_run_time_is_a_tokenizer_error(tmp_path, template, message):
+    """Run-time errors inside a template (not jinja's own TemplateError) escaped as ZeroDivisionError or
+    TypeError, so one bad conversation lost LLM.chat's whole batch and `jserve generate --chat` a traceback."""
+    tok = load_tokenizer(_word_level_dir(tmp_path))
+    with pytest.raises(TokenizerError, match=message):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template)
+
+
 def _word_level_dir(tmp_path: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
