@@ -17,6 +17,9 @@ from .sampling import _is_int, _is_real
 
 __all__ = ["EngineConfig", "device_pages", "host_pages"]
 
+DEFAULT_MAX_BATCH_SIZE = 32  # EngineConfig.max_batch_size without it or decode_buckets
+DEFAULT_MAX_TOKENS_PER_BATCH = 2048  # EngineConfig.max_tokens_per_batch without it or token_buckets
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -32,8 +35,11 @@ class EngineConfig:
     scheduler_config: SchedulerConfig | None = None  # policy fields; the limits below override its own
     cost_model: object | None = None  # schedulers.cost.IterationCostModel for the policy's predictions
     page_size: int = 16
-    max_batch_size: int = 32
-    max_tokens_per_batch: int = 2048
+    # The step limits. Left None, each follows its explicit buckets: max_batch_size the largest of
+    # decode_buckets (else 32), max_tokens_per_batch the largest of token_buckets (else 2048). Given both, the
+    # buckets must fit the limit (see __post_init__). After construction both are ints.
+    max_batch_size: int | None = None
+    max_tokens_per_batch: int | None = None
     max_model_len: int | None = None  # default: min(model context, 4096)
     num_device_blocks: int | None = None
     num_host_blocks: int | None = None
@@ -67,10 +73,18 @@ class EngineConfig:
     enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("decode_buckets", "token_buckets", "swap_buckets"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or not all(_is_int(b) and b >= 1 for b in v):
+                raise ValueError(f"EngineConfig.{name} must be a list of ints >= 1 (empty: the defaults), got {v!r}")
+            object.__setattr__(self, name, tuple(int(b) for b in v))
         for name in ("page_size", "max_batch_size", "max_tokens_per_batch"):
             v = getattr(self, name)
+            if name != "page_size" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
+        self._resolve_step_limits()
         for name, low in (("max_model_len", 2), ("num_device_blocks", 2), ("num_host_blocks", 0),
                           ("max_penalty_requests", 1)):
             v = getattr(self, name)
@@ -82,11 +96,6 @@ class EngineConfig:
             v = getattr(self, name)
             if not _is_real(v) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"EngineConfig.{name} must be a finite number >= 0, got {v!r}")
-        for name in ("decode_buckets", "token_buckets", "swap_buckets"):
-            v = getattr(self, name)
-            if not isinstance(v, (tuple, list)) or not all(_is_int(b) and b >= 1 for b in v):
-                raise ValueError(f"EngineConfig.{name} must be a list of ints >= 1 (empty: the defaults), got {v!r}")
-            object.__setattr__(self, name, tuple(int(b) for b in v))
         for name in ("async_scheduling", "skip_idle_work"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
@@ -104,10 +113,42 @@ class EngineConfig:
                 f"EngineConfig.max_penalty_requests ({self.max_penalty_requests}) must be >= max_batch_size "
                 f"({self.max_batch_size}): every row of a step may need a penalty slot"
             )
-        if self.max_tokens_per_batch < self.max_batch_size:
+
+    def _resolve_step_limits(self) -> None:
+        """Fill ``max_batch_size`` / ``max_tokens_per_batch`` left None from their buckets (or the defaults) and
+        check the buckets against the limits, before anything loads or compiles. The rules (also
+        ``RunnerConfig.resolved``'s): the largest decode bucket must be ``max_batch_size`` (a smaller one leaves
+        full decode steps no shape; a larger one cannot compile: a step's outputs have ``max_batch_size``
+        rows); the largest token bucket must be at least ``max_tokens_per_batch`` (larger ones compile but
+        no step uses them)."""
+        decode, tokens = self.decode_buckets, self.token_buckets
+        batch_from = tokens_from = ""
+        if self.max_batch_size is None:
+            object.__setattr__(self, "max_batch_size", max(decode) if decode else DEFAULT_MAX_BATCH_SIZE)
+            batch_from = ", the largest of decode_buckets" if decode else ""
+        if self.max_tokens_per_batch is None:
+            object.__setattr__(self, "max_tokens_per_batch", max(tokens) if tokens else DEFAULT_MAX_TOKENS_PER_BATCH)
+            tokens_from = ", the largest of token_buckets" if tokens else ""
+        batch, budget = self.max_batch_size, self.max_tokens_per_batch
+        if decode and max(decode) < batch:
             raise ValueError(
-                f"EngineConfig.max_tokens_per_batch ({self.max_tokens_per_batch}) must be >= max_batch_size "
-                f"({self.max_batch_size}): every decode in a full batch needs one token"
+                f"EngineConfig.decode_buckets {decode} do not cover max_batch_size={batch}: a decode step of "
+                f"{batch} sequences would have no shape (make {batch} a decode bucket, or leave max_batch_size unset "
+                "to follow the largest decode bucket)")
+        if decode and max(decode) > batch:
+            raise ValueError(
+                f"EngineConfig.decode_buckets {decode} go above max_batch_size={batch}: a step holds at most "
+                f"max_batch_size sequences, so a larger decode bucket cannot compile (drop the buckets above "
+                f"{batch}, or leave max_batch_size unset to follow the largest decode bucket)")
+        if tokens and max(tokens) < budget:
+            raise ValueError(
+                f"EngineConfig.token_buckets {tokens} do not cover max_tokens_per_batch={budget}: a step of "
+                f"{budget} tokens would have no shape (give a token bucket >= {budget}, or leave "
+                "max_tokens_per_batch unset to follow the largest token bucket)")
+        if budget < batch:
+            raise ValueError(
+                f"EngineConfig.max_tokens_per_batch ({budget}{tokens_from}) must be >= max_batch_size "
+                f"({batch}{batch_from}): every decode in a full batch needs one token"
             )
 
 

@@ -60,7 +60,9 @@ def powers_of_two(low: int, high: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
-    """Shapes the runner compiles. Empty bucket tuples get defaults from the limits."""
+    """Shapes the runner compiles. Empty bucket tuples get defaults from the limits. The largest decode bucket
+    must be ``max_batch_size``; the largest token bucket at least ``max_tokens_per_batch`` (``EngineConfig``
+    checks the same before the model loads)."""
 
     page_size: int
     max_batch_size: int
@@ -92,6 +94,9 @@ class RunnerConfig:
                                   penalty_slots=self.penalty_slots or self.max_batch_size)
         if max(cfg.decode_buckets) < cfg.max_batch_size:
             raise ValueError(f"decode_buckets {cfg.decode_buckets} do not cover max_batch_size={cfg.max_batch_size}")
+        if max(cfg.decode_buckets) > cfg.max_batch_size:  # a step's outputs have max_batch_size rows
+            raise ValueError(f"decode_buckets {cfg.decode_buckets} go above max_batch_size={cfg.max_batch_size}: a "
+                             "step holds at most max_batch_size sequences")
         if max(cfg.token_buckets) < cfg.max_tokens_per_batch:
             raise ValueError(
                 f"token_buckets {cfg.token_buckets} do not cover max_tokens_per_batch={cfg.max_tokens_per_batch}"

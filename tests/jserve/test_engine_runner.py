@@ -5,6 +5,7 @@ gives the same tokens, log-probabilities and penalty tables as the step with the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -107,3 +108,15 @@ def test_branch_free_step_computes_what_the_branching_step_does(tiny, rows_kind)
         assert np.array_equal(x, y)
     if rows_kind == "mixed":
         assert tables_a[0].sum() == 6  # two sampling rows x three steps counted, in both variants
+
+
+@pytest.mark.parametrize("decode, message", [
+    ((1, 8), "decode_buckets (1, 8) go above max_batch_size=4"),  # was a JAX broadcasting error while compiling
+    ((1, 2), "decode_buckets (1, 2) do not cover max_batch_size=4"),
+])
+def test_decode_buckets_must_end_at_the_batch_size(decode, message):
+    cfg = RunnerConfig(page_size=16, max_batch_size=4, max_tokens_per_batch=64, max_model_len=128,
+                       decode_buckets=decode, token_buckets=(64,))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cfg.resolved()
+    assert dataclasses.replace(cfg, decode_buckets=(1, 4)).resolved().decode_buckets == (1, 4)
