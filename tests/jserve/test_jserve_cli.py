@@ -152,3 +152,100 @@ def test_enable_prefix_caching_is_an_engine_option():
     assert engine_options(build_parser().parse_args(["serve", "--enable-prefix-caching"])) == {
         "enable_prefix_caching": True}
     assert "enable_prefix_caching" not in engine_options(build_parser().parse_args(["serve"]))
+
+
+class _Loaded(Exception):
+    """Raised by the stand-in loader: the command got as far as loading the model."""
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import jserve.models
+
+    def load(*a, **k):
+        raise _Loaded
+
+    monkeypatch.setattr(jserve.models, "load", load)
+
+
+@pytest.mark.parametrize("command, options, message", [
+    # each was reported only after the model had loaded (dummy 8B weights for llama-3-8b)
+    ("serve", ["--num-host-blocks", "-5"], "argument --num-host-blocks: expected an integer >= 0, got -5"),
+    ("serve", ["--swap-space-gib", "nan"], "--swap-space-gib must be a finite number >= 0, got nan"),
+    ("serve", ["--max-penalty-requests", "1", "--max-batch-size", "4"],
+     "--max-penalty-requests (1) must be >= --max-batch-size (4)"),
+    ("serve", ["--token-buckets", "16"],
+     "--max-tokens-per-batch (16, the largest of --token-buckets) must be >= --max-batch-size (32)"),
+    ("serve", ["--max-tokens-per-batch", "2048", "--token-buckets", "128"],
+     "--token-buckets (128,) do not cover --max-tokens-per-batch=2048"),
+    # was a JAX broadcasting error while compiling
+    ("serve", ["--max-batch-size", "4", "--decode-buckets", "1,8", "--token-buckets", "64", "--max-tokens-per-batch",
+               "64", "--max-model-len", "128"], "--decode-buckets (1, 8) go above --max-batch-size=4"),
+    ("profile", ["--num-host-blocks", "-5"], "argument --num-host-blocks: expected an integer >= 0, got -5"),
+    ("profile", ["--max-batch-size", "4", "--decode-buckets", "1,8"], "--decode-buckets (1, 8) go above --max-batch-size=4"),
+    ("profile", ["--token-buckets", "16", "--max-tokens-per-batch", "64"],
+     "--token-buckets (16,) do not cover --max-tokens-per-batch=64"),
+    ("profile", ["--max-batch-size", "16", "--max-tokens-per-batch", "8"],
+     "--max-tokens-per-batch (8) must be >= --max-batch-size (16)"),
+    # the profile times copies of two sizes (the default --swap-buckets 4,16): a host pool of 0 or 8 holds
+    # fewer; this was found after loading and compiling
+    ("profile", ["--num-host-blocks", "0"], "--num-host-blocks 0 holds fewer than two of the --swap-buckets sizes 4,16"),
+    ("profile", ["--num-host-blocks", "8"], "give --num-host-blocks >= 16"),
+    ("profile", ["--swap-buckets", "4"], "--swap-buckets 4: the profile times swap copies of two or more sizes"),
+])
+def test_bad_engine_options_exit_2_before_the_model_loads(command, options, message, no_model_load, tmp_path,
+                                                           capsys):
+    argv = [command, "--model", "llama-3-8b"] + (["--port", "0"] if command == "serve" else
+                                                ["--out", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit) as exc:
+        main(argv + options)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "EngineConfig." not in err, err
+
+
+@pytest.mark.parametrize("command, options", [
+    ("serve", ["--num-host-blocks", "0"]),  # 0: no host offload
+    ("serve", ["--decode-buckets", "1,8", "--token-buckets", "128"]),  # the limits follow the buckets
+    ("profile", ["--num-host-blocks", "16"]),
+    ("profile", ["--decode-buckets", "1,4", "--token-buckets", "16,64"]),
+])
+def test_good_engine_options_reach_the_model_load(command, options, no_model_load, tmp_path):
+    argv = [command, "--model", "llama-3-8b"] + (["--port", "0"] if command == "serve" else
+                                                ["--out", str(tmp_path / "p.json")])
+    with pytest.raises(_Loaded):
+        main(argv + options)
+
+
+@pytest.mark.parametrize("options, limits", [
+    ([], (8, 512)),  # the profile's own defaults: 8 sequences, max(8, --max-model-len) tokens
+    (["--max-model-len", "128", "--max-batch-size", "4"], (4, 128)),
+    # the limits follow the buckets given (was: "decode_buckets (1, 4) do not cover max_batch_size=8", and
+    # token buckets had to reach 512, after the model had loaded)
+    (["--decode-buckets", "1,4", "--token-buckets", "16,64"], (4, 64)),
+    (["--decode-buckets", "2,16"], (16, 512)),
+])
+def test_profile_engine_limits(options, limits):
+    from jserve.cli import build_parser
+    from jserve.engine.profile_cli import _engine_config
+
+    def fail(msg):
+        raise AssertionError(msg)
+
+    config = _engine_config(build_parser().parse_args(["profile", "--out", "p.json"] + options), fail)
+    assert (config.max_batch_size, config.max_tokens_per_batch) == limits
+
+
+def test_num_host_blocks_parses_alike_in_serve_and_profile():
+    from jserve.cli import build_parser, engine_options
+
+    p = build_parser()
+    assert engine_options(p.parse_args(["serve", "--num-host-blocks", "0"]))["num_host_blocks"] == 0
+    assert p.parse_args(["profile", "--out", "p.json", "--num-host-blocks", "0"]).num_host_blocks == 0
+
+
+def test_option_message_writes_fields_as_flags():
+    from jserve.cli import option_message
+
+    msg = option_message("EngineConfig.max_tokens_per_batch (8) must be >= max_batch_size (16); x_max_batch_size",
+                         ("max_batch_size", "max_tokens_per_batch"))
+    assert msg == "--max-tokens-per-batch (8) must be >= --max-batch-size (16); x_max_batch_size"
