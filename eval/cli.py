@@ -5,9 +5,12 @@
                     [--seed S] [--batch-size B] [--dataset-path FILE] [--hardware PRESET] [--cost PROFILE.json]
                     [--backend engine --cost PROFILE.json [--model M] [--max-model-len N] ...]
 
-``--cost PROFILE.json`` (from ``jserve profile``): for the simulator, an alias of ``--hardware PROFILE.json``;
-with ``--backend engine`` it is the engine's own profile, which the policy predicts with and which scales the
-arrival rates from ``--hardware`` (the figure's preset) to the device (``eval.engine_backend``).
+``--cost PROFILE.json`` (from ``jserve profile``): the device that runs the experiment. With ``--backend engine``
+it is the engine's own profile, which the policy predicts with; with the simulator, the simulated device (its
+prices, link, pools and limits): the simulator's prediction of the engine backend's run. Either way lengths are
+fitted to the device's context and arrival rates scaled from ``--hardware`` (the figure's preset) to the device,
+the same load (``eval.engine_backend``). ``--hardware PROFILE.json`` instead simulates the profile at the rates
+given.
     jserve-eval plot --logs DIR --out DIR [--figures ...]
 
 ``reproduce`` writes ``DIR/logs/<group>/exp-*-client-log`` (artifact format), ``DIR/summary.csv`` (one row per
@@ -133,8 +136,7 @@ ENGINE_MAX_MODEL_LEN = 512
 
 
 def _engine_options(args):
-    """Validate the engine/cost options; returns EngineOptions for --backend engine, else None (and maps --cost
-    onto --hardware for the simulator)."""
+    """Validate the engine/cost options; returns EngineOptions for --backend engine, else None."""
     from .engine_backend import EngineOptions
 
     if args.cost is not None:
@@ -148,10 +150,6 @@ def _engine_options(args):
         for name in ENGINE_ONLY:  # the simulator's pools and lengths come from --hardware/--cost
             if getattr(args, name) is not None:
                 raise UsageError(f"argument --{name.replace('_', '-')}: only applies with --backend engine")
-        if args.cost is not None:
-            if getattr(args, "hardware", None) not in (None, "opt-13b-a100") and args.hardware != args.cost:
-                raise UsageError("arguments --cost and --hardware: give one of them for the simulator")
-            args.hardware = args.cost
         return None
     if args.cost is None:
         raise UsageError("argument --cost: --backend engine needs the engine's cost profile (run `jserve profile "
@@ -226,9 +224,9 @@ def _spec_kwargs(results) -> dict:
     return {}
 
 
-_COST_CAVEAT = (" with cost profile {}, which replaces every figure's hardware preset (step prices and pools) at the "
-                "figure's own arrival rates, not rates scaled to the profiled device (`--backend engine` scales "
-                "them); titles and the paper's numbers still name the figures' original setups")
+_COST_CAVEAT = (" on the device of cost profile {} (its step prices, link, pools and limits), the prediction of "
+                "`--backend engine` there: lengths fitted to its context, rates scaled from each figure's preset "
+                "to it (the same load); logs and figures keep the figures' nominal rates")
 
 
 def cmd_reproduce(args) -> int:
@@ -244,11 +242,11 @@ def cmd_reproduce(args) -> int:
     engine = _engine_options(args)
     figs = get_figures(args.figures, quick=args.quick)
 
-    def on_backend(spec):
+    def on_backend(spec):  # the same experiment on the profiled device: the real engine, or its simulation
         if engine is not None:
             return dataclasses.replace(spec, backend="engine", engine=engine)
         if args.cost is not None:
-            return dataclasses.replace(spec, preset=args.cost)
+            return dataclasses.replace(spec, device=str(args.cost))
         return spec
 
     specs = [on_backend(s) for f in figs for s in figure_specs(f, seed=args.seed)]
@@ -301,10 +299,14 @@ def cmd_run(args) -> int:
     except ValueError as exc:
         raise UsageError(f"argument --hardware: {exc}") from None
     if engine is None:  # the simulator's scheduler configuration, built now so that it cannot fail the run
-        from .experiments.systems import scheduler_config
+        from .costmodels import load_profile
+        from .experiments.systems import device_scheduler_config, scheduler_config
 
         try:
             scheduler_config(get_system(args.system), preset, args.dataset, batch_size=args.batch_size)
+            if args.cost is not None:
+                device_scheduler_config(get_system(args.system), load_profile(args.cost), args.dataset,
+                                        batch_size=args.batch_size)
         except ValueError as exc:
             raise UsageError(f"the scheduler configuration (--hardware/--cost, --batch-size): {exc}") from None
     spec = RunSpec(
@@ -322,6 +324,7 @@ def cmd_run(args) -> int:
         log_batch_size=args.batch_size != 16,
         backend=args.backend,
         engine=engine,
+        device=str(args.cost) if args.cost is not None and engine is None else None,
     )
     try:
         spec.log_name()
@@ -352,9 +355,9 @@ def _run_log_group(args) -> str:
     parts = []
     if args.backend != "sim":
         parts.append(args.backend + (f"-{Path(args.model).stem}" if args.model else ""))
-    if args.hardware != "opt-13b-a100":  # for the simulator, --cost has become --hardware
-        parts.append(f"cost-{Path(args.hardware).stem}" if args.hardware.endswith(".json") else f"hw-{args.hardware}")
-    if args.backend != "sim":
+    if args.hardware != "opt-13b-a100":
+        parts.append(f"hw-{Path(args.hardware).stem if args.hardware.endswith('.json') else args.hardware}")
+    if args.cost is not None:
         parts.append(f"cost-{Path(args.cost).stem}")
     if args.arrival != "poisson":
         parts.append(args.arrival + (f"-cv{args.cv:g}" if args.arrival == "gamma" else ""))
@@ -420,9 +423,9 @@ def cmd_plot(args) -> int:
         if path not in headers:
             headers[path] = read(path, read_run_header) or {}
         header = headers[path]
-        want = {"policy": spec.system.policy, "config_preset": spec.system.config_preset, "arrival": spec.arrival, "cv": spec.cv, "io_ratio_scale": spec.io_ratio_scale,
-                "hardware": spec.preset, "seed": spec.seed, "batch_size": spec.batch_size,
-                "dataset_path": spec.dataset_path}
+        want = {"policy": spec.system.policy, "config_preset": spec.system.config_preset, "arrival": spec.arrival,
+                "cv": spec.cv, "io_ratio_scale": spec.io_ratio_scale, "hardware": spec.preset, "seed": spec.seed,
+                "batch_size": spec.batch_size, "dataset_path": spec.dataset_path, "device": spec.device}
         return all(header[k] == v for k, v in want.items() if k in header)
 
     def find(spec) -> Path | None:

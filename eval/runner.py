@@ -53,6 +53,7 @@ class RunSpec:
     log_batch_size: bool = False
     backend: str = "sim"  # "sim" or "engine" (replay on the real engine; see eval.engine_backend)
     engine: EngineOptions | None = None  # the engine backend's model, pools and cost profile
+    device: str | None = None  # the simulator on a profiled device: rates scaled to it from ``preset`` (below)
 
     def log_name(self) -> str:
         from .artifact_log import log_filename
@@ -87,7 +88,8 @@ class RunSpec:
         if self.io_ratio_scale != 1.0:
             extra.append(f"io x{self.io_ratio_scale:g}")
         tail = f" ({', '.join(extra)})" if extra else ""
-        return f"{self.system.label} {self.dataset} n={self.num_requests} rate={self.rate:g} on {self.preset}{tail}"
+        on = self.preset if self.device is None else f"{self.device} (rates scaled from {self.preset})"
+        return f"{self.system.label} {self.dataset} n={self.num_requests} rate={self.rate:g} on {on}{tail}"
 
     def cost_estimate(self) -> float:
         """Relative cost used to start the longest runs first."""
@@ -121,34 +123,76 @@ def run_metrics(records) -> dict:
     return m
 
 
+_ENGINES: dict = {}  # (EngineOptions, batch size) -> the warmed-up engine of this process
+_RATE_SCALES: dict = {}  # (device key, batch size, preset, dataset, lengths) -> its rate scale (the latest only)
+
+
 def simulate_spec(spec: RunSpec, *, record_requests: bool = False, check: bool = False):
-    """Build the workload, scheduler, cost model and link of ``spec`` and simulate it. Returns the SimResult."""
+    """Build the workload, scheduler, cost model and link of ``spec`` and simulate it. Returns the SimResult.
+
+    With ``spec.device`` (a ``jserve profile`` file) this is the simulator's prediction of the engine backend's
+    run on that device: the profile's prices, link, pools and limits, lengths fitted to its context and rates
+    scaled from ``spec.preset`` to it (``device_workload``); ``stats`` carries the scale."""
     from schedulers import make_scheduler
 
+    from .experiments.systems import device_scheduler_config
+    from .workloads import make_workload
+
+    if spec.device is None:
+        preset = resolve_preset(spec.preset)
+        workload = make_workload(spec.workload_spec(), spec.seed)
+        config = scheduler_config(spec.system, preset, spec.dataset, batch_size=spec.batch_size)
+        scheduler = make_scheduler(spec.system.policy, config, cost_model=preset.cost)
+        return simulate(
+            scheduler, workload, preset.cost, CopyLink.from_preset(preset), record_requests=record_requests, check=check
+        )
+    device = resolve_preset(spec.device)
+    link = CopyLink.from_preset(device)
+    on_device = lambda system: device_scheduler_config(  # noqa: E731
+        system, device, spec.dataset, batch_size=spec.batch_size)
+    workload, scale = device_workload(spec, ("sim", spec.device), lambda fcfs: on_device(get_system("fcfs")),
+                                      device.cost, link, device.limits.max_model_len if device.limits else None)
+    scheduler = make_scheduler(spec.system.policy, on_device(spec.system), cost_model=device.cost)
+    sim = simulate(scheduler, workload, device.cost, link, record_requests=record_requests, check=check)
+    sim.stats.update(rate_scale=scale, device_rate=spec.rate * scale, profile=spec.device)
+    return sim
+
+
+def device_workload(spec: RunSpec, device_key, device_config, device_cost, device_link,
+                    max_model_len: int | None) -> tuple[list, float]:
+    """``spec``'s workload as a device runs it: lengths fitted to ``max_model_len`` (None: kept) and arrival
+    times divided by the rate scale, FCFS's simulated capacity on the device over that on ``spec.preset``
+    (``eval.engine_backend``). ``device_config`` maps the preset's FCFS ``SchedulerConfig`` to the device's.
+    The scale is computed once per device, preset and request lengths (a figure's rates share it)."""
+    import dataclasses
+
+    from .engine_backend import fcfs_capacity, fit_lengths, rate_scale
     from .workloads import make_workload
 
     preset = resolve_preset(spec.preset)
-    workload = make_workload(spec.workload_spec(), spec.seed)
-    config = scheduler_config(spec.system, preset, spec.dataset, batch_size=spec.batch_size)
-    scheduler = make_scheduler(spec.system.policy, config, cost_model=preset.cost)
-    return simulate(
-        scheduler, workload, preset.cost, CopyLink.from_preset(preset), record_requests=record_requests, check=check
-    )
-
-
-_ENGINES: dict = {}  # (EngineOptions, batch size) -> the warmed-up engine of this process
-_RATE_SCALES: dict = {}  # (engine key, preset, dataset, lengths) -> its rate scale (the latest only)
+    wspec = spec.workload_spec()
+    workload = make_workload(wspec, spec.seed)
+    fitted = workload if max_model_len is None else fit_lengths(workload, max_model_len, wspec.max_total_len)
+    key = (device_key, spec.batch_size, preset.name, spec.dataset, tuple((w.prompt_len, w.output_len) for w in workload))
+    if key not in _RATE_SCALES:
+        _RATE_SCALES.clear()
+        fcfs = scheduler_config(get_system("fcfs"), preset, spec.dataset, batch_size=spec.batch_size)
+        capacity = fcfs_capacity(fcfs, preset.cost, CopyLink.from_preset(preset), workload)
+        try:
+            on_device = fcfs_capacity(device_config(fcfs), device_cost, device_link, fitted)
+        except ValueError as exc:  # e.g. pools too small for the workload's longest request
+            raise ValueError(f"cannot scale the rates to the device: FCFS does not serve this workload there "
+                             f"({exc})") from None
+        _RATE_SCALES[key] = rate_scale(capacity, on_device)
+    scale = _RATE_SCALES[key]
+    return [dataclasses.replace(w, arrival_time=w.arrival_time / scale) for w in fitted], scale
 
 
 def engine_spec_run(spec: RunSpec):
     """Replay ``spec``'s workload on the real engine: lengths fitted to the model's context, rates scaled from
     ``spec.preset`` to the engine's profile (``eval.engine_backend``). Returns (records, stop_reason, stats)."""
-    import dataclasses
-
     from .costmodels import load_profile
-    from .engine_backend import (build_engine, engine_scheduler_config, fcfs_capacity, fit_lengths, rate_scale,
-                                 replay, use_policy)
-    from .workloads import make_workload
+    from .engine_backend import build_engine, engine_scheduler_config, replay, use_policy
 
     opts = spec.engine or EngineOptions()
     if opts.profile is None:
@@ -161,21 +205,9 @@ def engine_spec_run(spec: RunSpec):
         _ENGINES.clear()  # one engine per process at a time
         _ENGINES[key] = build_engine(opts, spec.batch_size)
     engine = _ENGINES[key]
-    wspec = spec.workload_spec()
-    workload = make_workload(wspec, spec.seed)
-    fitted = fit_lengths(workload, engine.max_model_len, wspec.max_total_len)
-
-    # FCFS's simulated capacity on each side (a second or two per side for 2000 ShareGPT requests), once per
-    # engine, preset and request lengths: a figure's rates share it
-    scale_key = (key, preset.name, spec.dataset, tuple((w.prompt_len, w.output_len) for w in workload))
-    if scale_key not in _RATE_SCALES:
-        _RATE_SCALES.clear()
-        fcfs = scheduler_config(get_system("fcfs"), preset, spec.dataset, batch_size=spec.batch_size)
-        _RATE_SCALES[scale_key] = rate_scale(
-            fcfs_capacity(fcfs, preset.cost, CopyLink.from_preset(preset), workload),
-            fcfs_capacity(engine_scheduler_config(engine, fcfs), device.cost, CopyLink.from_preset(device), fitted))
-    scale = _RATE_SCALES[scale_key]
-    fitted = [dataclasses.replace(w, arrival_time=w.arrival_time / scale) for w in fitted]
+    # FCFS's simulated capacity on each side: a second or two per side for 2000 ShareGPT requests
+    fitted, scale = device_workload(spec, key, lambda fcfs: engine_scheduler_config(engine, fcfs), device.cost,
+                                    CopyLink.from_preset(device), engine.max_model_len)
     config = scheduler_config(spec.system, preset, spec.dataset, batch_size=spec.batch_size)
     use_policy(engine, spec.system.policy, config, device.cost)
     run = replay(engine, fitted, seed=spec.seed, id_prefix=(spec.system.label, spec.rate, spec.seed))
@@ -223,6 +255,7 @@ def execute_run(spec: RunSpec, logs_root: str | Path | None) -> RunResult:
                 "hardware": spec.preset,
                 "seed": spec.seed,
                 "dataset_path": spec.dataset_path,
+                "device": spec.device,
                 "backend": spec.backend,
                 "stop_reason": stop_reason,
             }

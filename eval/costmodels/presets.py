@@ -34,6 +34,17 @@ from .specs import A100_40GB, A100_80GB, GPUS, LLAMA3_8B, MODELS, OPT_13B, OPT_6
 
 
 @dataclass(frozen=True)
+class ServingLimits:
+    """The limits of the engine a profile was measured on (a profile's ``engine`` field): its context, batch and
+    step sizes and its host pool. A simulation standing in for that engine runs with them."""
+
+    max_model_len: int
+    max_batch_size: int
+    max_tokens_per_batch: int
+    num_host_blocks: int
+
+
+@dataclass(frozen=True)
 class HardwarePreset:
     """A cost model and the memory/link facts that go with it. ``block_bytes`` is for ``block_size`` tokens."""
 
@@ -48,6 +59,7 @@ class HardwarePreset:
     gpu: GPUSpec | None = None
     tp: int = 1
     fixed_device_blocks: int | None = None  # measured pool size (profile files); overrides the sizing rules
+    limits: ServingLimits | None = None  # the profiled engine's limits (profile files written by `jserve profile`)
     provenance: str = ""
     validated: bool = False
 

@@ -19,6 +19,9 @@ DistServe form of ``schedulers.cost.FittedCostModel``, and writes this file; the
       "model": {...ModelSpec fields...},            # optional: size pools from memory instead
       "device": {...GPUSpec fields...},             # optional, with "model"
       "tp": 1,                                      # optional
+      "engine": {"max_model_len": 512, ...},        # optional: the profiled engine's settings; its context,
+                                                    # batch, tokens per step and host pool limit a simulation
+                                                    # standing in for it (``RunSpec.device``)
       "provenance": "how and where it was measured" # optional
     }
 
@@ -44,7 +47,7 @@ from typing import Sequence
 
 from schedulers.cost import FittedCostModel
 
-from .presets import HardwarePreset
+from .presets import HardwarePreset, ServingLimits
 from .specs import GPUSpec, ModelSpec
 
 PROFILE_FORMAT = "jserve-cost-profile/1"
@@ -169,10 +172,10 @@ def _triple(data: dict, key: str, where: str) -> tuple[float, float, float]:
     return tuple(_number({key: v}, key, where) for v in value)  # type: ignore[return-value]
 
 
-def _int(data: dict, key: str, where: str, default: int | None = None) -> int:
+def _int(data: dict, key: str, where: str, default: int | None = None, low: int = 1) -> int:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ProfileError(f"{where}: field {key!r} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ProfileError(f"{where}: field {key!r} must be an integer >= {low}, got {value!r}")
     return value
 
 
@@ -262,9 +265,30 @@ def preset_from_dict(data: dict, where: str = "profile") -> HardwarePreset:
         gpu=gpu,
         tp=tp,
         fixed_device_blocks=fixed,
+        limits=_limits(data, where),
         provenance=str(data.get("provenance", f"profile file {where}")),
         validated=True,
     )
+
+
+_LIMITS = ("max_model_len", "max_batch_size", "max_tokens_per_batch", "num_host_blocks")
+
+
+def _limits(data: dict, where: str) -> ServingLimits | None:
+    """The profiled engine's limits from the optional ``engine`` object (``jserve profile`` writes it with the
+    engine's settings); None when it is absent or does not hold all four (then it is provenance only)."""
+    engine = data.get("engine")
+    if engine is None:
+        return None
+    if not isinstance(engine, dict):
+        raise ProfileError(f"{where}: field 'engine' must be an object (the profiled engine's settings)")
+    if not all(f in engine for f in _LIMITS):
+        return None
+    values = {f: _int(engine, f, f"{where}: engine", low=0 if f == "num_host_blocks" else 1) for f in _LIMITS}
+    if values["max_tokens_per_batch"] < values["max_batch_size"]:
+        raise ProfileError(f"{where}: engine.max_tokens_per_batch ({values['max_tokens_per_batch']}) must be >= "
+                           f"engine.max_batch_size ({values['max_batch_size']})")
+    return ServingLimits(**values)
 
 
 def _check_prices(cost: FittedCostModel, where: str) -> None:
@@ -335,6 +359,8 @@ def profile_dict(preset: HardwarePreset) -> dict:
     if preset.model is not None and preset.gpu is not None:
         data["model"] = asdict(preset.model)
         data["device"] = asdict(preset.gpu)
+    if preset.limits is not None:
+        data["engine"] = asdict(preset.limits)
     return data
 
 

@@ -107,3 +107,17 @@ def scheduler_config(
         num_host_blocks=preset.host_blocks(swap_space_gib(system, preset, dataset)),
     )
     return SchedulerConfig.preset(system.config_preset, **{**base, **dict(system.overrides)})
+
+
+def device_scheduler_config(system: SystemSpec, device: HardwarePreset, dataset: str, *,
+                            batch_size: int = 16) -> SchedulerConfig:
+    """The ``SchedulerConfig`` ``system`` runs with on the engine that ``device`` (a ``jserve profile`` file)
+    was measured on: its pools and limits (the batch size: the smaller of the two), as
+    ``eval.engine_backend.engine_scheduler_config`` gives it on the engine itself. A device without recorded
+    limits is a plain preset (``scheduler_config``)."""
+    lim = device.limits
+    if lim is None:
+        return scheduler_config(system, device, dataset, batch_size=batch_size)
+    config = scheduler_config(system, device, dataset, batch_size=min(batch_size, lim.max_batch_size),
+                              max_tokens_per_batch=lim.max_tokens_per_batch, max_model_len=lim.max_model_len)
+    return config.replace(num_host_blocks=lim.num_host_blocks)

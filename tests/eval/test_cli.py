@@ -227,7 +227,7 @@ def test_run_reports_rejections_in_strict_json(capsys, tmp_path):
     path = tmp_path / "one-block.json"
     path.write_text(json.dumps(profile))
     code = main(["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "4",
-                 "--out", str(tmp_path / "o"), "--cost", str(path)])
+                 "--out", str(tmp_path / "o"), "--hardware", str(path)])
     assert code == 0
 
     def strict(constant):

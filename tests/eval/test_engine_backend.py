@@ -110,3 +110,69 @@ def test_cli_engine_backend_needs_a_profile(tmp_path, capsys):
         main(["run", "--system", "fcfs", "--dataset", "sharegpt", "--rate", "1", "--num-requests", "2",
               "--out", str(tmp_path), "--cost", str(tmp_path / "missing.json")])
     assert exc.value.code == 2 and "cannot read cost profile" in capsys.readouterr().err
+
+
+def _profile(tmp_path, name="P", price=1.0, **fields):
+    """The OPT-13B/A100 preset as a profile file, every step price times ``price`` and the link as much slower."""
+    import json
+
+    from eval.costmodels import resolve_preset
+    from eval.costmodels.profile import profile_dict
+
+    data = profile_dict(resolve_preset("opt-13b-a100"))
+    data["prefill_ms"] = [v * price for v in data["prefill_ms"]]
+    data["decode_ms"] = [v * price for v in data["decode_ms"]]
+    data["swap"]["bandwidth_bytes_per_s"] /= price
+    data.update(fields)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_the_simulator_on_a_profiled_device_scales_rates_like_the_engine_backend(tmp_path):
+    """``RunSpec(device=P)`` (``--cost P`` with the simulator) is the simulator's stand-in for the engine backend:
+    rates scaled from the figure's preset to the device. Checked by hand: on a profile of the preset itself the
+    run is the plain run exactly; on a device whose every step and copy takes twice as long, FCFS's capacity
+    halves, so arrivals come at half the rate, and every time of the run doubles."""
+    import dataclasses
+
+    from eval.experiments.systems import get_system
+    from eval.runner import RunSpec, run_metrics, simulate_spec
+
+    plain = RunSpec(get_system("fcfs"), "sharegpt", 60, 3.0)
+    base = simulate_spec(plain)
+    same = simulate_spec(dataclasses.replace(plain, device=_profile(tmp_path, "same")))
+    assert same.stats["rate_scale"] == 1.0
+    assert [(r.arrival_time, r.finish_time) for r in same.records] == [(r.arrival_time, r.finish_time)
+                                                                        for r in base.records]
+    slow = simulate_spec(dataclasses.replace(plain, device=_profile(tmp_path, "slow", price=2.0)))
+    assert slow.stats["rate_scale"] == pytest.approx(0.5, rel=1e-9)
+    assert slow.stats["device_rate"] == pytest.approx(1.5, rel=1e-9)
+    for r, b in zip(slow.records, base.records):
+        assert (r.prompt_len, r.output_len) == (b.prompt_len, b.output_len)
+        assert (r.arrival_time, r.first_token_time, r.finish_time) == pytest.approx(
+            (2 * b.arrival_time, 2 * b.first_token_time, 2 * b.finish_time), rel=1e-9)
+    m, mb = run_metrics(slow.records), run_metrics(base.records)
+    assert m["mean_norm_latency"] == pytest.approx(2 * mb["mean_norm_latency"], rel=1e-9)
+
+
+def test_the_profiled_engines_limits_fit_the_lengths_and_cap_the_batch(tmp_path):
+    """A profile written by ``jserve profile`` records its engine's limits; the simulated device runs with them,
+    as the engine backend does on the engine: lengths fitted to its context, its batch and host pool."""
+    import dataclasses
+
+    from eval.costmodels import load_profile
+    from eval.experiments.systems import device_scheduler_config, get_system
+    from eval.runner import RunSpec, simulate_spec
+    from eval.workloads import make_workload
+
+    limits = {"max_model_len": 512, "max_batch_size": 8, "max_tokens_per_batch": 512, "num_host_blocks": 0}
+    path = _profile(tmp_path, engine=dict(limits, model="ignored", decode_buckets=[1, 8]))
+    config = device_scheduler_config(get_system("vllm"), load_profile(path), "sharegpt", batch_size=16)
+    assert (config.max_model_len, config.max_batch_size, config.max_tokens_per_batch, config.num_host_blocks) == (
+        512, 8, 512, 0)
+    plain = RunSpec(get_system("vllm"), "sharegpt", 40, 2.0)
+    run = simulate_spec(dataclasses.replace(plain, device=path), check=True)
+    fitted = fit_lengths(make_workload(plain.workload_spec(), plain.seed), 512, 2048)
+    assert [(r.prompt_len, r.output_len) for r in run.records] == [(w.prompt_len, w.output_len) for w in fitted]
+    assert all(r.finish_time is not None for r in run.records) and run.stats["rate_scale"] > 0
