@@ -221,7 +221,7 @@ def _generate(args, parser) -> int:
             text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
             prompt_ids = tok.encode(text, add_special_tokens=False)
         else:
-            prompt_ids = tok.encode(prompt)
+            prompt_ids = tok.encode(prompt, add_special_tokens=True)
     except ValueError as e:  # TokenizerError: no or a failing chat template, text that is not Unicode
         parser.exit(2, f"jserve: error: the prompt cannot be tokenized: {e}\n")
     if not prompt_ids:
