@@ -74,50 +74,25 @@ def vllm_prompt_logprobs(out: RequestOutput, k_engine: int, k: int, name) -> lis
     return result
 
 
-class _TextDeltas:
-    """Turns a request's successive outputs into text increments whose concatenation is the final text.
-
-    While the request runs, the visible text is the decoding of the ids so far minus a trailing incomplete
-    UTF-8 sequence (decoded as U+FFFD) and minus the longest tail that could still grow into a stop string
-    (the engine cuts stop strings from the final text; text already sent cannot be taken back). When the
-    request finishes, the engine's final ``text`` is what remains to send."""
-
-    def __init__(self, tokenizer, params: SamplingParams):
-        self.tokenizer = tokenizer
-        self.params = params
-        self.sent = ""
-
-    def _visible(self, out: RequestOutput) -> str:
-        if out.finished:
-            return out.text
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(out.token_ids, skip_special_tokens=self.params.skip_special_tokens)
-        text = text.rstrip("\ufffd")
-        for start in range(max(0, len(text) - max((len(s) for s in self.params.stop), default=0)), len(text)):
-            tail = text[start:]
-            if any(s.startswith(tail) for s in self.params.stop):
-                return text[:start]
-        return text
-
-    def next(self, out: RequestOutput) -> str:
-        text = self._visible(out)
-        if len(text) <= len(self.sent):
-            return ""
-        delta = text[len(self.sent):]
-        self.sent = text
-        return delta
-
-
 class _ChoiceStream:
     """One streamed choice's state: the text sent so far, and the tokens whose logprobs were reported."""
 
     def __init__(self, tokenizer, params: SamplingParams):
-        self.deltas = _TextDeltas(tokenizer, params)
+        self.sent = 0  # characters of the choice's text already sent
         self.render = LogprobRenderer(tokenizer, params)
         self.reported = 0
         self.echoed = False  # echo: the prompt's text went out (with the first chunk)
         self.started = False  # its first chunk went out (it carries prompt_logprobs)
+
+    def delta(self, out: RequestOutput) -> str:
+        """The text of ``out`` not sent yet. ``AsyncLLMEngine.generate`` gives each output its text so far
+        (``IncrementalDetokenizer``: no incomplete character, no tail that may become a stop string; each a
+        prefix of the next, the last the final text), so the chunks concatenate to the final text and nothing
+        here decodes again."""
+        if len(out.text) <= self.sent:
+            return ""
+        text, self.sent = out.text[self.sent:], len(out.text)
+        return text
 
 
 def sse(payload: dict | str) -> str:
@@ -269,7 +244,7 @@ class ResponseWriter:
                 if out.finish_reason == "error":
                     raise ApiError(400, f"{prep.prompt_field(subs[k].prompt)}: {out.error}")
                 st = states[k]
-                text = st.deltas.next(out)
+                text = st.delta(out)
                 new_ids = out.new_token_ids
                 if prep.echo_only:  # the prompt alone: the one generated token is not returned
                     text, new_ids = "", []

@@ -4,13 +4,15 @@ The engine thread owns the engine (the scheduler, the KV pools, every compiled s
 ``jserve.engine.kv_cache`` for the buffer rules). Other threads never touch it: ``generate`` and ``abort``
 put commands on a thread-safe queue that the engine thread drains between iterations, and the engine thread
 hands each changed ``RequestOutput`` (a snapshot) back to the caller's event loop with
-``call_soon_threadsafe``. When no request is live the thread sleeps on the queue. A request the engine cannot
-take (a duplicate live id, input that ``add_request`` could not even refuse) comes back finished with an
-error; when the thread ends (``shutdown``, or a failure) every waiting stream raises ``RuntimeError``.
+``call_soon_threadsafe``; ``generate`` fills in the snapshot's text so far there, in the caller's thread
+(``IncrementalDetokenizer``), not on the engine thread. When no request is live the thread sleeps on the
+queue. A request the engine cannot take (a duplicate live id, input that ``add_request`` could not even
+refuse) comes back finished with an error; when the thread ends (``shutdown``, or a failure) every waiting
+stream raises ``RuntimeError``.
 
     engine = AsyncLLMEngine(LLMEngine(model, EngineConfig(...)))
     async for out in engine.generate(prompt_ids, SamplingParams(max_tokens=32), request_id="a"):
-        ...            # out.new_token_ids, out.text when finished
+        ...            # out.new_token_ids, out.text (so far; final once out.finished)
     engine.shutdown()
 """
 
@@ -24,7 +26,7 @@ import threading
 from typing import AsyncIterator, Hashable
 
 from .engine import LLMEngine
-from .outputs import RequestOutput
+from .outputs import IncrementalDetokenizer, RequestOutput
 from .sampling import SamplingParams
 
 __all__ = ["AsyncLLMEngine"]
@@ -47,8 +49,9 @@ class AsyncLLMEngine:
     async def generate(
         self, prompt, params: SamplingParams | dict | None = None, request_id: Hashable | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs (one per step that changed it; the last is finished). Cancelling the
-        iteration (e.g. a client disconnect) aborts the request."""
+        """Stream one request's outputs (one per step that changed it; the last is finished), each with the
+        text so far (``IncrementalDetokenizer``: a prefix of the next one's; the last one's is the engine's
+        final text). Cancelling the iteration (e.g. a client disconnect) aborts the request."""
         if self.error is not None:
             raise RuntimeError(f"the engine thread stopped: {self.error!r}")
         if self._stop.is_set():
@@ -64,6 +67,7 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine is shut down" if self.error is None else
                                f"the engine thread stopped: {self.error!r}")
         self._commands.put(("add", rid, prompt, params))
+        text = IncrementalDetokenizer(self.engine.tokenizer, params)
         finished = False
         try:
             while True:
@@ -72,6 +76,7 @@ class AsyncLLMEngine:
                     if self.error is None:
                         raise RuntimeError("the engine was shut down before the request finished")
                     raise RuntimeError(f"the engine thread stopped: {item!r}") from item
+                item.text = text.update(item)  # the engine thread's snapshot: this thread's own copy
                 yield item
                 if item.finished:
                     finished = True

@@ -26,7 +26,7 @@ import numpy as np
 from schedulers import SchedulerConfig
 
 from .engine import EngineConfig, LLMEngine
-from .outputs import RequestOutput
+from .outputs import IncrementalDetokenizer, RequestOutput
 from .sampling import SamplingParams
 
 __all__ = ["LLM"]
@@ -213,16 +213,20 @@ class LLM:
 
     def stream(self, prompt, params: SamplingParams | dict | None = None) -> Iterator[RequestOutput]:
         """Yield a snapshot of the request's output after every step that changed it (``new_token_ids``
-        holds the ids since the previous one); the last one yielded is finished. Other queued requests keep
-        running alongside, other streams included (advance several in turn: each sees all its ids). Leaving
-        the iteration early (``break``, ``close()``, the iterator garbage-collected) aborts the request."""
+        holds the ids since the previous one; ``text`` the text so far, see ``IncrementalDetokenizer``: each
+        snapshot's text is a prefix of the next's, and the last one's is ``generate``'s); the last one yielded
+        is finished. Other queued requests keep running alongside, other streams included (advance several in
+        turn: each sees all its ids). Leaving the iteration early (``break``, ``close()``, the iterator
+        garbage-collected) aborts the request."""
         out = self.engine.add_request(prompt, params)
+        text = IncrementalDetokenizer(self.engine.tokenizer, params)
         sent = 0  # ids already handed to the caller
         try:
             while True:
                 if out.finished or len(out.token_ids) > sent:
                     update = out.snapshot()
                     update.new_token_ids = out.token_ids[sent:]
+                    update.text = text.update(out)
                     sent = len(out.token_ids)
                     yield update
                     if update.finished:

@@ -1,10 +1,15 @@
 """What the engine hands back per request: ``RequestOutput`` (text, token ids, finish reason, error) and
-``RequestMetrics`` (timestamps on the engine clock: seconds since the engine was created)."""
+``RequestMetrics`` (timestamps on the engine clock: seconds since the engine was created); and
+``IncrementalDetokenizer``, the text so far of a request that is still running (for streaming)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Hashable
+
+from .sampling import SamplingParams
+
+__all__ = ["IncrementalDetokenizer", "RequestMetrics", "RequestOutput"]
 
 
 @dataclasses.dataclass
@@ -28,7 +33,9 @@ class RequestMetrics:
 @dataclasses.dataclass
 class RequestOutput:
     """The state of one request. ``token_ids`` are the generated ids (prompt excluded); ``text`` their
-    decoding (stop strings cut off). ``finish_reason``: None while running, then "stop" (end-of-sequence, a
+    decoding (stop strings cut off). The engine sets ``text`` when the request finishes; the snapshots that
+    ``LLM.stream`` and ``AsyncLLMEngine.generate`` yield carry the text so far before that
+    (``IncrementalDetokenizer``). ``finish_reason``: None while running, then "stop" (end-of-sequence, a
     stop id or a stop string), "length" (max_tokens or the model's context), "abort", or "error" (the
     request was refused; ``error`` says why). ``new_token_ids`` holds the ids added by the last step (for
     streaming). ``logprobs`` (when ``SamplingParams.logprobs`` is set, else None): one ``{token id:
@@ -72,3 +79,73 @@ class RequestOutput:
             prompt_logprob_ranks=None if self.prompt_logprob_ranks is None else list(self.prompt_logprob_ranks),
             metrics=dataclasses.replace(self.metrics) if self.metrics else None,
         )
+
+
+class IncrementalDetokenizer:
+    """The text so far of one request's successive outputs, for streaming (``LLM.stream``,
+    ``AsyncLLMEngine.generate``, and through it the server's SSE chunks).
+
+    The engine sets ``RequestOutput.text`` only when a request finishes (per-step decoding stays off its loop).
+    ``update(out)``, called with the request's outputs in order, returns the text of ``out`` so far. It decodes
+    only a window of the newest ids (vLLM's prefix / read offsets: the window starts at the last group of tokens
+    that completed text), so a step costs about the same however long the output is. While the request runs
+    the text leaves out a trailing incomplete UTF-8 sequence (decoded as U+FFFD; the next token may complete
+    it) and the longest tail that could still grow into one of ``params.stop`` (the engine cuts a stop string
+    from the final text, and text already handed out cannot be taken back). Once ``out`` is finished the text
+    is the engine's own ``out.text``. Each text is a prefix of the next, and of the final text, as long as the
+    tokenizer decodes more ids to an extension of what fewer decode to (byte-level BPE decoders always do; the
+    final text is cut only after a stop-string start held back here). A SentencePiece byte-fallback decoder
+    does not always: it turns a whole run of byte tokens that is not valid UTF-8 into one U+FFFD per byte, so
+    ``<0xE2><0x82><0xAC><0xE2>`` decodes to four U+FFFD, not "€" and one. The window here still shows "€"
+    (and "€€" once the second character is complete, as the full decoding does then); only an output that
+    ends inside such a run (``max_tokens``, an abort) or holds invalid UTF-8 gets a final text that does not
+    extend the streamed one. Without a tokenizer the text is "" (the engine's too)."""
+
+    def __init__(self, tokenizer, params: SamplingParams | dict | None = None):
+        self.tokenizer = tokenizer
+        try:
+            sp = SamplingParams.coerce(params)
+        except (TypeError, ValueError):  # the engine refuses such a request: its only output is finished
+            sp = SamplingParams()
+        self.skip_special_tokens = sp.skip_special_tokens
+        self.stop = tuple(sp.stop)
+        self._stop_len = max(map(len, self.stop), default=0)
+        self._prefix = 0  # ids[prefix:read] decode to the end of ``_decoded`` (the window's known text)
+        self._read = 0
+        self._window_text = ""  # decode(ids[prefix:read])
+        self._decoded = ""  # decode(ids[:read]): whole characters only
+        self._seen = 0  # ids looked at
+        self.text = ""  # the text so far (the last ``update``'s)
+
+    def update(self, out: RequestOutput) -> str:
+        """The text so far of ``out`` (the same request's output as every earlier call, or a later one)."""
+        if out.finished:
+            self.text = out.text
+            return self.text
+        ids = out.token_ids
+        if self.tokenizer is None or len(ids) <= self._seen:
+            return self.text
+        self._seen = len(ids)
+        window = self.tokenizer.decode(ids[self._prefix:], skip_special_tokens=self.skip_special_tokens)
+        new = window[len(self._window_text):] if len(window) > len(self._window_text) else ""
+        if new and not new.endswith("\ufffd"):  # the new ids end on a whole character: move the window on
+            self._decoded += new
+            self._prefix, self._read = self._read, len(ids)
+            self._window_text = self.tokenizer.decode(ids[self._prefix:self._read],
+                                                      skip_special_tokens=self.skip_special_tokens)
+            text = self._decoded
+        else:  # nothing new, or an incomplete character last: show what precedes it, decode it again next time
+            text = self._decoded + new.rstrip("\ufffd")
+        text = self._without_stop_start(text)
+        if len(text) > len(self.text):
+            self.text = text
+        return self.text
+
+    def _without_stop_start(self, text: str) -> str:
+        """``text`` less its longest tail that is the start of a stop string (a whole one included: one
+        completed before ``min_tokens`` stays in the text, and shows once more text follows it)."""
+        for start in range(max(0, len(text) - self._stop_len), len(text)):
+            tail = text[start:]
+            if any(s.startswith(tail) for s in self.stop):
+                return text[:start]
+        return text

@@ -577,3 +577,159 @@ def test_a_host_pool_larger_than_the_machine_is_refused(tiny, options, message):
         pytest.skip("no /proc/meminfo")
     with pytest.raises(ValueError, match=message + r" of host memory; this machine has [\d.]+ GiB"):
         LLM(tiny, **dict(ROOMY, **options))
+
+
+def check_stream_texts(snaps, final_text, decode, stops=()):
+    """Streamed snapshots' texts against the full decoding of their ids (``decode``, the reference): each text
+    is the decoding so far less what may not show yet, a trailing incomplete character (U+FFFD) or a tail
+    that could start one of ``stops``; each is a prefix of the next; the last is ``final_text`` (``generate``'s).
+    Returns how many snapshots held something back."""
+    texts = [s.text for s in snaps]
+    assert snaps[-1].finished and texts[-1] == final_text
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), texts
+    held_back = 0
+    for s in snaps[:-1]:
+        full = decode(s.token_ids)
+        assert full.startswith(s.text), (s.text, full)
+        held = full[len(s.text):]
+        visible = full.rstrip("\ufffd")
+        assert "\ufffd" not in s.text[len(visible):]  # no incomplete character shown
+        rest = visible[len(s.text):]
+        assert not rest or any(x.startswith(rest) for x in stops), (s.text, full, stops)  # nothing else held
+        held_back += bool(held)
+    return held_back
+
+
+def test_streamed_snapshots_carry_the_text_so_far_without_partial_characters(tiny, prompts):
+    """``LLM.stream`` and ``AsyncLLMEngine.generate`` snapshots had ``text == ""`` until the last one; they
+    now carry the text so far. The tiny Llama samples random bytes through a byte tokenizer (token id = byte
+    value, reference: ``bytes(ids).decode("utf-8", "replace")``), so many steps end inside a UTF-8 character;
+    a stop string from the middle of one answer is held back while it may be one."""
+    import dataclasses
+
+    from test_server import as_text, byte_tokenizer
+
+    model = dataclasses.replace(tiny, tokenizer=byte_tokenizer())
+    llm = LLM(model, scheduler="fcfs", **ROOMY)
+    params = [SamplingParams(max_tokens=NEW, temperature=1.0, seed=s, ignore_eos=True) for s in range(3)]
+    finals = llm.generate([prompts[s] for s in range(3)], params)
+    text = finals[0].text
+    at = next(i for i in range(6, len(text) - 2) if text[i:i + 2].isascii() and text[i:i + 2].isprintable())
+    stop = text[at:at + 2]
+    stopped = dataclasses.replace(params[0], stop=(stop, "\x00\x00never"))
+    cases = [(prompts[s], params[s], finals[s].text) for s in range(3)]
+    cases.append((prompts[0], stopped, llm.generate(prompts[0], stopped)[0].text))
+    assert cases[-1][2] == text[:at] and "\ufffd" in "".join(f.text for f in finals)
+    streamed = []
+    for prompt, sp, final in cases:
+        snaps = list(llm.stream(prompt, sp))
+        held = check_stream_texts(snaps, final, as_text, sp.stop)
+        assert held > 0  # some step ended inside a character, or on the stop string's first character
+        streamed.append([s.text for s in snaps])
+    engine = AsyncLLMEngine(llm.engine)
+
+    async def collect(k, prompt, sp):
+        return [out async for out in engine.generate(prompt, sp, request_id=f"t{k}")]
+
+    async def main():
+        return await asyncio.gather(*(collect(k, p, sp) for k, (p, sp, _) in enumerate(cases)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for (_, sp, final), snaps in zip(cases, results):
+        check_stream_texts(snaps, final, as_text, sp.stop)
+    assert [[s.text for s in snaps] for snaps in results] == streamed  # one per token both ways
+
+
+def test_smollm2_stream_text_so_far_with_emoji_and_a_stop_string(smollm2):
+    """On SmolLM2 an emoji takes three tokens, so two greedy steps in three after the prompt below end inside a
+    character: no snapshot shows U+FFFD. The README's seeded "Once upon a time" stream, and the same with a
+    stop string of two tokens: the snapshot that ends with the first holds it back. The reference is the
+    tokenizer's decoding of each snapshot's ids, and ``generate``'s text for the last."""
+    import dataclasses
+
+    llm = LLM(smollm2, scheduler="fcfs", max_batch_size=4, max_tokens_per_batch=64, max_model_len=96,
+              decode_buckets=(4,), token_buckets=(64,), swap_buckets=(8,), progress=False)
+    tok = smollm2.tokenizer
+
+    def decode(ids):
+        return tok.decode(ids, skip_special_tokens=True)
+
+    emoji = SamplingParams(max_tokens=12)  # four whole emoji
+    seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=1)
+    cases = [("Here are some emojis: 😀😃😄", emoji), ("Once upon a time", seeded)]
+    ids = llm.generate("Once upon a time", seeded)[0].token_ids
+    k = next(k for k in range(4, 10) if all("\ufffd" not in decode(ids[j:j + 1]) for j in (k, k + 1)))
+    stop = decode(ids[:k + 2])[len(decode(ids[:k])):]  # the text of tokens k and k + 1
+    cases.append(("Once upon a time", dataclasses.replace(seeded, stop=(stop,))))
+    for prompt, sp in cases:
+        final = llm.generate(prompt, sp)[0]
+        snaps = list(llm.stream(prompt, sp))
+        assert snaps[-1].token_ids == final.token_ids
+        held = check_stream_texts(snaps, final.text, decode, sp.stop)
+        assert all("\ufffd" not in s.text for s in snaps)
+        if sp is emoji:
+            assert held >= 8 and len(final.text) == 4 and all(ord(c) > 0xFFFF for c in final.text[:4])
+        if sp.stop:
+            assert final.finish_reason == "stop" and final.text == decode(ids[:k])
+            assert snaps[-2].token_ids == ids[:k + 1] and snaps[-2].text == final.text  # token k held back
+        else:
+            assert [s.text for s in snaps[:-1]] == [decode(s.token_ids).rstrip("\ufffd") for s in snaps[:-1]]
+
+
+def test_incremental_detokenizer_equals_the_whole_decoding_at_every_step():
+    """``IncrementalDetokenizer`` decodes a window of the newest ids; its text must be what decoding all the ids
+    gives (less a trailing incomplete character) at every step. SmolLM2's byte-level tokenizer on random ids
+    (special tokens and broken UTF-8 included), both ``skip_special_tokens``; and a Llama-2-style SentencePiece
+    tokenizer (▁ for spaces, byte-fallback tokens, a stripped leading space) on whole characters in random
+    order: compared where a character ends (cut inside one, the whole decoding of a byte-fallback run is one
+    U+FFFD per byte, "€" then four U+FFFD), and never shrinking."""
+    import random
+
+    import tokenizers
+    from tokenizers import decoders, models
+
+    from jserve.engine.outputs import IncrementalDetokenizer, RequestOutput
+    from jserve.models import smollm2_gguf_path
+    from jserve.tokenizer import Tokenizer, load_tokenizer
+
+    def run(tok, ids, skip):
+        det = IncrementalDetokenizer(tok, {"skip_special_tokens": skip})
+        out = RequestOutput("r", None, [])
+        for t in ids:
+            out.token_ids.append(t)
+            yield det.update(out), out.token_ids
+
+    rng = random.Random(0)
+    path = smollm2_gguf_path()
+    if path is not None:
+        tok = load_tokenizer(path)
+        specials = [tok.eos_token_id, tok.bos_token_id, 1, 2]
+        for trial in range(60):
+            ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(tok.vocab_size) for _ in range(30)]
+            skip = trial % 2 == 0
+            for text, so_far in run(tok, ids, skip):
+                assert text == tok.decode(so_far, skip_special_tokens=skip).rstrip("\ufffd"), (ids, so_far)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁Hello": 3, "▁world": 4, "<0xE2>": 5, "<0x82>": 6, "<0xAC>": 7,
+             "!": 8, "▁": 9, "a": 10, "<0xC3>": 11, "<0xA9>": 12, "▁▁": 13}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    sp = Tokenizer(backend, bos_token_id=1, eos_token_id=2)
+    assert sp.decode([5, 6, 7]) == "€" and sp.decode([5, 6, 7, 5]) == "\ufffd" * 4
+    units = [[1], [2], [3], [4], [8], [9], [10], [13], [5, 6, 7], [11, 12]]  # whole characters
+    for trial in range(300):
+        chars = [rng.choice(units) for _ in range(8)]
+        ids = sum(chars, [])
+        ends = {sum(map(len, chars[:i])) for i in range(len(chars) + 1)}  # where a whole character ends
+        skip = trial % 2 == 0
+        whole = sp.decode(ids, skip_special_tokens=skip)
+        before = ""
+        for text, so_far in run(sp, ids, skip):
+            assert whole.startswith(text) and text.startswith(before), (ids, so_far)  # it never shrinks
+            before = text
+            if len(so_far) in ends:
+                assert text == sp.decode(so_far, skip_special_tokens=skip), (ids, so_far)
