@@ -208,12 +208,13 @@ class ResponseWriter:
 
     async def chunks(self, prep: Prepared, fan: FanOut) -> AsyncIterator[str]:
         """The SSE body: a role chunk per choice (chat), one chunk per engine output that adds text to a choice
-        (or ids, with ``return_token_ids``; a choice's last chunk carries its ``finish_reason``), a usage chunk
-        if asked, ``[DONE]``. With logprobs, a chunk carries those of every token of its choice not reported
-        by an earlier chunk; each choice's first chunk (chat: its role chunk) carries its prompt's
-        ``prompt_logprobs`` if asked. Streams have ``best_of == n``, so sub-request ``k`` is choice ``k``. A failure
-        mid-stream (the engine thread stopped, a sub-request refused) is an ``error`` event before ``[DONE]``.
-        Cancelled when the client disconnects; every sub-request still running is then aborted."""
+        (or ids, with ``return_token_ids`` or on a model without a tokenizer, whose chunks have empty text; a
+        choice's last chunk carries its ``finish_reason``), a usage chunk if asked, ``[DONE]``. With logprobs, a
+        chunk carries those of every token of its choice not reported by an earlier chunk; each choice's first
+        chunk (chat: its role chunk) carries its prompt's ``prompt_logprobs`` if asked. Streams have
+        ``best_of == n``, so sub-request ``k`` is choice ``k``. A failure mid-stream (the engine thread stopped,
+        a sub-request refused) is an ``error`` event before ``[DONE]``. Cancelled when the client disconnects;
+        every sub-request still running is then aborted."""
         subs = fan.subs
         states = [_ChoiceStream(self.tokenizer, s.params) for s in subs]
         plps: dict[int, list | None] = {}  # prompt -> its prompt_logprobs field (every sample 0 has started)
@@ -250,7 +251,9 @@ class ResponseWriter:
                     text, new_ids = "", []
                 if prep.echo is not None and not st.echoed:  # the first chunk starts with the prompt
                     text, st.echoed = prep.echo[subs[k].prompt] + text, True
-                if text or out.finished or prep.return_token_ids:  # no empty chunks for held-back text
+                # no empty chunks for held-back text; without a tokenizer tokens have no text: one chunk per
+                # output with new ids (its text empty, its logprobs and token_ids when asked)
+                if text or out.finished or prep.return_token_ids or (self.tokenizer is None and new_ids):
                     lp = self._logprobs(prep, subs[k].params, out, st.reported, st.render)
                     gen = 0 if prep.echo_only else len(out.token_ids)
                     st.reported = gen + (len(out.prompt_token_ids) if prep.echo is not None else 0)

@@ -997,3 +997,43 @@ def test_stop_id_and_eos_finishes_carry_their_text_with_async_scheduling(tiny):
     finally:
         engine.shutdown()
     assert all_pages_free(llm)
+
+
+@pytest.fixture(scope="module")
+def bare_url():
+    """The tiny Llama served without a tokenizer (as ``jserve serve --model tiny-llama``): token ids only."""
+    model = load("tiny-llama")
+    assert model.tokenizer is None
+    engine = AsyncLLMEngine(LLM(model, **TINY).engine)
+    with serve_in_thread(build_app(engine, "tiny-llama")) as u:
+        yield u
+    engine.shutdown()
+
+
+def test_a_model_without_a_tokenizer_streams_one_chunk_per_token(tiny, bare_url):
+    """Without a tokenizer tokens have no text, and the stream sent a single empty chunk at the end (unless
+    ``return_token_ids``); it now sends one chunk per token as docs/server.md says: empty text, and the
+    token's logprobs (named ``token_id:<id>``) or ids when asked. The ids are the greedy reference's (the same
+    dummy weights as the ``tiny`` fixture's model)."""
+    _, _, prompts, reference = tiny
+    n = 6
+    want = reference[0][:n]
+    body = {"prompt": prompts[0], "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=bare_url, timeout=60) as c:
+        whole = _post(c, body | {"stream": False, "return_token_ids": True})["choices"][0]
+        assert whole["text"] == "" and whole["token_ids"] == want
+        for extra in ({}, {"logprobs": 1}, {"return_token_ids": True}):
+            with c.stream("POST", "/v1/completions", json=body | extra) as r:
+                assert r.status_code == 200
+                evs = events(r)
+            assert evs[-1] == "[DONE]"
+            choices = [e["choices"][0] for e in evs[:-1]]
+            assert len(choices) == n, (extra, choices)
+            assert all(ch["text"] == "" and ch["index"] == 0 for ch in choices)
+            assert [ch["finish_reason"] for ch in choices] == [None] * (n - 1) + ["length"]
+            if "logprobs" in extra:
+                assert [ch["logprobs"]["tokens"] for ch in choices] == [[f"token_id:{t}"] for t in want]
+            else:
+                assert all(ch["logprobs"] is None for ch in choices)
+            if "return_token_ids" in extra:
+                assert [ch["token_ids"] for ch in choices] == [[t] for t in want]
