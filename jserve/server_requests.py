@@ -245,6 +245,9 @@ class RequestPreparer:
         else:
             batched, fields, prompts = False, ["messages"], [self._chat_prompt(req)]
         params = [self._params(req, kind, ids, f) for ids, f in zip(prompts, fields)]
+        if params[0].stop and self.tokenizer is None:  # the engine would refuse every prompt, naming the prompt
+            raise ApiError(400, "'stop' needs a tokenizer to match text; this model has none (use "
+                                "'stop_token_ids')", "stop")
         echo = None
         if kind == "completion" and req.echo:
             echo = self._echo(req, texts, prompts)

@@ -1037,3 +1037,19 @@ def test_a_model_without_a_tokenizer_streams_one_chunk_per_token(tiny, bare_url)
                 assert all(ch["logprobs"] is None for ch in choices)
             if "return_token_ids" in extra:
                 assert [ch["token_ids"] for ch in choices] == [[t] for t in want]
+
+
+def test_stop_strings_on_a_model_without_a_tokenizer_are_a_400_naming_stop(bare_url):
+    """The engine refuses stop strings without a tokenizer; the server passed that on as a 400 naming
+    ``prompt``. The preparer now refuses them first, naming ``stop``; stop ids still work."""
+    body = {"prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True}
+    with httpx.Client(base_url=bare_url, timeout=60) as c:
+        for stop in (["x"], "x", ["x", "y"]):
+            for stream in (False, True):
+                r = c.post("/v1/completions", json=body | {"stop": stop, "stream": stream})
+                err = r.json()["error"]
+                assert r.status_code == 400 and err["param"] == "stop" and "'stop' needs a tokenizer" in \
+                    err["message"], (stop, stream, err)
+        assert len(_post(c, body | {"stop": [], "return_token_ids": True})["choices"][0]["token_ids"]) == 3
+        ok = _post(c, body | {"stop_token_ids": [7], "return_token_ids": True})["choices"][0]
+        assert ok["finish_reason"] in ("length", "stop") and ok["text"] == ""
