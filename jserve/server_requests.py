@@ -145,7 +145,7 @@ class RequestPreparer:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer; send 'prompt' as a list of token ids", field)
-            ids = _encode(self.tokenizer, prompt, field)
+            ids = _encode(self.tokenizer, prompt, field, add_special_tokens=True)  # BOS where the model uses one
         else:
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.model.vocab_size]

