@@ -25,7 +25,7 @@ import queue
 import threading
 from typing import AsyncIterator, Hashable
 
-from .engine import LLMEngine
+from .engine import LLMEngine, check_request_id
 from .outputs import IncrementalDetokenizer, RequestOutput
 from .sampling import SamplingParams
 
@@ -56,7 +56,7 @@ class AsyncLLMEngine:
             raise RuntimeError(f"the engine thread stopped: {self.error!r}")
         if self._stop.is_set():
             raise RuntimeError("the engine is shut down")
-        rid = f"req-{next(self._ids)}" if request_id is None else request_id
+        rid = f"req-{next(self._ids)}" if request_id is None else check_request_id(request_id)
         if rid in self._streams:  # its stream would replace the live one's, which would then wait forever
             raise ValueError(f"request id {rid!r} is already live")
         loop = asyncio.get_running_loop()

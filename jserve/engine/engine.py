@@ -65,6 +65,15 @@ from .stopping import check_stop, detokenize
 __all__ = ["EngineConfig", "LLMEngine", "CompileWatch"]
 
 
+def check_request_id(request_id: Hashable) -> Hashable:
+    """``request_id`` if it can key the engine's tables, else a ``ValueError`` naming its type."""
+    try:
+        hash(request_id)
+    except TypeError:
+        raise ValueError(f"request_id must be hashable (a str or an int), got {type(request_id).__name__}") from None
+    return request_id
+
+
 class LLMEngine:
     """Scheduler-driven serving engine for one model on one device."""
 
@@ -188,11 +197,7 @@ class LLMEngine:
         return out
 
     def _add(self, prompt, params, request_id, arrival_time, oracle_output_len) -> RequestOutput:
-        rid = next(self._ids) if request_id is None else request_id
-        try:
-            hash(rid)
-        except TypeError:
-            raise ValueError(f"request_id must be hashable (a str or an int), got {type(rid).__name__}") from None
+        rid = next(self._ids) if request_id is None else check_request_id(request_id)
         now = self.now()
         arrival = now if arrival_time is None else min(float(arrival_time), now)
         if rid in self._seqs and not self._release_stopped(rid):

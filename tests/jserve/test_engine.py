@@ -387,6 +387,8 @@ def test_async_engine_survives_bad_requests_and_refuses_after_shutdown(tiny, pro
         await asyncio.sleep(0)  # the first stream is registered
         with pytest.raises(ValueError, match="'same' is already live"):
             await run(prompts[1], params, "same")
+        with pytest.raises(ValueError, match="request_id must be hashable .* got list"):  # was a bare TypeError
+            await run(prompts[1], params, ["same"])
         bad = await run(prompts[2], {"max_tokens": 4, "stop": 5}, "bad")
         return await asyncio.wait_for(first, 60), bad
 
