@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from jserve.engine.outputs import TextWindow
 from jserve.engine.sampling import SamplingParams
 
 __all__ = [
@@ -391,17 +392,15 @@ class LogprobRenderer:
     is the length of the text decoded from the tokens before it, without a trailing incomplete character (so
     ``text[text_offset[i]:]`` starts with token i when it begins a character).
 
-    One renderer serves one request: a stream reuses it, and the offsets are computed incrementally (two
-    decodes of a short window per token, as streaming detokenizers do), linear in the output length."""
+    One renderer serves one request: a stream reuses it, and the offsets are computed incrementally (a short
+    window decoded per token by ``TextWindow``, the streamed text's decoder), linear in the output length."""
 
     def __init__(self, tokenizer, params: SamplingParams):
         self.tokenizer = tokenizer
         self.k = params.logprobs or 0
-        self.skip_special_tokens = params.skip_special_tokens
         self._names: dict[int, tuple[str, list[int]]] = {}
         self._offsets: list[int] = []  # text_offset of the tokens seen so far
-        self._text_len = 0  # characters of text completed by those tokens
-        self._window = (0, 0)  # (prefix, read): ids[prefix:read] decode to text already counted
+        self._text = TextWindow(tokenizer, params.skip_special_tokens)  # the text those tokens completed
 
     def token(self, tid: int) -> tuple[str, list[int]]:
         """(text, UTF-8 bytes) of one token: its name in every log-probability object."""
@@ -430,16 +429,10 @@ class LogprobRenderer:
         """``text_offset`` of token ``i`` (``ids``: the request's tokens so far; later calls extend them)."""
         if self.tokenizer is None:
             return 0
-        decode = self.tokenizer.decode
         while len(self._offsets) <= i:
             j = len(self._offsets)
-            self._offsets.append(self._text_len)
-            prefix, read = self._window
-            before = decode(ids[prefix:read], skip_special_tokens=self.skip_special_tokens)
-            after = decode(ids[prefix : j + 1], skip_special_tokens=self.skip_special_tokens)
-            if len(after) > len(before) and not after.endswith("\ufffd"):  # token j completed some text
-                self._text_len += len(after) - len(before)
-                self._window = (read, j + 1)
+            self._offsets.append(len(self._text.decoded))
+            self._text.extend(ids[: j + 1])
         return self._offsets[i]
 
     def _top(self, d: dict[int, float]) -> list[tuple[int, float]]:

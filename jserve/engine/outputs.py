@@ -81,6 +81,34 @@ class RequestOutput:
         )
 
 
+class TextWindow:
+    """Decodes a growing list of token ids a window at a time (vLLM's prefix / read offsets): ``decoded`` is the
+    text of the ids up to the last group that completed text, and each ``extend`` decodes only the ids from the
+    group before that group on, so a step costs about the same however long the output is."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.decoded = ""  # decode(ids[:read]): whole characters only
+        self._prefix = 0  # ids[prefix:read] decode to the end of ``decoded``
+        self._read = 0
+        self._window_text = ""  # decode(ids[prefix:read])
+
+    def extend(self, ids) -> str:
+        """Take ``ids`` (every id so far: the earlier ones and new ones) and return the text past ``decoded``
+        that is not yet final: "" when the new ids end on a whole character (they then join ``decoded``), else
+        what they decode to without the trailing incomplete UTF-8 sequence (U+FFFD) the next id may complete."""
+        decode = self.tokenizer.decode
+        window = decode(ids[self._prefix:], skip_special_tokens=self.skip_special_tokens)
+        new = window[len(self._window_text):] if len(window) > len(self._window_text) else ""
+        if new and not new.endswith("\ufffd"):  # the new ids end on a whole character: move the window on
+            self.decoded += new
+            self._prefix, self._read = self._read, len(ids)
+            self._window_text = decode(ids[self._prefix:self._read], skip_special_tokens=self.skip_special_tokens)
+            return ""
+        return new.rstrip("\ufffd")
+
+
 class IncrementalDetokenizer:
     """The text so far of one request's successive outputs, for streaming (``LLM.stream``,
     ``AsyncLLMEngine.generate``, and through it the server's SSE chunks).
@@ -107,13 +135,9 @@ class IncrementalDetokenizer:
             sp = SamplingParams.coerce(params)
         except (TypeError, ValueError):  # the engine refuses such a request: its only output is finished
             sp = SamplingParams()
-        self.skip_special_tokens = sp.skip_special_tokens
         self.stop = tuple(sp.stop)
         self._stop_len = max(map(len, self.stop), default=0)
-        self._prefix = 0  # ids[prefix:read] decode to the end of ``_decoded`` (the window's known text)
-        self._read = 0
-        self._window_text = ""  # decode(ids[prefix:read])
-        self._decoded = ""  # decode(ids[:read]): whole characters only
+        self._window = TextWindow(tokenizer, sp.skip_special_tokens)
         self._seen = 0  # ids looked at
         self.text = ""  # the text so far (the last ``update``'s)
 
@@ -126,17 +150,8 @@ class IncrementalDetokenizer:
         if self.tokenizer is None or len(ids) <= self._seen:
             return self.text
         self._seen = len(ids)
-        window = self.tokenizer.decode(ids[self._prefix:], skip_special_tokens=self.skip_special_tokens)
-        new = window[len(self._window_text):] if len(window) > len(self._window_text) else ""
-        if new and not new.endswith("\ufffd"):  # the new ids end on a whole character: move the window on
-            self._decoded += new
-            self._prefix, self._read = self._read, len(ids)
-            self._window_text = self.tokenizer.decode(ids[self._prefix:self._read],
-                                                      skip_special_tokens=self.skip_special_tokens)
-            text = self._decoded
-        else:  # nothing new, or an incomplete character last: show what precedes it, decode it again next time
-            text = self._decoded + new.rstrip("\ufffd")
-        text = self._without_stop_start(text)
+        pending = self._window.extend(ids)  # an incomplete character last: what precedes it
+        text = self._without_stop_start(self._window.decoded + pending)
         if len(text) > len(self.text):
             self.text = text
         return self.text
