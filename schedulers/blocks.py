@@ -52,51 +52,45 @@ class BlockError(RuntimeError):
     """A block-pool operation that cannot be carried out (pool exhausted, wrong location)."""
 
 
-class FreeIds:
-    """The free ids of one pool ``[0, size)``: a stack of ids given back, over the ids never handed out.
-
-    ``take`` hands out given-back ids last-returned first, then never-used ids lowest first, skipping
-    ``excluded`` ones; ``append``/``extend`` give ids back. This is the order of a stack filled with every id
-    in descending order, without building it: a pool of any size costs O(``len(excluded)``) to create, so a
-    huge host pool (a large swap space over small blocks) or a mistyped block count costs no memory until
-    its ids are used.
+class FreeIds(list):
+    """The free ids of one pool ``[0, size)``: a stack (a plain list: ``pop``, ``append``, ``extend`` and ``len``
+    are the list's own) over the ``unlisted`` ids never handed out, which join the bottom of the stack a chunk
+    at a time (``fill``; ``take`` fills as needed). Popping hands out given-back ids last-returned first, then
+    never-used ids lowest first, skipping ``excluded`` ones: the order of a stack built from every id in
+    descending order, without building it, so a pool of any size (a huge host pool of small blocks, or a
+    mistyped count) costs one chunk until its ids are used. A pool's free count is ``len(ids) + ids.unlisted``.
     """
 
-    __slots__ = ("_returned", "_next", "_size", "_excluded", "_unused")
+    __slots__ = ("unlisted", "chunk", "_next", "_size", "_excluded")
 
-    def __init__(self, size: int, excluded: frozenset[int] = frozenset()) -> None:
-        self._returned: list[int] = []
-        self._next = 0  # ids >= _next were never handed out
+    def __init__(self, size: int, excluded: frozenset[int] = frozenset(), chunk: int = 4096) -> None:
+        super().__init__()
+        self.chunk = chunk  # ids listed at a time
+        self.unlisted = size - len(excluded)  # free ids not in the list yet: every id >= _next not excluded
+        self._next = 0
         self._size = size
         self._excluded = excluded
-        self._unused = size - len(excluded)
+        self.fill(chunk)
 
-    def __len__(self) -> int:
-        return len(self._returned) + self._unused
-
-    def __iter__(self):
-        yield from self._returned
-        yield from (i for i in range(self._next, self._size) if i not in self._excluded)
+    def fill(self, k: int) -> None:
+        """Put the next ``k`` never-used ids (fewer when fewer are left) at the bottom of the stack."""
+        ids: list[int] = []
+        while len(ids) < k and self._next < self._size:
+            stop = min(self._size, self._next + k - len(ids))
+            ids.extend(i for i in range(self._next, stop) if i not in self._excluded)
+            self._next = stop
+        self.unlisted -= len(ids)
+        self[0:0] = ids[::-1]
 
     def take(self, n: int) -> list[int]:
-        """``n`` ids (the caller has checked that ``n <= len(self)``)."""
-        returned = self._returned
-        k = min(n, len(returned))
-        out = returned[len(returned) - k:][::-1]
-        del returned[len(returned) - k:]
-        while len(out) < n:
-            start = self._next
-            self._next = stop = start + (n - len(out))
-            fresh = [i for i in range(start, stop) if i not in self._excluded] if self._excluded else range(start, stop)
-            self._unused -= len(fresh)
-            out.extend(fresh)
-        return out
+        """``n`` ids off the top (the caller has checked that ``n <= len(self) + self.unlisted``)."""
+        if n > len(self):
+            self.fill(max(n - len(self), self.chunk))
+        return [self.pop() for _ in range(n)]
 
-    def append(self, block: int) -> None:
-        self._returned.append(block)
-
-    def extend(self, blocks: Iterable[int]) -> None:
-        self._returned.extend(blocks)
+    def all_ids(self) -> list[int]:
+        """Every free id, listed or not (for accounting checks)."""
+        return list(self) + [i for i in range(self._next, self._size) if i not in self._excluded]
 
 
 class BlockManager:
@@ -156,7 +150,8 @@ class BlockManager:
     @property
     def num_free_device_blocks(self) -> int:
         """Device blocks an allocation may take: the free list and the evictable cached blocks."""
-        return len(self._free_device) + len(self._evictable)
+        free = self._free_device
+        return len(free) + free.unlisted + len(self._evictable)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -165,7 +160,7 @@ class BlockManager:
 
     @property
     def num_free_host_blocks(self) -> int:
-        return len(self._free_host)
+        return len(self._free_host) + self._free_host.unlisted
 
     @property
     def num_pending_device_blocks(self) -> int:
@@ -183,7 +178,7 @@ class BlockManager:
 
     @property
     def num_used_host_blocks(self) -> int:
-        return self.num_host_blocks - len(self._free_host)
+        return self.num_host_blocks - self.num_free_host_blocks
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         """Blocks that hold ``num_tokens`` tokens."""
@@ -214,7 +209,7 @@ class BlockManager:
         """``n`` device blocks for new contents: the free list first, then the oldest evictable cached ones
         (which leave the cache). The caller has checked that ``n`` are free."""
         free = self._free_device
-        taken = free.take(min(n, len(free)))
+        taken = free.take(min(n, len(free) + free.unlisted))
         while len(taken) < n:
             b, _ = self._evictable.popitem(last=False)
             del self._cached[self._key_of.pop(b)]
@@ -333,7 +328,7 @@ class BlockManager:
     # ------------------------------------------------------------------ swaps
 
     def can_swap_out(self, request: Request) -> bool:
-        return request.kv_location is KVLocation.DEVICE and len(request.blocks) <= len(self._free_host)
+        return request.kv_location is KVLocation.DEVICE and len(request.blocks) <= self.num_free_host_blocks
 
     def can_swap_in(self, request: Request) -> bool:
         return request.kv_location is KVLocation.HOST and len(request.blocks) <= self.num_free_device_blocks
@@ -343,8 +338,9 @@ class BlockManager:
         if request.kv_location is not KVLocation.DEVICE:
             raise BlockError(f"request {request.request_id!r}: swap_out needs its KV on the device, it is {request.kv_location.value}")
         n = len(request.blocks)
-        if n > len(self._free_host):
-            raise BlockError(f"request {request.request_id!r}: swap_out needs {n} host blocks, only {len(self._free_host)} free")
+        if n > self.num_free_host_blocks:
+            raise BlockError(f"request {request.request_id!r}: swap_out needs {n} host blocks, only "
+                             f"{self.num_free_host_blocks} free")
         dst = self._free_host.take(n)
         src = request.blocks
         if overlapped and self._refs:
@@ -400,13 +396,13 @@ class BlockManager:
         dev_owner: dict[int, object] = {}
         host_owner: dict[int, object] = {}
         holders: dict[int, int] = {}
-        for b in self._free_device:
+        for b in self._free_device.all_ids():
             _claim(dev_owner, b, "free list", "device")
         for b in self._evictable:
             _claim(dev_owner, b, "evictable set", "device")
         for b in self._pending_device:
             _claim(dev_owner, b, "pending list", "device")
-        for b in self._free_host:
+        for b in self._free_host.all_ids():
             _claim(host_owner, b, "free list", "host")
         for b in self._pending_host:
             _claim(host_owner, b, "pending list", "host")

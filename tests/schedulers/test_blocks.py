@@ -33,11 +33,11 @@ def test_free_ids_hand_out_what_a_full_descending_stack_would(seed):
     rng = random.Random(seed)
     size = rng.randint(1, 40)
     excluded = frozenset(rng.sample(range(size), rng.randint(0, size - 1)))
-    ids = FreeIds(size, excluded)
+    ids = FreeIds(size, excluded, chunk=rng.choice([1, 3, 4096]))  # ids listed a few at a time, or all at once
     stack = [i for i in range(size - 1, -1, -1) if i not in excluded]
     held: list[int] = []
     for _ in range(60):
-        assert len(ids) == len(stack) and sorted(ids) == sorted(stack)
+        assert len(ids) + ids.unlisted == len(stack) and sorted(ids.all_ids()) == sorted(stack)
         if held and rng.random() < 0.4:
             back = [held.pop(rng.randrange(len(held))) for _ in range(rng.randint(1, len(held)))]
             if len(back) == 1:
