@@ -64,7 +64,7 @@ def _prompt_list(prompts) -> list:
     if not isinstance(prompts, (list, tuple)):
         raise ValueError("prompts must be a string, a list of token ids or a list of prompts, got "
                          f"{type(prompts).__name__}")
-    if prompts and isinstance(prompts[0], (int, np.integer)) and not isinstance(prompts[0], bool):
+    if prompts and isinstance(prompts[0], (int, np.integer)):  # one prompt of ids (a bool among them is refused)
         return [prompts]
     return list(prompts)
 

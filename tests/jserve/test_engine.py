@@ -82,6 +82,9 @@ def test_bad_requests_are_refused_one_by_one(tiny, prompts, reference):
         assert outs[i].token_ids == []
     with pytest.raises(ValueError, match="3 sampling parameter sets for 2 prompts"):
         llm.generate(prompts[:2], [good] * 3)
+    # a flat list starting with a bool is one bad prompt of ids (it was read as two prompts, True and 1)
+    [bad] = llm.generate([True, 1], good)
+    assert bad.finish_reason == "error" and "prompt token ids must be ints, got True" in bad.error
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
