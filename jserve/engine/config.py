@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-
+from typing import Sequence
 
 from schedulers import POLICY_NAMES, IterationCostModel, SchedulerConfig
 
@@ -116,11 +116,7 @@ class EngineConfig:
 
     def _resolve_step_limits(self) -> None:
         """Fill ``max_batch_size`` / ``max_tokens_per_batch`` left None from their buckets (or the defaults) and
-        check the buckets against the limits, before anything loads or compiles. The rules (also
-        ``RunnerConfig.resolved``'s): the largest decode bucket must be ``max_batch_size`` (a smaller one leaves
-        full decode steps no shape; a larger one cannot compile: a step's outputs have ``max_batch_size``
-        rows); the largest token bucket must be at least ``max_tokens_per_batch`` (larger ones compile but
-        no step uses them)."""
+        check the buckets against the limits (``check_step_buckets``), before anything loads or compiles."""
         decode, tokens = self.decode_buckets, self.token_buckets
         batch_from = tokens_from = ""
         if self.max_batch_size is None:
@@ -130,26 +126,43 @@ class EngineConfig:
             object.__setattr__(self, "max_tokens_per_batch", max(tokens) if tokens else DEFAULT_MAX_TOKENS_PER_BATCH)
             tokens_from = ", the largest of token_buckets" if tokens else ""
         batch, budget = self.max_batch_size, self.max_tokens_per_batch
-        if decode and max(decode) < batch:
-            raise ValueError(
-                f"EngineConfig.decode_buckets {decode} do not cover max_batch_size={batch}: a decode step of "
-                f"{batch} sequences would have no shape (make {batch} a decode bucket, or leave max_batch_size unset "
-                "to follow the largest decode bucket)")
-        if decode and max(decode) > batch:
-            raise ValueError(
-                f"EngineConfig.decode_buckets {decode} go above max_batch_size={batch}: a step holds at most "
-                f"max_batch_size sequences, so a larger decode bucket cannot compile (drop the buckets above "
-                f"{batch}, or leave max_batch_size unset to follow the largest decode bucket)")
-        if tokens and max(tokens) < budget:
-            raise ValueError(
-                f"EngineConfig.token_buckets {tokens} do not cover max_tokens_per_batch={budget}: a step of "
-                f"{budget} tokens would have no shape (give a token bucket >= {budget}, or leave "
-                "max_tokens_per_batch unset to follow the largest token bucket)")
+        try:
+            check_step_buckets(decode, tokens, batch, budget, limits_follow_buckets=True)
+        except ValueError as e:
+            raise ValueError(f"EngineConfig.{e}") from None
         if budget < batch:
             raise ValueError(
                 f"EngineConfig.max_tokens_per_batch ({budget}{tokens_from}) must be >= max_batch_size "
                 f"({batch}{batch_from}): every decode in a full batch needs one token"
             )
+
+
+def check_step_buckets(decode: Sequence[int], tokens: Sequence[int], max_batch_size: int, max_tokens_per_batch: int,
+                       *, limits_follow_buckets: bool = False) -> None:
+    """The step buckets against the step limits (``EngineConfig`` before anything loads, ``RunnerConfig.resolved``
+    before anything compiles; an empty bucket list is not checked): the largest decode bucket must be
+    ``max_batch_size`` (a smaller one leaves full decode steps no shape; a larger one cannot compile: a step's
+    outputs have ``max_batch_size`` rows); the largest token bucket must be at least ``max_tokens_per_batch``
+    (larger ones compile but no step uses them). ``limits_follow_buckets``: the error says how a limit left
+    unset would follow its buckets (``EngineConfig``'s rule)."""
+    batch, budget = max_batch_size, max_tokens_per_batch
+
+    def follow(field: str, kind: str) -> str:
+        return f", or leave {field} unset to follow the largest {kind} bucket" if limits_follow_buckets else ""
+
+    if decode and max(decode) < batch:
+        raise ValueError(
+            f"decode_buckets {tuple(decode)} do not cover max_batch_size={batch}: a decode step of {batch} sequences "
+            f"would have no shape (make {batch} a decode bucket{follow('max_batch_size', 'decode')})")
+    if decode and max(decode) > batch:
+        raise ValueError(
+            f"decode_buckets {tuple(decode)} go above max_batch_size={batch}: a step holds at most max_batch_size "
+            f"sequences, so a larger decode bucket cannot compile (drop the buckets above {batch}"
+            f"{follow('max_batch_size', 'decode')})")
+    if tokens and max(tokens) < budget:
+        raise ValueError(
+            f"token_buckets {tuple(tokens)} do not cover max_tokens_per_batch={budget}: a step of {budget} tokens "
+            f"would have no shape (give a token bucket >= {budget}{follow('max_tokens_per_batch', 'token')})")
 
 
 def _meminfo_bytes(field: str) -> int | None:

@@ -39,6 +39,7 @@ from flax import nnx
 
 from kernels_pallas import AttentionMetadata
 
+from .config import check_step_buckets
 from .kv_cache import KVCache, bucket_pairs, gather_pages, scatter_pages
 from .penalties import (PenaltyArrays, PenaltyRow, SlotRebuild, init_tables, rebuild_slots, record_tokens,
                         sample_processed)
@@ -60,9 +61,8 @@ def powers_of_two(low: int, high: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
-    """Shapes the runner compiles. Empty bucket tuples get defaults from the limits. The largest decode bucket
-    must be ``max_batch_size``; the largest token bucket at least ``max_tokens_per_batch`` (``EngineConfig``
-    checks the same before the model loads)."""
+    """Shapes the runner compiles. Empty bucket tuples get defaults from the limits; ``resolved`` checks them
+    against the limits (``check_step_buckets``, which ``EngineConfig`` runs before the model loads)."""
 
     page_size: int
     max_batch_size: int
@@ -92,15 +92,7 @@ class RunnerConfig:
         cfg = dataclasses.replace(self, decode_buckets=tuple(sorted(decode)), token_buckets=tuple(sorted(tokens)),
                                   swap_buckets=tuple(sorted(set(swap))),
                                   penalty_slots=self.penalty_slots or self.max_batch_size)
-        if max(cfg.decode_buckets) < cfg.max_batch_size:
-            raise ValueError(f"decode_buckets {cfg.decode_buckets} do not cover max_batch_size={cfg.max_batch_size}")
-        if max(cfg.decode_buckets) > cfg.max_batch_size:  # a step's outputs have max_batch_size rows
-            raise ValueError(f"decode_buckets {cfg.decode_buckets} go above max_batch_size={cfg.max_batch_size}: a "
-                             "step holds at most max_batch_size sequences")
-        if max(cfg.token_buckets) < cfg.max_tokens_per_batch:
-            raise ValueError(
-                f"token_buckets {cfg.token_buckets} do not cover max_tokens_per_batch={cfg.max_tokens_per_batch}"
-            )
+        check_step_buckets(cfg.decode_buckets, cfg.token_buckets, cfg.max_batch_size, cfg.max_tokens_per_batch)
         return cfg
 
     @property
