@@ -10,6 +10,7 @@ byte-level pre-tokenizer that the file's ``tokenizer.ggml.pre`` names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -66,7 +67,62 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """The text of ``ids``. Invalid UTF-8 reads as U+FFFD, one per maximal invalid byte sequence, the same
+        for every kind of tokenizer: a SentencePiece byte-fallback decoder alone turns a whole run of byte
+        tokens (``<0xE2>``) that is not valid UTF-8 into one U+FFFD per byte, so "€" followed by the first
+        byte of another character would decode to four U+FFFD, and text that decoded once could vanish when
+        more ids follow (a stream's text would not extend). Such runs are repaired here before decoding:
+        their bytes are replaced by the bytes of their lossy decoding ("€" and one U+FFFD)."""
+        ids = [int(i) for i in ids]
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if "\ufffd" in text and self._byte_pieces:
+            repaired = self._valid_byte_runs(ids, skip_special_tokens)
+            if repaired is not None:
+                text = self.backend.decode(repaired, skip_special_tokens=False)
+        return text
+
+    @functools.cached_property
+    def _byte_pieces(self) -> tuple[dict[int, int], list[int]] | None:
+        """For a byte-fallback model with all 256 byte pieces: (piece id -> byte, byte -> piece id); else None."""
+        if not getattr(self.backend.model, "byte_fallback", False):
+            return None
+        ids = [self.backend.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+        return None if None in ids else ({i: b for b, i in enumerate(ids)}, ids)
+
+    def _valid_byte_runs(self, ids: list[int], skip_special_tokens: bool) -> list[int] | None:
+        """``ids`` with every run of byte pieces that is not valid UTF-8 replaced by the pieces of its lossy
+        decoding's bytes (special tokens dropped first when they are skipped: the decoder never sees them, so
+        the bytes on either side form one run); None when every run is valid."""
+        to_byte, to_piece = self._byte_pieces
+        if skip_special_tokens:
+            special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+            ids = [i for i in ids if i not in special]
+        out: list[int] = []
+        run = bytearray()
+        changed = False
+
+        def flush() -> None:
+            nonlocal changed
+            try:
+                run.decode("utf-8")
+                good = bytes(run)
+            except UnicodeDecodeError:
+                good = run.decode("utf-8", errors="replace").encode("utf-8")
+                changed = True
+            out.extend(to_piece[b] for b in good)
+            run.clear()
+
+        for i in ids:
+            b = to_byte.get(i)
+            if b is not None:
+                run.append(b)
+                continue
+            if run:
+                flush()
+            out.append(i)
+        if run:
+            flush()
+        return out if changed else None
 
     def apply_chat_template(
         self,

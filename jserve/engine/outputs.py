@@ -121,13 +121,9 @@ class IncrementalDetokenizer:
     it) and the longest tail that could still grow into one of ``params.stop`` (the engine cuts a stop string
     from the final text, and text already handed out cannot be taken back). Once ``out`` is finished the text
     is the engine's own ``out.text``. Each text is a prefix of the next, and of the final text, as long as the
-    tokenizer decodes more ids to an extension of what fewer decode to (byte-level BPE decoders always do; the
-    final text is cut only after a stop-string start held back here). A SentencePiece byte-fallback decoder
-    does not always: it turns a whole run of byte tokens that is not valid UTF-8 into one U+FFFD per byte, so
-    ``<0xE2><0x82><0xAC><0xE2>`` decodes to four U+FFFD, not "€" and one. The window here still shows "€"
-    (and "€€" once the second character is complete, as the full decoding does then); only an output that
-    ends inside such a run (``max_tokens``, an abort) or holds invalid UTF-8 gets a final text that does not
-    extend the streamed one. Without a tokenizer the text is "" (the engine's too)."""
+    tokenizer decodes more ids to an extension of what fewer decode to (``jserve.tokenizer.Tokenizer`` does,
+    byte-fallback runs included: it repairs invalid ones; the final text is cut only after a stop-string start
+    held back here). Without a tokenizer the text is "" (the engine's too)."""
 
     def __init__(self, tokenizer, params: SamplingParams | dict | None = None):
         self.tokenizer = tokenizer
