@@ -22,10 +22,12 @@ where the KV lives (none / device / host) and, every iteration:
    * ``proactive``: nothing in the scan waits for a copy. After the batch is fixed, overlapped copies
      (``swap_out``/``swap_in``) prepare the next steps, in this order:
 
-     a. *blocked*: the highest-priority request that could not run for lack of blocks gets them freed by
-        offloading idle lower-priority requests (it runs next step). So that such victims exist, once a
-        request is blocked the rest of the scan allocates no new blocks and holds lower-priority device
-        requests out of the batch until their blocks plus the free ones cover its need;
+     a. *blocked*: the highest-priority request that could not run for lack of blocks, and that offloading
+        lower-priority device requests can make room for, gets that room (it runs next step). The scan picks
+        its victims when it meets it, the best first (largest ENST for fastserve), just enough of them; they
+        sit out of the batch and are offloaded after it, and the rest of the scan allocates no new blocks.
+        A request that no offload can make room for (higher-priority requests hold the blocks it lacks) sets
+        nothing aside: lower-priority requests keep running, as in the other modes;
      b. *wanted*: host requests that would have been in this batch (priority above the batch's cutoff) are
         uploaded, highest priority first; when blocks are short, idle requests worth evicting for them are
         offloaded (an exchange) and the upload follows next step. Neither b nor d uploads a request of lower
@@ -209,7 +211,8 @@ class PriorityScheduler(PolicyBase):
             self._apply_deferred()
 
     def _scan(self, plan: StepPlan, now: float, mode: str):
-        """Fill the batch in priority order. Returns (cutoff key, first blocked request, ids in batch)."""
+        """Fill the batch in priority order. Returns (cutoff key, the blocked request with the blocks it needs and
+        its victims or None, ids in batch)."""
         cfg = self.config
         blocks = self.blocks
         max_batch = cfg.max_batch_size
@@ -221,8 +224,8 @@ class PriorityScheduler(PolicyBase):
         nd, nn, nh = len(dev), len(new), len(host)
         i = j = k = 0
         admit_open = True
-        blocked: tuple[Request, int] | None = None
-        held = 0  # blocks of device requests held out of the batch for the blocked one (proactive)
+        blocked: tuple[Request, int, list[Request]] | None = None  # (request, blocks it needs, its victims)
+        held: set[int] = set()  # the blocked request's victims: they sit out of the batch (proactive)
         in_batch: set[int] = set()
         moved = self._deferred
         count = 0
@@ -254,12 +257,10 @@ class PriorityScheduler(PolicyBase):
             # evicted, until it samples (``_catching_up``). Evicting it midway would throw its chunks away.
             alloc = r.num_tokens if (r.num_computed_tokens == 0 and n < r.num_uncomputed_tokens) else 0
             need = self._blocks_needed(r, n, alloc)
-            if blocked is not None and mode == "proactive":
-                # The free blocks are earmarked for the blocked higher-priority request, and lower-priority
-                # device requests sit out until enough of them are idle to be offloaded for it.
-                if (loc is KVLocation.DEVICE and not self._catching_up(r)
-                        and blocks.num_free_device_blocks + held < blocked[1]):
-                    held += blocks.num_releasable(r)
+            if blocked is not None:
+                # Proactive: the blocked request's victims sit out (they are offloaded after the scan), and the
+                # free blocks are earmarked for it.
+                if id(r) in held:
                     continue
                 if need > 0:
                     if loc is KVLocation.NONE:
@@ -269,9 +270,12 @@ class PriorityScheduler(PolicyBase):
                 if mode != "proactive":
                     self._make_room_now(plan, now, r, need, in_batch, recompute=mode == "recompute")
                     need = self._blocks_needed(r, n, alloc)  # evictions may have released cached blocks
+                elif blocked is None:
+                    victims = self._victims_to_free(r, need, blocks.num_free_device_blocks, now, in_batch)
+                    if victims is not None:  # else no offload can help: everyone keeps running
+                        blocked = (r, need, victims)
+                        held = {id(v) for v in victims}
                 if need > blocks.num_free_device_blocks:
-                    if blocked is None:
-                        blocked = (r, need)
                     if loc is KVLocation.NONE:
                         admit_open = False
                     continue
@@ -292,17 +296,23 @@ class PriorityScheduler(PolicyBase):
 
     def _make_room_now(self, plan: StepPlan, now: float, r: Request, need: int, in_batch: set[int], recompute: bool) -> None:
         """Critical-path eviction of lower-priority idle device requests so that ``need`` blocks are free."""
-        free = self.blocks.num_free_device_blocks
-        victims = []
-        for v in self._victims_for(r, now, in_batch, enst_gap=False):
-            victims.append(v)
-            free += self.blocks.num_releasable(v)
-            if free >= need:
-                break
-        if free < need:
-            return  # evicting cannot help; leave everyone in place
-        for v in victims:
+        victims = self._victims_to_free(r, need, self.blocks.num_free_device_blocks, now, in_batch)
+        for v in victims or ():  # None: evicting cannot help; leave everyone in place
             self._evict(plan, v, recompute=recompute, sync=True)
+
+    def _victims_to_free(self, r: Request, need: int, have: int, now: float, exclude: set[int],
+                         enst_gap: bool = False) -> list[Request] | None:
+        """The first victims for ``r`` (best first, ``_victims_for``) whose blocks bring ``have`` free blocks up
+        to ``need``: [] when ``have`` suffices, None when all of them together would not."""
+        if have >= need:
+            return []
+        chosen = []
+        for v in self._victims_for(r, now, exclude, enst_gap=enst_gap):
+            chosen.append(v)
+            have += self.blocks.num_releasable(v)
+            if have >= need:
+                return chosen
+        return None
 
     def _victims_for(self, r: Request | None, now: float, exclude: set[int], enst_gap: bool) -> Iterator[Request]:
         """Idle device requests that may be evicted to make room for ``r`` (any, when ``r`` is None), best
@@ -369,7 +379,7 @@ class PriorityScheduler(PolicyBase):
                     upload(h)
                     continue
                 if not artifact:  # exchange: offload for it now, upload next step
-                    self._offload_for(h, n, now, exclude, state, offload, enst_gap=True, limited=True)
+                    self._offload_for(h, n, now, exclude, state, offload)
                 break
 
         def keep_reserve() -> None:
@@ -381,14 +391,15 @@ class PriorityScheduler(PolicyBase):
                     break
                 offload(v)
 
-        # a. The highest-priority request that lacked blocks gets them (not limited by the budget).
+        # a. The highest-priority request that lacked blocks gets them: its victims, chosen by the scan, are
+        # offloaded (not limited by the budget).
         earmark = 0  # free blocks at the end of this step that belong to the blocked request
         if blocked is not None:
-            r, need = blocked
+            r, need, victims = blocked
             exclude.add(id(r))
-            self._offload_for(r, need, now, exclude, state, offload, enst_gap=False, limited=False)
-            if blocks.num_free_device_blocks + state.released >= need:
-                earmark = need
+            for v in victims:
+                offload(v)
+            earmark = need
         if artifact:  # offload first; upload only in a step that offloads nothing
             keep_reserve()
             if state.offloaded:
@@ -409,22 +420,12 @@ class PriorityScheduler(PolicyBase):
                 break
             upload(h)
 
-    def _offload_for(self, r, need, now, exclude, state, offload, enst_gap: bool, limited: bool) -> None:
-        """Offload victims for ``r`` until ``need`` blocks are free after this step (if that is possible)."""
-        blocks = self.blocks
-        have = blocks.num_free_device_blocks + state.released
-        if have >= need:
-            return
-        chosen = []
-        for v in self._victims_for(r, now, exclude, enst_gap=enst_gap):
-            chosen.append(v)
-            have += blocks.num_releasable(v)
-            if have >= need:
-                break
-        if have < need:
-            return
-        for v in chosen:
-            if limited and not state.allows(len(v.blocks)):
+    def _offload_for(self, r, need, now, exclude, state, offload) -> None:
+        """Exchange: offload victims worth their round trip (``enst_gap``) for ``r`` until ``need`` blocks are
+        free after this step, within the step's copy budget (nothing when that is not possible)."""
+        have = self.blocks.num_free_device_blocks + state.released
+        for v in self._victims_to_free(r, need, have, now, exclude, enst_gap=True) or ():
+            if not state.allows(len(v.blocks)):
                 return
             offload(v)
 

@@ -231,6 +231,47 @@ def test_proactive_mode_uploads_ahead_and_never_computes_a_job_in_flight():
     assert [r.request_id for r in plan.decode] == ["long"]
 
 
+def test_proactive_offload_for_a_blocked_arrival_takes_the_lowest_ranked_job_and_the_rest_keep_running():
+    """The victims of a blocked request are the best ones (largest ENST), and only they sit out: the jobs that
+    outrank them keep computing. (The scan used to hold out the next jobs in priority order until their blocks
+    sufficed, so B, the highest-ranked running job, was offloaded while A, the lowest, computed.)"""
+    s = _fs(max_batch_size=2, num_device_blocks=12, reserve_blocks=0, reserve_window=None, upload_margin_blocks=0)
+    ex = StrictExecutor(s)
+    s.add(Request("A", 100, 50), 0.0)  # prefill 105 ms: level 4, 7 blocks
+    ex.step(0.0)
+    s.add(Request("B", 20, 50), 0.001)  # 25 ms: level 2, 2 blocks
+    s.add(Request("D", 40, 50), 0.001)  # 45 ms: level 3, 3 blocks; the pool is full
+    ex.step(0.001)
+    assert [s.get(i).priority_level for i in "ABD"] == [4, 2, 3] and s.blocks.num_free_device_blocks == 0
+    s.add(Request("C", 8, 5), 0.002)  # 13 ms: level 1, needs 1 block
+    plan, _, _ = ex.step(0.002)
+    assert [r.request_id for r in plan.swapped_out] == ["A"] and plan.swap_out
+    assert [r.request_id for r in plan.decode] == ["B", "D"]
+    plan, _, _ = ex.step(0.003)
+    assert [e.request_id for e in plan.prefill] == ["C"] and [r.request_id for r in plan.decode] == ["B"]
+
+
+def test_proactive_sets_nobody_aside_for_a_request_that_no_offload_can_make_room_for():
+    """X lacks more blocks than the free ones plus those of every job it outranks (H, above it, holds the
+    rest): offloading cannot help it, so L, below it, keeps decoding beside H, as in reactive mode. (L used to
+    sit out of the batch, idle, until H finished.)"""
+    s = _fs(max_batch_size=4, num_device_blocks=10, reserve_blocks=0, reserve_window=None, upload_margin_blocks=0)
+    ex = StrictExecutor(s, step_time=lambda plan: 0.05)
+    s.add(Request("L", 10, 100), 0.0)  # 15 ms: level 1; 50 ms steps demote it to level 5 in 9 steps
+    now = 0.0
+    for _ in range(9):
+        _, _, elapsed = ex.step(now)
+        now += elapsed
+    assert s.get("L").priority_level == 5 and len(s.get("L").blocks) == 2
+    ex.step_time = lambda plan: 0.001
+    s.add(Request("H", 64, 40), now)  # 69 ms: level 3, 4 blocks (5 once it decodes)
+    ex.step(now)
+    s.add(Request("X", 120, 30), now + 0.001)  # 125 ms: level 4, needs 8 blocks: 10 - H's 5 < 8
+    for k in range(1, 4):
+        plan, _, _ = ex.step(now + 0.001 * k)
+        assert [r.request_id for r in plan.decode] == ["H", "L"] and not plan.swapped_out and not plan.prefill
+
+
 def test_recompute_mode_drops_the_kv_and_reprefills_prompt_and_generated_tokens():
     s = _fs(max_batch_size=1, num_device_blocks=8, swap_mode="recompute", reserve_blocks=0)
     ex = StrictExecutor(s)
