@@ -128,80 +128,96 @@ class ModelConfig:
     # ------------------------------------------------------------------------------------- constructors
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        """Build from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x field names)."""
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x field names).
+
+        Every field is checked for its type as it is read, and every error names ``source`` and the field:
+        counts must be integers (a float with an integral value such as ``64.0`` is taken, ``64.9``, ``"64"``
+        and ``true`` are not), flags JSON booleans, token ids non-negative integers."""
         model_type = cfg.get("model_type")
         archs = cfg.get("architectures") or []
-
-        def need(key: str) -> Any:
-            if key not in cfg or cfg[key] is None:
-                raise ConfigError(f"{source}: missing field {key!r}")
-            return cfg[key]
-
         dtype = _hf_dtype(cfg.get("dtype", cfg.get("torch_dtype")))
+        ids = dict(bos_token_id=_first_id(_token_ids(cfg, "bos_token_id", source)),
+                   eos_token_id=_first_id(_token_ids(cfg, "eos_token_id", source)),
+                   extra_eos_token_ids=tuple(_token_ids(cfg, "eos_token_id", source)[1:]))
         if model_type in ("llama", "mistral", "qwen2"):
-            heads = int(need("num_attention_heads"))
-            hidden = int(need("hidden_size"))
-            rope = cfg.get("rope_parameters") or {}
-            scaling_dict = cfg.get("rope_scaling") or rope
-            theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
-            scaling = _rope_scaling(scaling_dict, source)
-            qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
-            return cls(
+            heads = _int_field(cfg, "num_attention_heads", source)
+            hidden = _int_field(cfg, "hidden_size", source)
+            rope = _dict_field(cfg, "rope_parameters", source)
+            scaling_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+            scaling_dict = _dict_field(cfg, "rope_scaling", source) or rope
+            if "rope_theta" in cfg:
+                theta = _float_field(cfg, "rope_theta", source, 10000.0)
+            else:
+                theta = _float_field(rope, "rope_theta", source, 10000.0, name="rope_parameters.rope_theta")
+            scaling = _rope_scaling(scaling_dict, source, scaling_key)
+            attention_bias = _bool_field(cfg, "attention_bias", source, False)
+            qkv_bias = model_type == "qwen2" or attention_bias
+            return cls._checked(
+                source,
                 architecture="llama",
                 name=str(cfg.get("_name_or_path") or model_type),
-                vocab_size=int(need("vocab_size")),
+                vocab_size=_int_field(cfg, "vocab_size", source),
                 hidden_size=hidden,
-                intermediate_size=int(need("intermediate_size")),
-                num_layers=int(need("num_hidden_layers")),
+                intermediate_size=_int_field(cfg, "intermediate_size", source),
+                num_layers=_int_field(cfg, "num_hidden_layers", source),
                 num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                num_kv_heads=_int_field(cfg, "num_key_value_heads", source, default=heads, none_is_default=True),
+                head_dim=_int_field(cfg, "head_dim", source, default=hidden // heads, none_is_default=True),
+                max_position_embeddings=_int_field(cfg, "max_position_embeddings", source, default=2048, minimum=2),
+                norm_eps=_float_field(cfg, "rms_norm_eps", source, 1e-6),
                 hidden_act=str(cfg.get("hidden_act", "silu")),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=_bool_field(cfg, "tie_word_embeddings", source, False),
                 rope_theta=theta,
                 rope_scaling=scaling,
                 qkv_bias=qkv_bias,
-                o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                o_bias=model_type != "qwen2" and attention_bias,
+                mlp_bias=_bool_field(cfg, "mlp_bias", source, False),
                 sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
                 dtype=dtype,
-                bos_token_id=_first_id(cfg.get("bos_token_id")),
-                eos_token_id=_first_id(cfg.get("eos_token_id")),
-                extra_eos_token_ids=_rest_ids(cfg.get("eos_token_id")),
+                **ids,
             )
         if model_type == "opt":
-            hidden = int(need("hidden_size"))
-            heads = int(need("num_attention_heads"))
+            hidden = _int_field(cfg, "hidden_size", source)
+            heads = _int_field(cfg, "num_attention_heads", source)
+            if hidden % heads:
+                raise ConfigError(f"{source}: field 'hidden_size' ({hidden}) must be a multiple of "
+                                  f"'num_attention_heads' ({heads})")
             act = str(cfg.get("activation_function", "relu"))
-            return cls(
+            return cls._checked(
+                source,
                 architecture="opt",
                 name=str(cfg.get("_name_or_path") or "opt"),
-                vocab_size=int(need("vocab_size")),
+                vocab_size=_int_field(cfg, "vocab_size", source),
                 hidden_size=hidden,
-                intermediate_size=int(need("ffn_dim")),
-                num_layers=int(need("num_hidden_layers")),
+                intermediate_size=_int_field(cfg, "ffn_dim", source),
+                num_layers=_int_field(cfg, "num_hidden_layers", source),
                 num_heads=heads,
                 num_kv_heads=heads,
                 head_dim=hidden // heads,
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                max_position_embeddings=_int_field(cfg, "max_position_embeddings", source, default=2048, minimum=2),
                 norm_eps=1e-5,
                 hidden_act=act,
                 tie_word_embeddings=True,
-                do_layer_norm_before=bool(cfg.get("do_layer_norm_before", True)),
-                word_embed_proj_dim=int(cfg.get("word_embed_proj_dim") or hidden),
-                enable_bias=bool(cfg.get("enable_bias", True)),
-                remove_final_layer_norm=bool(cfg.get("_remove_final_layer_norm", False)),
+                do_layer_norm_before=_bool_field(cfg, "do_layer_norm_before", source, True),
+                word_embed_proj_dim=_int_field(cfg, "word_embed_proj_dim", source, default=hidden,
+                                               none_is_default=True),
+                enable_bias=_bool_field(cfg, "enable_bias", source, True),
+                remove_final_layer_norm=_bool_field(cfg, "_remove_final_layer_norm", source, False),
                 dtype=dtype,
-                bos_token_id=_first_id(cfg.get("bos_token_id")),
-                eos_token_id=_first_id(cfg.get("eos_token_id")),
-                extra_eos_token_ids=_rest_ids(cfg.get("eos_token_id")),
+                **ids,
             )
         raise ConfigError(
             f"{source}: unsupported model_type {model_type!r} (architectures {archs}); "
             "supported: llama, mistral, qwen2, opt"
         )
+
+    @classmethod
+    def _checked(cls, source: str, **fields: Any) -> "ModelConfig":
+        """``cls(**fields)`` with the checks of ``__post_init__`` naming ``source`` too."""
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
@@ -273,11 +289,6 @@ def _first_id(v: Any) -> int | None:
     return int(v) if v is not None else None
 
 
-def _rest_ids(v: Any) -> tuple[int, ...]:
-    """The ids after the first of a config's id list (``eos_token_id: [128001, 128008, 128009]``)."""
-    return tuple(int(i) for i in v[1:]) if isinstance(v, list) else ()
-
-
 def _generation_eos_ids(path: Path) -> tuple[int, ...]:
     """``eos_token_id`` (an id or a list) of a Hugging Face ``generation_config.json``; () when absent."""
     if not path.is_file():
@@ -299,26 +310,92 @@ def _hf_dtype(v: Any) -> str:
     return "float32"
 
 
-def _rope_scaling(d: dict[str, Any], source: str) -> RopeScaling | None:
+_REQUIRED = object()
+
+
+def _int_field(cfg: dict[str, Any], key: str, source: str, *, default: Any = _REQUIRED, minimum: int = 1,
+               none_is_default: bool = False, name: str | None = None) -> int:
+    """``cfg[key]`` as an int >= ``minimum``: a JSON integer, or a float with an integral value (``64.0``);
+    ``64.9``, ``"64"`` and booleans are refused. Absent: ``default`` (a required field's absence, or null, is
+    an error); null is the default too where ``none_is_default``. Errors name ``source`` and the field."""
+    name = name or key
+    v = cfg.get(key)
+    if v is None and (key not in cfg or none_is_default or default is _REQUIRED):
+        if default is _REQUIRED:
+            raise ConfigError(f"{source}: missing field {name!r}")
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{source}: field {name!r} must be an integer, got {v!r}")
+    if v < minimum:
+        raise ConfigError(f"{source}: field {name!r} must be >= {minimum}, got {v}")
+    return v
+
+
+def _float_field(cfg: dict[str, Any], key: str, source: str, default: float, *, name: str | None = None) -> float:
+    """``cfg[key]`` (default when absent) as a finite number > 0; errors name ``source`` and the field."""
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{source}: field {name or key!r} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _bool_field(cfg: dict[str, Any], key: str, source: str, default: bool) -> bool:
+    """``cfg[key]`` as a JSON boolean (absent or null: ``default``); ``"false"`` or ``0`` are refused."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"{source}: field {key!r} must be true or false, got {v!r}")
+    return v
+
+
+def _dict_field(cfg: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    """``cfg[key]`` as a JSON object ({} when absent or null)."""
+    v = cfg.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{source}: field {key!r} must be an object, got {v!r}")
+    return v
+
+
+def _token_ids(cfg: dict[str, Any], key: str, source: str) -> list[int]:
+    """``cfg[key]``: a token id or a list of them (``eos_token_id: [128001, 128008]``), each an int >= 0."""
+    v = cfg.get(key)
+    ids = [] if v is None else v if isinstance(v, list) else [v]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{source}: field {key!r} must be a token id >= 0 or a list of them, got {v!r}")
+    return ids
+
+
+def _rope_scaling(d: dict[str, Any], source: str, field: str = "rope_scaling") -> RopeScaling | None:
+    """The RoPE scaling of a ``rope_scaling`` / ``rope_parameters`` object ``d`` (named ``field`` in errors)."""
     if not d:
         return None
     kind = d.get("rope_type", d.get("type", "default"))
     if kind in (None, "default"):
         return None
+    if kind not in ("linear", "llama3"):
+        raise ConfigError(
+            f"{source}: unsupported {field}.rope_type {kind!r} (supported: default, linear, llama3)"
+        )
+    for key in ("factor",) + (("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                              if kind == "llama3" else ()):
+        if d.get(key) is None:
+            raise ConfigError(f"{source}: {field} of type {kind} lacks field {key!r}")
+    factor = _float_field(d, "factor", source, 1.0, name=f"{field}.factor")
     if kind == "linear":
-        return RopeScaling("linear", factor=float(d["factor"]))
-    if kind == "llama3":
-        try:
-            return RopeScaling(
-                "llama3",
-                factor=float(d["factor"]),
-                low_freq_factor=float(d["low_freq_factor"]),
-                high_freq_factor=float(d["high_freq_factor"]),
-                original_max_position_embeddings=int(d["original_max_position_embeddings"]),
-            )
-        except KeyError as e:
-            raise ConfigError(f"{source}: rope_scaling of type llama3 lacks field {e.args[0]!r}") from e
-    raise ConfigError(f"{source}: unsupported rope_scaling.rope_type {kind!r} (supported: default, linear, llama3)")
+        return RopeScaling("linear", factor=factor)
+    return RopeScaling(
+        "llama3",
+        factor=factor,
+        low_freq_factor=_float_field(d, "low_freq_factor", source, 1.0, name=f"{field}.low_freq_factor"),
+        high_freq_factor=_float_field(d, "high_freq_factor", source, 4.0, name=f"{field}.high_freq_factor"),
+        original_max_position_embeddings=_int_field(d, "original_max_position_embeddings", source,
+                                                    name=f"{field}.original_max_position_embeddings"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ presets
