@@ -39,6 +39,11 @@ _DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _is_count(v: object) -> bool:
+    """An integer >= 0 read from JSON (a bool is not one)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class _File:
     """One safetensors file: its parsed header and a lazy memory map."""
 
@@ -69,14 +74,21 @@ class _File:
         data_len = size - self.data_start
         for name, info in header.items():
             try:
-                dt_name, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as e:
+                dt_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            except (KeyError, TypeError) as e:
                 raise SafetensorsError(f"corrupt header entry for tensor {name!r} in {path}: {info!r}") from e
-            if dt_name not in _DTYPES:
-                raise SafetensorsError(f"tensor {name!r} in {path} has unsupported dtype {dt_name}")
+            if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+                raise SafetensorsError(f"corrupt header entry for tensor {name!r} in {path}: shape must be a list of "
+                                       f"integers >= 0, got {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+                raise SafetensorsError(f"corrupt header entry for tensor {name!r} in {path}: data_offsets must be "
+                                       f"two integers >= 0, got {offsets!r}")
+            shape, (begin, end) = tuple(shape), offsets
+            if not isinstance(dt_name, str) or dt_name not in _DTYPES:
+                raise SafetensorsError(f"tensor {name!r} in {path} has unsupported dtype {dt_name!r}")
             dt = _DTYPES[dt_name]
             expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-            if end - begin != expected or begin < 0:
+            if end - begin != expected:
                 raise SafetensorsError(
                     f"corrupt header for tensor {name!r} in {path}: offsets {begin}..{end} hold {end - begin} "
                     f"bytes, shape {list(shape)} {dt_name} needs {expected}"
@@ -140,6 +152,13 @@ def find_safetensors(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, RecursionError, KeyError, TypeError) as e:
             raise SafetensorsError(f"corrupt index {index}: {e!r}") from e
+        if not isinstance(weight_map, dict):
+            raise SafetensorsError(f"corrupt index {index}: field 'weight_map' must be an object of tensor name to "
+                                   f"file name, got {type(weight_map).__name__}")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+        if bad is not None:
+            raise SafetensorsError(f"corrupt index {index}: field 'weight_map' maps tensor {bad[0]!r} to {bad[1]!r}, "
+                                   "not a file name")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:

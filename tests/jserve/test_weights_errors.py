@@ -256,3 +256,86 @@ def test_an_unwritable_weight_cache_still_loads_the_model(llama_dir, tmp_path):
     assert model.load_info["cache"] == "off"
     for a, b in zip(_leaves(model), _leaves(load(llama_dir)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _edit_header(path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with ``edit(header)``, keeping its data."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _edit_index(d, edit) -> None:
+    index = d / "model.safetensors.index.json"
+    j = json.loads(index.read_text())
+    edit(j)
+    index.write_text(json.dumps(j))
+
+
+def _set_config(d, **fields) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(fields)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+# Each damage raised a raw Python exception (a traceback from the jserve command) before.
+DAMAGES = {
+    "data_offsets strings": (  # TypeError: unsupported operand type(s) for -: 'str' and 'str'
+        False, lambda d: _edit_header(d / "model.safetensors",
+                                      lambda h: h["model.norm.weight"].update(data_offsets=["0", "256"])),
+        SafetensorsError, r"model\.safetensors: data_offsets must be two integers >= 0, got \['0', '256'\]"),
+    "shape strings": (  # int("64") was taken
+        False, lambda d: _edit_header(d / "model.safetensors", lambda h: h["model.norm.weight"].update(shape=["64"])),
+        SafetensorsError, r"'model\.norm\.weight' in .*model\.safetensors: shape must be a list of integers"),
+    "dtype a list": (  # TypeError: unhashable type: 'list'
+        False, lambda d: _edit_header(d / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype=["F32"])),
+        SafetensorsError, r"'model\.norm\.weight' in .*model\.safetensors has unsupported dtype \['F32'\]"),
+    "weight_map a list": (  # AttributeError: 'list' object has no attribute 'values'
+        True, lambda d: _edit_index(d, lambda j: j.update(weight_map=[1])),
+        SafetensorsError, r"model\.safetensors\.index\.json: field 'weight_map' must be an object"),
+    "weight_map value an int": (  # TypeError: '<' not supported between instances of 'int' and 'str'
+        True, lambda d: _edit_index(d, lambda j: j["weight_map"].update({"model.norm.weight": 5})),
+        SafetensorsError, r"index\.json: field 'weight_map' maps tensor 'model\.norm\.weight' to 5, not a file name"),
+    "linear rope_scaling without factor": (  # KeyError: 'factor'
+        False, lambda d: _set_config(d, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}),
+        ConfigError, r"config\.json: rope_parameters of type linear lacks field 'factor'"),
+    "linear rope_scaling (4.x) without factor": (
+        False, lambda d: _set_config(d, rope_scaling={"type": "linear"}),
+        ConfigError, r"config\.json: rope_scaling of type linear lacks field 'factor'"),
+}
+
+
+@pytest.fixture
+def damaged(hf_checkpoints, tmp_path):
+    def make(damage: str):
+        sharded, edit, error, message = DAMAGES[damage]
+        d = tmp_path / "model"
+        shutil.copytree(hf_checkpoints("llama", sharded=sharded).path, d)
+        edit(d)
+        return d, error, message
+
+    return make
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_malformed_files_raise_the_modules_own_error_naming_file_and_field(damaged, damage):
+    d, error, message = damaged(damage)
+    with pytest.raises(error, match=message):
+        load(d)
+
+
+@pytest.mark.parametrize("damage", ["data_offsets strings", "weight_map a list", "linear rope_scaling without factor"])
+def test_jserve_generate_prints_one_line_for_a_malformed_model(damaged, damage, capsys):
+    from jserve.cli import main
+
+    d, _, message = damaged(damage)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--model", str(d)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jserve: error: cannot load model") and err.count("\n") == 1, err
+    assert re.search(message, err) and "Traceback" not in err
