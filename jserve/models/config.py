@@ -118,7 +118,7 @@ class ModelConfig:
             mlp = 2 * h * f + f + h
             layer = attn + mlp + 4 * h
             total = self.num_layers * layer + v * e + (self.max_position_embeddings + self.position_offset) * h
-            total += 2 * h + (2 * h * e if e != h else 0)
+            total += 2 * h + (2 * h * e if e != h else 0) + (0 if self.tie_word_embeddings else v * e)
         return int(total)
 
     def kv_bytes_per_token(self, kv_dtype_bytes: int | None = None) -> int:
@@ -197,7 +197,7 @@ class ModelConfig:
                 max_position_embeddings=_int_field(cfg, "max_position_embeddings", source, default=2048, minimum=2),
                 norm_eps=1e-5,
                 hidden_act=act,
-                tie_word_embeddings=True,
+                tie_word_embeddings=_bool_field(cfg, "tie_word_embeddings", source, True),  # OPTConfig's default
                 do_layer_norm_before=_bool_field(cfg, "do_layer_norm_before", source, True),
                 word_embed_proj_dim=_int_field(cfg, "word_embed_proj_dim", source, default=hidden,
                                                none_is_default=True),

@@ -79,6 +79,9 @@ def convert_tensors(
     unmapped = sorted(set(shapes) - spec_params)
     if unmapped:
         raise WeightError(f"name map has no entry for model parameter(s) {unmapped[:5]}")
+    unknown = sorted(spec_params - set(shapes))
+    if unknown:  # its tensor would be read and then dropped, never reaching the model
+        raise WeightError(f"name map fills parameter(s) {unknown[:5]} that the model does not have")
     names = {normalize(n): n for n in source.keys()}
     missing = [s.source for s in specs if s.source not in names]
     if missing:

@@ -71,6 +71,8 @@ def hf_name_map(cfg: ModelConfig) -> list[TensorSpec]:
         if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm:
             s.append(TensorSpec("final_layer_norm.weight", f"{d}.final_layer_norm.weight"))
             s.append(TensorSpec("final_layer_norm.bias", f"{d}.final_layer_norm.bias"))
+        if not cfg.tie_word_embeddings:  # [vocab, word_embed_proj_dim], after project_out
+            _linear(s, "lm_head", "lm_head", False)
         return s
     raise ValueError(f"no Hugging Face name map for architecture {cfg.architecture!r}")
 
