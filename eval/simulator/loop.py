@@ -28,6 +28,7 @@ import time as _time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from schedulers import contract
 from schedulers.cost import IterationCostModel
 from schedulers.request import KVLocation, Request
 
@@ -88,45 +89,49 @@ def _pool_usage_reader(scheduler) -> Callable[[], tuple[int, int]]:
     return count
 
 
-def check_invariants(scheduler, plan) -> None:
-    """Contract checks after ``schedule`` (used by ``check=True`` and the tests). Raises ``SimulationError``."""
+def check_invariants(scheduler, plan, reported: set | None = None) -> None:
+    """Contract checks after ``schedule`` (used by ``check=True`` and the tests). Raises ``SimulationError``.
+
+    The rules are ``schedulers.contract.check_plan``'s (the test harness checks the same ones): batch size and
+    token budget, every batch member live, RUNNING and on the device with a table that covers its tokens, no
+    computing on KV that an overlapped swap-in is still bringing, no write to a page another request holds or
+    an overlapped copy touches, swap pairs inside the pools. Then the scheduler's own ``check_invariants()``
+    (block accounting and its queues) when it has one; a scheduler without one gets a plain ownership check of
+    the pools. ``reported``: ids already reported rejected by earlier plans (a second report fails)."""
+    try:
+        contract.check_plan(scheduler, plan, reported)
+        own = getattr(scheduler, "check_invariants", None)
+        if callable(own):
+            own()
+        else:
+            _check_pools(scheduler)
+    except AssertionError as exc:
+        raise SimulationError(f"{getattr(scheduler, 'name', type(scheduler).__name__)}: {exc}") from exc
+
+
+def check_step_end(scheduler, finished) -> None:
+    """Contract checks after ``on_step_end`` (``check=True``): the finished requests are finished and hold no
+    KV, and the scheduler's own ``check_invariants()`` holds. Raises ``SimulationError``."""
+    try:
+        contract.check_step_end(scheduler, finished)
+    except AssertionError as exc:
+        raise SimulationError(f"{getattr(scheduler, 'name', type(scheduler).__name__)}: {exc}") from exc
+
+
+def _check_pools(scheduler) -> None:
+    """For a scheduler without ``check_invariants``: live requests' blocks are distinct pages of their pool."""
     cfg = scheduler.config
-    live = scheduler.requests
-    batch = plan.batch()
-    ids = [r.request_id for r in batch]
-    if len(set(ids)) != len(ids):
-        raise SimulationError(f"a request appears twice in one batch: {ids}")
-    if len(batch) > cfg.max_batch_size:
-        raise SimulationError(f"batch of {len(batch)} exceeds max_batch_size={cfg.max_batch_size}")
-    for r in batch:
-        if live.get(r.request_id) is not r:
-            raise SimulationError(f"request {r.request_id!r} is in the batch but not live in the scheduler")
-    for e in plan.prefill:
-        if not 1 <= e.num_tokens <= e.request.num_uncomputed_tokens:
-            raise SimulationError(
-                f"request {e.request_id!r}: prefill of {e.num_tokens} tokens, {e.request.num_uncomputed_tokens} uncomputed"
-            )
-    for r in plan.decode:
-        if r.num_uncomputed_tokens != 1:
-            raise SimulationError(f"request {r.request_id!r} decodes with {r.num_uncomputed_tokens} uncomputed tokens")
-    moving = {r.request_id for r in plan.swapped_out} | {r.request_id for r in plan.swapped_in}
-    overlapped = moving & set(ids)
-    if overlapped and (plan.swap_out or plan.swap_in) and not (plan.sync_swap_out or plan.sync_swap_in):
-        raise SimulationError(f"requests {sorted(overlapped)} are in the batch and in an overlapped swap")
     for pool, total in ((KVLocation.DEVICE, cfg.num_device_blocks), (KVLocation.HOST, cfg.num_host_blocks)):
         seen: set[int] = set()
         used = 0
-        for r in live.values():
+        for r in scheduler.requests.values():
             if r.kv_location is pool:
                 used += len(r.blocks)
                 seen.update(r.blocks)
         if len(seen) != used:
-            raise SimulationError(f"two live requests share a {pool.value} block")
+            raise AssertionError(f"two live requests share a {pool.value} block")
         if used > total or (seen and (min(seen) < 0 or max(seen) >= total)):
-            raise SimulationError(f"{pool.value} blocks out of range: {used} used of {total}")
-    for r in batch:
-        if r.kv_location is not KVLocation.DEVICE and r.num_computed_tokens > 0:
-            raise SimulationError(f"request {r.request_id!r} computes but its KV is on {r.kv_location.value}")
+            raise AssertionError(f"{pool.value} blocks out of range: {used} used of {total}")
 
 
 def simulate(
@@ -145,11 +150,13 @@ def simulate(
     """Run ``workload`` through ``scheduler`` and return per-request records and the iteration trace.
 
     ``horizon`` stops the run at that simulated time (requests still running are reported unfinished);
-    ``check`` validates the plan contract every step (slow); ``on_step(now, plan, duration)`` is called after
-    each non-empty step (for tests and notebooks). A run in which steps keep running but no request samples a
-    token for ``livelock_iterations + 4 * max_model_len * live requests`` iterations stops with ``livelock``
-    (each sample-free step computes at least one prompt token unless KV is dropped, so a live request can
-    legitimately go at most about ``max_model_len`` steps per recompute without sampling)."""
+    ``check`` validates every plan and the scheduler's state after every step against the executor contract
+    (``check_invariants``, ``check_step_end``; slow) and raises ``SimulationError`` at the first fault;
+    ``on_step(now, plan, duration)`` is called after each non-empty step (for tests and notebooks). A run in
+    which steps keep running but no request samples a token for ``livelock_iterations + 4 * max_model_len *
+    live requests`` iterations stops with ``livelock`` (each sample-free step computes at least one prompt
+    token unless KV is dropped, so a live request can legitimately go at most about ``max_model_len`` steps
+    per recompute without sampling)."""
     from schedulers.cost import plan_compute_time
 
     wall0 = _time.perf_counter()
@@ -176,6 +183,7 @@ def simulate(
     link_time = link.time
     step_cost = cost.step_time
     live = scheduler.requests
+    reported: set = set()  # rejections reported so far (check=True)
 
     t = trace
     a_start, a_dur, a_comp, a_sync, a_ovl = t.start.append, t.duration.append, t.compute.append, t.sync_copy.append, t.overlap_copy.append
@@ -212,9 +220,11 @@ def simulate(
         iterations += 1
         plan = scheduler.schedule(now)
         if check:
-            check_invariants(scheduler, plan)
+            check_invariants(scheduler, plan, reported)
         if plan.is_empty:
-            scheduler.on_step_end(plan, now, 0.0)
+            done = scheduler.on_step_end(plan, now, 0.0)
+            if check:
+                check_step_end(scheduler, done)
             if i < n_total:
                 now = pending[i].arrival_time
                 idle_plans = 0
@@ -264,6 +274,8 @@ def simulate(
         n_live = len(live)
 
         finished = scheduler.on_step_end(plan, end, duration)
+        if check:
+            check_step_end(scheduler, finished)
         for rid in samplers:
             first_token[rid] = end
         for r in finished:

@@ -1,9 +1,11 @@
 """A tiny, strict executor for scheduler tests: applies plans to fake KV pools and checks every rule.
 
-The executor keeps a *content tag* in every device and host page: ``(request_id, logical_block)`` of the
-KV it holds. It performs a plan in the order ``schedulers.plan`` prescribes (sync swap-out, sync swap-in,
-then the compute together with the overlapped copies) and checks, independently of the scheduler's own
-bookkeeping:
+Every plan first passes ``schedulers.contract.check_plan`` and every step end ``check_step_end`` (the rules
+that need no KV contents, which the simulator's ``check=True`` applies too; they include the scheduler's own
+``check_invariants()``). On top of them the executor keeps a *content tag* in every device and host page:
+``(request_id, logical_block)`` of the KV it holds. It performs a plan in the order ``schedulers.plan``
+prescribes (sync swap-out, sync swap-in, then the compute together with the overlapped copies) and checks,
+independently of the scheduler's own bookkeeping:
 
 * a computing request's pages hold its own KV for every token already computed (so every swap mapping
   moved the right data to the right place), and its table covers the tokens it computes now;
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schedulers import KVLocation, Request, RequestState, StepPlan
+from schedulers import KVLocation, Request, StepPlan
+from schedulers.contract import check_plan, check_step_end
 
 
 @dataclass
@@ -52,39 +55,22 @@ class StrictExecutor:
 
     def step(self, now: float, early_stop=(), during=None) -> tuple[StepPlan, list[Request], float]:
         """Schedule, execute and end one step; ``during(plan)`` runs after execution, before on_step_end."""
-        s, cfg = self.s, self.s.config
+        s = self.s
         plan = s.schedule(now)
         if self.record:
             self.result.plans.append(_summary(plan))
+        # The rules that need no KV contents (batch and budget limits, live RUNNING device members, tables,
+        # in-flight pages, pool ids, one-time rejections) are the contract's, shared with the simulator.
+        check_plan(s, plan, self._reported_rejections)
         for r, reason in plan.rejected:
-            assert r.state is RequestState.REJECTED and reason, (r, reason)
-            assert r.request_id not in self._reported_rejections, f"{r.request_id} rejected twice"
-            self._reported_rejections.add(r.request_id)
             self.result.rejected[r.request_id] = reason
         batch = plan.batch()
-        ids = [r.request_id for r in batch]
-        assert len(ids) == len(set(ids)), f"request twice in one batch: {ids}"
-        assert plan.batch_size <= cfg.max_batch_size, (plan.batch_size, cfg.max_batch_size)
-        assert plan.num_batched_tokens <= cfg.max_tokens_per_batch, (plan.num_batched_tokens, cfg.max_tokens_per_batch)
         for r in batch:
-            assert r.request_id in s.requests, f"{r.request_id} runs but is not live"
-            assert r.state is RequestState.RUNNING
             assert r.request_id not in self.result.rejected
-        # Ids in the plan must be physical pages of the right pool.
-        for d, h in plan.swap_out + plan.sync_swap_out:
-            assert 0 <= d < cfg.num_device_blocks and d not in cfg.reserved_device_ids and 0 <= h < cfg.num_host_blocks
-        for h, d in plan.swap_in + plan.sync_swap_in:
-            assert 0 <= d < cfg.num_device_blocks and d not in cfg.reserved_device_ids and 0 <= h < cfg.num_host_blocks
 
         # A swap-out copies a page. The copy of a prefix page (tagged by its key) leaves it in place, as on a
         # device, where a cached page keeps its contents until it is written again; any other swap-out
         # source is emptied, so that a read of it fails.
-        holders: dict[int, set] = {}
-        for q in s.requests.values():
-            if q.kv_location is KVLocation.DEVICE:
-                for b in q.blocks:
-                    holders.setdefault(b, set()).add(q.request_id)
-
         def copy_out(d: int, h: int) -> None:
             got = self.device.get(d)
             self.host[h] = got if got is not None and got[0] == "prefix" else self.device.pop(d, None)
@@ -94,35 +80,23 @@ class StrictExecutor:
             copy_out(d, h)
         for h, d in plan.sync_swap_in:
             self.device[d] = self.host.pop(h, None)
-        # 2. Compute (reads and writes) concurrently with overlapped copies.
-        in_flight = {d for _, d in plan.swap_in}
+        # 2. Compute (reads and writes) concurrently with overlapped copies. check_plan made sure that no page
+        # it writes is another request's or touched by an overlapped copy; here the contents are checked.
         out_src = {d for d, _ in plan.swap_out}
-        written: set[int] = set()
         entries = [(e.request, e.num_tokens) for e in plan.prefill] + [(r, 1) for r in plan.decode]
         for r, n in entries:
-            assert r.kv_location is KVLocation.DEVICE, f"{r.request_id} computes with KV {r.kv_location}"
-            assert 1 <= n <= r.num_uncomputed_tokens
-            assert not in_flight.intersection(r.blocks), f"{r.request_id} computes while its KV is still arriving"
             for b in out_src.intersection(r.blocks):  # only a prefix page shared with the request swapped out
                 assert (self.device.get(b) or ("",))[0] == "prefix", f"{r.request_id} computes on blocks being swapped out"
             c = r.num_computed_tokens
-            assert len(r.blocks) * self.bs >= c + n, f"{r.request_id}: table too short for {c}+{n} tokens"
             for i in range(-(-c // self.bs)):
                 got = self.device.get(r.blocks[i])
                 assert got == _tag(r, i), f"{r.request_id} block {i} (page {r.blocks[i]}) holds {got}"
             for i in range(c // self.bs, -(-(c + n) // self.bs)):
-                others = holders.get(r.blocks[i], set()) - {r.request_id}
-                assert not others, f"{r.request_id} writes page {r.blocks[i]}, which {others} also hold"
-                written.add(r.blocks[i])
                 self.device[r.blocks[i]] = _tag(r, i)
-        assert not written & out_src, "compute wrote a page that an overlapped swap-out reads"
         for d, h in plan.swap_out:
             copy_out(d, h)
         for h, d in plan.swap_in:
-            assert d not in written, "compute wrote a page that an overlapped swap-in fills"
             self.device[d] = self.host.pop(h, None)
-        for r in plan.dropped:
-            assert r.kv_location is KVLocation.NONE and r.num_computed_tokens == 0
         elapsed = self.step_time(plan) if self.step_time else 0.001 + 1e-5 * plan.num_batched_tokens
         if plan.is_empty:
             elapsed = 0.0
@@ -136,10 +110,9 @@ class StrictExecutor:
         if self.grow_keys:
             for r in batch:
                 self._grow_keys(r)
+        check_step_end(s, finished)  # finished requests hold nothing; the scheduler's check_invariants()
         for r in finished:
-            assert r.state is RequestState.FINISHED and r.kv_location is KVLocation.NONE
             self.result.finished[r.request_id] = r
-        s.check_invariants()
         self.result.max_device_used = max(self.result.max_device_used, s.blocks.num_used_device_blocks)
         self.result.steps += 1
         return plan, finished, elapsed
