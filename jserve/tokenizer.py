@@ -1,10 +1,11 @@
 """Tokenizers from local files: a ``tokenizer.json``, a Hugging Face model directory, or a GGUF file.
 
 ``load_tokenizer(source)`` returns a :class:`Tokenizer` wrapping a ``tokenizers.Tokenizer`` plus the special
-token ids and the chat template (from ``tokenizer_config.json`` or the GGUF ``tokenizer.chat_template`` key,
-rendered with jinja2). For GGUF files the BPE vocabulary is rebuilt from the ``tokenizer.ggml.*`` metadata:
-tokens, merges and token types (control / user-defined tokens become special added tokens), with the
-byte-level pre-tokenizer that the file's ``tokenizer.ggml.pre`` names.
+token ids and the chat template (from ``chat_template.jinja`` or ``tokenizer_config.json``, or the GGUF
+``tokenizer.chat_template`` key; rendered with jinja2 as transformers renders it). For GGUF files the BPE
+vocabulary is rebuilt from the ``tokenizer.ggml.*`` metadata: tokens, merges and token types (control /
+user-defined tokens become special added tokens), with the byte-level pre-tokenizer that the file's
+``tokenizer.ggml.pre`` names.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import functools
 import json
 import os
 import re
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -41,6 +45,10 @@ class Tokenizer:
     bos_token: str | None = None
     eos_token: str | None = None
     add_bos_token: bool = False  # prepend BOS when encode(..., add_special_tokens=True)
+    # the named special tokens a chat template sees (bos_token ... mask_token, those the source names), and the
+    # named chat templates ({"default": ..., "tool_use": ...}) when the source has several
+    special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    chat_templates: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -126,35 +134,45 @@ class Tokenizer:
 
     def apply_chat_template(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         chat_template: str | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
     ) -> str | list[int]:
-        """Render ``messages`` ([{"role", "content"}, ...]) with the model's chat template (jinja2), or with
-        ``chat_template`` when given. A template that fails (its own ``raise_exception``, a jinja syntax or
-        runtime error) raises ``TokenizerError``."""
-        template = self.chat_template if chat_template is None else chat_template
-        if template is not None and not isinstance(template, str):
-            raise TokenizerError(f"chat_template must be a string (a jinja template), got {type(template).__name__}")
-        if not template:
-            raise TokenizerError("this tokenizer has no chat template (chat_template is empty)")
+        """Render ``messages`` ([{"role", "content"}, ...]) with the model's chat template (jinja2, sandboxed), or
+        with ``chat_template`` (a template, or the name of one of the model's named templates), as transformers'
+        ``apply_chat_template(..., tokenize=False)`` renders it: the template sees ``messages`` (keys whose value
+        is None dropped; a reasoning text also under ``reasoning_content`` and ``thinking``),
+        ``tools`` and ``documents`` (None unless given: lists of JSON-schema / document dicts; with tools the
+        model's ``tool_use`` template is chosen when it has one), ``add_generation_prompt``, the tokenizer's
+        named special tokens (``bos_token``, ``eos_token``, ``unk_token``, ``pad_token``...; those it has), and
+        ``template_kwargs`` (``enable_thinking=False``, ``date_string=...``; they override special tokens), with
+        transformers' ``tojson`` filter (no HTML escaping, keys in order), ``strftime_now`` and
+        ``raise_exception``. Unlike transformers, ``add_generation_prompt`` defaults to True. A template that
+        fails (its own ``raise_exception``, a jinja syntax or run-time error) raises ``TokenizerError``."""
+        template = self._select_chat_template(chat_template, tools)
+        for name, value in (("tools", tools), ("documents", documents)):
+            if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value)):
+                raise TokenizerError(f"{name} must be a list of dicts, got {value!r:.80}")
+        context = dict(self.special_tokens)
+        if self.bos_token is not None:
+            context["bos_token"] = self.bos_token
+        if self.eos_token is not None:
+            context["eos_token"] = self.eos_token
+        context.update(_plain(template_kwargs))  # the caller's values win, as in transformers
         from jinja2 import TemplateError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-
-        def raise_exception(message: str) -> None:
-            raise TokenizerError(f"chat template error: {message}")
-
-        env.globals["raise_exception"] = raise_exception
         try:
-            text = env.from_string(template).render(
-                messages=messages,
+            text = _compile_chat_template(template).render(
+                messages=_template_messages(messages),
+                tools=_plain(None if tools is None else list(tools)),
+                documents=_plain(None if documents is None else list(documents)),
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
+                **context,
             )
         except TokenizerError:  # the template's own raise_exception
             raise
@@ -163,6 +181,105 @@ class Tokenizer:
         except Exception as e:  # a run-time error inside the template: {{ 1/0 }}, {{ 'a' + 1 }}
             raise TokenizerError(f"chat template error while rendering: {type(e).__name__}: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _select_chat_template(self, chat_template: str | None, tools: Any) -> str:
+        """The template to render: ``chat_template`` (a template, or a named template's name), else with tools
+        the ``tool_use`` named template, else the model's default one (transformers' ``get_chat_template``)."""
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TokenizerError(f"chat_template must be a string (a jinja template), got "
+                                 f"{type(chat_template).__name__}")
+        if chat_template is not None:
+            template = self.chat_templates.get(chat_template, chat_template)
+        elif tools is not None and "tool_use" in self.chat_templates:
+            template = self.chat_templates["tool_use"]
+        else:
+            template = self.chat_template
+        if not template:
+            named = f" (its named templates: {', '.join(sorted(self.chat_templates))})" if self.chat_templates else ""
+            raise TokenizerError(f"this tokenizer has no chat template (chat_template is empty){named}")
+        return template
+
+
+# The named special tokens transformers hands a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# The names a message's reasoning goes under; a template reads one of them (transformers fills all three).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` rebuilt from plain JSON types, as transformers rebuilds everything a template sees: a template
+    from the Hub is untrusted code, and a rich object's methods (a file's ``write``) are open to it in the
+    sandbox. Subclasses of str / int / float become the base type, dataclasses and pydantic models dicts,
+    numpy scalars Python ones, anything else a placeholder naming its type (``"<ndarray>"``)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _template_messages(messages: Any) -> list[dict[str, Any]]:
+    """The messages a chat template sees, as transformers passes them: plain copies (``_plain``) without the
+    keys whose value is None (an OpenAI ``"content": null`` or ``"tool_calls": null`` is absent, not the string
+    "None"), and a message's reasoning (its first of ``reasoning_content``, ``thinking``, ``reasoning``) also
+    under ``reasoning_content`` and, unless it has one, ``thinking``."""
+    if not isinstance(messages, (list, tuple)):
+        raise TokenizerError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    out = []
+    for j, m in enumerate(_plain(list(messages))):
+        if not isinstance(m, dict):
+            raise TokenizerError(f"message {j} must be a dict, got {m!r:.80}")
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_FIELDS if k in m), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' ``tojson`` filter: plain ``json.dumps`` (jinja's own escapes HTML and sorts the keys)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    """The local date/time formatted (Llama 3.x templates date their system prompt with it)."""
+    return datetime.now().strftime(fmt)
+
+
+def _raise_exception(message: str) -> None:
+    raise TokenizerError(f"chat template error: {message}")
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_chat_template(template: str):
+    """``template`` compiled in a sandboxed jinja environment set up as transformers sets up its own (cached:
+    the server renders the same template for every request)."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -191,14 +308,41 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _chat_template(value: Any, config_path: Path) -> str | None:
-    """``chat_template`` of a tokenizer_config.json: a string, or named templates (the "default" one)."""
-    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
-        value = next((t.get("template") for t in value if t.get("name") == "default"), None)
-    if value is not None and not isinstance(value, str):
-        raise TokenizerError(f"{config_path}: chat_template must be a string or a list of "
-                             f"{{\"name\", \"template\"}} objects, got {json.dumps(value)[:60]}")
-    return value
+def _named_templates(value: Any, config_path: Path) -> dict[str, str]:
+    """``chat_template`` of a tokenizer_config.json as named templates: a string is the "default" one; a list of
+    ``{"name", "template"}`` objects names each."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise TokenizerError(f"{config_path}: chat_template must be a string or a list of "
+                         f"{{\"name\", \"template\"}} objects, got {json.dumps(value)[:60]}")
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from e
+
+
+def _chat_templates(config: dict[str, Any], config_path: Path) -> dict[str, str]:
+    """A model directory's named chat templates, found as transformers finds them: ``chat_template.jinja`` (the
+    "default" one) and ``additional_chat_templates/NAME.jinja`` replace tokenizer_config.json's ``chat_template``
+    when there are any."""
+    directory = config_path.parent
+    files: dict[str, str] = {}
+    if (directory / "chat_template.jinja").is_file():
+        files["default"] = _read_template(directory / "chat_template.jinja")
+    extra = directory / "additional_chat_templates"
+    if extra.is_dir():
+        for f in sorted(extra.glob("*.jinja")):
+            files[f.name.removesuffix(".jinja")] = _read_template(f)
+    named = _named_templates(config.get("chat_template"), config_path)  # checked even when the files win
+    return files or named
 
 
 def _from_tokenizer_json(path: Path, config_path: Path) -> Tokenizer:
@@ -214,23 +358,20 @@ def _from_tokenizer_json(path: Path, config_path: Path) -> Tokenizer:
             raise TokenizerError(f"cannot parse {config_path}: {e}") from e
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")
-    bos = _token_content(config.get("bos_token"))
-    eos = _token_content(config.get("eos_token"))
-    template = _chat_template(config.get("chat_template"), config_path)
-    chat_file = config_path.with_name("chat_template.jinja")
-    if template is None and chat_file.is_file():
-        try:
-            template = chat_file.read_text()
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"cannot read {chat_file}: {e}") from e
+    special = {name: tok for name in _SPECIAL_TOKEN_NAMES
+               if (tok := _token_content(config.get(name))) is not None}
+    bos, eos = special.get("bos_token"), special.get("eos_token")
+    templates = _chat_templates(config, config_path)
     return Tokenizer(
         backend=backend,
         bos_token_id=backend.token_to_id(bos) if bos else None,
         eos_token_id=backend.token_to_id(eos) if eos else None,
-        chat_template=template,
+        chat_template=templates.get("default"),
         bos_token=bos,
         eos_token=eos,
         add_bos_token=bool(config.get("add_bos_token", False)),
+        special_tokens=special,
+        chat_templates=templates if set(templates) != {"default"} else {},
     )
 
 
@@ -318,13 +459,22 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> 
         v = meta.get(key)
         return int(v) if v is not None else None
 
+    def token(key: str) -> str | None:
+        i = token_id(key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
     bos_id, eos_id = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
+    # the special tokens transformers' GGUF conversion names (it reads these four ids)
+    special = {name: tok for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                                           ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
+               if (tok := token(f"tokenizer.ggml.{key}")) is not None}
     return Tokenizer(
         backend=backend,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         chat_template=meta.get("tokenizer.chat_template"),
-        bos_token=tokens[bos_id] if bos_id is not None and bos_id < len(tokens) else None,
-        eos_token=tokens[eos_id] if eos_id is not None and eos_id < len(tokens) else None,
+        bos_token=special.get("bos_token"),
+        eos_token=special.get("eos_token"),
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        special_tokens=special,
     )

@@ -195,3 +195,131 @@ def test_a_well_formed_tokenizer_config_still_loads(tmp_path):
         {"eos_token": {"content": "</s>"}, "chat_template": [{"name": "default", "template": "{{ 1 }}"}]}))
     tok = load_tokenizer(d)
     assert tok.eos_token_id == 7 and tok.chat_template == "{{ 1 }}" and tok.encode("hi") == [5]
+
+
+# ------------------------------------------------------------------ chat templates rendered as transformers does
+
+_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "[UNK]", "pad_token": "<pad>", "sep_token": "<sep>",
+             "mask_token": "<mask>"}  # no cls_token: a token the tokenizer lacks is undefined, not ""
+_LLAMA32_DATE = ('{%- if not date_string is defined %}{%- if strftime_now is defined %}'
+                 '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}'
+                 '{%- endif %}{%- endif %}Today Date: {{ date_string }}\n'
+                 '{% for m in messages %}{{ m["role"] }}: {{ m["content"] }}\n{% endfor %}')
+_TOJSON_MESSAGES = [{"role": "user", "content": "café <b> & 'q' \"x\"", "meta": {"z": 1, "a": [2, "é"]}}]
+
+
+def _hf_and_jserve(tmp_path: Path, config: dict, files: dict[str, str] | None = None):
+    """The same tiny tokenizer directory loaded by transformers and by jserve."""
+    transformers = pytest.importorskip("transformers")
+    d = _word_level_dir(tmp_path)
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    for name, text in (files or {}).items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+    return transformers.AutoTokenizer.from_pretrained(str(d)), load_tokenizer(d)
+
+
+def _both(hf, js, messages, **kwargs) -> tuple[str, str]:
+    agp = kwargs.pop("add_generation_prompt", True)
+    ref = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=agp, **kwargs)
+    return js.apply_chat_template(messages, add_generation_prompt=agp, **kwargs), ref
+
+
+@pytest.mark.parametrize("template, messages, kwargs", [
+    # transformers' tojson: no HTML escaping, non-ASCII kept, keys in their order (jinja's: \u00e9, \u003c, sorted)
+    ("{% for m in messages %}{{ m['content'] | tojson }} {{ m['meta'] | tojson }}{% endfor %}", _TOJSON_MESSAGES, {}),
+    ("{{ messages[0]['meta'] | tojson(indent=2) }}|{{ messages[0]['meta'] | tojson(sort_keys=True) }}|"
+     "{{ messages[0]['meta'] | tojson(ensure_ascii=True, separators=(',', ':')) }}", _TOJSON_MESSAGES, {}),
+    # every named special token of tokenizer_config.json (unk_token and pad_token were "")
+    ("[{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}|{{ sep_token }}|{{ mask_token }}|"
+     "{{ cls_token is defined }}]", [{"role": "user", "content": "hi"}], {}),
+    # tools and documents are None, not undefined (`is not none` was true)
+    ("{% if tools is not none %}TOOLS{% endif %}{% if documents is not none %}DOCS{% endif %}"
+     "{% if tools is none and documents is none %}none{% endif %}", [{"role": "user", "content": "hi"}], {}),
+    ("{{ tools | tojson }}|{{ documents | tojson }}", [{"role": "user", "content": "hi"}],
+     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": 2}}}],
+      "documents": [{"title": "T", "text": "é"}]}),
+    # keyword extras reach the template and override a special token; date_string is only what the caller passes
+    (_LLAMA32_DATE + "{{ enable_thinking }}{{ bos_token }}", [{"role": "user", "content": "hi"}],
+     {"date_string": "01 Jan 2025", "enable_thinking": False, "bos_token": "<B>"}),
+    ("{% if add_generation_prompt %}GEN{% else %}NOGEN{% endif %}", [{"role": "user", "content": "hi"}],
+     {"add_generation_prompt": False}),
+    # a key whose value is None is absent (OpenAI's "content": null); reasoning is under both names templates read
+    ("{% for m in messages %}{{ m['content'] is defined }} {{ m['tool_calls'] is defined }} "
+     "{{ m['reasoning_content'] }}/{{ m['thinking'] }};{% endfor %}",
+     [{"role": "assistant", "content": None, "tool_calls": None, "reasoning": "because"},
+      {"role": "assistant", "content": "x", "thinking": "t"}], {}),
+    # a rich object is not handed to the (untrusted) template: it becomes a placeholder, as in transformers
+    ("{{ where }} {{ n }}", [{"role": "user", "content": "hi"}], {"where": Path("/tmp"), "n": 3}),
+])
+def test_chat_template_renders_as_transformers_does(tmp_path, template, messages, kwargs):
+    hf, js = _hf_and_jserve(tmp_path, {**_SPECIALS, "chat_template": template})
+    got, ref = _both(hf, js, messages, **kwargs)
+    assert got == ref
+
+
+def test_strftime_now_dates_a_llama_3_2_system_prompt_today(tmp_path):
+    """Without strftime_now the template fell back to its fixed "26 Jul 2024"."""
+    from datetime import datetime
+
+    hf, js = _hf_and_jserve(tmp_path, {**_SPECIALS, "chat_template": _LLAMA32_DATE})
+    days = {datetime.now().strftime("%d %b %Y")}
+    got, ref = _both(hf, js, [{"role": "user", "content": "hi"}])
+    days.add(datetime.now().strftime("%d %b %Y"))  # a run across midnight
+    assert got == ref
+    assert got in {f"Today Date: {day}\nuser: hi\n" for day in days}
+
+
+def test_chat_template_files_and_named_templates_as_transformers_finds_them(tmp_path):
+    """chat_template.jinja wins over tokenizer_config.json's chat_template (jserve read the config's first), and
+    additional_chat_templates/NAME.jinja are named templates: ``tool_use`` is chosen when tools are given."""
+    msgs = [{"role": "user", "content": "hi"}]
+    hf, js = _hf_and_jserve(tmp_path, {**_SPECIALS, "chat_template": "config {{ messages | length }}"},
+                            {"chat_template.jinja": "file {{ messages | length }}",
+                             "additional_chat_templates/tool_use.jinja": "tools {{ tools | tojson }}"})
+    assert js.chat_template == "file {{ messages | length }}"
+    assert _both(hf, js, msgs) == ("file 1",) * 2
+    tools = [{"name": "f"}]
+    assert _both(hf, js, msgs, tools=tools) == ('tools [{"name": "f"}]',) * 2
+    assert _both(hf, js, msgs, chat_template="tool_use") == ("tools null",) * 2  # chosen by name
+
+
+def test_named_templates_of_tokenizer_config_as_transformers_chooses_them(tmp_path):
+    msgs = [{"role": "user", "content": "hi"}]
+    hf, js = _hf_and_jserve(tmp_path, {**_SPECIALS, "chat_template": [
+        {"name": "default", "template": "default {{ tools is none }}"},
+        {"name": "tool_use", "template": "tools {{ tools[0]['name'] }}"},
+        {"name": "rag", "template": "rag {{ documents[0]['title'] }}"}]})
+    assert js.chat_template == "default {{ tools is none }}"
+    assert _both(hf, js, msgs) == ("default True",) * 2
+    assert _both(hf, js, msgs, tools=[{"name": "f"}]) == ("tools f",) * 2
+    assert _both(hf, js, msgs, chat_template="rag", documents=[{"title": "T", "text": "x"}]) == ("rag T",) * 2
+    assert _both(hf, js, msgs, chat_template="{{ 7 }}") == ("7",) * 2
+
+
+@needs_gguf
+def test_gguf_special_tokens_as_transformers_gguf_conversion_names_them(tok):
+    """transformers names bos/eos/unk/pad from the GGUF's tokenizer.ggml.*_token_id; jserve had only bos/eos."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")  # transformers' GGUF reader imports torch
+    ref = transformers.AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    template = ("[{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}|{{ sep_token is defined }}]"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    got = tok.apply_chat_template(msgs, chat_template=template)
+    assert got == ref.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert got == "[<|im_start|>|<|im_end|>|<|endoftext|>|<|im_end|>|False]What is 2+2?"
+    assert tok.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(messages=["hi"]), "message 0 must be a dict"),
+    (dict(messages="hi"), "messages must be a list"),
+    (dict(messages=[{"role": "user"}], tools={"name": "f"}), "tools must be a list of dicts"),
+    (dict(messages=[{"role": "user"}], chat_template="missing-name-is-a-template {{ x.y }}"), "UndefinedError"),
+])
+def test_bad_chat_template_inputs_are_tokenizer_errors(tmp_path, call, message):
+    d = _word_level_dir(tmp_path)
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages | length }}"}))
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(d).apply_chat_template(**call)
