@@ -15,10 +15,11 @@ from schedulers import POLICY_NAMES, IterationCostModel, SchedulerConfig
 from .kv_cache import KVCacheSpec
 from .sampling import _is_int, _is_real
 
-__all__ = ["EngineConfig", "device_pages", "host_pages"]
+__all__ = ["EngineConfig", "device_pages", "host_pages", "resolve_max_model_len"]
 
 DEFAULT_MAX_BATCH_SIZE = 32  # EngineConfig.max_batch_size without it or decode_buckets
 DEFAULT_MAX_TOKENS_PER_BATCH = 2048  # EngineConfig.max_tokens_per_batch without it or token_buckets
+DEFAULT_MAX_MODEL_LEN = 4096  # EngineConfig.max_model_len without it: at most this, at most the model's context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class EngineConfig:
     # buckets must fit the limit (see __post_init__). After construction both are ints.
     max_batch_size: int | None = None
     max_tokens_per_batch: int | None = None
-    max_model_len: int | None = None  # default: min(model context, 4096)
+    max_model_len: int | None = None  # default: min(model context, 4096); see resolve_max_model_len
     num_device_blocks: int | None = None
     num_host_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -163,6 +164,26 @@ def check_step_buckets(decode: Sequence[int], tokens: Sequence[int], max_batch_s
         raise ValueError(
             f"token_buckets {tuple(tokens)} do not cover max_tokens_per_batch={budget}: a step of {budget} tokens "
             f"would have no shape (give a token bucket >= {budget}{follow('max_tokens_per_batch', 'token')})")
+
+
+def resolve_max_model_len(max_model_len: int | None, model_config) -> int:
+    """``EngineConfig.max_model_len`` against a ``ModelConfig``: None gives the model's context
+    (``max_position_embeddings``) up to ``DEFAULT_MAX_MODEL_LEN``; a larger explicit value is refused. A model
+    with sliding-window attention has its context capped at the window (jserve computes full attention, exact
+    only within the window; ``ModelConfig.sliding_window``), and the refusal names ``sliding_window``."""
+    context = model_config.max_position_embeddings
+    if max_model_len is None:
+        return min(context, DEFAULT_MAX_MODEL_LEN)
+    if max_model_len > context:
+        window = model_config.sliding_window
+        if window is not None and window <= context:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's sliding_window {window}: jserve computes full "
+                f"attention, which equals the model's sliding-window attention only for sequences of at most "
+                f"{window} tokens, so the model's context is {window} (give max_model_len <= {window})"
+            )
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context {context}")
+    return max_model_len
 
 
 def _meminfo_bytes(field: str) -> int | None:

@@ -54,7 +54,11 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: bias on q/k/v only
     o_bias: bool = False  # Llama attention_bias: bias on o_proj too
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral; jserve serves contexts within the window (checked by callers)
+    # Mistral / Qwen2 sliding-window attention (None: full attention). jserve computes full attention only,
+    # which equals sliding-window attention for sequences no longer than the window, so a window smaller than
+    # max_position_embeddings caps it: max_position_embeddings is the context jserve serves (the engine's
+    # default and largest max_model_len; see jserve.engine.config.resolve_max_model_len).
+    sliding_window: int | None = None
     # OPT
     do_layer_norm_before: bool = True
     word_embed_proj_dim: int | None = None  # != hidden_size -> project_in / project_out
@@ -93,6 +97,14 @@ class ModelConfig:
             )
         if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(f"ModelConfig.rope_theta must be a finite number > 0, got {self.rope_theta!r}")
+        if self.sliding_window is not None:
+            w = self.sliding_window
+            if isinstance(w, bool) or not isinstance(w, int) or w < 2:
+                raise ConfigError(f"ModelConfig.sliding_window must be None or an int >= 2, got {w!r}")
+            if self.architecture != "llama":
+                raise ConfigError(f"ModelConfig.sliding_window applies to the llama family only, not {self.architecture}")
+            if w < self.max_position_embeddings:  # full attention is exact only within the window
+                object.__setattr__(self, "max_position_embeddings", w)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -172,7 +184,7 @@ class ModelConfig:
                 qkv_bias=qkv_bias,
                 o_bias=model_type != "qwen2" and attention_bias,
                 mlp_bias=_bool_field(cfg, "mlp_bias", source, False),
-                sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+                sliding_window=_hf_sliding_window(cfg, model_type, source),
                 dtype=dtype,
                 **ids,
             )
@@ -368,6 +380,28 @@ def _token_ids(cfg: dict[str, Any], key: str, source: str) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ConfigError(f"{source}: field {key!r} must be a token id >= 0 or a list of them, got {v!r}")
     return ids
+
+
+def _hf_sliding_window(cfg: dict[str, Any], model_type: str, source: str) -> int | None:
+    """The sliding window transformers applies to some layer of this config, None when every layer attends
+    fully: Mistral's ``sliding_window``; Qwen2's only with ``use_sliding_window`` (default false) and on the
+    layers from ``max_window_layers`` on; ``layer_types`` (transformers 5) decides where it is given.
+    Llama has none."""
+    if model_type == "llama":
+        return None
+    window = _int_field(cfg, "sliding_window", source, default=None, none_is_default=True, minimum=2)
+    if window is None:
+        return None
+    if model_type == "qwen2" and not _bool_field(cfg, "use_sliding_window", source, False):
+        return None
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list):
+        return window if "sliding_attention" in layer_types else None
+    if model_type == "qwen2":
+        layers = _int_field(cfg, "num_hidden_layers", source)
+        if _int_field(cfg, "max_window_layers", source, default=28, minimum=0) >= layers:
+            return None
+    return window
 
 
 def _rope_scaling(d: dict[str, Any], source: str, field: str = "rope_scaling") -> RopeScaling | None:
