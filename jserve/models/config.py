@@ -162,6 +162,11 @@ class ModelConfig:
             else:
                 theta = _float_field(rope, "rope_theta", source, 10000.0, name="rope_parameters.rope_theta")
             scaling = _rope_scaling(scaling_dict, source, scaling_key)
+            for where, d in (("", cfg), ("rope_parameters.", rope), ("rope_scaling.", scaling_dict)):
+                partial = d.get("partial_rotary_factor")
+                if partial is not None and partial != 1:
+                    raise ConfigError(f"{source}: field '{where}partial_rotary_factor' is {partial!r}: partial "
+                                      "rotary embeddings are not supported")
             attention_bias = _bool_field(cfg, "attention_bias", source, False)
             qkv_bias = model_type == "qwen2" or attention_bias
             return cls._checked(
@@ -269,10 +274,16 @@ class ModelConfig:
         vocab = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
         if not vocab:
             raise ConfigError(f"{source}: missing GGUF field '{arch}.vocab_size'")
-        scaling = None
-        if meta.get(f"{arch}.rope.scaling.type") == "linear":
-            scaling = RopeScaling("linear", factor=float(meta[f"{arch}.rope.scaling.factor"]))
-        return cls(
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
+        rotary = meta.get(f"{arch}.rope.dimension_count")
+        if rotary is not None and rotary != head_dim:
+            raise ConfigError(
+                f"{source}: GGUF field '{arch}.rope.dimension_count' is {rotary!r}, not the head dimension "
+                f"{head_dim}: partial rotary embeddings are not supported"
+            )
+        window = meta.get(f"{arch}.attention.sliding_window")
+        return cls._checked(
+            source,
             architecture="llama",
             name=str(meta.get("general.name", "gguf")),
             vocab_size=vocab,
@@ -281,11 +292,13 @@ class ModelConfig:
             num_layers=int(need("block_count")),
             num_heads=heads,
             num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
-            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
+            head_dim=head_dim,
             max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
             norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
+            rope_scaling=_gguf_rope_scaling(meta, arch, source),
+            # llama.cpp: 0 is no window; a window caps the context (see the field's comment)
+            sliding_window=int(window) if window else None,
             tie_word_embeddings=False,  # decided by the loader: tied when output.weight is absent
             bos_token_id=_first_id(meta.get("tokenizer.ggml.bos_token_id")),
             eos_token_id=_first_id(meta.get("tokenizer.ggml.eos_token_id")),
@@ -402,6 +415,30 @@ def _hf_sliding_window(cfg: dict[str, Any], model_type: str, source: str) -> int
         if _int_field(cfg, "max_window_layers", source, default=28, minimum=0) >= layers:
             return None
     return window
+
+
+def _gguf_rope_scaling(meta: dict[str, Any], arch: str, source: str) -> RopeScaling | None:
+    """GGUF RoPE scaling as llama.cpp reads it: ``{arch}.rope.scaling.type`` (absent: linear) with
+    ``{arch}.rope.scaling.factor`` (or the older ``{arch}.rope.scale_linear``); a linear factor of 1 (or 0,
+    llama.cpp's "unset") is no scaling. Types other than none/linear (yarn, longrope) are refused, and so is a
+    linear type with no factor."""
+    type_key, factor_key = f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.factor"
+    kind = meta.get(type_key)
+    factor, named = meta.get(factor_key), factor_key
+    if factor is None and meta.get(f"{arch}.rope.scale_linear") is not None:
+        factor, named = meta[f"{arch}.rope.scale_linear"], f"{arch}.rope.scale_linear"
+    if kind is None:
+        if factor is None or factor in (0, 1):
+            return None
+        kind = "linear"
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise ConfigError(f"{source}: unsupported GGUF {type_key} {kind!r} (supported: none, linear)")
+    if factor is None:
+        raise ConfigError(f"{source}: GGUF field {type_key!r} is 'linear' but {factor_key!r} is missing")
+    factor = _float_field({named: factor}, named, source, 1.0)
+    return RopeScaling("linear", factor=factor)
 
 
 def _rope_scaling(d: dict[str, Any], source: str, field: str = "rope_scaling") -> RopeScaling | None:

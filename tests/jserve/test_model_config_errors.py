@@ -37,6 +37,10 @@ def _from_dir(tmp_path, **changes) -> ModelConfig:
     (dict(rope_parameters="linear"), "field 'rope_parameters' must be an object, got 'linear'"),
     (dict(num_key_value_heads=3), "num_heads (4) must be a multiple of num_kv_heads (3)"),  # named no file
     (dict(hidden_act="gelu_pytorch_tanh"), "unsupported hidden_act 'gelu_pytorch_tanh'"),
+    # partial rotary embeddings: loaded as fully rotary, wrong logits
+    (dict(partial_rotary_factor=0.5), "field 'partial_rotary_factor' is 0.5: partial rotary embeddings"),
+    (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+     "field 'rope_parameters.partial_rotary_factor' is 0.5: partial rotary embeddings"),
 ])
 def test_a_bad_config_field_is_refused_naming_the_file_and_the_field(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: {message}")):

@@ -4,10 +4,12 @@ then loaded by jserve; logits must match transformers' to float32 precision."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from jserve.models import SeqChunk, build_step, load
+from jserve.models import ConfigError, ModelConfig, RopeScaling, SeqChunk, build_step, load
 from jserve.weights.gguf_file import unpermute_rope_rows
 
 gguf = pytest.importorskip("gguf")
@@ -33,7 +35,8 @@ def test_unpermute_inverts_llama_cpp_permute():
     assert not np.array_equal(llama_cpp_permute(w, 3), w)
 
 
-def _write_gguf(ckpt, path, tied: bool) -> None:
+def _write_gguf(ckpt, path, tied: bool, extra=lambda w: None) -> None:
+    """``extra(writer)`` adds metadata fields."""
     cfg = ckpt.model.config
     sd = {k: v.float().numpy() for k, v in ckpt.model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), "llama")
@@ -46,6 +49,7 @@ def _write_gguf(ckpt, path, tied: bool) -> None:
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    extra(w)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -101,3 +105,66 @@ def test_gguf_weights_cache_hit_miss_and_partial_entry(hf_checkpoints, tmp_path)
     assert load(path, cache=cache).load_info["cache"] == "miss"
     assert load(path, cache=cache, dtype="bfloat16").load_info["cache"] == "miss"  # dtype is part of the key
     assert len(list(cache.iterdir())) == 2
+
+
+META = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
+        "llama.feed_forward_length": 96, "llama.block_count": 2, "llama.vocab_size": 128, "llama.context_length": 256}
+
+
+@pytest.mark.parametrize("fields, scaling", [
+    ({}, None),
+    ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, RopeScaling("linear", factor=4.0)),
+    ({"llama.rope.scaling.factor": 2.0}, RopeScaling("linear", factor=2.0)),  # llama.cpp's default type: linear
+    ({"llama.rope.scale_linear": 2.0}, RopeScaling("linear", factor=2.0)),  # the older key
+    ({"llama.rope.scaling.factor": 1.0}, None),
+])
+def test_gguf_rope_scaling_is_read_as_llama_cpp_does(fields, scaling):
+    assert ModelConfig.from_gguf_metadata(META | fields).rope_scaling == scaling
+
+
+@pytest.mark.parametrize("fields, message", [
+    # each was ignored: the model loaded with unscaled / fully rotary positions and gave wrong logits
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0},
+     "unsupported GGUF llama.rope.scaling.type 'yarn' (supported: none, linear)"),
+    ({"llama.rope.scaling.type": "longrope"}, "unsupported GGUF llama.rope.scaling.type 'longrope'"),
+    ({"llama.rope.dimension_count": 8},
+     "GGUF field 'llama.rope.dimension_count' is 8, not the head dimension 16: partial rotary embeddings"),
+    # was KeyError: 'llama.rope.scaling.factor'
+    ({"llama.rope.scaling.type": "linear"},
+     "GGUF field 'llama.rope.scaling.type' is 'linear' but 'llama.rope.scaling.factor' is missing"),
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": -2.0},
+     "field 'llama.rope.scaling.factor' must be a finite number > 0, got -2.0"),
+    ({"llama.attention.head_count_kv": 3}, "num_heads (4) must be a multiple of num_kv_heads (3)"),  # no file named
+])
+def test_unsupported_or_malformed_gguf_metadata_is_refused_naming_the_file_and_field(fields, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"m.gguf: {message}")):
+        ModelConfig.from_gguf_metadata(META | fields, source="m.gguf")
+
+
+def test_gguf_rope_dimension_count_equal_to_the_head_dimension_is_fine():
+    assert ModelConfig.from_gguf_metadata(META | {"llama.rope.dimension_count": 16}).head_dim == 16
+
+
+def test_a_gguf_sliding_window_caps_the_context_as_for_hugging_face(hf_checkpoints, tmp_path):
+    """llama.attention.sliding_window was ignored (256-token contexts, wrong past the window). Within the
+    window full attention is exact: the logits still match transformers' (full attention) there."""
+    assert ModelConfig.from_gguf_metadata(META | {"llama.attention.sliding_window": 0}).sliding_window is None
+    ckpt = hf_checkpoints("llama")
+    path = tmp_path / "sw.gguf"
+    _write_gguf(ckpt, path, tied=False, extra=lambda w: w.add_uint32("llama.attention.sliding_window", 8))
+    model = load(path, cache=False)
+    assert (model.config.sliding_window, model.config.max_position_embeddings) == (8, 8)
+    prompt = [5, 17, 99, 3, 64, 21, 8, 120]
+    s = build_step([SeqChunk(prompt, 0, [1, 0])], 4)
+    logits, _ = model.step(s.input_ids, s.positions, model.allocate_kv_caches(3, 4), s.metadata)
+    ref = ckpt.logits(prompt)[-1]
+    assert np.max(np.abs(np.asarray(logits)[0] - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+def test_load_refuses_a_yarn_gguf_naming_the_file(hf_checkpoints, tmp_path):
+    path = tmp_path / "yarn.gguf"
+    _write_gguf(hf_checkpoints("llama"), path, tied=False, extra=lambda w: (
+        w.add_string("llama.rope.scaling.type", "yarn"), w.add_float32("llama.rope.scaling.factor", 4.0)))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: unsupported GGUF llama.rope.scaling.type 'yarn'")):
+        load(path, cache=False)
