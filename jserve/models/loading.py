@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import time
+import warnings
 from pathlib import Path
 
 from flax import nnx
@@ -65,11 +66,13 @@ def load(
     """Load a model.
 
     ``source``: a preset name (``jserve.models.PRESETS``; dummy weights), a local Hugging Face directory
-    (config.json + safetensors [+ tokenizer.json]) or a ``.gguf`` file. ``dtype``: float32 / bfloat16 /
-    float16 (default: the checkpoint's, float32 for GGUF and presets). ``cache``: the converted-weights cache
-    (True/False/a directory; default on for GGUF, off for safetensors). ``backend``: kernels_pallas backend.
+    (config.json + safetensors [+ tokenizer.json]) or a ``.gguf`` file (a GGUF tokenizer jserve cannot rebuild,
+    such as SentencePiece or an unknown pre-tokenizer, gives a warning and a model without one). ``dtype``:
+    float32 / bfloat16 / float16 (default: the checkpoint's, float32 for GGUF and presets). ``cache``: the
+    converted-weights cache (True/False/a directory; default on for GGUF, off for safetensors). ``backend``:
+    kernels_pallas backend.
     """
-    from jserve.tokenizer import load_tokenizer, tokenizer_from_gguf_metadata
+    from jserve.tokenizer import TokenizerError, load_tokenizer, tokenizer_from_gguf_metadata
 
     if isinstance(source, str) and source in PRESETS:
         return from_config(get_preset(source, dtype), seed=seed, backend=backend)
@@ -100,7 +103,13 @@ def load(
         cfg = cfg.replace(tie_word_embeddings="output.weight" not in tensors, dtype=dtype or "float32")
         graphdef, abstract = nnx.split(abstract_module(cfg, backend))
         state = gguf_state(cfg, abstract, path, tensors=tensors, cache=cache, stats=stats)
-        tok = tokenizer_from_gguf_metadata(tensors.metadata, str(path)) if tensors.metadata.get("tokenizer.ggml.model") else None
+        tok = None
+        if tensors.metadata.get("tokenizer.ggml.model"):
+            try:
+                tok = tokenizer_from_gguf_metadata(tensors.metadata, str(path))
+            except TokenizerError as e:  # a tokenizer jserve cannot rebuild does not make the weights unusable
+                warnings.warn(f"{path}: loading the model without a tokenizer ({e}); give prompts as token ids",
+                              stacklevel=2)
     else:
         raise ConfigError(f"unsupported model source {path}: expected a model directory or a .gguf file")
     info = dict(stats)

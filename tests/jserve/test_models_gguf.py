@@ -168,3 +168,49 @@ def test_load_refuses_a_yarn_gguf_naming_the_file(hf_checkpoints, tmp_path):
         w.add_string("llama.rope.scaling.type", "yarn"), w.add_float32("llama.rope.scaling.factor", 4.0)))
     with pytest.raises(ConfigError, match=re.escape(f"{path}: unsupported GGUF llama.rope.scaling.type 'yarn'")):
         load(path, cache=False)
+
+
+def _spm(w) -> None:  # a SentencePiece (llama.cpp "llama") vocabulary: jserve rebuilds BPE only
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(128)])
+    w.add_token_scores([0.0] * 128)
+    w.add_token_types([1] * 128)
+
+
+def _unknown_pre(w) -> None:  # a BPE vocabulary with a pre-tokenizer jserve does not know
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("no-such-pre-tokenizer")
+    w.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(3, 128)])
+    w.add_token_merges(["a b"])
+    w.add_token_types([1] * 128)
+
+
+@pytest.mark.parametrize("tokenizer", [_spm, _unknown_pre], ids=["sentencepiece", "unknown pre-tokenizer"])
+def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_loads_without_one(hf_checkpoints, tmp_path, tokenizer):
+    """Was a TokenizerError: the model could not be loaded at all, though its weights are fine."""
+    ckpt = hf_checkpoints("llama")
+    path = tmp_path / "tok.gguf"
+    _write_gguf(ckpt, path, tied=False, extra=tokenizer)
+    with pytest.warns(UserWarning, match=r"tok\.gguf: loading the model without a tokenizer \(unsupported GGUF"):
+        model = load(path, cache=False)
+    assert model.tokenizer is None
+    prompt = [5, 17, 99, 3, 64, 21, 8, 120, 33]
+    s = build_step([SeqChunk(prompt, 0, [2, 0, 3])], 4)
+    logits, _ = model.step(s.input_ids, s.positions, model.allocate_kv_caches(4, 4), s.metadata)
+    ref = ckpt.logits(prompt)[-1]
+    assert np.max(np.abs(np.asarray(logits)[0] - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+def test_a_gguf_loaded_without_a_tokenizer_serves_token_ids_and_refuses_text(hf_checkpoints, tmp_path):
+    from jserve.engine import LLM, SamplingParams
+
+    path = tmp_path / "spm.gguf"
+    _write_gguf(hf_checkpoints("llama"), path, tied=False, extra=_spm)
+    with pytest.warns(UserWarning, match="without a tokenizer"):
+        model = load(path, cache=False)
+    llm = LLM(model, scheduler="fcfs", max_batch_size=1, max_tokens_per_batch=16, max_model_len=32,
+              decode_buckets=(1,), token_buckets=(16,), num_device_blocks=4, num_host_blocks=0, progress=False)
+    out = llm.generate([[5, 17, 99, 3]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3 and not out.error
+    text = llm.generate(["hello"], SamplingParams(max_tokens=3))[0]
+    assert text.error == "this model has no tokenizer; pass the prompt as a list of token ids"
