@@ -38,6 +38,7 @@ Without a cost model the policy uses ``cost.default_cost_model()`` (OPT-13B on a
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from heapq import heapify, heappop
 from collections import OrderedDict
@@ -106,6 +107,36 @@ class FastServeScheduler(PriorityScheduler):
         self.level_count[p] += 1
         self._wait_dirty = True
         self._rekey(r, (p, self._next_seq()))
+
+    def _check_queues(self) -> None:
+        """The indexes (``PriorityScheduler``), plus: every live request's level is a level and its key's first
+        element; ``level_count`` / ``level_attained`` are the per-level counts and attained-service sums of the
+        live requests; the starvation-clock order holds exactly the live requests."""
+        super()._check_queues()
+        levels = len(self.quanta)
+        count = [0] * levels
+        attained = [0.0] * levels
+        for r in self.requests.values():
+            p = r.priority_level
+            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < levels:
+                raise AssertionError(f"{self.name}: request {r.request_id!r} is at level {p!r} of {levels}")
+            if r.sched_key[0] != p:
+                raise AssertionError(f"{self.name}: request {r.request_id!r} is at level {p} under the key {r.sched_key}")
+            if not (math.isfinite(r.attained_service) and r.attained_service >= 0.0):
+                raise AssertionError(f"{self.name}: request {r.request_id!r} attained {r.attained_service!r} s")
+            count[p] += 1
+            attained[p] += r.attained_service
+        if count != self.level_count:
+            bad = [p for p in range(levels) if count[p] != self.level_count[p]]
+            raise AssertionError(f"{self.name}: level_count {[self.level_count[p] for p in bad]} at levels {bad}, "
+                                 f"but {[count[p] for p in bad]} live requests are there")
+        for p in range(levels):
+            if not math.isclose(attained[p], self.level_attained[p], rel_tol=1e-9, abs_tol=1e-6):
+                raise AssertionError(f"{self.name}: level_attained[{p}] is {self.level_attained[p]!r} s, but its live "
+                                     f"requests attained {attained[p]!r} s")
+        clock = self._clock_order
+        if len(clock) != len(self.requests) or any(self.requests.get(rid) is not r for rid, r in clock.items()):
+            raise AssertionError(f"{self.name}: the starvation-clock order does not hold exactly the live requests")
 
     # ------------------------------------------------------------------ per-step accounting
 

@@ -27,6 +27,7 @@ reactively.
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
 
 from .plan import StepPlan
 from .policy import PolicyBase, chunk_tokens
@@ -110,6 +111,28 @@ class FCFSScheduler(PolicyBase):
             n = self._take(plan, r, n)
             self.running[r.request_id] = r
             budget -= n
+
+    def _check_queues(self) -> None:
+        for rid, r in self.running.items():
+            if r.request_id != rid:
+                raise AssertionError(f"fcfs: request {r.request_id!r} is running under the id {rid!r}")
+        self._check_partition({
+            "running jobs": (self.running.values(), (KVLocation.DEVICE,)),
+            "preempted jobs": (self.preempted, (KVLocation.HOST, KVLocation.NONE)),
+            "waiting queue": (self.waiting, (KVLocation.NONE,)),
+        })
+        # The invariant that keeps plain queues FIFO: running, then preempted, then waiting jobs, each in
+        # admission order (the order of ``self.requests``).
+        position = {id(r): k for k, r in enumerate(self.requests.values())}
+        last, prev = -1, None
+        for r in chain(self.running.values(), self.preempted, self.waiting):
+            if position[id(r)] < last:
+                raise AssertionError(f"fcfs: request {r.request_id!r} comes after {prev.request_id!r} in the queues "
+                                     f"(running, preempted, waiting) but was admitted before it")
+            last, prev = position[id(r)], r
+        for r in self.waiting:
+            if r.num_computed_tokens or r.num_generated_tokens:
+                raise AssertionError(f"fcfs: request {r.request_id!r} is in the waiting queue but has started")
 
     def _preempt(self, plan: StepPlan, r: Request) -> None:
         del self.running[r.request_id]

@@ -18,3 +18,10 @@ class FixedPriorityScheduler(PriorityScheduler):
 
     def _initial_key(self, r: Request, now: float) -> tuple:
         return (r.prompt_len, self._next_seq())
+
+    def _check_queues(self) -> None:
+        super()._check_queues()
+        for r in self.requests.values():
+            if r.sched_key[0] != r.prompt_len:
+                raise AssertionError(f"fixed-priority: request {r.request_id!r} has the key {r.sched_key} but a "
+                                     f"{r.prompt_len}-token prompt")

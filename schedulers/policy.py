@@ -5,7 +5,10 @@ A concrete policy implements four hooks and inherits the rest of the ``Scheduler
 * ``_on_admit(request, now)``: put a newly admitted request into the policy's queues;
 * ``_on_remove(request)``: take a finished or aborted request out of them;
 * ``_build_plan(plan, now)``: fill ``plan`` (batch, swaps, drops) for the step starting at ``now``;
-* ``_after_step(plan, now, elapsed)`` (optional): policy accounting after progress was applied.
+* ``_after_step(plan, now, elapsed)`` (optional): policy accounting after progress was applied;
+* ``_check_queues()`` (optional, recommended): ``check_invariants`` calls it to check the policy's queues
+  against the live requests (``_check_partition`` does the usual check: every live request in exactly one
+  queue, with a ``kv_location`` that queue allows).
 
 The base class owns what must be identical across policies:
 
@@ -350,9 +353,20 @@ class PolicyBase(Scheduler):
     # ------------------------------------------------------------------ verification
 
     def check_invariants(self) -> None:
-        """Raise ``AssertionError`` if block accounting or request states are inconsistent (tests, debugging)."""
+        """Raise ``AssertionError`` if block accounting, request states or the policy's own queues are
+        inconsistent (tests, debugging, the simulator's ``check=True``; O(pool + live requests), never called on
+        the hot path)."""
         self.blocks.check(self.requests.values())
-        for r in self.requests.values():
+        for rid, r in self.requests.items():
+            if r.request_id != rid:
+                raise AssertionError(f"request {r.request_id!r} is live under the id {rid!r}")
+            if r.state not in _LIVE_STATES:
+                raise AssertionError(f"request {rid!r} is live in state {r.state.value}")
+            if not 0 <= r.num_generated_tokens < r.max_new_tokens:
+                raise AssertionError(f"request {rid!r} is live with {r.num_generated_tokens} generated tokens of "
+                                     f"max_new_tokens {r.max_new_tokens} (it finishes when it reaches them)")
+            if not 0 <= r.num_computed_tokens <= r.num_tokens:
+                raise AssertionError(f"request {rid!r}: {r.num_computed_tokens} computed tokens of {r.num_tokens} known")
             loc = r.kv_location
             if r.state is RequestState.SWAPPED and loc is not KVLocation.HOST:
                 raise AssertionError(f"request {r.request_id!r} is SWAPPED but its KV is {loc.value}")
@@ -362,6 +376,39 @@ class PolicyBase(Scheduler):
                 raise AssertionError(f"request {r.request_id!r} has {r.num_computed_tokens} computed tokens but no KV")
             if loc is not KVLocation.NONE and len(r.blocks) < self.blocks.blocks_for_tokens(r.num_computed_tokens):
                 raise AssertionError(f"request {r.request_id!r}: {len(r.blocks)} blocks hold fewer than its computed tokens")
+        self._check_queues()
+
+    def _check_queues(self) -> None:
+        """Hook for ``check_invariants``: raise ``AssertionError`` if the policy's own queues disagree with the
+        live requests (a live request in no queue never runs again). Every built-in policy overrides it, most
+        through ``_check_partition``; a policy of your own should too. O(live requests)."""
+
+    def _check_partition(self, queues: dict) -> None:
+        """Check that the policy's queues partition the live requests: ``queues`` maps a queue's name to
+        ``(its requests, the KV locations allowed in it)``. Every live request must be in exactly one queue, every
+        queued request must be live (the very object), and its ``kv_location`` one that its queue allows."""
+        live = self.requests
+        seen: dict[int, str] = {}
+        for qname, (members, allowed) in queues.items():
+            for r in members:
+                if live.get(r.request_id) is not r:
+                    raise AssertionError(f"{self.name}: request {r.request_id!r} is in its {qname} but not live")
+                if id(r) in seen:
+                    raise AssertionError(f"{self.name}: request {r.request_id!r} is in its {seen[id(r)]} and "
+                                         f"{'again in it' if seen[id(r)] == qname else 'in its ' + qname}")
+                seen[id(r)] = qname
+                if r.kv_location not in allowed:
+                    raise AssertionError(f"{self.name}: request {r.request_id!r} is in its {qname} with its KV on "
+                                         f"{r.kv_location.value} (allowed there: "
+                                         f"{', '.join(a.value for a in allowed)})")
+        if len(seen) != len(live):
+            lost = [rid for rid, r in live.items() if id(r) not in seen]
+            raise AssertionError(f"{self.name}: live requests {lost[:8]} (KV on "
+                                 f"{', '.join(sorted({live[rid].kv_location.value for rid in lost}))}) are in none of "
+                                 f"its queues ({', '.join(queues)}): they would never run again")
+
+
+_LIVE_STATES = (RequestState.WAITING, RequestState.RUNNING, RequestState.SWAPPED)
 
 
 def chunk_tokens(r: Request, budget: int, max_tokens_per_batch: int) -> int:

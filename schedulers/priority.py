@@ -185,6 +185,29 @@ class PriorityScheduler(PolicyBase):
                 self._index[r.kv_location].add(r)
         self._deferred.clear()
 
+    def _check_queues(self) -> None:
+        """Every live request is in the index of its ``kv_location``, once, under its ``sched_key``, and each
+        index is sorted; no index move is pending outside a plan."""
+        if self._deferring or self._deferred:
+            raise AssertionError(f"{self.name}: index moves are pending outside a plan: "
+                                 f"{[r.request_id for r, _ in self._deferred.values()][:8]}")
+        queues = {}
+        for loc, q in self._index.items():
+            prev = None
+            for key, r in q.entries:
+                if key != r.sched_key:
+                    raise AssertionError(f"{self.name}: request {r.request_id!r} sits in the {loc.value} index under "
+                                         f"the key {key}, its sched_key is {r.sched_key}")
+                if prev is not None and not prev < key:
+                    raise AssertionError(f"{self.name}: the {loc.value} index is out of order at {r.request_id!r} "
+                                         f"(key {key} after {prev})")
+                prev = key
+            queues[f"{loc.value} index"] = (q.requests(), (loc,))
+        self._check_partition(queues)
+        live = {id(r) for r in self.requests.values()}
+        if any(k not in live for k in self._catching):
+            raise AssertionError(f"{self.name}: a request that is not live is marked as catching up")
+
     def queue_snapshot(self) -> list[Request]:
         """Every live request in priority order (for traces and tests; O(n))."""
         merged = [e for q in self._index.values() for e in q.entries]

@@ -25,6 +25,13 @@ class SRPTScheduler(PriorityScheduler):
     def _initial_key(self, r: Request, now: float) -> tuple:
         return (self.remaining_work(r), r.prompt_len, self._next_seq())
 
+    def _check_queues(self) -> None:
+        super()._check_queues()
+        for r in self.requests.values():
+            if r.sched_key[:2] != (self.remaining_work(r), r.prompt_len):
+                raise AssertionError(f"srpt: request {r.request_id!r} has the key {r.sched_key}, but "
+                                     f"{self.remaining_work(r)} tokens of work left and a {r.prompt_len}-token prompt")
+
     def _after_step(self, plan, now: float, elapsed: float) -> None:
         for r in plan.batch():
             if not r.is_finished and r.sched_key[0] != self.remaining_work(r):

@@ -16,7 +16,7 @@ from collections import deque
 
 from .plan import StepPlan
 from .policy import PolicyBase, chunk_tokens
-from .request import Request
+from .request import KVLocation, Request
 
 
 class StaticScheduler(PolicyBase):
@@ -37,6 +37,12 @@ class StaticScheduler(PolicyBase):
             self.batch.remove(request)
         else:
             self.waiting.remove(request)
+
+    def _check_queues(self) -> None:
+        self._check_partition({
+            "static batch": (self.batch, (KVLocation.DEVICE,)),
+            "waiting queue": (self.waiting, (KVLocation.NONE,)),
+        })
 
     def _form_batch(self) -> None:
         cfg = self.config

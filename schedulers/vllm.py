@@ -21,7 +21,7 @@ from collections import deque
 
 from .plan import StepPlan
 from .policy import PolicyBase, chunk_tokens
-from .request import Request
+from .request import KVLocation, Request
 
 
 class VLLMScheduler(PolicyBase):
@@ -54,6 +54,12 @@ class VLLMScheduler(PolicyBase):
             self.running.remove(request)
         else:
             self.waiting.remove(request)
+
+    def _check_queues(self) -> None:
+        self._check_partition({
+            "running list": (self.running, (KVLocation.DEVICE,)),
+            "waiting queue": (self.waiting, (KVLocation.NONE,)),  # new and recompute-preempted requests
+        })
 
     def _admit(self, plan: StepPlan, budget: int, seqs: int, chunk_last: bool) -> int:
         """Admit from the waiting queue in order; returns the tokens used. ``chunk_last`` (chunked prefill)

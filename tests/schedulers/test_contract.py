@@ -161,3 +161,99 @@ def test_valid_request_values_still_pass():
     r = Request(("t", 1), 4, 2, arrival_time=np.float32(0.5), oracle_output_len=2)
     assert r.arrival_time == 0.5 and r.oracle_output_len == 2
     assert Request("s", 1, 1, arrival_time=3).arrival_time == 3
+
+
+def _two_started(policy):
+    """A scheduler of ``policy`` after one step of two requests (both hold device KV)."""
+    s = make_scheduler(policy, _cfg(reserve_blocks=0, reserve_window=None))
+    s.add(Request("a", 8, 8), 0.0)
+    s.add(Request("b", 8, 8), 0.0)
+    StrictExecutor(s).step(0.0)
+    assert s.get("b").kv_location is KVLocation.DEVICE
+    s.check_invariants()
+    return s
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_check_invariants_finds_a_live_request_missing_from_the_policys_queues(policy):
+    """A live request with KV that fell out of the policy's queues passed check_invariants and then never ran
+    again (fastserve's device index, fcfs's queues: found by an audit)."""
+    s = _two_started(policy)
+    s._on_remove(s.get("b"))  # the policy's own hook: out of its queues, still live
+    with pytest.raises(AssertionError, match=r"live requests \['b'\] \(KV on device\) are in none of its queues"):
+        s.check_invariants()
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_check_invariants_finds_generated_tokens_past_max_new_tokens(policy):
+    s = _two_started(policy)
+    s.get("a").num_generated_tokens = 50
+    with pytest.raises(AssertionError, match="request 'a' is live with 50 generated tokens of max_new_tokens 8"):
+        s.check_invariants()
+
+
+def test_check_invariants_finds_a_request_in_the_wrong_or_in_two_queues():
+    s = _two_started("fcfs")
+    b = s.running.pop("b")
+    s.waiting.append(b)
+    with pytest.raises(AssertionError, match="fcfs: request 'b' is in its waiting queue with its KV on device"):
+        s.check_invariants()
+    s = _two_started("vllm")
+    s.waiting.append(s.running[0])
+    with pytest.raises(AssertionError, match="vllm: request 'a' is in its running list and in its waiting queue"):
+        s.check_invariants()
+    s = _two_started("fastserve")
+    b = s.get("b")
+    s._index[KVLocation.DEVICE].remove(b)
+    s._index[KVLocation.HOST].add(b)
+    with pytest.raises(AssertionError, match="fastserve: request 'b' is in its host index with its KV on device"):
+        s.check_invariants()
+
+
+def test_check_invariants_finds_fcfs_queues_out_of_admission_order():
+    s = make_scheduler("fcfs", _cfg())
+    for rid in "abc":
+        s.add(Request(rid, 8, 8), 0.0)
+    s.waiting.rotate(1)  # c, a, b
+    with pytest.raises(AssertionError, match="fcfs: request 'a' comes after 'c' in the queues"):
+        s.check_invariants()
+
+
+def test_check_invariants_finds_corrupted_fastserve_level_accounting():
+    s = _two_started("fastserve")
+    s.level_count[0] += 5
+    with pytest.raises(AssertionError, match=r"level_count \[7\] at levels \[0\], but \[2\] live requests"):
+        s.check_invariants()
+    s = _two_started("fastserve")
+    p = s.get("a").priority_level
+    s.level_attained[p] += 1.0
+    with pytest.raises(AssertionError, match=rf"level_attained\[{p}\] is .* but its live requests attained"):
+        s.check_invariants()
+    s = _two_started("fastserve")
+    del s._clock_order["a"]
+    with pytest.raises(AssertionError, match="starvation-clock order does not hold exactly the live requests"):
+        s.check_invariants()
+    s = _two_started("srpt")
+    a = s.get("a")
+    s._rekey(a, (0,) + a.sched_key[1:])
+    with pytest.raises(AssertionError, match="srpt: request 'a' has the key"):
+        s.check_invariants()
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_queue_checks_stay_off_the_hot_path(policy, monkeypatch):
+    """_check_queues is O(live requests): only check_invariants calls it, never schedule or on_step_end."""
+    s = make_scheduler(policy, _cfg())
+
+    def boom():
+        raise RuntimeError("_check_queues ran on the hot path")
+
+    monkeypatch.setattr(s, "_check_queues", boom)
+    s.add(Request("a", 8, 3), 0.0)
+    now = 0.0
+    while s.has_unfinished():
+        plan = s.schedule(now)
+        now += 0.01
+        s.on_step_end(plan, now, 0.01)
+    with pytest.raises(RuntimeError, match="hot path"):
+        s.check_invariants()
