@@ -23,9 +23,12 @@ Every invalid value raises ``ValueError`` naming the field. ``docs/schedulers.md
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from dataclasses import dataclass, field
 
 MAX_COUNT = 2**62  # the largest count or pool size: every count stays a machine integer (len() of a pool is one)
+MAX_QUEUES = 1024  # fastserve keeps per-level lists and walks them every step (ENST): levels, not a pool size
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class SchedulerConfig:
         _check_int(self, "max_model_len", 1)
         _check_int(self, "num_device_blocks", 1)
         _check_int(self, "num_host_blocks", 0)
-        _check_int(self, "num_queues", 1)
+        _check_int(self, "num_queues", 1, MAX_QUEUES)
         _check_int(self, "starvation_check_interval", 1)
         if self.max_tokens_per_batch < self.max_batch_size:
             raise ValueError(
@@ -105,6 +108,15 @@ class SchedulerConfig:
         if self.q0 is not None:
             _check_real(self, "q0", low=0.0, low_open=True)
         _check_real(self, "quantum_ratio", low=1.0)
+        # The last level's quantum, q0 * quantum_ratio ** (num_queues - 1), must be a float (fastserve builds
+        # them all); without q0 the cost model's decode time (milliseconds) stands in, which fastserve checks.
+        top = (self.num_queues - 1) * math.log(self.quantum_ratio) + (0.0 if self.q0 is None else math.log(self.q0))
+        if top >= _LOG_MAX_FLOAT:
+            raise ValueError(
+                f"SchedulerConfig.num_queues={self.num_queues} with quantum_ratio={self.quantum_ratio!r}"
+                f"{'' if self.q0 is None else f' and q0={self.q0!r}'}: the last level's quantum, q0 * quantum_ratio "
+                f"** (num_queues - 1), overflows a float; lower num_queues or quantum_ratio"
+            )
         if self.starvation_threshold is not None:
             _check_real(self, "starvation_threshold", low=0.0, low_open=True)
         if self.swap_overlap_factor is not None:
@@ -120,10 +132,13 @@ class SchedulerConfig:
         for name in ("skip_join", "upload_only_without_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SchedulerConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        # Free-block targets above the usable device pool can never be met: proactive policies would offload
+        # every idle job every step. (None, the default, follows max_batch_size.)
+        usable = self.num_device_blocks - len(self.reserved_device_ids)
         if self.reserve_blocks is not None:
-            _check_int(self, "reserve_blocks", 0)
+            _check_int(self, "reserve_blocks", 0, usable, _USABLE)
         if self.upload_margin_blocks is not None:
-            _check_int(self, "upload_margin_blocks", 0)
+            _check_int(self, "upload_margin_blocks", 0, usable, _USABLE)
         if self.reserve_window is not None and not (_is_real(self.reserve_window) and self.reserve_window > 0):
             raise ValueError(f"SchedulerConfig.reserve_window must be > 0 seconds or None, got {self.reserve_window!r}")
         if not (_is_real(self.reserve_history) and self.reserve_history > 0):
@@ -189,10 +204,22 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_int(cfg: SchedulerConfig, name: str, low: int) -> None:
+_LOG_MAX_FLOAT = math.log(sys.float_info.max)
+_USABLE = " (at most the usable device blocks: num_device_blocks less the reserved_device_ids)"
+
+
+def _show(value: object) -> str:
+    """``repr(value)``, except for an int too long to print (repr refuses past 4300 digits) or to read."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an int of about 10**{int(value.bit_length() * 0.30103)}"
+    return repr(value)
+
+
+def _check_int(cfg: SchedulerConfig, name: str, low: int, high: int = MAX_COUNT, why: str = "") -> None:
     value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_COUNT:
-        raise ValueError(f"SchedulerConfig.{name} must be an int in [{low}, 2**62], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        top = "2**62" if high == MAX_COUNT else str(high)
+        raise ValueError(f"SchedulerConfig.{name} must be an int in [{low}, {top}]{why}, got {_show(value)}")
 
 
 def _check_real(
@@ -205,9 +232,13 @@ def _check_real(
 ) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"SchedulerConfig.{name} must be a number, got {value!r}")
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"SchedulerConfig.{name} must be finite, got {value!r}")
+        raise ValueError(f"SchedulerConfig.{name} must be a number, got {_show(value)}")
+    try:
+        finite = math.isfinite(value)  # an int too large for a float raises OverflowError
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"SchedulerConfig.{name} must be finite (a float), got {_show(value)}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"SchedulerConfig.{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and (value > high or (high_open and value == high)):

@@ -62,8 +62,14 @@ class FastServeScheduler(PriorityScheduler):
         q0 = cfg.q0 if cfg.q0 is not None else cost_model.decode_time(1, 1)
         if not q0 > 0:
             raise ValueError(f"fastserve: q0 must be > 0; the cost model's batch-1 decode time is {q0!r}")
+        ratio = float(cfg.quantum_ratio)
+        if not math.isfinite(q0) or not math.isfinite(q0 * ratio ** (cfg.num_queues - 1)):
+            raise ValueError(f"fastserve: the last level's quantum, q0 * quantum_ratio ** (num_queues - 1) = {q0!r} * "
+                             f"{ratio!r} ** {cfg.num_queues - 1}, overflows a float (q0 "
+                             f"{'from SchedulerConfig.q0' if cfg.q0 is not None else 'is the cost model decode time'}); "
+                             f"lower num_queues or quantum_ratio")
         self.q0 = q0
-        self.quanta = [q0 * cfg.quantum_ratio**p for p in range(cfg.num_queues)]
+        self.quanta = [q0 * ratio**p for p in range(cfg.num_queues)]
         self.level_count = [0] * cfg.num_queues
         self.level_attained = [0.0] * cfg.num_queues
         self._clock_order: OrderedDict = OrderedDict()  # request_id -> Request, oldest starvation clock first

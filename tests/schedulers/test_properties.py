@@ -39,6 +39,8 @@ def scenarios(draw):
     reserved = draw(st.sampled_from([(), (0,), (num_device - 1,)]))
     num_host = draw(st.integers(0, 60))
     reserve = draw(st.sampled_from([None, 0, 1, 5]))
+    if reserve is not None:  # at most the usable pool (the config refuses more): all of it on tiny pools
+        reserve = min(reserve, num_device - len(reserved))
     overlap = draw(st.sampled_from([1.0, 0.0, None]))
     cfg = dict(
         block_size=block_size, max_batch_size=max_batch, max_tokens_per_batch=max_tokens,

@@ -73,6 +73,47 @@ def test_invalid_config_raises_naming_the_field(field, value):
         SchedulerConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_queues=2000), r"SchedulerConfig\.num_queues must be an int in \[1, 1024\], got 2000"),
+        (dict(num_queues=10**5000), r"num_queues must be an int in \[1, 1024\], got an int of about 10\*\*5000"),
+        (dict(num_queues=1024, quantum_ratio=4.0), r"SchedulerConfig\.num_queues=1024 with quantum_ratio=4\.0: the last "
+                                                   r"level's quantum, .* overflows a float"),
+        (dict(num_queues=600, quantum_ratio=2.0, q0=1e200), r"num_queues=600 with quantum_ratio=2\.0 and q0=1e\+200"),
+        (dict(q0=10**400), r"SchedulerConfig\.q0 must be finite \(a float\), got an int of about 10\*\*400"),
+        (dict(quantum_ratio=10**400), r"SchedulerConfig\.quantum_ratio must be finite"),
+        (dict(num_device_blocks=300, reserve_blocks=5000), r"SchedulerConfig\.reserve_blocks must be an int in "
+                                                           r"\[0, 300\] \(at most the usable device blocks.*got 5000"),
+        (dict(num_device_blocks=300, reserved_device_ids=(0, 1), reserve_blocks=299), r"reserve_blocks .*\[0, 298\]"),
+        (dict(num_device_blocks=300, upload_margin_blocks=301), r"SchedulerConfig\.upload_margin_blocks must be an "
+                                                                r"int in \[0, 300\]"),
+    ],
+)
+def test_values_that_used_to_fail_late_or_silently_name_the_field(kwargs, match):
+    """num_queues=2000 or a huge q0/quantum_ratio passed the config and broke make_scheduler with a bare
+    OverflowError; a reserve or upload margin above the device pool was accepted (the reserve can never be met,
+    so every idle job was offloaded every step)."""
+    with pytest.raises(ValueError, match=match):
+        SchedulerConfig(**kwargs)
+
+
+def test_limits_themselves_are_accepted():
+    SchedulerConfig(num_queues=1024, quantum_ratio=1.0)
+    SchedulerConfig(num_queues=1000, quantum_ratio=2.0, q0=1e-300)
+    SchedulerConfig(num_device_blocks=300, reserve_blocks=300, upload_margin_blocks=300)
+    make_scheduler("fastserve", SchedulerConfig(num_queues=1024, quantum_ratio=1.5))
+
+
+def test_a_cost_model_q0_whose_quanta_overflow_names_the_fields():
+    from schedulers.cost import FittedCostModel
+
+    slow = FittedCostModel(p0=0.0, p1=0.001, p2=0.0, d0=1e300, d1=0.0, d2=0.0, block_bytes=1, swap_bandwidth=1.0)
+    with pytest.raises(ValueError, match=r"fastserve: the last level's quantum, q0 \* quantum_ratio \*\* \(num_queues "
+                                         r"- 1\) = 1e\+300 \* 2\.0 \*\* 31, overflows"):
+        make_scheduler("fastserve", SchedulerConfig(), slow)
+
+
 def test_artifact_preset_differs_from_paper_defaults_where_documented():
     paper, art = SchedulerConfig.preset("paper"), SchedulerConfig.preset("artifact")
     assert paper == SchedulerConfig()
