@@ -339,3 +339,26 @@ def test_jserve_generate_prints_one_line_for_a_malformed_model(damaged, damage, 
     err = capsys.readouterr().err
     assert err.startswith("jserve: error: cannot load model") and err.count("\n") == 1, err
     assert re.search(message, err) and "Traceback" not in err
+
+
+def test_a_name_map_entry_for_a_parameter_the_model_lacks_is_refused():
+    """Its tensor was read and then dropped by state_from_arrays: how an untied OPT head went missing."""
+    import jax
+
+    from jserve.weights.loader import convert_tensors
+    from jserve.weights.namemap import TensorSpec
+
+    class Source:
+        def keys(self):
+            return ["w", "lm_head.weight"]
+
+        def shape(self, name):
+            return (2, 2)
+
+        def get(self, name):
+            return np.zeros((2, 2), np.float32)
+
+    specs = [TensorSpec("embed.w", "w"), TensorSpec("lm_head.w", "lm_head.weight")]
+    shapes = {"embed.w": jax.ShapeDtypeStruct((2, 2), np.float32)}
+    with pytest.raises(WeightError, match=r"name map fills parameter\(s\) \['lm_head\.w'\] that the model does not"):
+        list(convert_tensors(Source(), specs, shapes))
