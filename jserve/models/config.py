@@ -102,7 +102,9 @@ class ModelConfig:
             if isinstance(w, bool) or not isinstance(w, int) or w < 2:
                 raise ConfigError(f"ModelConfig.sliding_window must be None or an int >= 2, got {w!r}")
             if self.architecture != "llama":
-                raise ConfigError(f"ModelConfig.sliding_window applies to the llama family only, not {self.architecture}")
+                raise ConfigError(
+                    f"ModelConfig.sliding_window applies to the llama family only, not {self.architecture}"
+                )
             if w < self.max_position_embeddings:  # full attention is exact only within the window
                 object.__setattr__(self, "max_position_embeddings", w)
 
@@ -146,7 +148,11 @@ class ModelConfig:
         counts must be integers (a float with an integral value such as ``64.0`` is taken, ``64.9``, ``"64"``
         and ``true`` are not), flags JSON booleans, token ids non-negative integers."""
         model_type = cfg.get("model_type")
-        archs = cfg.get("architectures") or []
+        if model_type not in ("llama", "mistral", "qwen2", "opt"):
+            raise ConfigError(
+                f"{source}: unsupported model_type {model_type!r} (architectures {cfg.get('architectures') or []}); "
+                "supported: llama, mistral, qwen2, opt"
+            )
         dtype = _hf_dtype(cfg.get("dtype", cfg.get("torch_dtype")))
         ids = dict(bos_token_id=_first_id(_token_ids(cfg, "bos_token_id", source)),
                    eos_token_id=_first_id(_token_ids(cfg, "eos_token_id", source)),
@@ -193,7 +199,7 @@ class ModelConfig:
                 dtype=dtype,
                 **ids,
             )
-        if model_type == "opt":
+        else:  # opt
             hidden = _int_field(cfg, "hidden_size", source)
             heads = _int_field(cfg, "num_attention_heads", source)
             if hidden % heads:
@@ -223,10 +229,6 @@ class ModelConfig:
                 dtype=dtype,
                 **ids,
             )
-        raise ConfigError(
-            f"{source}: unsupported model_type {model_type!r} (architectures {archs}); "
-            "supported: llama, mistral, qwen2, opt"
-        )
 
     @classmethod
     def _checked(cls, source: str, **fields: Any) -> "ModelConfig":
