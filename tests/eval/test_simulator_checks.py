@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 
 from eval.simulator import CopyLink, SimulationError, check_invariants, simulate, workload_requests
-from schedulers import PolicyBase, Request, SchedulerConfig
+from schedulers import PolicyBase, Request, SchedulerConfig, make_scheduler, register_policy
 from schedulers.contract import check_plan
 from schedulers.cost import FittedCostModel
 from schedulers.fcfs import FCFSScheduler
+from schedulers.priority import PriorityScheduler
 from schedulers.request import KVLocation
 
 COST = FittedCostModel(p0=0.0, p1=0.001, p2=0.0, d0=0.01, d1=0.0, d2=0.0, block_bytes=1, swap_bandwidth=1000.0)
@@ -140,3 +141,40 @@ def test_check_plan_refuses_a_second_report_of_one_rejection():
     assert reported == {"long"}
     with pytest.raises(AssertionError, match="reported rejected twice"):
         check_plan(s, plan, reported)
+
+
+class LongestPromptFirst(PriorityScheduler):
+    """A researcher's policy: the longest prompt first (KV management is PriorityScheduler's)."""
+
+    def _initial_key(self, r, now):
+        return (-r.prompt_len, self._next_seq())
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """``longest-first`` registered for the test; the registry is restored afterwards."""
+    from schedulers import registry
+
+    monkeypatch.setattr(registry, "_POLICIES", dict(registry._POLICIES))
+    register_policy("longest-first", LongestPromptFirst)
+    return "longest-first"
+
+
+def test_a_registered_policy_runs_in_the_simulator_with_check(registered):
+    w = workload_requests([(30, 4, 0.0), (5, 4, 0.0), (20, 4, 0.0), (12, 6, 0.01)])
+    cfg = CFG.replace(max_batch_size=1)
+    res = simulate(make_scheduler(registered, cfg, COST), w, COST, LINK, check=True)
+    assert res.stop_reason == "completed" and res.num_finished == 4
+    assert [r.request_id for r in sorted(res.records, key=lambda r: r.first_token_time)] == [0, 2, 3, 1]
+
+
+def test_a_registered_policy_runs_through_runspec_and_the_sweep_runner(registered, tmp_path):
+    from eval.experiments.systems import SystemSpec
+    from eval.runner import RunSpec, run_sweep, simulate_spec
+
+    system = SystemSpec("longest-first", registered, "Longest prompt first")
+    spec = RunSpec(system, "sharegpt", 30, 4.0)
+    sim = simulate_spec(spec, check=True)
+    assert sim.stop_reason == "completed" and sim.num_finished == 30
+    (res,) = run_sweep([spec], tmp_path, jobs=1, progress=False).values()
+    assert res.ok and res.metrics["stop_reason"] == "completed", res.error

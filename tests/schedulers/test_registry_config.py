@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from schedulers import POLICY_NAMES, SchedulerConfig, available_policies, make_scheduler
+from sched_harness import run_workload
+
+from schedulers import (POLICY_NAMES, Request, Scheduler, SchedulerConfig, available_policies, make_scheduler,
+                        register_policy)
+from schedulers.fixed_priority import FixedPriorityScheduler
+from schedulers.priority import PriorityScheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,3 +140,68 @@ def test_package_imports_no_jax_numpy_or_sibling_packages():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+class LongestPromptFirst(PriorityScheduler):
+    """A researcher's policy: the longest prompt first (KV management is PriorityScheduler's)."""
+
+    def _initial_key(self, r, now):
+        return (-r.prompt_len, self._next_seq())
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The registry, restored after the test (registrations live in the process)."""
+    from schedulers import registry as reg
+
+    monkeypatch.setattr(reg, "_POLICIES", dict(reg._POLICIES))
+    return reg
+
+
+def test_a_registered_policy_is_built_by_make_scheduler_and_runs(registry):
+    register_policy("longest-first", LongestPromptFirst)
+    assert available_policies() == [*POLICY_NAMES, "longest-first"]
+    s = make_scheduler("longest-first", SchedulerConfig(block_size=4, num_device_blocks=40, num_host_blocks=40,
+                                                        max_batch_size=1, max_model_len=64))
+    assert type(s) is LongestPromptFirst and s.name == "longest-first"
+    reqs = [Request(i, p, 4) for i, p in enumerate((5, 30, 12, 20))]
+    res = run_workload(s, [(0.0, r) for r in reqs])  # the strict harness: every rule, every step
+    assert sorted(res.finished) == [0, 1, 2, 3]
+    assert [r.request_id for r in sorted(reqs, key=lambda r: r.first_token_time)] == [1, 3, 2, 0]
+    with pytest.raises(ValueError, match="unknown scheduler policy 'fifo'.*longest-first"):
+        make_scheduler("fifo")
+
+
+def test_register_policy_forces_its_overrides(registry):
+    from schedulers.fastserve import FastServeScheduler
+
+    register_policy("fs-aging", FastServeScheduler, overrides={"promotion": "one_level"})
+    assert make_scheduler("fs-aging", SchedulerConfig()).config.promotion == "one_level"
+    with pytest.raises(ValueError, match=r"overrides names unknown SchedulerConfig fields \['promoshun'\]"):
+        register_policy("fs-typo", FastServeScheduler, overrides={"promoshun": "one_level"})
+
+
+def test_register_policy_refuses_a_taken_name_unless_replace(registry):
+    with pytest.raises(ValueError, match=r"the name 'fcfs' is taken \(by schedulers\.fcfs\.FCFSScheduler\); pass "
+                                         r"replace=True"):
+        register_policy("fcfs", LongestPromptFirst)
+    register_policy("mine", LongestPromptFirst)
+    with pytest.raises(ValueError, match=r"'mine' is taken \(by .*LongestPromptFirst\)"):
+        register_policy("mine", LongestPromptFirst)
+    register_policy("mine", FixedPriorityScheduler, replace=True)
+    assert type(make_scheduler("mine")) is FixedPriorityScheduler
+    register_policy("fcfs", LongestPromptFirst, replace=True)
+    assert type(make_scheduler("fcfs")) is LongestPromptFirst
+
+
+@pytest.mark.parametrize("cls", [object, Scheduler, LongestPromptFirst(SchedulerConfig()), "schedulers.fcfs", None])
+def test_register_policy_refuses_what_is_not_a_policybase_subclass(registry, cls):
+    with pytest.raises(TypeError, match=r"register_policy: 'mine': cls must be a subclass of schedulers\.PolicyBase"):
+        register_policy("mine", cls)
+    assert "mine" not in available_policies()
+
+
+@pytest.mark.parametrize("name", ["", "  ", 3, None])
+def test_register_policy_refuses_a_bad_name(registry, name):
+    with pytest.raises(ValueError, match="register_policy: name must be a non-empty string"):
+        register_policy(name, LongestPromptFirst)
