@@ -6,7 +6,9 @@ put commands on a thread-safe queue that the engine thread drains between iterat
 hands each changed ``RequestOutput`` (a snapshot) back to the caller's event loop with
 ``call_soon_threadsafe``; ``generate`` fills in the snapshot's text so far there, in the caller's thread
 (``IncrementalDetokenizer``), not on the engine thread. When no request is live the thread sleeps on the
-queue. A request the engine cannot take (a duplicate live id, input that ``add_request`` could not even
+queue. Each stream has its own key, which the engine thread ties to its request id when it adds the request:
+outputs go to the stream of the request that made them, so a stream that reuses the id of one left early
+never sees that one's outputs. A request the engine cannot take (a duplicate live id, input that ``add_request`` could not even
 refuse) comes back finished with an error; when the thread ends (``shutdown``, or a failure) every waiting
 stream raises ``RuntimeError``.
 
@@ -36,7 +38,11 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[Hashable, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # stream key -> (its event loop, its queue); caller side: request id -> the key of its live stream
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._live: dict[Hashable, int] = {}
+        self._stream_keys = itertools.count()
+        self._owner: dict[Hashable, int] = {}  # engine thread: request id -> the key of the stream it feeds
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -57,16 +63,19 @@ class AsyncLLMEngine:
         if self._stop.is_set():
             raise RuntimeError("the engine is shut down")
         rid = f"req-{next(self._ids)}" if request_id is None else check_request_id(request_id)
-        if rid in self._streams:  # its stream would replace the live one's, which would then wait forever
+        if rid in self._live:  # two streams of one id: the engine would refuse the second request
             raise ValueError(f"request id {rid!r} is already live")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (loop, q)
+        key = next(self._stream_keys)
+        self._streams[key] = (loop, q)
+        self._live[rid] = key
         if self._closed:  # the engine thread ended before it could see this stream
-            self._streams.pop(rid, None)
+            self._streams.pop(key, None)
+            self._live.pop(rid, None)
             raise RuntimeError("the engine is shut down" if self.error is None else
                                f"the engine thread stopped: {self.error!r}")
-        self._commands.put(("add", rid, prompt, params))
+        self._commands.put(("add", rid, prompt, params, key))
         text = IncrementalDetokenizer(self.engine.tokenizer, params)
         finished = False
         try:
@@ -82,12 +91,14 @@ class AsyncLLMEngine:
                     finished = True
                     return
         finally:
-            self._streams.pop(rid, None)
+            self._streams.pop(key, None)
+            if self._live.get(rid) == key:
+                del self._live[rid]
             if not finished:
-                self._commands.put(("abort", rid))
+                self._commands.put(("abort", rid, key))
 
     def abort(self, request_id: Hashable) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(("abort", request_id, None))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread. Streams still running raise ``RuntimeError``, and so does a later
@@ -98,30 +109,42 @@ class AsyncLLMEngine:
 
     # ---------------------------------------------------------------------------------- engine thread
 
-    def _emit(self, out: RequestOutput) -> None:
-        target = self._streams.get(out.request_id)
+    def _emit(self, out: RequestOutput, key: int | None = None) -> None:
+        """Hand ``out`` to the stream of its request (``key``: that stream, when the request is not live)."""
+        rid = out.request_id
+        key = self._owner.get(rid) if key is None else key
+        if out.finished:
+            self._owner.pop(rid, None)
+        target = self._streams.get(key)
         if target is not None:
             loop, q = target
             try:
                 loop.call_soon_threadsafe(q.put_nowait, out.snapshot())
             except RuntimeError:  # the caller's event loop is closed: nobody will read this stream
-                self._streams.pop(out.request_id, None)
+                self._streams.pop(key, None)
                 if not out.finished:
-                    self.engine.abort(out.request_id)
+                    self._owner.pop(rid, None)
+                    self.engine.abort(rid)
 
     def _run_command(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, prompt, params = cmd
+            _, rid, prompt, params, key = cmd
             try:
                 out = self.engine.add_request(prompt, params, request_id=rid)
             except Exception as e:  # a duplicate live id, or input add_request could not even refuse
                 msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
                 out = RequestOutput(rid, None, [], finish_reason="error", error=msg)
+                self._emit(out, key)
+                return
+            self._owner[rid] = key
             if out.finished:
                 self._emit(out)
         elif cmd[0] == "abort":
-            out = self.engine.get_output(cmd[1])
-            if self.engine.abort(cmd[1]) and out is not None:
+            _, rid, key = cmd
+            if key is not None and self._owner.get(rid) != key:  # that stream's request is over already
+                return
+            out = self.engine.get_output(rid)
+            if self.engine.abort(rid) and out is not None:
                 self._emit(out)
 
     def _loop(self) -> None:

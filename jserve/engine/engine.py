@@ -39,6 +39,7 @@ owns an engine (``jserve.engine.async_engine`` runs it on a background thread fo
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 import random
 import time
@@ -72,6 +73,25 @@ def check_request_id(request_id: Hashable) -> Hashable:
     except TypeError:
         raise ValueError(f"request_id must be hashable (a str or an int), got {type(request_id).__name__}") from None
     return request_id
+
+
+def request_runs(pairs: Sequence[tuple[int, int]], swapped_out: Sequence) -> list[int] | None:
+    """The lengths of the consecutive runs of swap-out ``pairs`` that move one request each (the scheduler
+    lists a request's pairs together; ``swapped_out`` holds the requests, their blocks now the host ids), so
+    the runner never puts two requests' pages in one host buffer. None when there are no pairs."""
+    if not pairs:
+        return None
+    owner = {h: k for k, r in enumerate(swapped_out) for h in r.blocks}
+    runs: list[int] = []
+    last = object()
+    for _, h in pairs:
+        k = owner.get(h)
+        if runs and k == last:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+            last = k
+    return runs
 
 
 class LLMEngine:
@@ -192,18 +212,36 @@ class LLMEngine:
         chat conversation its template cannot render): finished with ``finish_reason == "error"`` and
         ``error == reason``, with its own id, and counted in the metrics like any other refusal."""
         now = self.now()
-        out = self._refuse(RequestOutput(next(self._ids), prompt, [], metrics=RequestMetrics(now)), reason, now)
+        out = self._refuse(RequestOutput(self._new_id(), prompt, [], metrics=RequestMetrics(now)), reason, now)
         self.metrics.observe_finished(out)
         return out
 
+    def _new_id(self) -> int:
+        """The next automatic request id that no live request holds (a caller may pass integer ids too)."""
+        rid = next(self._ids)
+        while rid in self._seqs:
+            rid = next(self._ids)
+        return rid
+
     def _add(self, prompt, params, request_id, arrival_time, oracle_output_len) -> RequestOutput:
-        rid = next(self._ids) if request_id is None else check_request_id(request_id)
+        rid = self._new_id() if request_id is None else check_request_id(request_id)
         now = self.now()
-        arrival = now if arrival_time is None else min(float(arrival_time), now)
         if rid in self._seqs and not self._release_stopped(rid):
             raise ValueError(f"request id {rid!r} is already live")
-        out = RequestOutput(rid, prompt if isinstance(prompt, str) else None, [], metrics=RequestMetrics(arrival))
+        out = RequestOutput(rid, prompt if isinstance(prompt, str) else None, [], metrics=RequestMetrics(now))
         try:
+            if arrival_time is not None:
+                if (isinstance(arrival_time, bool) or not isinstance(arrival_time, numbers.Real)
+                        or not 0 <= arrival_time < float("inf")):
+                    raise ValueError(f"arrival_time must be a finite number >= 0 of seconds on the engine clock "
+                                     f"(since the engine started), got {arrival_time!r}")
+                out.metrics.arrival_time = min(float(arrival_time), now)
+            if oracle_output_len is not None:
+                if (isinstance(oracle_output_len, bool) or not isinstance(oracle_output_len, numbers.Integral)
+                        or oracle_output_len < 1):
+                    raise ValueError(f"oracle_output_len must be an int >= 1 (the true output length), "
+                                     f"got {oracle_output_len!r}")
+                oracle_output_len = int(oracle_output_len)
             sp = SamplingParams.coerce(params)
             if sp.logprobs is not None:
                 out.logprobs = []
@@ -237,8 +275,8 @@ class LLMEngine:
         max_new = min(sp.max_tokens, self.max_model_len - len(ids))
         cached = self.config.enable_prefix_caching and sp.prompt_logprobs is None  # a cached page has no logits
         keys = prefix_page_keys(ids, self.config.page_size) if cached else ()
-        req = Request(rid, len(ids), max_new, arrival_time=arrival, oracle_output_len=oracle_output_len,
-                      prefix_hashes=keys)
+        req = Request(rid, len(ids), max_new, arrival_time=out.metrics.arrival_time,
+                      oracle_output_len=oracle_output_len, prefix_hashes=keys)
         seed = sp.seed if sp.seed is not None else self._rng.randrange(2**32)
         seq = SequenceState(req, sp, seed, ids, out, eos, adjust=adjust, prefix_cached=cached)
         if not self.scheduler.add(req, now):
@@ -384,7 +422,7 @@ class LLMEngine:
         """Run the plan's critical-path copies and dispatch its step (or its copies alone). Rows whose newest
         token is the one ``flight`` is sampling get a placeholder, which the step itself takes from ``flight``'s
         tokens on the device: nothing here waits for the device."""
-        self.runner.copy("out", plan.sync_swap_out)
+        self.runner.copy("out", plan.sync_swap_out, request_runs(plan.sync_swap_out, plan.swapped_out))
         self.runner.copy("in", plan.sync_swap_in)
         st = self.stats
         st["blocks_out"] += len(plan.sync_swap_out) + len(plan.swap_out)
@@ -448,12 +486,13 @@ class LLMEngine:
         outputs = plp = None
         if prepared is not None:
             outputs = self.runner.launch(prepared, plan.swap_out, plan.swap_in,
-                                         flight.outputs.tokens if fills else None)
+                                         flight.outputs.tokens if fills else None,
+                                         request_runs(plan.swap_out, plan.swapped_out))
             self.stats["compute_steps"] += 1
             if plp_rows:
                 plp = self.runner.prompt_logprobs(outputs.hidden, plp_rows, [s.prompt_ids[p] for s, p in plp_at])
         else:
-            self.runner.copy("out", plan.swap_out)
+            self.runner.copy("out", plan.swap_out, request_runs(plan.swap_out, plan.swapped_out))
             self.runner.copy("in", plan.swap_in)
         self._release_host_pages(plan)
         return InFlight(plan, now, samplers, outputs, prompt_logprobs=plp, prompt_positions=plp_at)

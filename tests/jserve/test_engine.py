@@ -411,6 +411,59 @@ def test_async_engine_survives_bad_requests_and_refuses_after_shutdown(tiny, pro
         asyncio.run(asyncio.wait_for(after(), 10))
 
 
+def test_async_stream_reusing_the_id_of_a_stream_left_early_gets_only_its_own_outputs(tiny, prompts, reference):
+    """A caller leaves a stream after one output and retries with the same id. Outputs used to be routed by id
+    alone, so the new stream got the old request's abort snapshot (its prompt, its tokens) and ended at once,
+    while the new request ran on with nobody reading it."""
+    llm = LLM(tiny, scheduler="fcfs", **ROOMY)
+    engine = AsyncLLMEngine(llm.engine)
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+
+    async def main():
+        old = engine.generate(prompts[0], params, request_id="x")
+        await anext(old)
+        await old.aclose()  # aborts the old request
+        return [out async for out in engine.generate(prompts[1], params, request_id="x")]
+
+    try:
+        outs = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        engine.shutdown()
+    assert all(o.prompt_token_ids == prompts[1] for o in outs)
+    assert outs[-1].token_ids == reference[1] and outs[-1].finish_reason == "length"
+    assert not llm.engine.has_unfinished() and engine.error is None
+
+
+def test_automatic_request_ids_skip_the_ids_callers_chose(tiny, prompts):
+    """Automatic ids are 0, 1, 2, ...; a caller's own integer id 1 made the second automatic request fail with
+    "request id 1 is already live"."""
+    engine = LLM(tiny, scheduler="fcfs", **ROOMY).engine
+    params = SamplingParams(max_tokens=2)
+    outs = [engine.add_request(prompts[0], params, request_id=1), engine.add_request(prompts[1], params),
+            engine.add_request(prompts[2], params)]
+    assert [o.request_id for o in outs] == [1, 0, 2] and not any(o.finished for o in outs)
+    assert engine.refuse("no prompt").request_id == 3
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(arrival_time=-1.0), "arrival_time must be a finite number >= 0 .* got -1.0"),
+    (dict(arrival_time=float("nan")), "arrival_time .* got nan"),
+    (dict(arrival_time="soon"), "arrival_time .* got 'soon'"),
+    (dict(arrival_time=True), "arrival_time .* got True"),
+    (dict(oracle_output_len=0), "oracle_output_len must be an int >= 1 .* got 0"),
+    (dict(oracle_output_len=2.5), "oracle_output_len .* got 2.5"),
+])
+def test_a_bad_arrival_time_or_oracle_length_refuses_that_request_only(tiny, prompts, options, message):
+    """These raised from float() or from the scheduler's Request instead of refusing the request."""
+    engine = LLM(tiny, scheduler="srpt", **ROOMY).engine
+    out = engine.add_request(prompts[0], SamplingParams(max_tokens=2), **options)
+    assert out.finish_reason == "error" and re.search(message, out.error), out.error
+    good = engine.add_request(prompts[0], SamplingParams(max_tokens=2), arrival_time=0.0, oracle_output_len=2)
+    while engine.has_unfinished():
+        engine.step()
+    assert good.finish_reason == "length" and len(good.token_ids) == 2
+
+
 def test_shutdown_ends_the_streams_still_running(tiny, prompts):
     """Streams waiting when the engine shuts down raise instead of waiting forever (they used to hang)."""
     import time
@@ -551,10 +604,11 @@ def test_a_stream_whose_event_loop_closed_does_not_kill_the_engine_thread(tiny, 
     engine = AsyncLLMEngine(llm.engine)
     closed = asyncio.new_event_loop()
     closed.close()
-    engine._streams["orphan"] = (closed, asyncio.Queue())
-    engine._commands.put(("add", "orphan", prompts[0], SamplingParams(max_tokens=NEW, ignore_eos=True)))
+    key = -1  # a stream key generate never hands out
+    engine._streams[key] = (closed, asyncio.Queue())
+    engine._commands.put(("add", "orphan", prompts[0], SamplingParams(max_tokens=NEW, ignore_eos=True), key))
     for _ in range(200):
-        if "orphan" not in engine._streams:
+        if key not in engine._streams:
             break
         time.sleep(0.01)
 
