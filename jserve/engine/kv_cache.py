@@ -9,9 +9,11 @@ columns, padded copy slots and padded tokens point there, and whatever lands in 
 Host pages are not one big pool. Every swap-out chunk becomes its own contiguous ``pinned_host`` buffer
 ``[L, 2, num_kv_heads, n, page_size, head_dim]`` (``n`` a swap bucket), and a map from the scheduler's host
 block id to ``(buffer, slot)`` says where each host page lives. The scheduler's host block ids stay the
-accounting unit: at most ``num_host_pages`` ids are live at once, so host memory stays within
-``num_host_pages`` pages plus the padding slots of partly filled chunks (fewer than the smallest swap bucket
-per chunk; none with the default buckets, which include 1).
+accounting unit: at most ``num_host_pages`` ids are live at once. A chunk holds the pages of one request only
+(the runner chunks each request's pairs on its own), and the scheduler moves and frees a request's pages all
+together, so a buffer is never kept alive by some of its pages while others are dead: host memory stays
+within ``num_host_pages`` pages plus the padding slots of partly filled chunks (fewer than the smallest swap
+bucket per chunk; none with the default buckets, which include 1).
 
 Copies (a whole request's pages at a time; the scheduler never splits a request across pools), with no
 compute on the host and each transfer between memory kinds a plain copy of one contiguous buffer:

@@ -384,22 +384,33 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ running
 
-    def copy(self, direction: str, pairs: Sequence[tuple[int, int]]) -> None:
+    def copy(self, direction: str, pairs: Sequence[tuple[int, int]], runs: Sequence[int] | None = None) -> None:
         """Copies issued now, before anything dispatched later (``direction`` = "out": device->host pairs,
-        "in": host->device pairs). The transfers are asynchronous; the device pool is rebound at once."""
+        "in": host->device pairs). The transfers are asynchronous; the device pool is rebound at once.
+        ``runs`` (swap-outs): the lengths of the consecutive runs of ``pairs`` that are one request's each
+        (default: all one run); no host buffer holds pages of two runs."""
         if direction == "out":
-            self._swap_out(pairs)
+            self._swap_out(pairs, runs)
         elif direction == "in":
             self._scatter_in(self._transfer_in(pairs))
         else:
             raise ValueError(f"copy direction must be 'out' or 'in', got {direction!r}")
 
-    def _swap_out(self, pairs: Sequence[tuple[int, int]]) -> None:
-        """Gather ``(device, host)`` pairs into chunks on the device and start their transfers to the host."""
+    def _swap_out(self, pairs: Sequence[tuple[int, int]], runs: Sequence[int] | None = None) -> None:
+        """Gather ``(device, host)`` pairs into chunks on the device and start their transfers to the host. Each
+        of ``runs`` (one request's pairs) is chunked on its own, so that a host buffer holds one request's
+        pages and is released whole when that request comes back or ends (``KVCache`` docstring)."""
         if not pairs:
             return
         kv = self.kv
-        chunks = bucket_pairs(pairs, self.config.swap_buckets, kv.pad_device_page, kv.pad_host_page)
+        chunks = []
+        start = 0
+        for n in runs if runs is not None else (len(pairs),):
+            chunks += bucket_pairs(pairs[start:start + n], self.config.swap_buckets, kv.pad_device_page,
+                                   kv.pad_host_page)
+            start += n
+        if start != len(pairs):
+            raise ValueError(f"swap-out runs {list(runs)} do not add up to the {len(pairs)} pairs")
         staged = [self._get(("gather", b))(kv.device, src) for b, src, _ in chunks]
         for array, (_, _, dst) in zip(jax.device_put(staged, kv.host_sharding), chunks):
             kv.store(array, dst)
@@ -444,16 +455,18 @@ class ModelRunner:
         swap_out: Sequence[tuple[int, int]] = (),
         swap_in: Sequence[tuple[int, int]] = (),
         prev_tokens: jax.Array | None = None,
+        swap_out_runs: Sequence[int] | None = None,
     ) -> StepOutputs:
         """Dispatch a prepared step with its overlapped copies; returns its outputs as device arrays
         (``[slots, ...]``; the first ``step.num_rows`` rows are the batch's). Nothing waits for the device here.
         ``prev_tokens``: an earlier step's ``StepOutputs.tokens``, read by the rows ``step.feed`` names.
+        ``swap_out_runs``: as ``copy``'s ``runs``.
 
         The swap-outs are gathered and their transfers started before the step, the swap-ins' transfers are
         started before it and scattered after it, so both transfers run while the step computes (the pages
         they move are not the batch's: the scheduler guarantees it)."""
         kv = self.kv
-        self._swap_out(swap_out)
+        self._swap_out(swap_out, swap_out_runs)
         loads = self._transfer_in(swap_in)
         outputs, kv.device, self.penalty_tables = self._get((step.kind, step.size))(
             self._state_leaves, step.ids, step.pos, kv.device, self.penalty_tables, step.metadata, *step.sampling,

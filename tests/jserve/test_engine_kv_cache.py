@@ -170,6 +170,32 @@ def test_host_pages_stay_within_the_schedulers_accounting(tiny):
     assert eng.kv.host == [] and eng.stats["compiles_after_warmup"] == 0
 
 
+def test_a_host_buffer_holds_one_requests_pages_so_host_memory_stays_within_the_pool(tiny):
+    """Swap-out chunks used to mix pages of several requests; a buffer stays alive while any of its pages is
+    live, so once one of its requests came back, its dead slots held memory and the buffers took more pages
+    than ``num_host_blocks`` (37 of 32 here, on a virtual clock). Each request's pages now get their own
+    chunks."""
+    from jserve.engine.engine import request_runs
+    from schedulers import Request
+
+    a, b = Request("a", 20, 4), Request("b", 40, 4)
+    a.blocks, b.blocks = [7, 3], [5, 6, 9]  # their host ids after the swap-out
+    assert request_runs([(0, 7), (1, 3), (4, 5), (2, 6), (8, 9)], [a, b]) == [2, 3]
+    assert request_runs([], [a]) is None
+    rng = np.random.default_rng(0)
+    llm = virtual_clock(LLM(tiny, scheduler="mlfq", max_batch_size=8, max_tokens_per_batch=128, max_model_len=128,
+                            decode_buckets=(8,), token_buckets=(128,), num_device_blocks=24, num_host_blocks=32,
+                            swap_buckets=(1, 4, 16, 64), progress=False))
+    eng = llm.engine
+    for _ in range(40):
+        prompt = list(map(int, rng.integers(3, 256, size=int(rng.choice([5, 20, 40])))))
+        eng.add_request(prompt, SamplingParams(max_tokens=int(rng.choice([5, 40, 80])), ignore_eos=True))
+    most = 0
+    while eng.has_unfinished():
+        eng.step()
+        most = max(most, eng.kv.host_pages_held)
+    assert eng.stats["blocks_out"] > 100 and most == 32, most
+
 @pytest.mark.parametrize("skip_idle_work", [True, False])
 def test_no_whole_pool_copies_and_no_compiles_with_copies_in_flight(tiny, skip_idle_work):
     r = _runner(tiny, num_device=40, num_host=33, skip_idle_work=skip_idle_work)
