@@ -51,7 +51,7 @@ import numpy as np
 from schedulers import SchedulerConfig, make_scheduler
 from schedulers.request import KVLocation, Request
 
-from .config import EngineConfig, device_pages, host_pages
+from .config import EngineConfig, device_pages, host_pages, resolve_max_model_len
 from .kv_cache import KVCache, KVCacheSpec
 from .metrics import EngineMetrics
 from .outputs import RequestMetrics, RequestOutput
@@ -102,11 +102,7 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         mc = model.config
         self.tokenizer = model.tokenizer
-        self.max_model_len = cfg.max_model_len or min(mc.max_position_embeddings, 4096)
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the model's context {mc.max_position_embeddings}"
-            )
+        self.max_model_len = resolve_max_model_len(cfg.max_model_len, mc)
         spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, mc.dtype)
         self.device = jax.devices()[0]
         num_penalty = cfg.max_penalty_requests or cfg.max_batch_size
