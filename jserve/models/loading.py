@@ -14,7 +14,6 @@ from flax import nnx
 
 from jserve.weights.gguf_file import GGUFTensors
 from jserve.weights.load import LoadStats, dummy_state, gguf_state, hf_state
-from jserve.weights.loader import param_shapes
 
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
 from .model import Model, abstract_module
@@ -89,11 +88,6 @@ def load(
         if dtype:
             cfg = cfg.replace(dtype=dtype)
         graphdef, abstract = nnx.split(abstract_module(cfg, backend))
-        if not cfg.tie_word_embeddings and "lm_head.w" not in param_shapes(abstract):
-            raise ConfigError(
-                f"{path / 'config.json'}: tie_word_embeddings is false (a separate lm_head.weight), but jserve's "
-                f"{cfg.architecture} model has no separate output head; loaded tied, its logits would be wrong"
-            )
         state = hf_state(cfg, abstract, path, cache=cache, stats=stats)
         tok = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     elif path.suffix == ".gguf":

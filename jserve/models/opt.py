@@ -1,5 +1,6 @@
 """OPT as a Flax NNX model: learned positions (table offset 2), LayerNorm before each block
-(``do_layer_norm_before``; after it for OPT-350m), ReLU MLP, biases everywhere, tied output embedding, and
+(``do_layer_norm_before``; after it for OPT-350m), ReLU MLP, biases everywhere, the output embedding tied to the input one unless
+``tie_word_embeddings`` is false (a separate ``lm_head``), and
 ``project_in``/``project_out`` when ``word_embed_proj_dim`` differs from ``hidden_size``.
 
 The call contract is the same as ``jserve.models.llama.LlamaForCausalLM``: one fixed-shape iteration step
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels_cpu
 from kernels_pallas import AttentionMetadata
 
 from .config import ModelConfig
@@ -86,6 +88,7 @@ class OPTForCausalLM(CausalLM):
         self.layers = nnx.List([OPTDecoderLayer(cfg, backend) for _ in range(cfg.num_layers)])
         use_final_ln = cfg.do_layer_norm_before and not cfg.remove_final_layer_norm
         self.final_layer_norm = LayerNorm(h, eps=cfg.norm_eps, dtype=dt) if use_final_ln else None
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(e, cfg.vocab_size, bias=False, dtype=dt)
         self.position_offset = cfg.position_offset
 
     def hidden_states(
@@ -111,4 +114,11 @@ class OPTForCausalLM(CausalLM):
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        return self.embed_tokens.attend(x).astype(jnp.float32)
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = kernels_cpu.matmul_nt(
+                x, self.lm_head.w[...], preferred_element_type=jnp.float32,
+                precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
+            )
+        return logits.astype(jnp.float32)
