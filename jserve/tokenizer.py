@@ -445,6 +445,10 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> 
         if not sep:
             raise TokenizerError(f"malformed merge {m!r} in tokenizer.ggml.merges of {path}")
         pairs.append((a, b))
+    unknown = next(((a, b) for a, b in pairs if a not in vocab or b not in vocab or a + b not in vocab), None)
+    if unknown is not None:  # the tokenizers library raises a bare Exception naming neither file nor merge
+        raise TokenizerError(f"merge {' '.join(unknown)!r} in tokenizer.ggml.merges of {path} names a token that "
+                             "is not in tokenizer.ggml.tokens")
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = _byte_level_pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
     backend.decoder = decoders.ByteLevel()

@@ -323,3 +323,17 @@ def test_bad_chat_template_inputs_are_tokenizer_errors(tmp_path, call, message):
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages | length }}"}))
     with pytest.raises(TokenizerError, match=message):
         load_tokenizer(d).apply_chat_template(**call)
+
+
+@pytest.mark.parametrize("merge", ["a c", "c a", "a a"])  # c is no token; "aa", the merged token, is none either
+def test_a_gguf_merge_naming_an_unknown_token_is_a_tokenizer_error(merge):
+    """The tokenizers library raised a bare Exception for an unknown part and panicked (PanicException, not even
+    an Exception) for an unknown merged token."""
+    from jserve.tokenizer import tokenizer_from_gguf_metadata
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b", merge]}
+    assert tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.merges": ["a b"]}).encode("ab") == [2]
+    with pytest.raises(TokenizerError, match=f"merge '{merge}' in tokenizer.ggml.merges of x.gguf names a token "
+                                             "that is not in tokenizer.ggml.tokens"):
+        tokenizer_from_gguf_metadata(meta, source="x.gguf")
