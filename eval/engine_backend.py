@@ -234,11 +234,11 @@ def replay(engine, workload: Sequence[WorkloadRequest], *, horizon: float | None
             prices.append(_price(step_cost, plan, plan_compute_time))
         return plan
 
-    def copy(direction, pairs):
+    def copy(direction, pairs, runs=None):
         if not pairs:
             return
         t = time.perf_counter()
-        orig_copy(direction, pairs)
+        orig_copy(direction, pairs, runs)
         jax.block_until_ready((engine.kv.device, engine.kv.host))
         copy_time[0] += time.perf_counter() - t
 
