@@ -10,7 +10,8 @@ sync_copy          critical-path copy time (sync swaps, before compute) (s)
 overlap_copy       copy time of the proactive swaps that run beside compute (s)
 batch_size         requests computing in the step
 prefill_tokens     tokens of prefill chunks (incl. recompute); decode_tokens: one per decoding request
-levels_mask        bit p set when a request of priority level p is in the batch (MLFQ queues present)
+levels_mask        bit p set when a request of priority level p is in the batch (MLFQ queues present; an
+                   object column in ``as_arrays`` when a level above 62 occurs)
 live               requests admitted and not finished at plan time
 device_used        device KV blocks held after the step (host_used: host blocks)
 blocks_out         device->host blocks copied in the step (sync + overlapped); blocks_in: host->device
@@ -72,8 +73,11 @@ class IterationTrace:
     def as_arrays(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for f in fields(self):
+            values = getattr(self, f.name)
             dtype = np.int64 if f.name in INT_COLUMNS else np.float64
-            out[f.name] = np.asarray(getattr(self, f.name), dtype=dtype)
+            if f.name == "levels_mask" and values and max(values) >= 2**63:  # a policy with more than 63 levels
+                dtype = object  # Python ints: the bits of every level
+            out[f.name] = np.asarray(values, dtype=dtype)
         return out
 
     def write_csv(self, path: str | Path) -> None:

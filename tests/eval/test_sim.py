@@ -397,3 +397,13 @@ def test_saturation_throughput_refuses_what_it_cannot_measure():
     with pytest.raises(ValueError, match="charges nothing"):
         saturation_throughput(lambda: make_scheduler("fcfs", cfg, cost_model=free), workload_requests([(8, 2, 0.0)]),
                               free, LINK)
+
+
+def test_a_policy_with_more_than_63_levels_keeps_its_level_masks_in_the_trace_arrays():
+    """num_queues may be up to 1024; a level above 62 made as_arrays() raise OverflowError (int64 column)."""
+    cfg = SchedulerConfig(block_size=16, num_device_blocks=64, num_host_blocks=0, max_batch_size=2,
+                          max_tokens_per_batch=256, max_model_len=256, num_queues=80, quantum_ratio=1.0, q0=1e-4)
+    res = simulate(make_scheduler("fastserve", cfg, COST), workload_requests([(40, 100, 0.0), (40, 100, 0.0)]),
+                   COST, LINK, check=True)
+    masks = res.iterations.as_arrays()["levels_mask"]  # each step demotes: the levels pass 63 on the way to 79
+    assert max(masks) >= 2**63 and list(masks) == res.iterations.levels_mask
