@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from schedulers import POLICY_NAMES, IterationCostModel, SchedulerConfig
+from schedulers import IterationCostModel, SchedulerConfig, available_policies
 
 from .kv_cache import KVCacheSpec
 from .sampling import _is_int, _is_real
@@ -104,8 +104,9 @@ class EngineConfig:
         for name in ("enable_prompt_logprobs", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.scheduler not in POLICY_NAMES:  # before the model loads and the steps compile
-            raise ValueError(f"unknown scheduler policy {self.scheduler!r}; known policies: {', '.join(POLICY_NAMES)}")
+        known = available_policies()  # built-in and registered (schedulers.register_policy)
+        if self.scheduler not in known:  # before the model loads and the steps compile
+            raise ValueError(f"unknown scheduler policy {self.scheduler!r}; known policies: {', '.join(known)}")
         if self.cost_model is not None and not isinstance(self.cost_model, IterationCostModel):
             raise ValueError("EngineConfig.cost_model must be None, an IterationCostModel or (for LLM) the path of a "
                              f"cost profile, got {type(self.cost_model).__name__}")

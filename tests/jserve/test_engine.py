@@ -434,6 +434,28 @@ def test_async_stream_reusing_the_id_of_a_stream_left_early_gets_only_its_own_ou
     assert not llm.engine.has_unfinished() and engine.error is None
 
 
+def test_a_registered_policy_serves(tiny, prompts, reference):
+    """``schedulers.register_policy`` makes a researcher's policy a name ``LLM(scheduler=...)`` accepts (the
+    engine's configuration used to accept the built-in names only)."""
+    from schedulers import register_policy
+    from schedulers.fcfs import FCFSScheduler
+
+    class MyFCFS(FCFSScheduler):
+        schedules = 0
+
+        def schedule(self, now):
+            MyFCFS.schedules += 1
+            return super().schedule(now)
+
+    register_policy("test-my-fcfs", MyFCFS, replace=True)
+    llm = LLM(tiny, scheduler="test-my-fcfs", **TIGHT)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW, ignore_eos=True))
+    assert [o.token_ids for o in outs] == reference
+    assert isinstance(llm.engine.scheduler, MyFCFS) and MyFCFS.schedules > NEW
+    with pytest.raises(ValueError, match="unknown scheduler policy 'nobody'; known policies: fcfs, .*, test-my-fcfs"):
+        LLM(tiny, scheduler="nobody", **TIGHT)
+
+
 def test_automatic_request_ids_skip_the_ids_callers_chose(tiny, prompts):
     """Automatic ids are 0, 1, 2, ...; a caller's own integer id 1 made the second automatic request fail with
     "request id 1 is already live"."""
