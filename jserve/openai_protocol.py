@@ -143,6 +143,7 @@ class ChatCompletionRequest(_GenerationFields):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     response_format: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
 
 
 class TokenizeRequest(_Strict):

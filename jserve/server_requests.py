@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from jserve.engine.sampling import SamplingParams
 from jserve.openai_protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, parse_body, sampling_params)
+from jserve.tokenizer import TokenizerError, check_template_kwargs
 
 __all__ = ["DEFAULT_COMPLETION_TOKENS", "Prepared", "RequestPreparer", "ServedModel", "SubRequest", "child_seed"]
 
@@ -168,7 +169,11 @@ class RequestPreparer:
         messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
                     for m in req.messages]
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            kwargs = check_template_kwargs(req.chat_template_kwargs)
+        except TokenizerError as e:
+            raise ApiError(400, str(e), "chat_template_kwargs") from None
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except Exception as e:  # jinja errors and the template's own raise_exception
             raise ApiError(400, f"the chat template cannot render these messages: {e}", "messages") from None
         ids = _encode(tok, text, "messages", add_special_tokens=False)

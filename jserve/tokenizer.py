@@ -24,7 +24,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_from_gguf_metadata"]
+__all__ = ["Tokenizer", "TokenizerError", "check_template_kwargs", "load_tokenizer", "tokenizer_from_gguf_metadata"]
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # Python str holds no surrogate pairs: any is unpaired
@@ -204,6 +204,25 @@ class Tokenizer:
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The names a message's reasoning goes under; a template reads one of them (transformers fills all three).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+# apply_chat_template's own parameters: a template keyword of one of these names would collide with them
+_RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tokenize", "chat_template", "tools", "documents")
+
+
+def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """``chat_template_kwargs`` (extra variables for the chat template, vLLM's name: ``{"enable_thinking":
+    false}``) if it is a dict of them, else a ``TokenizerError`` naming the problem. {} for None."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise TokenizerError(f"chat_template_kwargs must be a dict of template variables, got {type(kwargs).__name__}")
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise TokenizerError(f"chat_template_kwargs: {key!r} is not a template variable name")
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise TokenizerError(f"chat_template_kwargs may not set {key!r}: it is a parameter of its own")
+    return dict(kwargs)
 
 
 def _plain(value: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jserve.tokenizer import check_template_kwargs
 from schedulers import SchedulerConfig
 
 from .engine import EngineConfig, LLMEngine
@@ -175,15 +176,21 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
         """Answer one conversation (a list of ``{"role", "content"}`` messages) or a list of conversations:
         each is rendered with the model's chat template (or ``chat_template``), ending with the assistant's
         turn when ``add_generation_prompt``, then generated as ``generate`` does; one output per
         conversation, in order, whose ``prompt`` is the rendered text. ``content`` is a string or a list of
         ``{"type": "text", "text": ...}`` parts (OpenAI's form); messages may carry other keys (``name``),
-        which the template sees. A conversation that is malformed or that the template refuses gives an
-        output with ``finish_reason == "error"`` naming the problem; the others run."""
+        which the template sees. ``tools`` (JSON-schema function dicts) and ``chat_template_kwargs`` (more
+        template variables, ``{"enable_thinking": False}``) reach the template as in vLLM's ``LLM.chat``; the
+        output is the model's text (no tool-call parsing). A conversation that is malformed or that the
+        template refuses gives an output with ``finish_reason == "error"`` naming the problem; the others
+        run."""
         params = _one_of(params, sampling_params)
+        template_kwargs = check_template_kwargs(chat_template_kwargs)
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it cannot render chat messages; use generate "
                              "with token ids")
@@ -199,7 +206,8 @@ class LLM:
         for i, conv in enumerate(conversations):
             try:
                 text = self.tokenizer.apply_chat_template(
-                    _chat_messages(conv), add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+                    _chat_messages(conv), add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                    tools=tools, **template_kwargs)
                 # the template writes every special token itself (BOS included), as the server's chat does
                 prompts.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
             except ValueError as e:  # a malformed message, or TokenizerError: the template refused them

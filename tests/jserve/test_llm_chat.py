@@ -123,3 +123,23 @@ def test_a_chat_prompt_gets_what_its_template_writes_and_a_text_prompt_the_model
     assert chat.prompt == "<user>hi\n<assistant>" and chat.prompt_token_ids == list(b"<user>hi\n<assistant>")
     assert text.prompt_token_ids == [1] + list(b"<user>hi\n<assistant>")
     assert chat.token_ids == expected(chat_llm, chat.prompt)
+
+
+def test_tools_and_template_kwargs_reach_the_template(chat_llm):
+    """vLLM's ``LLM.chat(..., tools=, chat_template_kwargs=)``: LLM.chat had neither."""
+    template = ("{% if tools %}[tools {{ tools | map(attribute='name') | join(',') }}]{% endif %}"
+                "{% if enable_thinking is defined and not enable_thinking %}[no-think]{% endif %}"
+                "{{ messages[0]['content'] }}")
+    conv = [{"role": "user", "content": "q"}]
+    [out] = chat_llm.chat(conv, PARAMS, chat_template=template, tools=[{"name": "add"}, {"name": "mul"}],
+                          chat_template_kwargs={"enable_thinking": False})
+    assert out.prompt == "[tools add,mul][no-think]q" and out.token_ids == expected(chat_llm, out.prompt)
+    [plain] = chat_llm.chat(conv, PARAMS, chat_template=template)
+    assert plain.prompt == "q"
+    for bad, message in [({"tools": []}, "chat_template_kwargs may not set 'tools'"),
+                         ({1: True}, "1 is not a template variable name"),
+                         (["enable_thinking"], "chat_template_kwargs must be a dict")]:
+        with pytest.raises(ValueError, match=message):
+            chat_llm.chat(conv, PARAMS, chat_template_kwargs=bad)
+    [out] = chat_llm.chat(conv, PARAMS, tools="add")
+    assert out.finish_reason == "error" and "tools must be a list of dicts" in out.error

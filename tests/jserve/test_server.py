@@ -248,6 +248,25 @@ def test_chat_completion_uses_the_chat_template(tiny):
         assert evs[-2]["choices"][0]["finish_reason"] == "length"
 
 
+def test_chat_template_kwargs_reach_the_template(tiny):
+    """vLLM's ``chat_template_kwargs`` field: it was refused as a field the API does not have."""
+    llm, url, _, _ = tiny
+    tok = llm.tokenizer
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "return_token_ids": True}
+    template, tok.chat_template = tok.chat_template, "{% if terse %}[t]{% endif %}" + TEMPLATE
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            plain = c.post("/v1/chat/completions", json=body).json()["prompt_token_ids"]
+            terse = c.post("/v1/chat/completions", json=body | {"chat_template_kwargs": {"terse": True}}).json()
+            bad = c.post("/v1/chat/completions", json=body | {"chat_template_kwargs": {"messages": []}})
+    finally:
+        tok.chat_template = template
+    assert plain == list(b"<user>hi\n<assistant>")
+    assert terse["prompt_token_ids"] == list(b"[t]<user>hi\n<assistant>")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "chat_template_kwargs"
+    assert "may not set 'messages'" in bad.json()["error"]["message"]
+
+
 def reference_logprobs(model, prompt: list[int], generated: list[int]) -> np.ndarray:
     """``[len(generated), V]``: log_softmax (float32) of the model's logits after each ``prompt + generated[:j]``,
     every prefix a sequence of one packed step of ``jserve.models`` on a fresh cache (no engine, no sampler)."""
