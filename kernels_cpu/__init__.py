@@ -42,16 +42,28 @@ def _xla_matmul_nt(x: jax.Array, w: jax.Array, precision, preferred_element_type
     return jnp.einsum("...i,oi->...o", x, w, precision=precision, preferred_element_type=preferred_element_type)
 
 
+@jax.custom_jvp
 def _native_matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[0],), jnp.float32)
-    return jax.ffi.ffi_call("jserve_matmul_nt", out)(x, w)
+    return jax.ffi.ffi_call("jserve_matmul_nt", out, vmap_method="sequential")(x, w)
+
+
+@_native_matmul_nt.defjvp
+def _native_matmul_nt_jvp(primals, tangents):
+    """The product is bilinear: its derivative is XLA's dot of the tangents (so ``grad`` works as for XLA's)."""
+    (x, w), (dx, dw) = primals, tangents
+    exact = jax.lax.Precision.HIGHEST
+    return _native_matmul_nt(x, w), (_xla_matmul_nt(dx, w, exact, jnp.float32)
+                                     + _xla_matmul_nt(x, dw, exact, jnp.float32))
 
 
 def matmul_nt(x: jax.Array, w: jax.Array, *, precision=None, preferred_element_type=None) -> jax.Array:
     """``x @ w.T``: ``x`` ``[..., K]``, ``w`` ``[N, K]`` -> ``[..., N]`` (see the module docstring for the path).
 
-    ``precision`` and ``preferred_element_type`` are XLA's dot's; the native kernel takes float32 operands
-    and computes and returns float32 regardless.
+    ``precision`` and ``preferred_element_type`` are XLA's dot's; the native kernel takes float32 operands and
+    computes float32, so it runs only when the result is float32 (``preferred_element_type`` None or
+    float32). Differentiation and ``vmap`` work on either path (the kernel's derivative is XLA's dot; ``vmap``
+    runs it once per batch element).
     """
     if x.shape[-1] != w.shape[-1] or w.ndim != 2:
         raise ValueError(f"matmul_nt: x {x.shape} and w {w.shape} must be [..., K] and [N, K]")
@@ -61,6 +73,7 @@ def matmul_nt(x: jax.Array, w: jax.Array, *, precision=None, preferred_element_t
     if (
         x.dtype != jnp.float32
         or w.dtype != jnp.float32
+        or (preferred_element_type is not None and jnp.dtype(preferred_element_type) != jnp.float32)
         or rows > MAX_ROWS
         or not native_available()
     ):
@@ -72,7 +85,7 @@ def matmul_nt(x: jax.Array, w: jax.Array, *, precision=None, preferred_element_t
 
 def _native_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale: float) -> jax.Array:
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call("jserve_paged_decode_attention", out)(
+    return jax.ffi.ffi_call("jserve_paged_decode_attention", out, vmap_method="sequential")(
         q, k_pages, v_pages, block_tables, lengths, scale=np.float32(scale)
     )
 

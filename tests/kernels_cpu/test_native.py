@@ -83,6 +83,26 @@ def test_what_runs_in_xla():
         kernels_cpu.matmul_nt(jnp.ones((2, 3)), jnp.ones((4, 5)))
 
 
+@needs_native
+def test_grad_vmap_and_preferred_types_as_xlas_dot():
+    """On the native path (<= MAX_ROWS float32 rows) ``grad`` raised (the FFI call had no derivative), ``vmap``
+    raised NotImplementedError, and a bfloat16 preferred_element_type came back float32 (a TypeError under
+    jit): each now gives what XLA's dot gives."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 4, 40)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
+    xla = lambda a, b: jnp.einsum("...i,oi->...o", a, b, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+    assert "jserve_matmul_nt" in _hlo(x[0], w)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
+    for got, want in zip(jax.grad(loss(kernels_cpu.matmul_nt), (0, 1))(x[0], w), jax.grad(loss(xla), (0, 1))(x[0], w)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(kernels_cpu.matmul_nt, (0, None)))(x, w)),
+                               np.asarray(xla(x, w)), rtol=1e-5, atol=1e-4)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        f = jax.jit(lambda a: kernels_cpu.matmul_nt(a, w, preferred_element_type=dtype))
+        assert f(x[0]).dtype == dtype and "jserve_matmul_nt" not in f.lower(x[0]).as_text()
+
+
 def _fresh_process(env_extra: dict, tmp_path) -> str:
     """Run a fresh interpreter (the library loads once per process) with its own empty kernel cache; prints
     whether the kernels loaded, why not, and a product's result."""
@@ -111,6 +131,11 @@ def test_build_fails_over_to_xla(tmp_path):
     out = _fresh_process({"CXX": str(wrapper)}, tmp_path / "noavx")
     assert out.startswith("False | could not build or load native.cc") and "need AVX-512F" in out
     assert out.endswith(expect)
+    # A compiler that exits 0 without writing a library: refused, and nothing is left in the cache that
+    # every later process would fail to load (a 0-byte library used to stay there for good).
+    out = _fresh_process({"CXX": "/bin/true"}, tmp_path / "true")
+    assert out == f"False | could not build or load native.cc: /bin/true exited 0 but wrote no library | {expect}"
+    assert not list((tmp_path / "true" / "kernels_cpu").glob("native-*"))
 
 
 @needs_native
@@ -122,3 +147,8 @@ def test_build_caches_the_library(tmp_path):
     mtime = lib.stat().st_mtime_ns
     assert _fresh_process({}, tmp_path).startswith("True | None")
     assert lib.stat().st_mtime_ns == mtime and not list((tmp_path / "kernels_cpu").glob("*.tmp"))
+    lib.write_bytes(b"")  # a broken library in the cache: deleted and built again, once
+    assert _fresh_process({}, tmp_path).startswith("True | None") and lib.stat().st_size > 0
+    # CXX may carry arguments (a launcher such as ccache or env): it was run as one executable name
+    cxx = kernels_cpu.build._compiler()
+    assert _fresh_process({"CXX": f"env {cxx}"}, tmp_path / "env").startswith("True | None")
