@@ -7,16 +7,20 @@ source, flag, jaxlib or CPU (a cache directory shared between machines) builds a
 processes never load a half-written file (each writes a private temporary file and renames it).
 
 ``load()`` returns ``True`` once the targets are registered, or ``False`` with the reason kept in
-``unavailable_reason()`` when there is no C++ compiler, the CPU lacks AVX-512F, the compile fails, or
-``JSERVE_CPU_KERNELS=0`` turns the kernels off; callers then use XLA's own ops. It never raises.
+``unavailable_reason()`` (and logged once as a warning, unless ``JSERVE_CPU_KERNELS=0`` turned the kernels
+off) when there is no C++ compiler, the CPU lacks AVX-512F, or the compile fails; callers then use XLA's own
+ops. It never raises. ``CXX`` may carry arguments (``CXX="ccache g++"``). A cached library that does not load
+(a compiler that exited 0 without writing one) is deleted and built once more.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -45,7 +49,7 @@ def _compiler() -> str | None:
 
 
 def _command(cxx: str, out: Path) -> list[str]:
-    return [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+    return [*shlex.split(cxx), *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
 
 
 def _cpu_identity() -> str:
@@ -79,7 +83,9 @@ def _build(cxx: str) -> Path:
         proc = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             errors = [ln.strip() for ln in proc.stderr.splitlines() if "error" in ln.lower()]
-            raise RuntimeError(f"{Path(cxx).name} failed: {'; '.join(errors[:3]) or proc.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{cxx} failed: {'; '.join(errors[:3]) or proc.stderr.strip()[-500:]}")
+        if os.path.getsize(tmp) == 0:
+            raise RuntimeError(f"{cxx} exited 0 but wrote no library")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -95,7 +101,12 @@ def _load() -> str | None:
     if cxx is None:
         return "no C++ compiler found (set CXX, or install g++)"
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        path = _build(cxx)
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(path))
+        except OSError:  # a broken file in the cache (every later process would fail on it): build it again
+            path.unlink(missing_ok=True)
+            lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
         for name in TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     except Exception as err:  # a failed build or load leaves XLA's ops in place
@@ -108,7 +119,9 @@ def load() -> bool:
     """Make the native kernels callable (once per process); ``False`` if they are unavailable here."""
     with _lock:
         if "reason" not in _state:
-            _state["reason"] = _load()
+            _state["reason"] = reason = _load()
+            if reason is not None and not reason.startswith("turned off"):
+                logging.getLogger("jserve").warning("native CPU kernels unavailable, XLA's ops run instead: %s", reason)
         return _state["reason"] is None
 
 
