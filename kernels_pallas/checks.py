@@ -109,6 +109,8 @@ def check_decode_args(q, k_pages, v_pages, block_tables, lengths) -> None:
     check_pages(k_pages, v_pages)
     _check_q(q, k_pages, "[batch, num_q_heads, head_dim]")
     batch = q.shape[0]
+    if batch < 1:
+        raise ValueError("q must have at least one sequence slot (batch >= 1)")
     _check_block_tables(block_tables, batch, "q batch")
     _check_ndim("lengths", lengths, 1, "[batch]")
     _check_int32("lengths", lengths)
@@ -119,6 +121,8 @@ def check_decode_args(q, k_pages, v_pages, block_tables, lengths) -> None:
 def check_ragged_args(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc) -> None:
     check_pages(k_pages, v_pages)
     _check_q(q, k_pages, "[num_tokens, num_q_heads, head_dim]")
+    if q.shape[0] < 1:
+        raise ValueError("q must have at least one token slot (num_tokens >= 1)")
     _check_ndim("seq_lens", seq_lens, 1, "[num_seqs]")
     _check_int32("seq_lens", seq_lens)
     num_seqs = seq_lens.shape[0]
