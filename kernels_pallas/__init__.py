@@ -8,8 +8,10 @@ step's packed tokens. Modules: ``api`` (public functions, checks, backend dispat
 ``reference`` (ground truth), ``checks`` (validation), ``bench_gpu`` (the GPU check script).
 
 Backends (``backend=`` on every public function): ``"pallas"`` (GPU lowering), ``"interpret"`` (Pallas
-interpret mode, for CPU tests) and ``"reference"`` (plain XLA). ``None`` follows the platform: ``pallas``
-on a GPU, ``reference`` elsewhere (interpret mode is a correctness tool, far too slow to serve with).
+interpret mode, for CPU tests), ``"reference"`` (plain XLA, the ground truth), ``"xla"`` (XLA loops over
+pages, ``xla_paged``) and ``"cpu"`` (``"xla"`` with decode attention in the native kernel of ``kernels_cpu``).
+``None`` follows the platform: ``pallas`` on a GPU, ``reference`` elsewhere (the models pick ``cpu`` off a
+GPU: ``checks.serving_backend``; interpret mode is a correctness tool, far too slow to serve with).
 """
 
 from .api import paged_decode_attention, ragged_paged_attention, write_kv

@@ -1,5 +1,6 @@
 """Pure-jnp references for every kernel in this package: the ground truth the Pallas kernels are tested
-against, and the ``reference`` backend (plain XLA; the fastest path on a CPU).
+against, and the ``reference`` backend (plain XLA, written for clarity; on a CPU the ``cpu`` backend is the
+fast path).
 
 Layouts: K/V pages are ``[num_kv_heads, num_pages, page_size, head_dim]``; query head ``h`` reads KV head
 ``h // (num_q_heads // num_kv_heads)`` (grouped-query attention). Scores and softmax are computed in
