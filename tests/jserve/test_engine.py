@@ -434,11 +434,13 @@ def test_async_stream_reusing_the_id_of_a_stream_left_early_gets_only_its_own_ou
     assert not llm.engine.has_unfinished() and engine.error is None
 
 
-def test_a_registered_policy_serves(tiny, prompts, reference):
+def test_a_registered_policy_serves(tiny, prompts, reference, monkeypatch):
     """``schedulers.register_policy`` makes a researcher's policy a name ``LLM(scheduler=...)`` accepts (the
     engine's configuration used to accept the built-in names only)."""
-    from schedulers import register_policy
+    from schedulers import register_policy, registry
     from schedulers.fcfs import FCFSScheduler
+
+    monkeypatch.setattr(registry, "_POLICIES", dict(registry._POLICIES))  # the registration ends with the test
 
     class MyFCFS(FCFSScheduler):
         schedules = 0
@@ -447,7 +449,7 @@ def test_a_registered_policy_serves(tiny, prompts, reference):
             MyFCFS.schedules += 1
             return super().schedule(now)
 
-    register_policy("test-my-fcfs", MyFCFS, replace=True)
+    register_policy("test-my-fcfs", MyFCFS)
     llm = LLM(tiny, scheduler="test-my-fcfs", **TIGHT)
     outs = llm.generate(prompts, SamplingParams(max_tokens=NEW, ignore_eos=True))
     assert [o.token_ids for o in outs] == reference
