@@ -226,3 +226,11 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, list]:  # logits [S, vocab] float32, updated caches
         h, new_caches = self.hidden_states(input_ids, positions, kv_caches, metadata)
         return self.logits(h[metadata.logits_indices]), new_caches
+
+    def vocab_logits(self, x: jax.Array) -> jax.Array:  # x: [R, features] after the final norm -> [R, vocab]
+        """The LM head: the separate ``lm_head`` when the model has one (``tie_word_embeddings`` false), else
+        the tied input embedding ``embed_tokens``; float32 logits."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(x)
+        return kernels_cpu.matmul_nt(x, self.lm_head.w[...], preferred_element_type=jnp.float32,
+                                     precision=_precision(x.dtype))

@@ -9,11 +9,9 @@ only at ``metadata.logits_indices`` plus the updated cache.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels_cpu
 from kernels_pallas import AttentionMetadata
 
 from .config import ModelConfig
@@ -113,12 +111,4 @@ class LlamaForCausalLM(CausalLM):
         return x, new_caches
 
     def logits(self, h: jax.Array) -> jax.Array:  # h: [R, hidden] from hidden_states -> [R, vocab] float32
-        x = self.norm(h)
-        if self.lm_head is None:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = kernels_cpu.matmul_nt(
-                x, self.lm_head.w[...], preferred_element_type=jnp.float32,
-                precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
-            )
-        return logits.astype(jnp.float32)
+        return self.vocab_logits(self.norm(h))

@@ -10,10 +10,8 @@ over the paged KV cache, returning float32 logits at ``metadata.logits_indices``
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-import kernels_cpu
 from kernels_pallas import AttentionMetadata
 
 from .config import ModelConfig
@@ -114,11 +112,4 @@ class OPTForCausalLM(CausalLM):
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        if self.lm_head is None:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = kernels_cpu.matmul_nt(
-                x, self.lm_head.w[...], preferred_element_type=jnp.float32,
-                precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
-            )
-        return logits.astype(jnp.float32)
+        return self.vocab_logits(x)
