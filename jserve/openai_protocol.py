@@ -153,6 +153,7 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | list[int] | None = None
     messages: list[ChatMessage] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # with messages, as chat takes it
 
 
 class DetokenizeRequest(_Strict):

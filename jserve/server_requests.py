@@ -157,7 +157,7 @@ class RequestPreparer:
             raise ApiError(400, f"{label} is empty", field)
         return ids
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def _chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
         tok = self.tokenizer
         if tok is None:
             raise ApiError(400, "this model has no tokenizer, so it cannot render chat messages; use "

@@ -259,10 +259,12 @@ def test_chat_template_kwargs_reach_the_template(tiny):
             plain = c.post("/v1/chat/completions", json=body).json()["prompt_token_ids"]
             terse = c.post("/v1/chat/completions", json=body | {"chat_template_kwargs": {"terse": True}}).json()
             bad = c.post("/v1/chat/completions", json=body | {"chat_template_kwargs": {"messages": []}})
+            tokens = c.post("/tokenize", json={"messages": body["messages"], "chat_template_kwargs": {"terse": 1}})
     finally:
         tok.chat_template = template
     assert plain == list(b"<user>hi\n<assistant>")
     assert terse["prompt_token_ids"] == list(b"[t]<user>hi\n<assistant>")
+    assert tokens.json()["tokens"] == terse["prompt_token_ids"]  # vLLM's /tokenize takes them too
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "chat_template_kwargs"
     assert "may not set 'messages'" in bad.json()["error"]["message"]
 
