@@ -22,12 +22,12 @@ where the KV lives (none / device / host) and, every iteration:
    * ``proactive``: nothing in the scan waits for a copy. After the batch is fixed, overlapped copies
      (``swap_out``/``swap_in``) prepare the next steps, in this order:
 
-     a. *blocked*: the highest-priority request that could not run for lack of blocks, and that offloading
-        lower-priority device requests can make room for, gets that room (it runs next step). The scan picks
+     a. *blocked*: the highest-priority request that could not run for lack of blocks gets them, when
+        offloading lower-priority device requests can make room for it (it runs next step). The scan picks
         its victims when it meets it, the best first (largest ENST for fastserve), just enough of them; they
         sit out of the batch and are offloaded after it, and the rest of the scan allocates no new blocks.
-        A request that no offload can make room for (higher-priority requests hold the blocks it lacks) sets
-        nothing aside: lower-priority requests keep running, as in the other modes;
+        When no offload can make room for it (higher-priority requests hold the blocks it lacks) nothing is
+        set aside in this step: lower-priority requests keep running, as in the other modes;
      b. *wanted*: host requests that would have been in this batch (priority above the batch's cutoff) are
         uploaded, highest priority first; when blocks are short, idle requests worth evicting for them are
         offloaded (an exchange) and the upload follows next step. Neither b nor d uploads a request of lower
@@ -249,6 +249,7 @@ class PriorityScheduler(PolicyBase):
         admit_open = True
         blocked: tuple[Request, int, list[Request]] | None = None  # (request, blocks it needs, its victims)
         held: set[int] = set()  # the blocked request's victims: they sit out of the batch (proactive)
+        sought = False  # whether the victims of the first blocked request were looked for (proactive)
         in_batch: set[int] = set()
         moved = self._deferred
         count = 0
@@ -293,7 +294,8 @@ class PriorityScheduler(PolicyBase):
                 if mode != "proactive":
                     self._make_room_now(plan, now, r, need, in_batch, recompute=mode == "recompute")
                     need = self._blocks_needed(r, n, alloc)  # evictions may have released cached blocks
-                elif blocked is None:
+                elif not sought:  # the first blocked request only: one victim search per step
+                    sought = True
                     victims = self._victims_to_free(r, need, blocks.num_free_device_blocks, now, in_batch)
                     if victims is not None:  # else no offload can help: everyone keeps running
                         blocked = (r, need, victims)
