@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("repeatable", derandomize=True)
@@ -72,6 +73,16 @@ def pytest_xdist_auto_num_workers(config):
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     return max(1, min(cpus, MAX_WORKERS))
+
+
+@pytest.fixture
+def policy_registry(monkeypatch):
+    """``schedulers.registry``, its table of policies restored when the test ends: a registration lives in the
+    process, and an xdist worker runs many files (a test that lists the registered names would see it)."""
+    from schedulers import registry
+
+    monkeypatch.setattr(registry, "_POLICIES", dict(registry._POLICIES))
+    return registry
 
 
 def pytest_collection_modifyitems(config, items):

@@ -151,11 +151,8 @@ class LongestPromptFirst(PriorityScheduler):
 
 
 @pytest.fixture
-def registered(monkeypatch):
+def registered(policy_registry):
     """``longest-first`` registered for the test; the registry is restored afterwards."""
-    from schedulers import registry
-
-    monkeypatch.setattr(registry, "_POLICIES", dict(registry._POLICIES))
     register_policy("longest-first", LongestPromptFirst)
     return "longest-first"
 

@@ -434,13 +434,11 @@ def test_async_stream_reusing_the_id_of_a_stream_left_early_gets_only_its_own_ou
     assert not llm.engine.has_unfinished() and engine.error is None
 
 
-def test_a_registered_policy_serves(tiny, prompts, reference, monkeypatch):
+def test_a_registered_policy_serves(tiny, prompts, reference, policy_registry):
     """``schedulers.register_policy`` makes a researcher's policy a name ``LLM(scheduler=...)`` accepts (the
     engine's configuration used to accept the built-in names only)."""
-    from schedulers import register_policy, registry
+    from schedulers import register_policy
     from schedulers.fcfs import FCFSScheduler
-
-    monkeypatch.setattr(registry, "_POLICIES", dict(registry._POLICIES))  # the registration ends with the test
 
     class MyFCFS(FCFSScheduler):
         schedules = 0

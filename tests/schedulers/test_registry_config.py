@@ -149,16 +149,7 @@ class LongestPromptFirst(PriorityScheduler):
         return (-r.prompt_len, self._next_seq())
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    """The registry, restored after the test (registrations live in the process)."""
-    from schedulers import registry as reg
-
-    monkeypatch.setattr(reg, "_POLICIES", dict(reg._POLICIES))
-    return reg
-
-
-def test_a_registered_policy_is_built_by_make_scheduler_and_runs(registry):
+def test_a_registered_policy_is_built_by_make_scheduler_and_runs(policy_registry):
     register_policy("longest-first", LongestPromptFirst)
     assert available_policies() == [*POLICY_NAMES, "longest-first"]
     s = make_scheduler("longest-first", SchedulerConfig(block_size=4, num_device_blocks=40, num_host_blocks=40,
@@ -172,7 +163,7 @@ def test_a_registered_policy_is_built_by_make_scheduler_and_runs(registry):
         make_scheduler("fifo")
 
 
-def test_register_policy_forces_its_overrides(registry):
+def test_register_policy_forces_its_overrides(policy_registry):
     from schedulers.fastserve import FastServeScheduler
 
     register_policy("fs-aging", FastServeScheduler, overrides={"promotion": "one_level"})
@@ -181,7 +172,7 @@ def test_register_policy_forces_its_overrides(registry):
         register_policy("fs-typo", FastServeScheduler, overrides={"promoshun": "one_level"})
 
 
-def test_register_policy_refuses_a_taken_name_unless_replace(registry):
+def test_register_policy_refuses_a_taken_name_unless_replace(policy_registry):
     with pytest.raises(ValueError, match=r"the name 'fcfs' is taken \(by schedulers\.fcfs\.FCFSScheduler\); pass "
                                          r"replace=True"):
         register_policy("fcfs", LongestPromptFirst)
@@ -195,13 +186,13 @@ def test_register_policy_refuses_a_taken_name_unless_replace(registry):
 
 
 @pytest.mark.parametrize("cls", [object, Scheduler, LongestPromptFirst(SchedulerConfig()), "schedulers.fcfs", None])
-def test_register_policy_refuses_what_is_not_a_policybase_subclass(registry, cls):
+def test_register_policy_refuses_what_is_not_a_policybase_subclass(policy_registry, cls):
     with pytest.raises(TypeError, match=r"register_policy: 'mine': cls must be a subclass of schedulers\.PolicyBase"):
         register_policy("mine", cls)
     assert "mine" not in available_policies()
 
 
 @pytest.mark.parametrize("name", ["", "  ", 3, None])
-def test_register_policy_refuses_a_bad_name(registry, name):
+def test_register_policy_refuses_a_bad_name(policy_registry, name):
     with pytest.raises(ValueError, match="register_policy: name must be a non-empty string"):
         register_policy(name, LongestPromptFirst)
